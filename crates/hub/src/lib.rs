@@ -1,0 +1,217 @@
+//! Hugging Face checkpoint folders to and from masklm models.
+//!
+//! A Hub folder holds `config.json` and `model.safetensors` (or the older
+//! `pytorch_model.bin`). [`load_roberta`] reads both through burn-store; the weight names need
+//! one documented remapping, everything else is the HF key itself:
+//!
+//! | HF key                                   | masklm module path                          |
+//! |------------------------------------------|---------------------------------------------|
+//! | `...attention.self.{query,key,value}.*`  | `...attention.self_attn.*` (`self` is a Rust keyword) |
+//! | `*.LayerNorm.weight` / `.bias`           | `*.LayerNorm.gamma` / `.beta` (burn's names, via `PyTorchToBurnAdapter`) |
+//! | Linear `weight` `[out, in]`              | `weight` `[in, out]` (transposed by the same adapter) |
+//!
+//! Tensors that are expected to be absent or extra are not reported: `lm_head.decoder.weight`
+//! (tied to the word embeddings), `lm_head.decoder.bias` (the same tensor as `lm_head.bias`),
+//! `roberta.pooler.*` (unused by MLM) and `roberta.embeddings.position_ids` (a buffer that old
+//! checkpoints saved).
+
+use std::path::{Path, PathBuf};
+
+use burn::store::{
+    ApplyError, ModuleSnapshot, PyTorchToBurnAdapter, PytorchStore, SafetensorsStore,
+};
+use burn::tensor::Device;
+use masklm_model::{ConfigError, RobertaConfig, RobertaForMaskedLM};
+
+/// Why a checkpoint folder could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    /// The folder (or file given as a folder) does not exist.
+    #[error("{0}: no such checkpoint folder")]
+    NoFolder(PathBuf),
+    /// No `config.json` in the folder.
+    #[error("{0}: no config.json; a Hugging Face checkpoint folder holds config.json and model.safetensors")]
+    NoConfig(PathBuf),
+    /// `config.json` is unreadable or describes an impossible model.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// `config.json` names an architecture this loader does not handle.
+    #[error("{path}: model_type {model_type:?} is not supported; masklm loads \"roberta\", \"xlm-roberta\" and \"camembert\" checkpoints")]
+    UnsupportedModelType { path: PathBuf, model_type: String },
+    /// Neither `model.safetensors` nor `pytorch_model.bin` is in the folder.
+    #[error("{0}: no model.safetensors or pytorch_model.bin")]
+    NoWeights(PathBuf),
+    /// The weights file could not be parsed (truncated download, wrong format).
+    #[error("{path}: cannot read weights ({reason}); the file may be truncated: download it again")]
+    ReadWeights { path: PathBuf, reason: String },
+    /// Tensors the model needs are not in the file.
+    #[error("{path}: missing tensor{} {}", if names.len() == 1 { "" } else { "s" }, names.join(", "))]
+    MissingTensors { path: PathBuf, names: Vec<String> },
+    /// A tensor's shape disagrees with config.json.
+    #[error("{path}: tensor {name} has shape {found:?} but config.json implies {expected:?}")]
+    ShapeMismatch {
+        path: PathBuf,
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    /// Any other per-tensor failure (unsupported dtype, unreadable data).
+    #[error("{path}: tensor {name}: {reason}")]
+    Tensor {
+        path: PathBuf,
+        name: String,
+        reason: String,
+    },
+}
+
+/// What a successful load found beyond the model: tensors in the file that the model does not
+/// use (other than the expected ones listed in the crate docs). The CLI shows them as warnings.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LoadReport {
+    /// The weights file that was read.
+    pub weights: PathBuf,
+    /// Tensor names in the file that were not used.
+    pub unexpected: Vec<String>,
+}
+
+/// Tensor names (after remapping to module paths) that may be absent or extra in a HF file.
+fn is_expected_extra(name: &str) -> bool {
+    name.starts_with("lm_head.decoder.")
+        || name.starts_with("roberta.pooler.")
+        || name == "roberta.embeddings.position_ids"
+}
+
+/// Module path -> HF name, for messages: users know the HF names.
+fn hf_name(path: &str) -> String {
+    path.replace(".self_attn.", ".self.")
+        .replace("LayerNorm.gamma", "LayerNorm.weight")
+        .replace("LayerNorm.beta", "LayerNorm.bias")
+        .replace("layer_norm.gamma", "layer_norm.weight")
+        .replace("layer_norm.beta", "layer_norm.bias")
+}
+
+/// Reads and validates `DIR/config.json`, checking that it is a RoBERTa-family model.
+pub fn read_config(dir: &Path) -> Result<RobertaConfig, HubError> {
+    if !dir.is_dir() {
+        return Err(HubError::NoFolder(dir.to_path_buf()));
+    }
+    let path = dir.join("config.json");
+    if !path.is_file() {
+        return Err(HubError::NoConfig(dir.to_path_buf()));
+    }
+    let config = RobertaConfig::from_file(&path)?;
+    if !matches!(
+        config.model_type.as_str(),
+        "roberta" | "xlm-roberta" | "camembert"
+    ) {
+        return Err(HubError::UnsupportedModelType {
+            path,
+            model_type: config.model_type.clone(),
+        });
+    }
+    Ok(config)
+}
+
+/// Loads a RoBERTa-family `*ForMaskedLM` checkpoint folder onto `device`.
+pub fn load_roberta(
+    dir: &Path,
+    device: &Device,
+) -> Result<(RobertaConfig, RobertaForMaskedLM, LoadReport), HubError> {
+    let config = read_config(dir)?;
+    let mut model = RobertaForMaskedLM::new(&config, device)?;
+    let report = load_weights(&mut model, dir)?;
+    Ok((config, model, report))
+}
+
+/// Loads the weights of the checkpoint folder `dir` into `model`, whose shapes come from the
+/// folder's config.json.
+pub fn load_weights(model: &mut RobertaForMaskedLM, dir: &Path) -> Result<LoadReport, HubError> {
+    let safetensors = dir.join("model.safetensors");
+    let bin = dir.join("pytorch_model.bin");
+    let (path, result) = if safetensors.is_file() {
+        let mut store = SafetensorsStore::from_file(&safetensors)
+            .with_from_adapter(PyTorchToBurnAdapter)
+            .with_key_remapping(r"\.attention\.self\.", ".attention.self_attn.")
+            .validate(false)
+            .allow_partial(true);
+        let result = model
+            .load_from(&mut store)
+            .map_err(|e| HubError::ReadWeights {
+                path: safetensors.clone(),
+                reason: e.to_string(),
+            });
+        (safetensors, result)
+    } else if bin.is_file() {
+        let mut store = PytorchStore::from_file(&bin)
+            .with_key_remapping(r"\.attention\.self\.", ".attention.self_attn.")
+            .validate(false)
+            .allow_partial(true);
+        let result = model.load_from(&mut store).map_err(|e| HubError::ReadWeights {
+            path: bin.clone(),
+            reason: e.to_string(),
+        });
+        (bin, result)
+    } else {
+        return Err(HubError::NoWeights(dir.to_path_buf()));
+    };
+    let result = result?;
+
+    if let Some(error) = result.errors.first() {
+        return Err(match error {
+            ApplyError::ShapeMismatch {
+                path: name,
+                expected,
+                found,
+            } => HubError::ShapeMismatch {
+                path,
+                name: hf_name(name),
+                expected: expected.to_vec(),
+                found: found.to_vec(),
+            },
+            ApplyError::DTypeMismatch {
+                path: name,
+                expected,
+                found,
+            } => HubError::Tensor {
+                path,
+                name: hf_name(name),
+                reason: format!("dtype {found:?}, expected {expected:?}"),
+            },
+            ApplyError::AdapterError {
+                path: name,
+                message,
+            }
+            | ApplyError::LoadError {
+                path: name,
+                message,
+            } => HubError::Tensor {
+                path,
+                name: hf_name(name),
+                reason: message.clone(),
+            },
+        });
+    }
+    let missing: Vec<String> = result
+        .missing
+        .iter()
+        .map(|(name, _)| name.as_str())
+        .filter(|name| !is_expected_extra(name))
+        .map(hf_name)
+        .collect();
+    if !missing.is_empty() {
+        return Err(HubError::MissingTensors {
+            path,
+            names: missing,
+        });
+    }
+    let unexpected = result
+        .unused
+        .iter()
+        .filter(|name| !is_expected_extra(name))
+        .map(|name| hf_name(name))
+        .collect();
+    Ok(LoadReport {
+        weights: path,
+        unexpected,
+    })
+}

@@ -1,0 +1,278 @@
+//! `RobertaConfig`: the HF `config.json` of a RoBERTa-family encoder.
+//!
+//! Field names and defaults are those of transformers' `RobertaConfig` class
+//! (`transformers/models/roberta/configuration_roberta.py`), so a Hub `config.json`
+//! deserialises as is and ours loads in transformers. A key missing from the file takes the
+//! class default, not roberta-base's value: `layer_norm_eps` defaults to 1e-12 and
+//! `type_vocab_size` to 2, while roberta-base's own file says 1e-5 and 1.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ConfigError;
+
+/// Activation of the encoder's feed-forward block (`hidden_act`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HiddenAct {
+    /// Exact GELU, `0.5 x (1 + erf(x / sqrt 2))`: HF `"gelu"`.
+    Gelu,
+    /// tanh approximation of GELU: HF `"gelu_new"`.
+    GeluNew,
+    /// The same tanh approximation under PyTorch's name: HF `"gelu_pytorch_tanh"`.
+    GeluPytorchTanh,
+    /// HF `"relu"`.
+    Relu,
+}
+
+/// Model hyper-parameters with transformers' `RobertaConfig` names and defaults.
+///
+/// Unknown keys in a `config.json` are ignored on reading (Hub files carry many);
+/// [`RobertaConfig::validate`] rejects impossible values, naming the key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RobertaConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    /// Kept as the string from the file so that an unsupported value gets an error naming the
+    /// key from [`RobertaConfig::validate`] rather than an opaque serde message.
+    pub hidden_act: String,
+    pub hidden_dropout_prob: f64,
+    pub attention_probs_dropout_prob: f64,
+    pub max_position_embeddings: usize,
+    pub type_vocab_size: usize,
+    pub initializer_range: f64,
+    pub layer_norm_eps: f64,
+    pub pad_token_id: usize,
+    pub bos_token_id: usize,
+    pub eos_token_id: usize,
+    /// Only `"absolute"` is implemented; relative position variants are rejected.
+    pub position_embedding_type: String,
+    /// Written for transformers' `AutoConfig`; not read by masklm.
+    pub model_type: String,
+    /// Written for transformers' `AutoModel*` classes; not read by masklm.
+    pub architectures: Vec<String>,
+}
+
+impl Default for RobertaConfig {
+    /// transformers' `RobertaConfig()` with no arguments (roberta-base shape).
+    fn default() -> Self {
+        Self {
+            vocab_size: 50265,
+            hidden_size: 768,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            intermediate_size: 3072,
+            hidden_act: "gelu".to_string(),
+            hidden_dropout_prob: 0.1,
+            attention_probs_dropout_prob: 0.1,
+            max_position_embeddings: 512,
+            type_vocab_size: 2,
+            initializer_range: 0.02,
+            layer_norm_eps: 1e-12,
+            pad_token_id: 1,
+            bos_token_id: 0,
+            eos_token_id: 2,
+            position_embedding_type: "absolute".to_string(),
+            model_type: "roberta".to_string(),
+            architectures: vec!["RobertaForMaskedLM".to_string()],
+        }
+    }
+}
+
+impl RobertaConfig {
+    /// Reads and validates a `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_json(&text).map_err(|e| e.in_file(path))
+    }
+
+    /// Parses and validates the text of a `config.json`.
+    pub fn from_json(text: &str) -> Result<Self, ConfigError> {
+        let config: Self =
+            serde_json::from_str(text).map_err(|source| ConfigError::Parse { path: None, source })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The `config.json` text, pretty-printed as transformers writes it.
+    pub fn to_json(&self) -> String {
+        // Serialising plain numbers, strings and vectors cannot fail.
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// The activation named by `hidden_act`.
+    pub fn activation(&self) -> Result<HiddenAct, ConfigError> {
+        match self.hidden_act.as_str() {
+            "gelu" => Ok(HiddenAct::Gelu),
+            "gelu_new" => Ok(HiddenAct::GeluNew),
+            "gelu_pytorch_tanh" => Ok(HiddenAct::GeluPytorchTanh),
+            "relu" => Ok(HiddenAct::Relu),
+            other => Err(ConfigError::Invalid {
+                key: "hidden_act",
+                path: None,
+                reason: format!(
+                    "{other:?} is not supported; use \"gelu\", \"gelu_new\", \"gelu_pytorch_tanh\" or \"relu\""
+                ),
+            }),
+        }
+    }
+
+    /// Size of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads.max(1)
+    }
+
+    /// The longest input (in tokens, specials included) the position table can index. RoBERTa
+    /// positions start at `pad_token_id + 1`, so roberta-base (514 rows, pad 1) takes 512.
+    pub fn max_sequence_length(&self) -> usize {
+        self.max_position_embeddings
+            .saturating_sub(self.pad_token_id + 1)
+    }
+
+    /// Rejects values no model can be built from, naming the offending key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, reason: String| Err(ConfigError::Invalid { key, reason, path: None });
+        for (key, value) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("intermediate_size", self.intermediate_size),
+            ("max_position_embeddings", self.max_position_embeddings),
+            ("type_vocab_size", self.type_vocab_size),
+        ] {
+            if value == 0 {
+                return invalid(key, "must be at least 1, got 0".to_string());
+            }
+        }
+        if self.hidden_size % self.num_attention_heads != 0 {
+            return invalid(
+                "hidden_size",
+                format!(
+                    "{} is not a multiple of num_attention_heads ({})",
+                    self.hidden_size, self.num_attention_heads
+                ),
+            );
+        }
+        for (key, id) in [
+            ("pad_token_id", self.pad_token_id),
+            ("bos_token_id", self.bos_token_id),
+            ("eos_token_id", self.eos_token_id),
+        ] {
+            if id >= self.vocab_size {
+                return invalid(
+                    key,
+                    format!("{id} is outside the vocabulary (vocab_size {})", self.vocab_size),
+                );
+            }
+        }
+        if self.pad_token_id + 1 >= self.max_position_embeddings {
+            return invalid(
+                "max_position_embeddings",
+                format!(
+                    "{} leaves no position for a token: RoBERTa positions start at pad_token_id + 1 = {}",
+                    self.max_position_embeddings,
+                    self.pad_token_id + 1
+                ),
+            );
+        }
+        for (key, p) in [
+            ("hidden_dropout_prob", self.hidden_dropout_prob),
+            ("attention_probs_dropout_prob", self.attention_probs_dropout_prob),
+        ] {
+            if !(0.0..1.0).contains(&p) {
+                return invalid(key, format!("{p} is not a probability in [0, 1)"));
+            }
+        }
+        if !(self.layer_norm_eps > 0.0 && self.layer_norm_eps.is_finite()) {
+            return invalid(
+                "layer_norm_eps",
+                format!("{} must be a positive number", self.layer_norm_eps),
+            );
+        }
+        if !(self.initializer_range >= 0.0 && self.initializer_range.is_finite()) {
+            return invalid(
+                "initializer_range",
+                format!("{} must be a non-negative number", self.initializer_range),
+            );
+        }
+        if self.position_embedding_type != "absolute" {
+            return invalid(
+                "position_embedding_type",
+                format!(
+                    "{:?} is not supported; only \"absolute\" positions are implemented",
+                    self.position_embedding_type
+                ),
+            );
+        }
+        self.activation()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_keys_take_transformers_class_defaults() {
+        let config = RobertaConfig::from_json(r#"{"vocab_size": 100, "hidden_size": 8, "num_attention_heads": 2}"#)
+            .unwrap();
+        assert_eq!(config.layer_norm_eps, 1e-12);
+        assert_eq!(config.type_vocab_size, 2);
+        assert_eq!(config.pad_token_id, 1);
+        assert_eq!(config.max_position_embeddings, 512);
+        assert_eq!(config.hidden_act, "gelu");
+        assert_eq!(config.intermediate_size, 3072);
+    }
+
+    #[test]
+    fn unknown_keys_are_ignored() {
+        let config = RobertaConfig::from_json(
+            r#"{"vocab_size": 100, "hidden_size": 8, "num_attention_heads": 2,
+                "transformers_version": "5.24.0", "use_cache": true, "torch_dtype": "float32"}"#,
+        )
+        .unwrap();
+        assert_eq!(config.vocab_size, 100);
+    }
+
+    fn error_for(json: &str) -> String {
+        RobertaConfig::from_json(json).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn impossible_values_name_the_key() {
+        let msg = error_for(r#"{"hidden_size": 30, "num_attention_heads": 4}"#);
+        assert!(msg.contains("hidden_size") && msg.contains("num_attention_heads"), "{msg}");
+        let msg = error_for(r#"{"num_hidden_layers": 0}"#);
+        assert!(msg.contains("num_hidden_layers"), "{msg}");
+        let msg = error_for(r#"{"vocab_size": 10, "pad_token_id": 10}"#);
+        assert!(msg.contains("pad_token_id"), "{msg}");
+        let msg = error_for(r#"{"hidden_act": "swish"}"#);
+        assert!(msg.contains("hidden_act") && msg.contains("swish"), "{msg}");
+        let msg = error_for(r#"{"hidden_dropout_prob": 1.0}"#);
+        assert!(msg.contains("hidden_dropout_prob"), "{msg}");
+        let msg = error_for(r#"{"position_embedding_type": "relative_key"}"#);
+        assert!(msg.contains("position_embedding_type"), "{msg}");
+        let msg = error_for(r#"{"hidden_size": "big"}"#);
+        assert!(msg.contains("invalid type"), "{msg}");
+    }
+
+    #[test]
+    fn round_trips_through_json() {
+        let config = RobertaConfig {
+            vocab_size: 1000,
+            layer_norm_eps: 1e-5,
+            ..RobertaConfig::default()
+        };
+        assert_eq!(RobertaConfig::from_json(&config.to_json()).unwrap(), config);
+    }
+}

@@ -1,0 +1,85 @@
+//! The masklm model: a RoBERTa-style encoder with its masked-language-modelling head, in burn.
+//!
+//! [`RobertaForMaskedLM`] mirrors transformers' class of the same name: on the same weights it
+//! gives the same logits, loss and gradients (checked against fixtures dumped by
+//! `scripts/make_reference.py`). The pieces, in the order data flows through them:
+//!
+//! 1. [`RobertaConfig`]: HF `config.json` names and defaults, validated.
+//! 2. [`RobertaEmbeddings`]: word + position ([`position_ids`]) + token-type embeddings.
+//! 3. [`RobertaLayer`] x `num_hidden_layers`: post-LayerNorm attention and FFN blocks, with the
+//!    additive padding mask from [`attention_bias`].
+//! 4. [`RobertaLMHead`]: dense, GELU, LayerNorm, and a decoder that *is* the word-embedding
+//!    matrix.
+//! 5. [`mlm_loss`]: cross-entropy over masked tokens only, on logits from
+//!    [`RobertaForMaskedLM::forward_at`], which projects only the masked positions.
+//!
+//! ```no_run
+//! use burn::tensor::{Device, Int, Tensor};
+//! use masklm_model::{RobertaConfig, RobertaForMaskedLM, mlm_loss};
+//!
+//! let config = RobertaConfig { vocab_size: 1000, hidden_size: 64, num_hidden_layers: 2,
+//!     num_attention_heads: 4, intermediate_size: 128, ..RobertaConfig::default() };
+//! let device = Device::flex();
+//! let model = RobertaForMaskedLM::new(&config, &device)?;
+//! let ids = Tensor::<2, Int>::from_ints([[0, 10, 4, 12, 2]], &device);
+//! let mask = Tensor::<2, Int>::ones([1, 5], &device);
+//! let logits = model.forward_at(ids, mask, Tensor::from_ints([2], &device)); // [1, vocab]
+//! let loss = mlm_loss(logits, Tensor::from_ints([11], &device));
+//! # Ok::<(), masklm_model::ConfigError>(())
+//! ```
+
+mod config;
+mod model;
+
+use std::path::PathBuf;
+
+pub use config::{HiddenAct, RobertaConfig};
+pub use model::{
+    RobertaAttention, RobertaEmbeddings, RobertaEncoder, RobertaForMaskedLM, RobertaIntermediate,
+    RobertaLMHead, RobertaLayer, RobertaModel, RobertaOutput, RobertaSelfAttention,
+    attention_bias, mlm_loss, position_ids,
+};
+
+/// Why a model configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read model config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config file is not valid JSON or has a value of the wrong type.
+    #[error("{}: {source}", path.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "model config".to_string()))]
+    Parse {
+        path: Option<PathBuf>,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A value no model can be built from.
+    #[error("{}invalid `{key}`: {reason}", path.as_ref().map(|p| format!("{}: ", p.display())).unwrap_or_default())]
+    Invalid {
+        key: &'static str,
+        reason: String,
+        path: Option<PathBuf>,
+    },
+}
+
+impl ConfigError {
+    /// Attaches the file the config came from.
+    pub(crate) fn in_file(self, file: &std::path::Path) -> Self {
+        match self {
+            Self::Parse { source, .. } => Self::Parse {
+                path: Some(file.to_path_buf()),
+                source,
+            },
+            Self::Invalid { key, reason, .. } => Self::Invalid {
+                key,
+                reason,
+                path: Some(file.to_path_buf()),
+            },
+            other => other,
+        }
+    }
+}

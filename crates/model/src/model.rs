@@ -1,0 +1,415 @@
+//! `RobertaForMaskedLM` in burn, mirroring `transformers/models/roberta/modeling_roberta.py`.
+//!
+//! Module paths are the HF weight keys (`roberta.embeddings.word_embeddings.weight`,
+//! `roberta.encoder.layer.{i}.attention.self.query.weight`, ...) with two exceptions that the
+//! hub crate maps: `self` is a Rust keyword, so the attention block is `self_attn`, and burn
+//! calls LayerNorm parameters `gamma`/`beta` and stores Linear weights as `[in, out]`.
+
+use burn::module::{Module, Param};
+use burn::nn::{
+    Dropout, DropoutConfig, Embedding, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig,
+};
+use burn::tensor::activation::{gelu, gelu_approximate, log_softmax, relu, softmax};
+use burn::tensor::{Bool, Device, Distribution, Int, Tensor};
+
+use crate::{HiddenAct, RobertaConfig};
+
+fn linear(d_input: usize, d_output: usize, config: &RobertaConfig, device: &Device) -> Linear {
+    // HF `_init_weights`: weights ~ N(0, initializer_range), biases 0.
+    LinearConfig::new(d_input, d_output)
+        .with_initializer(Initializer::Normal {
+            mean: 0.0,
+            std: config.initializer_range,
+        })
+        .init(device)
+        .map_bias_zero()
+}
+
+trait ZeroBias {
+    fn map_bias_zero(self) -> Self;
+}
+
+impl ZeroBias for Linear {
+    fn map_bias_zero(mut self) -> Self {
+        if let Some(bias) = self.bias.take() {
+            let [d_output] = bias.shape().dims();
+            let device = bias.device();
+            self.bias = Some(Param::from_tensor(Tensor::zeros([d_output], &device)));
+        }
+        self
+    }
+}
+
+/// An embedding table ~ N(0, initializer_range), with the `padding_idx` row zeroed as
+/// `nn.Embedding(padding_idx=...)` and HF `_init_weights` leave it.
+fn embedding(
+    rows: usize,
+    dim: usize,
+    padding_idx: Option<usize>,
+    config: &RobertaConfig,
+    device: &Device,
+) -> Embedding {
+    let mut weight = Tensor::<2>::random(
+        [rows, dim],
+        Distribution::Normal(0.0, config.initializer_range),
+        device,
+    );
+    if let Some(pad) = padding_idx.filter(|&pad| pad < rows) {
+        weight = weight.slice_assign([pad..pad + 1, 0..dim], Tensor::zeros([1, dim], device));
+    }
+    Embedding {
+        weight: Param::from_tensor(weight),
+    }
+}
+
+fn layer_norm(config: &RobertaConfig, device: &Device) -> LayerNorm {
+    LayerNormConfig::new(config.hidden_size)
+        .with_epsilon(config.layer_norm_eps)
+        .init(device)
+}
+
+fn activate<const D: usize>(act: HiddenAct, x: Tensor<D>) -> Tensor<D> {
+    match act {
+        HiddenAct::Gelu => gelu(x),
+        HiddenAct::GeluNew | HiddenAct::GeluPytorchTanh => gelu_approximate(x),
+        HiddenAct::Relu => relu(x),
+    }
+}
+
+/// HF `create_position_ids_from_input_ids`: pads get `padding_idx`, real tokens count up from
+/// `padding_idx + 1`. Positions follow `input_ids != pad`, not the attention mask.
+pub fn position_ids(input_ids: Tensor<2, Int>, padding_idx: usize) -> Tensor<2, Int> {
+    let not_pad = input_ids.not_equal_elem(padding_idx as i64).int();
+    (not_pad.clone().cumsum(1) * not_pad) + padding_idx as i64
+}
+
+/// Word + position + token-type embeddings, LayerNorm, dropout (`RobertaEmbeddings`).
+#[derive(Module, Debug)]
+#[allow(non_snake_case)] // `LayerNorm` is the HF weight key.
+pub struct RobertaEmbeddings {
+    pub word_embeddings: Embedding,
+    pub position_embeddings: Embedding,
+    pub token_type_embeddings: Embedding,
+    pub LayerNorm: LayerNorm,
+    pub dropout: Dropout,
+    pub padding_idx: usize,
+}
+
+impl RobertaEmbeddings {
+    pub fn new(config: &RobertaConfig, device: &Device) -> Self {
+        let pad = Some(config.pad_token_id);
+        Self {
+            word_embeddings: embedding(config.vocab_size, config.hidden_size, pad, config, device),
+            position_embeddings: embedding(
+                config.max_position_embeddings,
+                config.hidden_size,
+                pad,
+                config,
+                device,
+            ),
+            token_type_embeddings: embedding(
+                config.type_vocab_size,
+                config.hidden_size,
+                None,
+                config,
+                device,
+            ),
+            LayerNorm: layer_norm(config, device),
+            dropout: DropoutConfig::new(config.hidden_dropout_prob).init(),
+            padding_idx: config.pad_token_id,
+        }
+    }
+
+    /// # Shapes
+    /// - `input_ids`, `token_type_ids`: `[batch, seq]`
+    /// - output: `[batch, seq, hidden]`
+    pub fn forward(&self, input_ids: Tensor<2, Int>, token_type_ids: Tensor<2, Int>) -> Tensor<3> {
+        let positions = position_ids(input_ids.clone(), self.padding_idx);
+        let x = self.word_embeddings.forward(input_ids)
+            + self.token_type_embeddings.forward(token_type_ids)
+            + self.position_embeddings.forward(positions);
+        self.dropout.forward(self.LayerNorm.forward(x))
+    }
+}
+
+/// Multi-head scaled dot-product attention (`RobertaSelfAttention`, eager path).
+#[derive(Module, Debug)]
+pub struct RobertaSelfAttention {
+    pub query: Linear,
+    pub key: Linear,
+    pub value: Linear,
+    pub dropout: Dropout,
+    pub num_heads: usize,
+}
+
+impl RobertaSelfAttention {
+    pub fn new(config: &RobertaConfig, device: &Device) -> Self {
+        let h = config.hidden_size;
+        Self {
+            query: linear(h, h, config, device),
+            key: linear(h, h, config, device),
+            value: linear(h, h, config, device),
+            dropout: DropoutConfig::new(config.attention_probs_dropout_prob).init(),
+            num_heads: config.num_attention_heads,
+        }
+    }
+
+    /// # Shapes
+    /// - `x`: `[batch, seq, hidden]`
+    /// - `mask_bias`: `[batch, 1, 1, seq]`, 0 for real keys and a large negative for pads
+    /// - output: `[batch, seq, hidden]`
+    pub fn forward(&self, x: Tensor<3>, mask_bias: Tensor<4>) -> Tensor<3> {
+        let [batch, seq, hidden] = x.dims();
+        let head_dim = hidden / self.num_heads;
+        let heads = |t: Tensor<3>| {
+            // [batch, seq, hidden] -> [batch, heads, seq, head_dim]
+            t.reshape([batch, seq, self.num_heads, head_dim])
+                .swap_dims(1, 2)
+        };
+        let q = heads(self.query.forward(x.clone()));
+        let k = heads(self.key.forward(x.clone()));
+        let v = heads(self.value.forward(x));
+
+        // [batch, heads, seq, seq]
+        let scores = q.matmul(k.swap_dims(2, 3)) / (head_dim as f64).sqrt() + mask_bias;
+        let probs = self.dropout.forward(softmax(scores, 3));
+        // [batch, heads, seq, head_dim] -> [batch, seq, hidden]
+        probs
+            .matmul(v)
+            .swap_dims(1, 2)
+            .reshape([batch, seq, hidden])
+    }
+}
+
+/// Dense + dropout + residual + LayerNorm after attention or the FFN (`RobertaSelfOutput`,
+/// `RobertaOutput`: the same computation, different input width).
+#[derive(Module, Debug)]
+#[allow(non_snake_case)]
+pub struct RobertaOutput {
+    pub dense: Linear,
+    pub LayerNorm: LayerNorm,
+    pub dropout: Dropout,
+}
+
+impl RobertaOutput {
+    pub fn new(d_input: usize, config: &RobertaConfig, device: &Device) -> Self {
+        Self {
+            dense: linear(d_input, config.hidden_size, config, device),
+            LayerNorm: layer_norm(config, device),
+            dropout: DropoutConfig::new(config.hidden_dropout_prob).init(),
+        }
+    }
+
+    /// # Shapes
+    /// - `x`: `[batch, seq, d_input]`, `residual`: `[batch, seq, hidden]`
+    /// - output: `[batch, seq, hidden]`
+    pub fn forward(&self, x: Tensor<3>, residual: Tensor<3>) -> Tensor<3> {
+        let x = self.dropout.forward(self.dense.forward(x));
+        self.LayerNorm.forward(x + residual)
+    }
+}
+
+/// `RobertaAttention`: self-attention followed by its output block.
+#[derive(Module, Debug)]
+pub struct RobertaAttention {
+    /// HF key `attention.self`.
+    pub self_attn: RobertaSelfAttention,
+    pub output: RobertaOutput,
+}
+
+/// `RobertaIntermediate`: the FFN's widening dense layer and its activation.
+#[derive(Module, Debug)]
+pub struct RobertaIntermediate {
+    pub dense: Linear,
+    #[module(skip)]
+    pub act: HiddenAct,
+}
+
+/// One post-LayerNorm transformer block (`RobertaLayer`).
+#[derive(Module, Debug)]
+pub struct RobertaLayer {
+    pub attention: RobertaAttention,
+    pub intermediate: RobertaIntermediate,
+    pub output: RobertaOutput,
+}
+
+impl RobertaLayer {
+    pub fn new(config: &RobertaConfig, act: HiddenAct, device: &Device) -> Self {
+        Self {
+            attention: RobertaAttention {
+                self_attn: RobertaSelfAttention::new(config, device),
+                output: RobertaOutput::new(config.hidden_size, config, device),
+            },
+            intermediate: RobertaIntermediate {
+                dense: linear(config.hidden_size, config.intermediate_size, config, device),
+                act,
+            },
+            output: RobertaOutput::new(config.intermediate_size, config, device),
+        }
+    }
+
+    /// # Shapes
+    /// - `x`: `[batch, seq, hidden]`, `mask_bias`: `[batch, 1, 1, seq]`
+    /// - output: `[batch, seq, hidden]`
+    pub fn forward(&self, x: Tensor<3>, mask_bias: Tensor<4>) -> Tensor<3> {
+        let attn = self.attention.self_attn.forward(x.clone(), mask_bias);
+        let x = self.attention.output.forward(attn, x);
+        let ffn = activate(
+            self.intermediate.act,
+            self.intermediate.dense.forward(x.clone()),
+        );
+        self.output.forward(ffn, x)
+    }
+}
+
+/// The stack of transformer blocks (`RobertaEncoder`).
+#[derive(Module, Debug)]
+pub struct RobertaEncoder {
+    pub layer: Vec<RobertaLayer>,
+}
+
+/// Embeddings and encoder (`RobertaModel` without the pooler, which MLM does not use).
+#[derive(Module, Debug)]
+pub struct RobertaModel {
+    pub embeddings: RobertaEmbeddings,
+    pub encoder: RobertaEncoder,
+}
+
+impl RobertaModel {
+    /// # Shapes
+    /// - `input_ids`, `attention_mask` (1 = token, 0 = pad): `[batch, seq]`
+    /// - output: `[batch, seq, hidden]`
+    pub fn forward(&self, input_ids: Tensor<2, Int>, attention_mask: Tensor<2, Int>) -> Tensor<3> {
+        let [batch, seq] = input_ids.dims();
+        let device = input_ids.device();
+        let token_type_ids = Tensor::<2, Int>::zeros([batch, seq], &device);
+        let mut x = self.embeddings.forward(input_ids, token_type_ids);
+        let mask_bias = attention_bias(attention_mask);
+        for layer in &self.encoder.layer {
+            x = layer.forward(x, mask_bias.clone());
+        }
+        x
+    }
+}
+
+/// The additive attention mask: 0 where `attention_mask` is 1, the most negative f32 where it
+/// is 0, as HF's eager path builds it (`(1 - mask) * torch.finfo(dtype).min`).
+///
+/// # Shapes
+/// - `attention_mask`: `[batch, seq]`
+/// - output: `[batch, 1, 1, seq]`
+pub fn attention_bias(attention_mask: Tensor<2, Int>) -> Tensor<4> {
+    let [batch, seq] = attention_mask.dims();
+    let pad: Tensor<2, Bool> = attention_mask.equal_elem(0);
+    Tensor::<2>::zeros([batch, seq], &pad.device())
+        .mask_fill(pad, f32::MIN)
+        .reshape([batch, 1, 1, seq])
+}
+
+/// The MLM head (`RobertaLMHead`): dense -> exact GELU -> LayerNorm -> decoder.
+///
+/// The decoder weight is not stored here: [`RobertaForMaskedLM`] passes the word-embedding
+/// parameter in, so the tie is structural (one parameter, two uses, one gradient sum).
+#[derive(Module, Debug)]
+pub struct RobertaLMHead {
+    pub dense: Linear,
+    pub layer_norm: LayerNorm,
+    /// HF `lm_head.bias` (also saved as `lm_head.decoder.bias`, the same tensor).
+    pub bias: Param<Tensor<1>>,
+}
+
+impl RobertaLMHead {
+    pub fn new(config: &RobertaConfig, device: &Device) -> Self {
+        Self {
+            dense: linear(config.hidden_size, config.hidden_size, config, device),
+            layer_norm: layer_norm(config, device),
+            bias: Param::from_tensor(Tensor::zeros([config.vocab_size], device)),
+        }
+    }
+
+    /// # Shapes
+    /// - `features`: `[..., hidden]`, `word_embeddings`: `[vocab, hidden]`
+    /// - output: `[..., vocab]`
+    pub fn forward<const D: usize>(
+        &self,
+        features: Tensor<D>,
+        word_embeddings: Tensor<2>,
+    ) -> Tensor<D> {
+        // RobertaLMHead always uses exact GELU, whatever `hidden_act` says.
+        let x = self.layer_norm.forward(gelu(self.dense.forward(features)));
+        burn::tensor::module::linear(x, word_embeddings.transpose(), Some(self.bias.val()))
+    }
+}
+
+/// RoBERTa with its masked-language-modelling head (`RobertaForMaskedLM`).
+#[derive(Module, Debug)]
+pub struct RobertaForMaskedLM {
+    pub roberta: RobertaModel,
+    pub lm_head: RobertaLMHead,
+}
+
+impl RobertaForMaskedLM {
+    /// A freshly initialised model, initialised as HF `_init_weights` does. The config must
+    /// have passed [`RobertaConfig::validate`].
+    pub fn new(config: &RobertaConfig, device: &Device) -> Result<Self, crate::ConfigError> {
+        config.validate()?;
+        let act = config.activation()?;
+        Ok(Self {
+            roberta: RobertaModel {
+                embeddings: RobertaEmbeddings::new(config, device),
+                encoder: RobertaEncoder {
+                    layer: (0..config.num_hidden_layers)
+                        .map(|_| RobertaLayer::new(config, act, device))
+                        .collect(),
+                },
+            },
+            lm_head: RobertaLMHead::new(config, device),
+        })
+    }
+
+    /// Logits over the vocabulary at every position (inference, fill-mask).
+    ///
+    /// # Shapes
+    /// - `input_ids`, `attention_mask`: `[batch, seq]`
+    /// - output: `[batch, seq, vocab]`
+    pub fn forward(&self, input_ids: Tensor<2, Int>, attention_mask: Tensor<2, Int>) -> Tensor<3> {
+        let hidden = self.roberta.forward(input_ids, attention_mask);
+        self.lm_head.forward(hidden, self.word_embeddings())
+    }
+
+    /// Logits only at the given flat positions (`batch_index * seq + position`): the vocab
+    /// projection, the costliest matmul in a small model, runs on the ~15% masked tokens.
+    ///
+    /// # Shapes
+    /// - `input_ids`, `attention_mask`: `[batch, seq]`, `positions`: `[masked]`
+    /// - output: `[masked, vocab]`
+    pub fn forward_at(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Tensor<2, Int>,
+        positions: Tensor<1, Int>,
+    ) -> Tensor<2> {
+        let hidden = self.roberta.forward(input_ids, attention_mask);
+        let [batch, seq, width] = hidden.dims();
+        // [batch * seq, hidden] -> [masked, hidden]
+        let picked = hidden.reshape([batch * seq, width]).select(0, positions);
+        self.lm_head.forward(picked, self.word_embeddings())
+    }
+
+    /// The word-embedding matrix, which is also the decoder weight.
+    pub fn word_embeddings(&self) -> Tensor<2> {
+        self.roberta.embeddings.word_embeddings.weight.val()
+    }
+}
+
+/// Cross-entropy averaged over masked tokens only: HF's loss with labels -100 elsewhere.
+///
+/// # Shapes
+/// - `logits`: `[masked, vocab]`, `labels`: `[masked]`
+/// - output: `[1]`
+pub fn mlm_loss(logits: Tensor<2>, labels: Tensor<1, Int>) -> Tensor<1> {
+    let [masked] = labels.dims();
+    let log_probs = log_softmax(logits, 1);
+    let picked = log_probs.gather(1, labels.reshape([masked, 1]));
+    picked.mean().neg()
+}

@@ -1,0 +1,167 @@
+#!/usr/bin/env python3
+"""Reference fixtures for masklm's model tests, made by transformers itself.
+
+For each fixture this builds a small random `RobertaForMaskedLM` offline with a fixed seed,
+saves it as a Hugging Face folder (config.json + model.safetensors) under tests/fixtures/NAME/,
+and writes tests/fixtures/NAME/reference.safetensors holding, for one right-padded batch:
+
+  input_ids, attention_mask, labels (-100 where not masked)   int64 [batch, seq]
+  logits                                                      f32 [batch, seq, vocab]
+  loss                                                        f32 [] (HF's MLM loss)
+  grad.<HF parameter name>                                     f32, HF layout ([out, in])
+
+Logits and loss come from model.eval() with the eager attention path; gradients are of that
+loss, also without dropout. Weights are perturbed away from HF's init (N(0, 0.02), LayerNorm 1/0,
+zero biases) so that every numerical detail (LayerNorm eps, GELU form, position offset,
+biases) moves the logits well past the tests' tolerances.
+
+Regenerate (versions pinned in scripts/requirements.txt):
+    python3 -m venv /var/tmp/masklm-venv
+    /var/tmp/masklm-venv/bin/pip install -r scripts/requirements.txt
+    /var/tmp/masklm-venv/bin/python scripts/make_reference.py
+"""
+
+import json
+import pathlib
+
+import torch
+from safetensors.torch import save_file
+from transformers import RobertaConfig, RobertaForMaskedLM
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures"
+
+# Parameters whose gradients are dumped: the tied embedding/decoder matrix, one attention
+# projection, and the LM head's dense layer.
+GRAD_PARAMS = [
+    "roberta.embeddings.word_embeddings.weight",
+    "roberta.encoder.layer.0.attention.self.query.weight",
+    "lm_head.dense.weight",
+]
+
+FIXTURE_SPECS = {
+    "roberta-tiny": dict(
+        config=dict(
+            vocab_size=1000,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            max_position_embeddings=130,
+            type_vocab_size=1,
+            layer_norm_eps=1e-5,
+        ),
+        lengths=[16, 11, 6],
+        seed=0,
+    ),
+    # Different sizes, class-default type_vocab_size (2) and a larger eps, so that nothing
+    # about the first fixture can be hard-coded.
+    "roberta-tiny-b": dict(
+        config=dict(
+            vocab_size=1203,
+            hidden_size=48,
+            num_hidden_layers=3,
+            num_attention_heads=6,
+            intermediate_size=80,
+            max_position_embeddings=40,
+            layer_norm_eps=1e-3,
+        ),
+        lengths=[20, 9, 14, 3],
+        seed=1,
+    ),
+}
+
+MASK_ID = 4  # <s>=0 <pad>=1 </s>=2 <unk>=3 <mask>=4, the RoBERTa tokenizer convention
+FIRST_WORD_ID = 5
+
+
+def perturb(model: RobertaForMaskedLM, generator: torch.Generator) -> None:
+    """Moves every parameter off HF's init so biases and LayerNorm affine terms matter."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if "LayerNorm" in name or "layer_norm" in name:
+                if name.endswith("weight"):
+                    param.copy_(1.0 + 0.2 * noise)
+                else:
+                    param.copy_(0.1 * noise)
+            elif "embeddings" in name:
+                param.copy_(0.1 * noise)
+            elif name.endswith("bias"):
+                param.copy_(0.05 * noise)
+            else:
+                # Large enough that the FFN input spans GELU's curved region.
+                param.copy_(0.15 * noise)
+
+
+def make_batch(lengths, vocab_size, seq, generator):
+    batch = len(lengths)
+    input_ids = torch.full((batch, seq), 1, dtype=torch.long)  # pad
+    attention_mask = torch.zeros((batch, seq), dtype=torch.long)
+    labels = torch.full((batch, seq), -100, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        words = torch.randint(FIRST_WORD_ID, vocab_size, (length - 2,), generator=generator)
+        input_ids[row, 0] = 0
+        input_ids[row, 1 : length - 1] = words
+        input_ids[row, length - 1] = 2
+        attention_mask[row, :length] = 1
+        # Mask ~30% of the words (at least one), as the collator would: label = original id.
+        chosen = torch.rand(length - 2, generator=generator) < 0.3
+        chosen[0] = True
+        for i in torch.nonzero(chosen).flatten().tolist():
+            labels[row, 1 + i] = input_ids[row, 1 + i]
+            input_ids[row, 1 + i] = MASK_ID
+    return input_ids, attention_mask, labels
+
+
+def make_fixture(name: str, spec: dict) -> None:
+    torch.manual_seed(spec["seed"])
+    generator = torch.Generator().manual_seed(spec["seed"])
+    config = RobertaConfig(**spec["config"])
+    config._attn_implementation = "eager"
+    model = RobertaForMaskedLM(config)
+    perturb(model, generator)
+    model.eval()
+
+    out_dir = FIXTURES / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+
+    seq = max(spec["lengths"])
+    input_ids, attention_mask, labels = make_batch(
+        spec["lengths"], config.vocab_size, seq, generator
+    )
+    model.zero_grad()
+    out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    out.loss.backward()
+    params = dict(model.named_parameters())
+
+    tensors = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "logits": out.logits.detach().contiguous(),
+        "loss": out.loss.detach().reshape([]),
+    }
+    for param in GRAD_PARAMS:
+        tensors[f"grad.{param}"] = params[param].grad.detach().contiguous()
+    save_file(tensors, out_dir / "reference.safetensors")
+    print(
+        f"{name}: loss {out.loss.item():.6f}, logits {tuple(out.logits.shape)}, "
+        f"files {sorted(p.name for p in out_dir.iterdir())}"
+    )
+
+
+def main() -> None:
+    torch.use_deterministic_algorithms(True)
+    for name, spec in FIXTURE_SPECS.items():
+        make_fixture(name, spec)
+    versions = {
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+    }
+    (FIXTURES / "VERSIONS.json").write_text(json.dumps(versions, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
