@@ -137,7 +137,7 @@ fn fill_mask_ids(
     let probs = softmax(model.forward_at(input, attention, positions), 1);
     let probs: Vec<f32> = probs
         .into_data()
-        .to_vec()
+        .try_to_vec()
         .map_err(|e| anyhow::anyhow!("reading model output: {e:?}"))?;
     let vocab = config.vocab_size;
     for (i, &position) in masks.iter().enumerate() {

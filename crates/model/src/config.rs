@@ -50,8 +50,12 @@ pub struct RobertaConfig {
     pub pad_token_id: usize,
     pub bos_token_id: usize,
     pub eos_token_id: usize,
-    /// Only `"absolute"` is implemented; relative position variants are rejected.
-    pub position_embedding_type: String,
+    /// Only absolute positions are implemented; transformers 5 no longer writes this key, older
+    /// files say `"absolute"`, and relative variants are rejected.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub position_embedding_type: Option<String>,
+    /// The MLM decoder reuses the word-embedding matrix; untied checkpoints are rejected.
+    pub tie_word_embeddings: bool,
     /// Written for transformers' `AutoConfig`; not read by masklm.
     pub model_type: String,
     /// Written for transformers' `AutoModel*` classes; not read by masklm.
@@ -77,7 +81,8 @@ impl Default for RobertaConfig {
             pad_token_id: 1,
             bos_token_id: 0,
             eos_token_id: 2,
-            position_embedding_type: "absolute".to_string(),
+            position_embedding_type: None,
+            tie_word_embeddings: true,
             model_type: "roberta".to_string(),
             architectures: vec!["RobertaForMaskedLM".to_string()],
         }
@@ -204,13 +209,16 @@ impl RobertaConfig {
                 format!("{} must be a non-negative number", self.initializer_range),
             );
         }
-        if self.position_embedding_type != "absolute" {
+        if let Some(kind) = self.position_embedding_type.as_deref().filter(|&k| k != "absolute") {
             return invalid(
                 "position_embedding_type",
-                format!(
-                    "{:?} is not supported; only \"absolute\" positions are implemented",
-                    self.position_embedding_type
-                ),
+                format!("{kind:?} is not supported; only \"absolute\" positions are implemented"),
+            );
+        }
+        if !self.tie_word_embeddings {
+            return invalid(
+                "tie_word_embeddings",
+                "false is not supported: masklm's MLM decoder is the word-embedding matrix".to_string(),
             );
         }
         self.activation()?;

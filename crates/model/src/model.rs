@@ -5,6 +5,10 @@
 //! hub crate maps: `self` is a Rust keyword, so the attention block is `self_attn`, and burn
 //! calls LayerNorm parameters `gamma`/`beta` and stores Linear weights as `[in, out]`.
 
+// HF weight keys such as `LayerNorm` are field names, and the Module derive turns them into
+// local variables too.
+#![allow(non_snake_case)]
+
 use burn::module::{Module, Param};
 use burn::nn::{
     Dropout, DropoutConfig, Embedding, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig,
@@ -85,7 +89,7 @@ pub fn position_ids(input_ids: Tensor<2, Int>, padding_idx: usize) -> Tensor<2, 
 
 /// Word + position + token-type embeddings, LayerNorm, dropout (`RobertaEmbeddings`).
 #[derive(Module, Debug)]
-#[allow(non_snake_case)] // `LayerNorm` is the HF weight key.
+// `LayerNorm` is the HF weight key.
 pub struct RobertaEmbeddings {
     pub word_embeddings: Embedding,
     pub position_embeddings: Embedding,
@@ -184,7 +188,6 @@ impl RobertaSelfAttention {
 /// Dense + dropout + residual + LayerNorm after attention or the FFN (`RobertaSelfOutput`,
 /// `RobertaOutput`: the same computation, different input width).
 #[derive(Module, Debug)]
-#[allow(non_snake_case)]
 pub struct RobertaOutput {
     pub dense: Linear,
     pub LayerNorm: LayerNorm,

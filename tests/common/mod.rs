@@ -1,0 +1,104 @@
+//! Shared helpers for the integration tests: fixture paths and reading the reference tensors
+//! that `scripts/make_reference.py` dumped from transformers.
+#![allow(dead_code)] // Each test binary uses a different subset.
+
+use std::path::PathBuf;
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use safetensors::{Dtype, SafeTensors};
+
+/// `tests/fixtures/NAME`, made by `scripts/make_reference.py`.
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(name)
+}
+
+/// The tensors of `tests/fixtures/NAME/reference.safetensors`.
+pub struct Reference {
+    bytes: Vec<u8>,
+}
+
+/// A reference tensor's shape and values.
+pub struct Values<T> {
+    pub shape: Vec<usize>,
+    pub data: Vec<T>,
+}
+
+impl Reference {
+    pub fn load(name: &str) -> Self {
+        let path = fixture(name).join("reference.safetensors");
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e}; regenerate with scripts/make_reference.py",
+                path.display()
+            )
+        });
+        Self { bytes }
+    }
+
+    fn view(&self) -> SafeTensors<'_> {
+        SafeTensors::deserialize(&self.bytes).expect("reference.safetensors is corrupt")
+    }
+
+    pub fn f32(&self, name: &str) -> Values<f32> {
+        let view = self.view();
+        let t = view.tensor(name).unwrap_or_else(|_| panic!("no {name} in reference"));
+        assert_eq!(t.dtype(), Dtype::F32, "{name}");
+        let data = t
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        Values {
+            shape: t.shape().to_vec(),
+            data,
+        }
+    }
+
+    pub fn i64(&self, name: &str) -> Values<i64> {
+        let view = self.view();
+        let t = view.tensor(name).unwrap_or_else(|_| panic!("no {name} in reference"));
+        assert_eq!(t.dtype(), Dtype::I64, "{name}");
+        let data = t
+            .data()
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        Values {
+            shape: t.shape().to_vec(),
+            data,
+        }
+    }
+
+    /// A `[batch, seq]` int64 reference tensor on `device`.
+    pub fn int2(&self, name: &str, device: &Device) -> Tensor<2, Int> {
+        let v = self.i64(name);
+        Tensor::from_data(TensorData::new(v.data, [v.shape[0], v.shape[1]]), device)
+    }
+}
+
+/// Largest absolute difference, with a length check.
+pub fn max_abs_diff(ours: &[f32], reference: &[f32]) -> f32 {
+    assert_eq!(ours.len(), reference.len(), "element counts differ");
+    ours.iter()
+        .zip(reference)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max)
+}
+
+/// A tensor's values as a flat vector.
+pub fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().try_to_vec::<f32>().expect("f32 tensor")
+}
+
+/// Transposes a row-major `[rows, cols]` matrix.
+pub fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; data.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = data[r * cols + c];
+        }
+    }
+    out
+}

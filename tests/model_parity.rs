@@ -1,0 +1,125 @@
+//! The model against transformers' `RobertaForMaskedLM` on the same weights and batch.
+//!
+//! Fixtures: `tests/fixtures/roberta-tiny{,-b}/`, written by `scripts/make_reference.py`
+//! (transformers and torch versions in `tests/fixtures/VERSIONS.json`). Regenerate with
+//! `/var/tmp/masklm-venv/bin/python scripts/make_reference.py` after installing
+//! `scripts/requirements.txt` into that venv.
+
+mod common;
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use common::{Reference, max_abs_diff, transpose, values};
+use masklm_model::{RobertaForMaskedLM, mlm_loss};
+
+const FIXTURES: [&str; 2] = ["roberta-tiny", "roberta-tiny-b"];
+
+/// Flat positions (`row * seq + col`) and labels of the masked tokens (label != -100).
+fn masked(reference: &Reference, device: &Device) -> (Tensor<1, Int>, Tensor<1, Int>) {
+    let labels = reference.i64("labels");
+    let (positions, targets): (Vec<i64>, Vec<i64>) = labels
+        .data
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| **l != -100)
+        .map(|(i, l)| (i as i64, *l))
+        .unzip();
+    let n = positions.len();
+    (
+        Tensor::from_data(TensorData::new(positions, [n]), device),
+        Tensor::from_data(TensorData::new(targets, [n]), device),
+    )
+}
+
+fn load(name: &str, device: &Device) -> RobertaForMaskedLM {
+    let (_, model, report) =
+        masklm_hub::load_roberta(&common::fixture(name), device).expect("fixture loads");
+    assert!(report.unexpected.is_empty(), "{:?}", report.unexpected);
+    model
+}
+
+#[test]
+fn logits_match_transformers() {
+    let device = Device::flex();
+    for name in FIXTURES {
+        let reference = Reference::load(name);
+        let model = load(name, &device);
+        let logits = model.forward(
+            reference.int2("input_ids", &device),
+            reference.int2("attention_mask", &device),
+        );
+        let expected = reference.f32("logits");
+        assert_eq!(logits.dims().to_vec(), expected.shape, "{name}");
+        let diff = max_abs_diff(&values(logits), &expected.data);
+        assert!(diff <= 1e-4, "{name}: logits differ from transformers by {diff}");
+    }
+}
+
+#[test]
+fn masked_loss_matches_transformers() {
+    let device = Device::flex();
+    for name in FIXTURES {
+        let reference = Reference::load(name);
+        let model = load(name, &device);
+        let (positions, labels) = masked(&reference, &device);
+        let logits = model.forward_at(
+            reference.int2("input_ids", &device),
+            reference.int2("attention_mask", &device),
+            positions,
+        );
+        let loss = values(mlm_loss(logits, labels))[0];
+        let expected = reference.f32("loss").data[0];
+        assert!(
+            (loss - expected).abs() <= 1e-5,
+            "{name}: loss {loss} vs transformers {expected}"
+        );
+    }
+}
+
+#[test]
+fn gradients_match_transformers() {
+    // The reference gradients were taken in eval mode; on an autodiff device burn's dropout
+    // is live, so build the model with dropout 0 and load the same weights.
+    let device = Device::flex().autodiff();
+    for name in FIXTURES {
+        let reference = Reference::load(name);
+        let dir = common::fixture(name);
+        let mut config = masklm_hub::read_config(&dir).unwrap();
+        config.hidden_dropout_prob = 0.0;
+        config.attention_probs_dropout_prob = 0.0;
+        let mut model = RobertaForMaskedLM::new(&config, &device).unwrap();
+        masklm_hub::load_weights(&mut model, &dir).unwrap();
+
+        let (positions, labels) = masked(&reference, &device);
+        let logits = model.forward_at(
+            reference.int2("input_ids", &device),
+            reference.int2("attention_mask", &device),
+            positions,
+        );
+        let grads = mlm_loss(logits, labels).backward();
+
+        let check = |hf_name: &str, ours: Tensor<2>, hf_layout_transposed: bool| {
+            let grad = ours.grad(&grads).expect("parameter has a gradient");
+            let [rows, cols] = grad.dims();
+            let mut got = values(grad);
+            if hf_layout_transposed {
+                // burn Linear weights are [in, out]; HF's are [out, in].
+                got = transpose(&got, rows, cols);
+            }
+            let expected = reference.f32(&format!("grad.{hf_name}"));
+            let diff = max_abs_diff(&got, &expected.data);
+            assert!(diff <= 1e-4, "{name}: gradient of {hf_name} differs by {diff}");
+        };
+        // The word-embedding gradient includes the decoder's share: the tie is structural.
+        check(
+            "roberta.embeddings.word_embeddings.weight",
+            model.roberta.embeddings.word_embeddings.weight.val(),
+            false,
+        );
+        check(
+            "roberta.encoder.layer.0.attention.self.query.weight",
+            model.roberta.encoder.layer[0].attention.self_attn.query.weight.val(),
+            true,
+        );
+        check("lm_head.dense.weight", model.lm_head.dense.weight.val(), true);
+    }
+}
