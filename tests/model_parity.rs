@@ -50,6 +50,7 @@ fn logits_match_transformers() {
         let expected = reference.f32("logits");
         assert_eq!(logits.dims().to_vec(), expected.shape, "{name}");
         let diff = max_abs_diff(&values(logits), &expected.data);
+        println!("{name}: logits max abs diff {diff:e}");
         assert!(diff <= 1e-4, "{name}: logits differ from transformers by {diff}");
     }
 }
@@ -68,6 +69,7 @@ fn masked_loss_matches_transformers() {
         );
         let loss = values(mlm_loss(logits, labels))[0];
         let expected = reference.f32("loss").data[0];
+        println!("{name}: loss {loss} vs transformers {expected}");
         assert!(
             (loss - expected).abs() <= 1e-5,
             "{name}: loss {loss} vs transformers {expected}"
@@ -107,6 +109,7 @@ fn gradients_match_transformers() {
             }
             let expected = reference.f32(&format!("grad.{hf_name}"));
             let diff = max_abs_diff(&got, &expected.data);
+            println!("{name}: gradient of {hf_name} max abs diff {diff:e}");
             assert!(diff <= 1e-4, "{name}: gradient of {hf_name} differs by {diff}");
         };
         // The word-embedding gradient includes the decoder's share: the tie is structural.
