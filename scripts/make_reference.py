@@ -15,6 +15,10 @@ loss, also without dropout. Weights are perturbed away from HF's init (N(0, 0.02
 zero biases) so that every numerical detail (LayerNorm eps, GELU form, position offset,
 biases) moves the logits well past the tests' tolerances.
 
+It also encodes TOKENIZER_SENTENCES with transformers' AutoTokenizer on the tokenizer that
+`masklm tokenizer train` wrote to tests/fixtures/tokenizer-go/ (see TOKENIZER_FIXTURE below),
+into tests/fixtures/tokenizer-go/reference.json.
+
 Regenerate (versions pinned in scripts/requirements.txt):
     python3 -m venv /var/tmp/masklm-venv
     /var/tmp/masklm-venv/bin/pip install -r scripts/requirements.txt
@@ -152,10 +156,57 @@ def make_fixture(name: str, spec: dict) -> None:
     )
 
 
+# Made by masklm itself, then checked here against transformers:
+#   masklm tokenizer train --input tests/fixtures/tokenizer-corpus.txt --vocab-size 1000 \
+#       --out tests/fixtures/tokenizer-go
+TOKENIZER_FIXTURE = FIXTURES / "tokenizer-go"
+TOKENIZER_SENTENCES = [
+    "The patient was <mask> with pneumonia.",
+    "The patient was<mask> with pneumonia.",
+    "<mask> is a protein kinase.",
+    "Catalysis of the reaction: ATP + H2O = ADP + phosphate.",
+    "  leading and trailing spaces  ",
+    "double  spaces and\ttabs",
+    "line one\nline two",
+    "Numbers: 3.14159, 2,718 and 1e-5 mg/kg.",
+    "UPPER lower MiXeD",
+    "Café naïve façade résumé",
+    "Zürich, São Paulo, Kraków",
+    "αβγ δ-subunit of the Na+/K+-ATPase",
+    "中文 日本語 한국어",
+    "emoji 🧬🦠 in text",
+    "hyphen-ated, slash/separated (parenthetical) [brackets] {braces}",
+    "The mitochondrial inner membrane <mask> protein complex.",
+    "Two masks: <mask> and <mask>.",
+    "Literal <s> and </s> and <pad> tokens in text.",
+    "'quotes' \"double\" `backticks`",
+    "",
+]
+
+
+def make_tokenizer_reference() -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_FIXTURE)
+    ids = [tokenizer(s)["input_ids"] for s in TOKENIZER_SENTENCES]
+    reference = {
+        "tokenizer_class": type(tokenizer).__name__,
+        "vocab_size": len(tokenizer),
+        "mask_token_id": tokenizer.mask_token_id,
+        "sentences": TOKENIZER_SENTENCES,
+        "input_ids": ids,
+    }
+    (TOKENIZER_FIXTURE / "reference.json").write_text(
+        json.dumps(reference, ensure_ascii=False, indent=1) + "\n"
+    )
+    print(f"tokenizer-go: {type(tokenizer).__name__}, {len(ids)} sentences")
+
+
 def main() -> None:
     torch.use_deterministic_algorithms(True)
     for name, spec in FIXTURE_SPECS.items():
         make_fixture(name, spec)
+    make_tokenizer_reference()
     versions = {
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,

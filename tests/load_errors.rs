@@ -15,7 +15,11 @@ use safetensors::{Dtype, SafeTensors};
 fn copy_fixture() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     for file in ["config.json", "model.safetensors"] {
-        std::fs::copy(common::fixture("roberta-tiny").join(file), dir.path().join(file)).unwrap();
+        std::fs::copy(
+            common::fixture("roberta-tiny").join(file),
+            dir.path().join(file),
+        )
+        .unwrap();
     }
     dir
 }
@@ -41,7 +45,10 @@ fn rewrite_weights(dir: &Path, edit: impl FnOnce(&mut Vec<(String, Vec<usize>, V
     let views: Vec<(String, TensorView<'_>)> = tensors
         .iter()
         .map(|(name, shape, data)| {
-            (name.clone(), TensorView::new(Dtype::F32, shape.clone(), data).unwrap())
+            (
+                name.clone(),
+                TensorView::new(Dtype::F32, shape.clone(), data).unwrap(),
+            )
         })
         .collect();
     safetensors::serialize_to_file(views, None, &path).unwrap();
@@ -106,7 +113,10 @@ fn truncated_safetensors_says_so() {
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
     let msg = load_error(dir.path()).to_string();
-    assert!(msg.contains("model.safetensors") && msg.contains("truncated"), "{msg}");
+    assert!(
+        msg.contains("model.safetensors") && msg.contains("truncated"),
+        "{msg}"
+    );
     assert_eq!(msg.lines().count(), 1, "{msg}");
 }
 
@@ -115,7 +125,10 @@ fn folder_without_config_or_weights() {
     let dir = copy_fixture();
     std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
     let msg = load_error(dir.path()).to_string();
-    assert!(msg.contains("no model.safetensors or pytorch_model.bin"), "{msg}");
+    assert!(
+        msg.contains("no model.safetensors or pytorch_model.bin"),
+        "{msg}"
+    );
 
     std::fs::remove_file(dir.path().join("config.json")).unwrap();
     let msg = load_error(dir.path()).to_string();
@@ -135,7 +148,10 @@ fn unknown_model_type_is_rejected() {
     )
     .unwrap();
     let msg = load_error(dir.path()).to_string();
-    assert!(msg.contains("model_type \"gpt2\" is not supported"), "{msg}");
+    assert!(
+        msg.contains("model_type \"gpt2\" is not supported"),
+        "{msg}"
+    );
 }
 
 #[test]

@@ -51,7 +51,10 @@ fn logits_match_transformers() {
         assert_eq!(logits.dims().to_vec(), expected.shape, "{name}");
         let diff = max_abs_diff(&values(logits), &expected.data);
         println!("{name}: logits max abs diff {diff:e}");
-        assert!(diff <= 1e-4, "{name}: logits differ from transformers by {diff}");
+        assert!(
+            diff <= 1e-4,
+            "{name}: logits differ from transformers by {diff}"
+        );
     }
 }
 
@@ -110,7 +113,10 @@ fn gradients_match_transformers() {
             let expected = reference.f32(&format!("grad.{hf_name}"));
             let diff = max_abs_diff(&got, &expected.data);
             println!("{name}: gradient of {hf_name} max abs diff {diff:e}");
-            assert!(diff <= 1e-4, "{name}: gradient of {hf_name} differs by {diff}");
+            assert!(
+                diff <= 1e-4,
+                "{name}: gradient of {hf_name} differs by {diff}"
+            );
         };
         // The word-embedding gradient includes the decoder's share: the tie is structural.
         check(
@@ -120,9 +126,18 @@ fn gradients_match_transformers() {
         );
         check(
             "roberta.encoder.layer.0.attention.self.query.weight",
-            model.roberta.encoder.layer[0].attention.self_attn.query.weight.val(),
+            model.roberta.encoder.layer[0]
+                .attention
+                .self_attn
+                .query
+                .weight
+                .val(),
             true,
         );
-        check("lm_head.dense.weight", model.lm_head.dense.weight.val(), true);
+        check(
+            "lm_head.dense.weight",
+            model.lm_head.dense.weight.val(),
+            true,
+        );
     }
 }

@@ -43,7 +43,9 @@ impl Reference {
 
     pub fn f32(&self, name: &str) -> Values<f32> {
         let view = self.view();
-        let t = view.tensor(name).unwrap_or_else(|_| panic!("no {name} in reference"));
+        let t = view
+            .tensor(name)
+            .unwrap_or_else(|_| panic!("no {name} in reference"));
         assert_eq!(t.dtype(), Dtype::F32, "{name}");
         let data = t
             .data()
@@ -58,7 +60,9 @@ impl Reference {
 
     pub fn i64(&self, name: &str) -> Values<i64> {
         let view = self.view();
-        let t = view.tensor(name).unwrap_or_else(|_| panic!("no {name} in reference"));
+        let t = view
+            .tensor(name)
+            .unwrap_or_else(|_| panic!("no {name} in reference"));
         assert_eq!(t.dtype(), Dtype::I64, "{name}");
         let data = t
             .data()

@@ -30,13 +30,17 @@ pub enum HubError {
     #[error("{0}: no such checkpoint folder")]
     NoFolder(PathBuf),
     /// No `config.json` in the folder.
-    #[error("{0}: no config.json; a Hugging Face checkpoint folder holds config.json and model.safetensors")]
+    #[error(
+        "{0}: no config.json; a Hugging Face checkpoint folder holds config.json and model.safetensors"
+    )]
     NoConfig(PathBuf),
     /// `config.json` is unreadable or describes an impossible model.
     #[error(transparent)]
     Config(#[from] ConfigError),
     /// `config.json` names an architecture this loader does not handle.
-    #[error("{path}: model_type {model_type:?} is not supported; masklm loads \"roberta\", \"xlm-roberta\" and \"camembert\" checkpoints")]
+    #[error(
+        "{path}: model_type {model_type:?} is not supported; masklm loads \"roberta\", \"xlm-roberta\" and \"camembert\" checkpoints"
+    )]
     UnsupportedModelType { path: PathBuf, model_type: String },
     /// Neither `model.safetensors` nor `pytorch_model.bin` is in the folder.
     #[error("{0}: no model.safetensors or pytorch_model.bin")]
@@ -146,10 +150,12 @@ pub fn load_weights(model: &mut RobertaForMaskedLM, dir: &Path) -> Result<LoadRe
             .with_key_remapping(r"\.attention\.self\.", ".attention.self_attn.")
             .validate(false)
             .allow_partial(true);
-        let result = model.load_from(&mut store).map_err(|e| HubError::ReadWeights {
-            path: bin.clone(),
-            reason: e.to_string(),
-        });
+        let result = model
+            .load_from(&mut store)
+            .map_err(|e| HubError::ReadWeights {
+                path: bin.clone(),
+                reason: e.to_string(),
+            });
         (bin, result)
     } else {
         return Err(HubError::NoWeights(dir.to_path_buf()));

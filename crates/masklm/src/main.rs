@@ -12,8 +12,15 @@ use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use clap::{Parser, Subcommand};
 
+mod data_cmd;
+mod progress;
+
 #[derive(Parser)]
-#[command(name = "masklm", version, about = "Masked-language-model pre-training on burn")]
+#[command(
+    name = "masklm",
+    version,
+    about = "Masked-language-model pre-training on burn"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -21,6 +28,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Tokenizer tools.
+    Tokenizer {
+        #[command(subcommand)]
+        command: TokenizerCommand,
+    },
+    /// Tokenize and pack a corpus into a memory-mapped token cache (reused when up to date).
+    Prepare(data_cmd::PrepareArgs),
     /// Print a checkpoint's configuration and parameter count.
     Inspect {
         /// A Hugging Face checkpoint folder (config.json + model.safetensors).
@@ -47,6 +61,12 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum TokenizerCommand {
+    /// Train a byte-level BPE tokenizer (RoBERTa convention) on a corpus.
+    Train(data_cmd::TokenizerTrainArgs),
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
@@ -66,6 +86,10 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<()> {
     let device = Device::flex();
     match cli.command {
+        Command::Tokenizer {
+            command: TokenizerCommand::Train(args),
+        } => data_cmd::tokenizer_train(args),
+        Command::Prepare(args) => data_cmd::prepare_cmd(args),
         Command::Inspect { model } => inspect(&model, &device),
         Command::FillMask {
             model,
@@ -82,7 +106,10 @@ fn inspect(dir: &std::path::Path, device: &Device) -> Result<()> {
     println!("{}", config.to_json());
     println!("parameters: {}", model.num_params());
     for name in &report.unexpected {
-        println!("warning: unused tensor {name} in {}", report.weights.display());
+        println!(
+            "warning: unused tensor {name} in {}",
+            report.weights.display()
+        );
     }
     Ok(())
 }
@@ -107,7 +134,10 @@ fn fill_mask_ids(
     let (config, model, report) = masklm_hub::load_roberta(dir, device)
         .with_context(|| format!("loading checkpoint {}", dir.display()))?;
     for name in &report.unexpected {
-        eprintln!("warning: unused tensor {name} in {}", report.weights.display());
+        eprintln!(
+            "warning: unused tensor {name} in {}",
+            report.weights.display()
+        );
     }
     if let Some(bad) = ids
         .iter()
@@ -127,7 +157,9 @@ fn fill_mask_ids(
     }
     let masks: Vec<usize> = (0..ids.len()).filter(|&i| ids[i] == mask_id).collect();
     if masks.is_empty() {
-        bail!("--ids has no mask token (id {mask_id}); put {mask_id} where a token should be predicted");
+        bail!(
+            "--ids has no mask token (id {mask_id}); put {mask_id} where a token should be predicted"
+        );
     }
     let seq = ids.len();
     let input = Tensor::<2, Int>::from_data(TensorData::new(ids.clone(), [1, seq]), device);

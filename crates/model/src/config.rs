@@ -101,8 +101,8 @@ impl RobertaConfig {
 
     /// Parses and validates the text of a `config.json`.
     pub fn from_json(text: &str) -> Result<Self, ConfigError> {
-        let config: Self =
-            serde_json::from_str(text).map_err(|source| ConfigError::Parse { path: None, source })?;
+        let config: Self = serde_json::from_str(text)
+            .map_err(|source| ConfigError::Parse { path: None, source })?;
         config.validate()?;
         Ok(config)
     }
@@ -144,7 +144,13 @@ impl RobertaConfig {
 
     /// Rejects values no model can be built from, naming the offending key.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |key: &'static str, reason: String| Err(ConfigError::Invalid { key, reason, path: None });
+        let invalid = |key: &'static str, reason: String| {
+            Err(ConfigError::Invalid {
+                key,
+                reason,
+                path: None,
+            })
+        };
         for (key, value) in [
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
@@ -175,7 +181,10 @@ impl RobertaConfig {
             if id >= self.vocab_size {
                 return invalid(
                     key,
-                    format!("{id} is outside the vocabulary (vocab_size {})", self.vocab_size),
+                    format!(
+                        "{id} is outside the vocabulary (vocab_size {})",
+                        self.vocab_size
+                    ),
                 );
             }
         }
@@ -191,7 +200,10 @@ impl RobertaConfig {
         }
         for (key, p) in [
             ("hidden_dropout_prob", self.hidden_dropout_prob),
-            ("attention_probs_dropout_prob", self.attention_probs_dropout_prob),
+            (
+                "attention_probs_dropout_prob",
+                self.attention_probs_dropout_prob,
+            ),
         ] {
             if !(0.0..1.0).contains(&p) {
                 return invalid(key, format!("{p} is not a probability in [0, 1)"));
@@ -209,7 +221,11 @@ impl RobertaConfig {
                 format!("{} must be a non-negative number", self.initializer_range),
             );
         }
-        if let Some(kind) = self.position_embedding_type.as_deref().filter(|&k| k != "absolute") {
+        if let Some(kind) = self
+            .position_embedding_type
+            .as_deref()
+            .filter(|&k| k != "absolute")
+        {
             return invalid(
                 "position_embedding_type",
                 format!("{kind:?} is not supported; only \"absolute\" positions are implemented"),
@@ -218,7 +234,8 @@ impl RobertaConfig {
         if !self.tie_word_embeddings {
             return invalid(
                 "tie_word_embeddings",
-                "false is not supported: masklm's MLM decoder is the word-embedding matrix".to_string(),
+                "false is not supported: masklm's MLM decoder is the word-embedding matrix"
+                    .to_string(),
             );
         }
         self.activation()?;
@@ -232,8 +249,10 @@ mod tests {
 
     #[test]
     fn missing_keys_take_transformers_class_defaults() {
-        let config = RobertaConfig::from_json(r#"{"vocab_size": 100, "hidden_size": 8, "num_attention_heads": 2}"#)
-            .unwrap();
+        let config = RobertaConfig::from_json(
+            r#"{"vocab_size": 100, "hidden_size": 8, "num_attention_heads": 2}"#,
+        )
+        .unwrap();
         assert_eq!(config.layer_norm_eps, 1e-12);
         assert_eq!(config.type_vocab_size, 2);
         assert_eq!(config.pad_token_id, 1);
@@ -259,7 +278,10 @@ mod tests {
     #[test]
     fn impossible_values_name_the_key() {
         let msg = error_for(r#"{"hidden_size": 30, "num_attention_heads": 4}"#);
-        assert!(msg.contains("hidden_size") && msg.contains("num_attention_heads"), "{msg}");
+        assert!(
+            msg.contains("hidden_size") && msg.contains("num_attention_heads"),
+            "{msg}"
+        );
         let msg = error_for(r#"{"num_hidden_layers": 0}"#);
         assert!(msg.contains("num_hidden_layers"), "{msg}");
         let msg = error_for(r#"{"vocab_size": 10, "pad_token_id": 10}"#);

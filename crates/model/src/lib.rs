@@ -36,8 +36,8 @@ use std::path::PathBuf;
 pub use config::{HiddenAct, RobertaConfig};
 pub use model::{
     RobertaAttention, RobertaEmbeddings, RobertaEncoder, RobertaForMaskedLM, RobertaIntermediate,
-    RobertaLMHead, RobertaLayer, RobertaModel, RobertaOutput, RobertaSelfAttention,
-    attention_bias, mlm_loss, position_ids,
+    RobertaLMHead, RobertaLayer, RobertaModel, RobertaOutput, RobertaSelfAttention, attention_bias,
+    mlm_loss, position_ids,
 };
 
 /// Why a model configuration could not be used.

@@ -1,0 +1,754 @@
+//! The token cache: a corpus tokenized once, packed into training examples, memory-mapped.
+//!
+//! Layout of a cache folder:
+//!
+//! ```text
+//! manifest.json            format version, tokenizer hash, settings, sources, counts
+//! train-00000.bin          tokens, little-endian u16 (vocab <= 65536) or u32, back to back
+//! train-00000.idx          little-endian u64 offsets (in tokens) of each example, plus the end
+//! validation-00000.bin/.idx
+//! ```
+//!
+//! Packing `full` (HF `group_texts`, fairseq `--sample-break-mode complete`): documents are
+//! concatenated, each followed by `</s>` as separator, and cut into examples of exactly
+//! `max_seq_length` tokens framed as `<s> ... </s>`; the corpus's last example may be shorter.
+//! Packing `line` (HF `--line_by_line`): one document per example, `<s> doc </s>`, truncated to
+//! `max_seq_length`, padded per batch later.
+//!
+//! The cache is built in `CACHE.partial` and renamed into place at the end, so an interrupted
+//! run never leaves a cache that looks complete. A run whose manifest settings, tokenizer hash
+//! and sources (paths, sizes, modification times) equal the existing cache's reuses it.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::sync_channel;
+
+use memmap2::Mmap;
+use serde::{Deserialize, Serialize};
+
+use crate::corpus::{CorpusOptions, CorpusStats, Documents, no_text_error, resolve_inputs};
+use crate::{DataError, MlmTokenizer};
+
+/// Version of the on-disk layout; bumped on any incompatible change.
+pub const FORMAT_VERSION: u32 = 1;
+/// Tokens per shard before a new one is started (512 MiB of u16).
+const SHARD_TOKENS: u64 = 1 << 28;
+/// Documents tokenized per parallel batch.
+const CHUNK_DOCUMENTS: usize = 4096;
+
+/// How documents become examples.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Packing {
+    /// Concatenate documents and cut fixed-length blocks.
+    Full,
+    /// One document per example, truncated.
+    Line,
+}
+
+impl std::str::FromStr for Packing {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "full" => Ok(Self::Full),
+            "line" => Ok(Self::Line),
+            other => Err(format!(
+                "unknown packing {other:?}; use \"full\" or \"line\""
+            )),
+        }
+    }
+}
+
+/// Where the validation examples come from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Validation {
+    /// A deterministic fraction of the input documents (by a hash of their index).
+    Split(f64),
+    /// Separate inputs.
+    Inputs(Vec<String>),
+    /// No validation split.
+    None,
+}
+
+/// Settings of a cache; equal settings (and sources and tokenizer) mean the cache is reusable.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PrepareOptions {
+    pub max_seq_length: usize,
+    pub packing: Packing,
+    pub validation: Validation,
+    pub corpus: CorpusOptions,
+}
+
+/// One input file as it was when the cache was built.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Source {
+    pub path: PathBuf,
+    pub size: u64,
+    /// Modification time, seconds since the epoch.
+    pub modified: u64,
+}
+
+/// One shard file pair.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shard {
+    pub file: String,
+    pub examples: u64,
+    pub tokens: u64,
+}
+
+/// A split's shards and counts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SplitInfo {
+    pub shards: Vec<Shard>,
+    pub examples: u64,
+    pub tokens: u64,
+    pub documents: u64,
+}
+
+/// `CACHE/manifest.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub tokenizer_hash: String,
+    pub vocab_size: usize,
+    /// `"u16"` or `"u32"`.
+    pub dtype: String,
+    pub options: PrepareOptions,
+    pub sources: Vec<Source>,
+    pub validation_sources: Vec<Source>,
+    pub train: SplitInfo,
+    pub validation: SplitInfo,
+    pub corpus: CorpusStats,
+}
+
+/// Receives progress from long operations; the CLI draws it, tests ignore it.
+pub trait Progress: Sync {
+    /// A new phase; `total` in bytes when known.
+    fn start(&self, _what: &str, _total: Option<u64>) {}
+    /// `bytes` more input processed.
+    fn advance(&self, _bytes: u64) {}
+    /// The phase is over.
+    fn finish(&self) {}
+}
+
+/// A [`Progress`] that shows nothing.
+pub struct NoProgress;
+impl Progress for NoProgress {}
+
+/// What [`prepare`] did.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub manifest: Manifest,
+    /// The existing cache matched and was reused.
+    pub reused: bool,
+    /// Why an existing cache was rebuilt, if one was there.
+    pub rebuilt_because: Option<String>,
+}
+
+fn sources_of(files: &[PathBuf]) -> Result<Vec<Source>, DataError> {
+    files
+        .iter()
+        .map(|path| {
+            let meta = std::fs::metadata(path).map_err(|source| DataError::Read {
+                path: path.clone(),
+                line: None,
+                source,
+            })?;
+            let modified = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            Ok(Source {
+                path: std::fs::canonicalize(path).unwrap_or_else(|_| path.clone()),
+                size: meta.len(),
+                modified,
+            })
+        })
+        .collect()
+}
+
+/// Why an existing manifest cannot be reused, or `None` if it can.
+fn staleness(old: &Manifest, new: &Manifest) -> Option<String> {
+    if old.format_version != new.format_version {
+        return Some(format!(
+            "it has format version {}, this masklm writes {}",
+            old.format_version, new.format_version
+        ));
+    }
+    if old.tokenizer_hash != new.tokenizer_hash {
+        return Some("the tokenizer changed".to_string());
+    }
+    if old.options != new.options {
+        return Some("the preparation settings changed".to_string());
+    }
+    if old.sources != new.sources || old.validation_sources != new.validation_sources {
+        return Some("the input files changed".to_string());
+    }
+    None
+}
+
+/// Reads `dir/manifest.json`.
+pub fn read_manifest(dir: &Path) -> Result<Manifest, DataError> {
+    let path = dir.join("manifest.json");
+    let text = std::fs::read_to_string(&path).map_err(|source| DataError::Read {
+        path: path.clone(),
+        line: None,
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|e| DataError::Cache {
+        path,
+        reason: format!("not a masklm cache manifest ({e}); delete the folder and prepare again"),
+    })
+}
+
+/// Tokenizes and packs `inputs` into a token cache at `out`, or reuses the one there.
+pub fn prepare(
+    tokenizer: &MlmTokenizer,
+    inputs: &[String],
+    options: &PrepareOptions,
+    out: &Path,
+    progress: &dyn Progress,
+) -> Result<Prepared, DataError> {
+    if options.max_seq_length < 3 {
+        return Err(DataError::Config {
+            key: "max_seq_length".to_string(),
+            reason: format!(
+                "{} leaves no room for a token between <s> and </s>",
+                options.max_seq_length
+            ),
+        });
+    }
+    if let Validation::Split(f) = options.validation
+        && !(0.0..1.0).contains(&f)
+    {
+        return Err(DataError::Config {
+            key: "validation_split".to_string(),
+            reason: format!("{f} is not a fraction in [0, 1)"),
+        });
+    }
+    let files = resolve_inputs(inputs)?;
+    let validation_files = match &options.validation {
+        Validation::Inputs(v) => resolve_inputs(v)?,
+        _ => Vec::new(),
+    };
+    let vocab_size = tokenizer.vocab_size();
+    let dtype = if vocab_size <= 1 << 16 { "u16" } else { "u32" };
+    let mut manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        tokenizer_hash: tokenizer.hash.clone(),
+        vocab_size,
+        dtype: dtype.to_string(),
+        options: options.clone(),
+        sources: sources_of(&files)?,
+        validation_sources: sources_of(&validation_files)?,
+        train: SplitInfo::default(),
+        validation: SplitInfo::default(),
+        corpus: CorpusStats::default(),
+    };
+
+    let mut rebuilt_because = None;
+    if out.join("manifest.json").is_file() {
+        match read_manifest(out) {
+            Ok(old) => match staleness(&old, &manifest) {
+                None => {
+                    return Ok(Prepared {
+                        manifest: old,
+                        reused: true,
+                        rebuilt_because: None,
+                    });
+                }
+                Some(reason) => rebuilt_because = Some(reason),
+            },
+            Err(e) => rebuilt_because = Some(e.to_string()),
+        }
+    } else if out.exists()
+        && std::fs::read_dir(out)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true)
+    {
+        return Err(DataError::Cache {
+            path: out.to_path_buf(),
+            reason: "exists and is not a masklm token cache; choose another --out".to_string(),
+        });
+    }
+
+    let partial = out.with_extension("partial");
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial).map_err(|source| DataError::Write {
+            path: partial.clone(),
+            source,
+        })?;
+    }
+    std::fs::create_dir_all(&partial).map_err(|source| DataError::Write {
+        path: partial.clone(),
+        source,
+    })?;
+
+    let total: u64 = manifest
+        .sources
+        .iter()
+        .chain(&manifest.validation_sources)
+        .map(|s| s.size)
+        .sum();
+    progress.start("tokenizing", Some(total));
+    let wide = dtype == "u32";
+    let mut train = SplitWriter::new(&partial, "train", wide, options, tokenizer);
+    let mut validation = SplitWriter::new(&partial, "validation", wide, options, tokenizer);
+    let corpus = match &options.validation {
+        Validation::Inputs(_) => {
+            let stats = tokenize_into(tokenizer, &files, options, progress, |_, doc| {
+                train.push(doc)
+            })?;
+            let vstats =
+                tokenize_into(tokenizer, &validation_files, options, progress, |_, doc| {
+                    validation.push(doc)
+                })?;
+            if vstats.documents == 0 {
+                return Err(no_text_error(&validation_files, &vstats));
+            }
+            stats
+        }
+        Validation::Split(fraction) => {
+            let fraction = *fraction;
+            tokenize_into(tokenizer, &files, options, progress, |index, doc| {
+                if in_validation(index, fraction) {
+                    validation.push(doc)
+                } else {
+                    train.push(doc)
+                }
+            })?
+        }
+        Validation::None => tokenize_into(tokenizer, &files, options, progress, |_, doc| {
+            train.push(doc)
+        })?,
+    };
+    progress.finish();
+    if corpus.documents == 0 {
+        return Err(no_text_error(&files, &corpus));
+    }
+    manifest.train = train.finish()?;
+    manifest.validation = validation.finish()?;
+    manifest.corpus = corpus;
+    if manifest.train.examples == 0 {
+        return Err(DataError::Input(format!(
+            "no training examples: all {} documents went to validation",
+            manifest.corpus.documents
+        )));
+    }
+    if matches!(options.validation, Validation::Split(f) if f > 0.0)
+        && manifest.validation.examples == 0
+    {
+        return Err(DataError::Input(format!(
+            "the validation split is empty: {} documents are too few for the fraction given; \
+             raise --validation-split or pass --validation-input",
+            manifest.corpus.documents
+        )));
+    }
+
+    let manifest_path = partial.join("manifest.json");
+    let text = serde_json::to_string_pretty(&manifest).unwrap_or_default() + "\n";
+    write_synced(&manifest_path, text.as_bytes())?;
+    if out.exists() {
+        std::fs::remove_dir_all(out).map_err(|source| DataError::Write {
+            path: out.to_path_buf(),
+            source,
+        })?;
+    }
+    std::fs::rename(&partial, out).map_err(|source| DataError::Write {
+        path: out.to_path_buf(),
+        source,
+    })?;
+    Ok(Prepared {
+        manifest,
+        reused: false,
+        rebuilt_because,
+    })
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), DataError> {
+    let write = || -> std::io::Result<()> {
+        let mut file = File::create(path)?;
+        file.write_all(bytes)?;
+        file.sync_all()
+    };
+    write().map_err(|source| DataError::Write {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Whether document `index` belongs to the validation split: a hash of the index, so the
+/// split is stable and independent of chunking.
+fn in_validation(index: u64, fraction: f64) -> bool {
+    // splitmix64 finaliser
+    let mut z = index.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 11) as f64 / (1u64 << 53) as f64 <= fraction && fraction > 0.0
+}
+
+/// Reads documents on a second thread and tokenizes them in parallel batches, calling `sink`
+/// with (document index, tokens without specials) in corpus order.
+fn tokenize_into(
+    tokenizer: &MlmTokenizer,
+    files: &[PathBuf],
+    options: &PrepareOptions,
+    progress: &dyn Progress,
+    mut sink: impl FnMut(u64, &[u32]) -> Result<(), DataError>,
+) -> Result<CorpusStats, DataError> {
+    let (sender, receiver) = sync_channel::<(Vec<String>, u64)>(2);
+    let mut documents = Documents::new(files.to_vec(), options.corpus.clone());
+    std::thread::scope(|scope| {
+        let reader = scope.spawn(move || -> Result<CorpusStats, DataError> {
+            let mut chunk = Vec::with_capacity(CHUNK_DOCUMENTS);
+            let mut bytes = 0u64;
+            let mut last = 0u64;
+            while let Some(document) = documents.next() {
+                chunk.push(document?);
+                if chunk.len() == CHUNK_DOCUMENTS {
+                    bytes = documents.stats().bytes;
+                    if sender
+                        .send((std::mem::take(&mut chunk), bytes - last))
+                        .is_err()
+                    {
+                        break;
+                    }
+                    last = bytes;
+                }
+            }
+            let end = documents.stats().bytes;
+            if !chunk.is_empty() || end > bytes {
+                let _ = sender.send((chunk, end - last));
+            }
+            Ok(documents.stats().clone())
+        });
+        let mut index = 0u64;
+        for (chunk, bytes) in receiver.iter() {
+            for ids in tokenizer.encode_batch_plain(chunk)? {
+                sink(index, &ids)?;
+                index += 1;
+            }
+            progress.advance(bytes);
+        }
+        reader.join().unwrap_or_else(|_| {
+            Err(DataError::Input(
+                "the corpus reader thread panicked".to_string(),
+            ))
+        })
+    })
+}
+
+/// Packs one split's documents into examples and writes its shards.
+struct SplitWriter {
+    dir: PathBuf,
+    name: &'static str,
+    wide: bool,
+    packing: Packing,
+    block: usize,
+    bos: u32,
+    eos: u32,
+    carry: Vec<u32>,
+    info: SplitInfo,
+    shard: Option<ShardWriter>,
+}
+
+struct ShardWriter {
+    bin: BufWriter<File>,
+    idx: BufWriter<File>,
+    bin_path: PathBuf,
+    idx_path: PathBuf,
+    offset: u64,
+    examples: u64,
+}
+
+impl SplitWriter {
+    fn new(
+        dir: &Path,
+        name: &'static str,
+        wide: bool,
+        options: &PrepareOptions,
+        tok: &MlmTokenizer,
+    ) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            name,
+            wide,
+            packing: options.packing,
+            block: options.max_seq_length,
+            bos: tok.bos_id,
+            eos: tok.eos_id,
+            carry: Vec::new(),
+            info: SplitInfo::default(),
+            shard: None,
+        }
+    }
+
+    fn push(&mut self, document: &[u32]) -> Result<(), DataError> {
+        self.info.documents += 1;
+        let body = self.block - 2;
+        match self.packing {
+            Packing::Line => {
+                let take = document.len().min(body);
+                let mut example = Vec::with_capacity(take + 2);
+                example.push(self.bos);
+                example.extend_from_slice(&document[..take]);
+                example.push(self.eos);
+                self.emit(&example)
+            }
+            Packing::Full => {
+                self.carry.extend_from_slice(document);
+                self.carry.push(self.eos);
+                let mut start = 0;
+                let mut example = Vec::with_capacity(self.block);
+                while self.carry.len() - start >= body {
+                    example.clear();
+                    example.push(self.bos);
+                    example.extend_from_slice(&self.carry[start..start + body]);
+                    example.push(self.eos);
+                    self.emit(&example)?;
+                    start += body;
+                }
+                self.carry.drain(..start);
+                Ok(())
+            }
+        }
+    }
+
+    fn emit(&mut self, example: &[u32]) -> Result<(), DataError> {
+        let rolls_over = self
+            .shard
+            .as_ref()
+            .is_some_and(|s| s.offset + example.len() as u64 > SHARD_TOKENS);
+        if rolls_over {
+            self.close_shard()?;
+        }
+        if self.shard.is_none() {
+            let stem = format!("{}-{:05}", self.name, self.info.shards.len());
+            let bin_path = self.dir.join(format!("{stem}.bin"));
+            let idx_path = self.dir.join(format!("{stem}.idx"));
+            let create = |path: &Path| {
+                File::create(path)
+                    .map(|f| BufWriter::with_capacity(1 << 20, f))
+                    .map_err(|source| DataError::Write {
+                        path: path.to_path_buf(),
+                        source,
+                    })
+            };
+            let mut idx = create(&idx_path)?;
+            idx.write_all(&0u64.to_le_bytes())
+                .map_err(|source| DataError::Write {
+                    path: idx_path.clone(),
+                    source,
+                })?;
+            self.shard = Some(ShardWriter {
+                bin: create(&bin_path)?,
+                idx,
+                bin_path,
+                idx_path,
+                offset: 0,
+                examples: 0,
+            });
+        }
+        let Some(shard) = self.shard.as_mut() else {
+            return Ok(());
+        };
+        let mut bytes = Vec::with_capacity(example.len() * 4);
+        for &t in example {
+            if self.wide {
+                bytes.extend_from_slice(&t.to_le_bytes());
+            } else {
+                // The manifest chose u16 because every id is below 65536.
+                bytes.extend_from_slice(&(t as u16).to_le_bytes());
+            }
+        }
+        shard
+            .bin
+            .write_all(&bytes)
+            .map_err(|source| DataError::Write {
+                path: shard.bin_path.clone(),
+                source,
+            })?;
+        shard.offset += example.len() as u64;
+        shard.examples += 1;
+        shard
+            .idx
+            .write_all(&shard.offset.to_le_bytes())
+            .map_err(|source| DataError::Write {
+                path: shard.idx_path.clone(),
+                source,
+            })?;
+        self.info.examples += 1;
+        self.info.tokens += example.len() as u64;
+        Ok(())
+    }
+
+    fn close_shard(&mut self) -> Result<(), DataError> {
+        if let Some(mut shard) = self.shard.take() {
+            for (writer, path) in [
+                (&mut shard.bin, &shard.bin_path),
+                (&mut shard.idx, &shard.idx_path),
+            ] {
+                writer
+                    .flush()
+                    .and_then(|_| writer.get_ref().sync_all())
+                    .map_err(|source| DataError::Write {
+                        path: path.clone(),
+                        source,
+                    })?;
+            }
+            self.info.shards.push(Shard {
+                file: shard
+                    .bin_path
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                examples: shard.examples,
+                tokens: shard.offset,
+            });
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<SplitInfo, DataError> {
+        if self.packing == Packing::Full && !self.carry.is_empty() {
+            // The corpus's tail: a shorter last example (fairseq `complete`), minus the
+            // trailing separator, which would duplicate the closing </s>.
+            let mut tail = std::mem::take(&mut self.carry);
+            if tail.last() == Some(&self.eos) {
+                tail.pop();
+            }
+            if !tail.is_empty() {
+                let mut example = Vec::with_capacity(tail.len() + 2);
+                example.push(self.bos);
+                example.extend_from_slice(&tail);
+                example.push(self.eos);
+                self.emit(&example)?;
+            }
+        }
+        self.close_shard()?;
+        Ok(self.info)
+    }
+}
+
+/// A memory-mapped split of a token cache.
+pub struct SplitReader {
+    shards: Vec<(Mmap, Vec<u64>)>,
+    /// Cumulative example counts: shard `s` holds examples `starts[s]..starts[s + 1]`.
+    starts: Vec<u64>,
+    wide: bool,
+}
+
+impl SplitReader {
+    /// Opens `split` ("train" or "validation") of the cache at `dir`.
+    pub fn open(dir: &Path, manifest: &Manifest, split: &str) -> Result<Self, DataError> {
+        let info = match split {
+            "train" => &manifest.train,
+            "validation" => &manifest.validation,
+            other => {
+                return Err(DataError::Cache {
+                    path: dir.to_path_buf(),
+                    reason: format!("no split {other:?}"),
+                });
+            }
+        };
+        let wide = manifest.dtype == "u32";
+        let width = if wide { 4 } else { 2 };
+        let mut shards = Vec::new();
+        let mut starts = vec![0u64];
+        for shard in &info.shards {
+            let bin_path = dir.join(format!("{}.bin", shard.file));
+            let idx_path = dir.join(format!("{}.idx", shard.file));
+            let corrupt = |reason: String| DataError::Cache {
+                path: bin_path.clone(),
+                reason: format!("{reason}; the cache is damaged: delete it and prepare again"),
+            };
+            let idx_bytes = std::fs::read(&idx_path).map_err(|source| DataError::Read {
+                path: idx_path.clone(),
+                line: None,
+                source,
+            })?;
+            let offsets: Vec<u64> = idx_bytes
+                .chunks_exact(8)
+                .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+                .collect();
+            let file = File::open(&bin_path).map_err(|source| DataError::Read {
+                path: bin_path.clone(),
+                line: None,
+                source,
+            })?;
+            // SAFETY: the cache files are written once and only read afterwards; a concurrent
+            // writer would be a second `prepare`, which builds in `.partial` and renames.
+            let map = unsafe { Mmap::map(&file) }.map_err(|source| DataError::Read {
+                path: bin_path.clone(),
+                line: None,
+                source,
+            })?;
+            if offsets.len() as u64 != shard.examples + 1 {
+                return Err(corrupt(format!(
+                    "index has {} entries, manifest says {} examples",
+                    offsets.len().saturating_sub(1),
+                    shard.examples
+                )));
+            }
+            if map.len() as u64 != shard.tokens * width || offsets.last() != Some(&shard.tokens) {
+                return Err(corrupt(format!(
+                    "{} bytes, manifest says {} tokens of {width} bytes",
+                    map.len(),
+                    shard.tokens
+                )));
+            }
+            if offsets.windows(2).any(|w| w[0] > w[1]) {
+                return Err(corrupt("index offsets are not ascending".to_string()));
+            }
+            starts.push(starts.last().copied().unwrap_or(0) + shard.examples);
+            shards.push((map, offsets));
+        }
+        Ok(Self {
+            shards,
+            starts,
+            wide,
+        })
+    }
+
+    /// Number of examples.
+    pub fn len(&self) -> usize {
+        self.starts.last().copied().unwrap_or(0) as usize
+    }
+
+    /// Whether the split has no example.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The tokens of example `index` (`None` past the end).
+    pub fn get(&self, index: usize) -> Option<Vec<u32>> {
+        let index = index as u64;
+        let shard = self
+            .starts
+            .partition_point(|&s| s <= index)
+            .checked_sub(1)?;
+        let (map, offsets) = self.shards.get(shard)?;
+        let local = (index - self.starts[shard]) as usize;
+        let (start, end) = (
+            *offsets.get(local)? as usize,
+            *offsets.get(local + 1)? as usize,
+        );
+        let tokens = if self.wide {
+            map.get(start * 4..end * 4)?
+                .chunks_exact(4)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect()
+        } else {
+            map.get(start * 2..end * 2)?
+                .chunks_exact(2)
+                .map(|b| u16::from_le_bytes([b[0], b[1]]) as u32)
+                .collect()
+        };
+        Some(tokens)
+    }
+}

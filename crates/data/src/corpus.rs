@@ -1,0 +1,536 @@
+//! Corpus input: which files, in which format, as a stream of documents.
+//!
+//! Inputs are files, directories (walked recursively, in sorted order) and glob patterns.
+//! Each file is read as a stream, never whole:
+//!
+//! - plain text: one document per non-empty line, or with [`CorpusOptions::paragraphs`], one
+//!   document per blank-line-separated paragraph (its lines joined by `\n`);
+//! - JSON Lines (`.jsonl`, `.json`, `.ndjson`): one JSON object per line, the document being
+//!   the string field [`CorpusOptions::text_field`] (`"text"` by default);
+//! - gzip (`.gz`) and zstd (`.zst`) versions of both, by extension.
+//!
+//! A line that is not UTF-8 is skipped and counted ([`CorpusStats::skipped_non_utf8`]);
+//! with [`CorpusOptions::strict`] it is an error naming `file:line`.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::DataError;
+
+/// How to read the corpus.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CorpusOptions {
+    /// JSON Lines field holding the text.
+    pub text_field: String,
+    /// Plain text: a document is a blank-line-separated paragraph instead of a line.
+    pub paragraphs: bool,
+    /// Fail on the first non-UTF-8 line instead of skipping it.
+    pub strict: bool,
+}
+
+impl Default for CorpusOptions {
+    fn default() -> Self {
+        Self {
+            text_field: "text".to_string(),
+            paragraphs: false,
+            strict: false,
+        }
+    }
+}
+
+/// What reading a corpus found, for the user and the cache manifest.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CorpusStats {
+    pub files: usize,
+    pub lines: u64,
+    pub documents: u64,
+    /// Bytes of input read (decompressed).
+    pub bytes: u64,
+    pub skipped_non_utf8: u64,
+    /// First skipped line, `file:line`, to show the user.
+    pub first_non_utf8: Option<String>,
+}
+
+/// Expands files, directories and globs into a sorted, de-duplicated list of files.
+pub fn resolve_inputs(inputs: &[String]) -> Result<Vec<PathBuf>, DataError> {
+    if inputs.is_empty() {
+        return Err(DataError::Input("no input given".to_string()));
+    }
+    let mut files = Vec::new();
+    for input in inputs {
+        if input.contains(['*', '?', '[']) {
+            let paths = glob::glob(input)
+                .map_err(|e| DataError::Input(format!("bad glob pattern {input:?}: {e}")))?;
+            let before = files.len();
+            for path in paths.flatten() {
+                if path.is_file() {
+                    files.push(path);
+                }
+            }
+            if files.len() == before {
+                return Err(DataError::Input(format!(
+                    "{input}: the pattern matches no file"
+                )));
+            }
+            continue;
+        }
+        let path = PathBuf::from(input);
+        if path.is_dir() {
+            let before = files.len();
+            walk(&path, &mut files)?;
+            if files.len() == before {
+                return Err(DataError::Input(format!(
+                    "{input}: the directory holds no file"
+                )));
+            }
+        } else if path.is_file() {
+            files.push(path);
+        } else {
+            return Err(DataError::Input(format!(
+                "{input}: no such file or directory"
+            )));
+        }
+    }
+    files.sort();
+    files.dedup();
+    Ok(files)
+}
+
+fn walk(dir: &Path, files: &mut Vec<PathBuf>) -> Result<(), DataError> {
+    let entries = std::fs::read_dir(dir).map_err(|source| DataError::Read {
+        path: dir.to_path_buf(),
+        line: None,
+        source,
+    })?;
+    let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    paths.sort();
+    for path in paths {
+        let hidden = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with('.'));
+        if hidden {
+            continue;
+        }
+        if path.is_dir() {
+            walk(&path, files)?;
+        } else if path.is_file() {
+            files.push(path);
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Text,
+    JsonLines,
+}
+
+/// Format by the extension under any compression suffix.
+fn format_of(path: &Path) -> Format {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    let name = name
+        .strip_suffix(".gz")
+        .or_else(|| name.strip_suffix(".zst"))
+        .unwrap_or(&name);
+    if name.ends_with(".jsonl") || name.ends_with(".json") || name.ends_with(".ndjson") {
+        Format::JsonLines
+    } else {
+        Format::Text
+    }
+}
+
+fn open(path: &Path) -> Result<Box<dyn BufRead + Send>, DataError> {
+    let file = File::open(path).map_err(|source| DataError::Read {
+        path: path.to_path_buf(),
+        line: None,
+        source,
+    })?;
+    let name = path.to_string_lossy().to_ascii_lowercase();
+    let reader: Box<dyn Read + Send> = if name.ends_with(".gz") {
+        Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(file)))
+    } else if name.ends_with(".zst") {
+        Box::new(
+            zstd::stream::read::Decoder::new(file).map_err(|source| DataError::Read {
+                path: path.to_path_buf(),
+                line: None,
+                source,
+            })?,
+        )
+    } else {
+        Box::new(file)
+    };
+    Ok(Box::new(BufReader::with_capacity(1 << 20, reader)))
+}
+
+/// A streaming iterator over the documents of a list of files.
+pub struct Documents {
+    files: Vec<PathBuf>,
+    next_file: usize,
+    current: Option<(PathBuf, Format, Box<dyn BufRead + Send>)>,
+    line_number: u64,
+    buffer: Vec<u8>,
+    options: CorpusOptions,
+    stats: CorpusStats,
+    failed: bool,
+}
+
+impl Documents {
+    /// Documents of `files`, in order.
+    pub fn new(files: Vec<PathBuf>, options: CorpusOptions) -> Self {
+        Self {
+            files,
+            next_file: 0,
+            current: None,
+            line_number: 0,
+            buffer: Vec::new(),
+            options,
+            stats: CorpusStats::default(),
+            failed: false,
+        }
+    }
+
+    /// Counts so far (complete once the iterator is exhausted).
+    pub fn stats(&self) -> &CorpusStats {
+        &self.stats
+    }
+
+    /// Reads the next line of the current file as UTF-8 (without its newline), skipping
+    /// non-UTF-8 lines unless strict. `Ok(None)` at end of file.
+    fn next_line(&mut self) -> Result<Option<String>, DataError> {
+        loop {
+            let Some((path, _, reader)) = self.current.as_mut() else {
+                return Ok(None);
+            };
+            self.buffer.clear();
+            let n = reader
+                .read_until(b'\n', &mut self.buffer)
+                .map_err(|source| DataError::Read {
+                    path: path.clone(),
+                    line: Some(self.line_number + 1),
+                    source,
+                })?;
+            if n == 0 {
+                return Ok(None);
+            }
+            self.line_number += 1;
+            self.stats.lines += 1;
+            self.stats.bytes += n as u64;
+            while matches!(self.buffer.last(), Some(b'\n' | b'\r')) {
+                self.buffer.pop();
+            }
+            match std::str::from_utf8(&self.buffer) {
+                Ok(text) => return Ok(Some(text.to_string())),
+                Err(e) if self.options.strict => {
+                    return Err(DataError::NotUtf8 {
+                        path: path.clone(),
+                        line: self.line_number,
+                        column: e.valid_up_to() + 1,
+                    });
+                }
+                Err(_) => {
+                    self.stats.skipped_non_utf8 += 1;
+                    if self.stats.first_non_utf8.is_none() {
+                        self.stats.first_non_utf8 =
+                            Some(format!("{}:{}", path.display(), self.line_number));
+                    }
+                }
+            }
+        }
+    }
+
+    fn next_document(&mut self) -> Result<Option<String>, DataError> {
+        loop {
+            if self.current.is_none() {
+                let Some(path) = self.files.get(self.next_file).cloned() else {
+                    return Ok(None);
+                };
+                self.next_file += 1;
+                self.stats.files += 1;
+                self.line_number = 0;
+                let format = format_of(&path);
+                self.current = Some((path.clone(), format, open(&path)?));
+            }
+            let format = self.current.as_ref().map(|c| c.1).unwrap_or(Format::Text);
+            let document = match format {
+                Format::JsonLines => self.next_json_document()?,
+                Format::Text if self.options.paragraphs => self.next_paragraph()?,
+                Format::Text => self.next_text_line()?,
+            };
+            match document {
+                Some(text) => {
+                    self.stats.documents += 1;
+                    return Ok(Some(text));
+                }
+                None => self.current = None,
+            }
+        }
+    }
+
+    fn next_text_line(&mut self) -> Result<Option<String>, DataError> {
+        while let Some(line) = self.next_line()? {
+            if !line.trim().is_empty() {
+                return Ok(Some(line));
+            }
+        }
+        Ok(None)
+    }
+
+    fn next_paragraph(&mut self) -> Result<Option<String>, DataError> {
+        let mut paragraph = String::new();
+        while let Some(line) = self.next_line()? {
+            if line.trim().is_empty() {
+                if !paragraph.is_empty() {
+                    return Ok(Some(paragraph));
+                }
+            } else {
+                if !paragraph.is_empty() {
+                    paragraph.push('\n');
+                }
+                paragraph.push_str(&line);
+            }
+        }
+        Ok((!paragraph.is_empty()).then_some(paragraph))
+    }
+
+    fn next_json_document(&mut self) -> Result<Option<String>, DataError> {
+        while let Some(line) = self.next_line()? {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let path = self
+                .current
+                .as_ref()
+                .map(|c| c.0.clone())
+                .unwrap_or_default();
+            let at = |reason: String| DataError::Json {
+                path: path.clone(),
+                line: self.line_number,
+                reason,
+            };
+            let value: serde_json::Value =
+                serde_json::from_str(&line).map_err(|e| at(format!("not JSON: {e}")))?;
+            let field = &self.options.text_field;
+            match value.get(field) {
+                Some(serde_json::Value::String(text)) => {
+                    if !text.trim().is_empty() {
+                        return Ok(Some(text.clone()));
+                    }
+                }
+                Some(serde_json::Value::Null) => {}
+                Some(other) => {
+                    return Err(at(format!("field {field:?} is not a string but {other}")));
+                }
+                None => {
+                    let keys: Vec<&str> = value
+                        .as_object()
+                        .map(|o| o.keys().map(String::as_str).collect())
+                        .unwrap_or_default();
+                    return Err(at(format!(
+                        "no field {field:?} (fields: {}); choose one with --text-field",
+                        keys.join(", ")
+                    )));
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
+impl Iterator for Documents {
+    type Item = Result<String, DataError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed {
+            return None;
+        }
+        match self.next_document() {
+            Ok(document) => document.map(Ok),
+            Err(e) => {
+                self.failed = true;
+                Some(Err(e))
+            }
+        }
+    }
+}
+
+/// The error for a corpus that yielded no document.
+pub fn no_text_error(inputs: &[PathBuf], stats: &CorpusStats) -> DataError {
+    let shown: Vec<String> = inputs
+        .iter()
+        .take(3)
+        .map(|p| p.display().to_string())
+        .collect();
+    let more = if inputs.len() > 3 { ", ..." } else { "" };
+    let skipped = if stats.skipped_non_utf8 > 0 {
+        format!(
+            ", {} of them skipped as not UTF-8 (first at {})",
+            stats.skipped_non_utf8,
+            stats.first_non_utf8.as_deref().unwrap_or("?")
+        )
+    } else {
+        String::new()
+    };
+    DataError::Input(format!(
+        "no text in {}{more}: {} file(s), {} line(s){skipped}",
+        shown.join(", "),
+        stats.files,
+        stats.lines
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    fn docs(files: Vec<PathBuf>, options: CorpusOptions) -> Result<Vec<String>, DataError> {
+        Documents::new(files, options).collect()
+    }
+
+    #[test]
+    fn lines_paragraphs_jsonl_gzip_zstd() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = dir.path().join("a.txt");
+        std::fs::write(&text, "one\n\n  \ntwo\r\nthree\n").unwrap();
+        assert_eq!(
+            docs(vec![text.clone()], CorpusOptions::default()).unwrap(),
+            ["one", "two", "three"]
+        );
+
+        let paragraphs = CorpusOptions {
+            paragraphs: true,
+            ..CorpusOptions::default()
+        };
+        std::fs::write(&text, "a\nb\n\n\nc\n").unwrap();
+        assert_eq!(docs(vec![text], paragraphs).unwrap(), ["a\nb", "c"]);
+
+        let jsonl = dir.path().join("b.jsonl.gz");
+        let mut gz =
+            flate2::write::GzEncoder::new(File::create(&jsonl).unwrap(), Default::default());
+        gz.write_all(b"{\"text\": \"x y\", \"id\": 1}\n\n{\"text\": \"z\"}\n")
+            .unwrap();
+        gz.finish().unwrap();
+        assert_eq!(
+            docs(vec![jsonl], CorpusOptions::default()).unwrap(),
+            ["x y", "z"]
+        );
+
+        let zst = dir.path().join("c.txt.zst");
+        std::fs::write(&zst, zstd::encode_all(&b"p\nq\n"[..], 3).unwrap()).unwrap();
+        assert_eq!(
+            docs(vec![zst], CorpusOptions::default()).unwrap(),
+            ["p", "q"]
+        );
+    }
+
+    #[test]
+    fn non_utf8_lines_are_skipped_and_counted_or_fatal_when_strict() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("latin1.txt");
+        std::fs::write(&path, b"good\ncaf\xe9\nalso good\n").unwrap();
+        let mut documents = Documents::new(vec![path.clone()], CorpusOptions::default());
+        let got: Vec<String> = documents.by_ref().map(Result::unwrap).collect();
+        assert_eq!(got, ["good", "also good"]);
+        assert_eq!(documents.stats().skipped_non_utf8, 1);
+        assert_eq!(
+            documents.stats().first_non_utf8.as_deref(),
+            Some(format!("{}:2", path.display()).as_str())
+        );
+
+        let strict = CorpusOptions {
+            strict: true,
+            ..CorpusOptions::default()
+        };
+        let msg = docs(vec![path.clone()], strict).unwrap_err().to_string();
+        assert!(
+            msg.contains(&format!("{}:2", path.display())) && msg.contains("UTF-8"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn jsonl_without_the_field_names_file_line_and_fields() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.jsonl");
+        std::fs::write(&path, "{\"text\": \"ok\"}\n{\"body\": \"no\", \"id\": 2}\n").unwrap();
+        let msg = docs(vec![path.clone()], CorpusOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains(&format!("{}:2", path.display()))
+                && msg.contains("no field \"text\"")
+                && msg.contains("body, id")
+                && msg.contains("--text-field"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn truncated_gzip_is_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.txt.gz");
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), Default::default());
+        for i in 0..2000 {
+            writeln!(gz, "line number {i} of a file that will be cut").unwrap();
+        }
+        let bytes = gz.finish().unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+        let err = docs(vec![path.clone()], CorpusOptions::default()).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("t.txt.gz") && msg.contains("cannot read"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn inputs_missing_empty_dir_and_globs() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope.txt").display().to_string();
+        let msg = resolve_inputs(&[missing.clone()]).unwrap_err().to_string();
+        assert!(
+            msg.contains(&missing) && msg.contains("no such file"),
+            "{msg}"
+        );
+
+        let empty = dir.path().join("empty");
+        std::fs::create_dir(&empty).unwrap();
+        let msg = resolve_inputs(&[empty.display().to_string()])
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("holds no file"), "{msg}");
+
+        std::fs::create_dir_all(dir.path().join("tree/sub")).unwrap();
+        std::fs::write(dir.path().join("tree/b.txt"), "b\n").unwrap();
+        std::fs::write(dir.path().join("tree/sub/a.txt"), "a\n").unwrap();
+        std::fs::write(dir.path().join("tree/.hidden"), "h\n").unwrap();
+        let files = resolve_inputs(&[dir.path().join("tree").display().to_string()]).unwrap();
+        assert_eq!(files.len(), 2);
+        let pattern = dir.path().join("tree/*.txt").display().to_string();
+        assert_eq!(resolve_inputs(&[pattern]).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn only_empty_lines_is_no_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blank.txt");
+        std::fs::write(&path, "\n  \n\n").unwrap();
+        let mut documents = Documents::new(vec![path.clone()], CorpusOptions::default());
+        assert!(documents.next().is_none());
+        let msg = no_text_error(&[path], documents.stats()).to_string();
+        assert!(
+            msg.contains("no text in") && msg.contains("3 line(s)"),
+            "{msg}"
+        );
+    }
+}

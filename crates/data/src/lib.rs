@@ -1,0 +1,85 @@
+//! From raw text to masked training batches.
+//!
+//! The pipeline, one module per stage:
+//!
+//! 1. [`corpus`]: find input files (files, directories, globs), read plain text, JSON Lines,
+//!    gzip or zstd as a stream of documents.
+//! 2. [`tokenizer`]: train a byte-level BPE tokenizer in the RoBERTa convention, or load one.
+//! 3. [`cache`]: tokenize in parallel, pack into blocks (`full` or `line`), and write a
+//!    memory-mappable token cache with a manifest.
+//! 4. [`masking`]: dynamic masking, a pure function of (tokens, seed, epoch, index).
+//! 5. [`batch`]: a burn `Dataset` over the cache and a `Batcher` to masked batch tensors.
+
+pub mod batch;
+pub mod cache;
+pub mod corpus;
+pub mod masking;
+pub mod tokenizer;
+
+use std::path::PathBuf;
+
+pub use batch::{MlmBatch, MlmBatcher, MlmDataset, Sample, collate, epoch_order};
+pub use cache::{
+    Manifest, NoProgress, Packing, PrepareOptions, Prepared, Progress, SplitReader, Validation,
+    prepare, read_manifest,
+};
+pub use corpus::{CorpusOptions, CorpusStats, Documents, resolve_inputs};
+pub use masking::{MaskVocab, MaskedExample, MaskingConfig, mask_tokens};
+pub use tokenizer::{MlmTokenizer, TrainOptions, load_tokenizer, train_tokenizer};
+
+/// Formats `path` or `path:line`.
+fn at(path: &std::path::Path, line: &Option<u64>) -> String {
+    match line {
+        Some(line) => format!("{}:{line}", path.display()),
+        None => path.display().to_string(),
+    }
+}
+
+/// Errors of the data pipeline.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    /// A configuration value is impossible.
+    #[error("invalid `{key}`: {reason}")]
+    Config { key: String, reason: String },
+    /// The tokenizer cannot be used as configured.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// The inputs name nothing readable, or hold no text.
+    #[error("{0}")]
+    Input(String),
+    /// A file could not be read (missing, permissions, truncated compressed stream).
+    #[error("cannot read {}: {source}", at(path, line))]
+    Read {
+        path: PathBuf,
+        line: Option<u64>,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file could not be written (disk full, permissions).
+    #[error("cannot write {}: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A line is not UTF-8 and `--strict` is on.
+    #[error("{}:{line}: not UTF-8 (invalid byte at column {column}); convert the file to UTF-8, or drop --strict to skip such lines", path.display())]
+    NotUtf8 {
+        path: PathBuf,
+        line: u64,
+        column: usize,
+    },
+    /// An example index past the end of a split.
+    #[error("example {index} is out of range: the split has {len}")]
+    OutOfRange { index: usize, len: usize },
+    /// A token cache is damaged or not a cache.
+    #[error("{}: {reason}", path.display())]
+    Cache { path: PathBuf, reason: String },
+    /// A JSON Lines record is malformed or lacks the text field.
+    #[error("{}:{line}: {reason}", path.display())]
+    Json {
+        path: PathBuf,
+        line: u64,
+        reason: String,
+    },
+}

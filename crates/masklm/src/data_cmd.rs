@@ -1,0 +1,194 @@
+//! `masklm tokenizer train` and `masklm prepare`.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use masklm_data::corpus::no_text_error;
+use masklm_data::{
+    CorpusOptions, Documents, Packing, PrepareOptions, Progress, TrainOptions, Validation,
+    load_tokenizer, prepare, resolve_inputs, train_tokenizer,
+};
+
+use crate::progress::Bar;
+
+/// How to read the corpus (shared by `tokenizer train` and `prepare`).
+#[derive(Args, Debug, Clone)]
+pub struct CorpusArgs {
+    /// Input files, directories (recursive) or glob patterns: plain text, JSON Lines
+    /// (.jsonl/.json/.ndjson), optionally .gz or .zst compressed.
+    #[arg(long, required = true, num_args = 1..)]
+    pub input: Vec<String>,
+    /// JSON Lines field holding the text.
+    #[arg(long, default_value = "text")]
+    pub text_field: String,
+    /// Plain text: one document per blank-line-separated paragraph instead of per line.
+    #[arg(long)]
+    pub paragraphs: bool,
+    /// Fail on a non-UTF-8 line (naming file:line) instead of skipping it.
+    #[arg(long)]
+    pub strict: bool,
+}
+
+impl CorpusArgs {
+    fn options(&self) -> CorpusOptions {
+        CorpusOptions {
+            text_field: self.text_field.clone(),
+            paragraphs: self.paragraphs,
+            strict: self.strict,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct TokenizerTrainArgs {
+    #[command(flatten)]
+    pub corpus: CorpusArgs,
+    /// Vocabulary size, the 5 specials and 256 byte symbols included.
+    #[arg(long, default_value_t = 8192)]
+    pub vocab_size: usize,
+    /// Minimum frequency of a pair to be merged.
+    #[arg(long, default_value_t = 2)]
+    pub min_frequency: u64,
+    /// model_max_length written to tokenizer_config.json.
+    #[arg(long, default_value_t = 512)]
+    pub model_max_length: usize,
+    /// Output folder for tokenizer.json, tokenizer_config.json, special_tokens_map.json.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn tokenizer_train(args: TokenizerTrainArgs) -> Result<()> {
+    let files = resolve_inputs(&args.corpus.input)?;
+    let total = files
+        .iter()
+        .filter_map(|f| std::fs::metadata(f).ok())
+        .map(|m| m.len())
+        .sum();
+    let bar = Bar::new();
+    bar.start("reading", Some(total));
+    let mut documents = Documents::new(files.clone(), args.corpus.options());
+    let mut error = None;
+    let mut read = 0u64;
+    let start = Instant::now();
+    let stream = std::iter::from_fn(|| match documents.next()? {
+        Ok(doc) => {
+            let bytes = documents.stats().bytes;
+            bar.advance(bytes - read);
+            read = bytes;
+            Some(doc)
+        }
+        Err(e) => {
+            error = Some(e);
+            None
+        }
+    });
+    let options = TrainOptions {
+        vocab_size: args.vocab_size,
+        min_frequency: args.min_frequency,
+        model_max_length: args.model_max_length,
+    };
+    let trained = train_tokenizer(stream, &options, &args.out);
+    bar.finish();
+    if let Some(e) = error {
+        return Err(e).context("reading the corpus");
+    }
+    let stats = documents.stats().clone();
+    if stats.documents == 0 {
+        return Err(no_text_error(&files, &stats).into());
+    }
+    let tokenizer =
+        trained.with_context(|| format!("training a tokenizer into {}", args.out.display()))?;
+    warn_skipped(&stats);
+    println!(
+        "tokenizer: {} tokens from {} documents ({:.1} MB) in {:.1} s -> {}",
+        tokenizer.vocab_size(),
+        stats.documents,
+        stats.bytes as f64 / 1e6,
+        start.elapsed().as_secs_f64(),
+        args.out.display()
+    );
+    Ok(())
+}
+
+fn warn_skipped(stats: &masklm_data::CorpusStats) {
+    if stats.skipped_non_utf8 > 0 {
+        eprintln!(
+            "warning: skipped {} non-UTF-8 line(s), the first at {}; --strict makes this an error",
+            stats.skipped_non_utf8,
+            stats.first_non_utf8.as_deref().unwrap_or("?")
+        );
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct PrepareArgs {
+    /// Tokenizer folder (tokenizer.json).
+    #[arg(long)]
+    pub tokenizer: PathBuf,
+    #[command(flatten)]
+    pub corpus: CorpusArgs,
+    /// Cache folder to write (or reuse).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Tokens per example, <s> and </s> included.
+    #[arg(long, default_value_t = 512)]
+    pub max_seq_length: usize,
+    /// full: concatenate documents into fixed-length blocks; line: one document per example.
+    #[arg(long, default_value = "full")]
+    pub packing: Packing,
+    /// Fraction of documents held out for validation.
+    #[arg(long, default_value_t = 0.05, conflicts_with = "validation_input")]
+    pub validation_split: f64,
+    /// Separate validation inputs instead of a split.
+    #[arg(long, num_args = 1..)]
+    pub validation_input: Option<Vec<String>>,
+}
+
+pub fn prepare_cmd(args: PrepareArgs) -> Result<()> {
+    let tokenizer = load_tokenizer(&args.tokenizer)?;
+    let validation = match args.validation_input {
+        Some(inputs) => Validation::Inputs(inputs),
+        None if args.validation_split > 0.0 => Validation::Split(args.validation_split),
+        None => Validation::None,
+    };
+    let options = PrepareOptions {
+        max_seq_length: args.max_seq_length,
+        packing: args.packing,
+        validation,
+        corpus: args.corpus.options(),
+    };
+    let start = Instant::now();
+    let bar = Bar::new();
+    let prepared = prepare(&tokenizer, &args.corpus.input, &options, &args.out, &bar)
+        .with_context(|| format!("preparing the token cache {}", args.out.display()))?;
+    let m = &prepared.manifest;
+    if prepared.reused {
+        println!(
+            "{}: up to date ({} train / {} validation examples); nothing to do",
+            args.out.display(),
+            m.train.examples,
+            m.validation.examples
+        );
+        return Ok(());
+    }
+    if let Some(reason) = &prepared.rebuilt_because {
+        eprintln!("note: rebuilt {} because {reason}", args.out.display());
+    }
+    warn_skipped(&m.corpus);
+    let seconds = start.elapsed().as_secs_f64();
+    println!(
+        "{}: {} documents, {:.1} MB in {:.1} s ({:.1} MB/s); train {} examples / {} tokens, validation {} examples / {} tokens",
+        args.out.display(),
+        m.corpus.documents,
+        m.corpus.bytes as f64 / 1e6,
+        seconds,
+        m.corpus.bytes as f64 / 1e6 / seconds.max(1e-9),
+        m.train.examples,
+        m.train.tokens,
+        m.validation.examples,
+        m.validation.tokens
+    );
+    Ok(())
+}

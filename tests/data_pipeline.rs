@@ -1,0 +1,399 @@
+//! Corpus -> tokenizer -> token cache -> masked batches, end to end.
+//!
+//! Fixtures: `tests/fixtures/tokenizer-go/` was written by
+//! `masklm tokenizer train --input tests/fixtures/tokenizer-corpus.txt --vocab-size 1000
+//! --out tests/fixtures/tokenizer-go` (the corpus is the first 3,000 lines of
+//! data/go/definitions.txt), and its `reference.json` by `scripts/make_reference.py`, which
+//! encodes sentences with transformers' `AutoTokenizer.from_pretrained` on that folder.
+
+mod common;
+
+use std::path::Path;
+
+use burn::data::dataloader::batcher::Batcher;
+use burn::data::dataset::Dataset;
+use burn::tensor::Device;
+use masklm_data::{
+    CorpusOptions, MaskingConfig, MlmBatcher, MlmDataset, NoProgress, Packing, PrepareOptions,
+    SplitReader, TrainOptions, Validation, load_tokenizer, prepare, read_manifest, train_tokenizer,
+};
+
+fn tokenizer_dir() -> std::path::PathBuf {
+    common::fixture("tokenizer-go")
+}
+
+#[test]
+fn tokenizer_encodes_exactly_as_transformers() {
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(tokenizer_dir().join("reference.json")).unwrap(),
+    )
+    .unwrap();
+    let tokenizer = load_tokenizer(&tokenizer_dir()).unwrap();
+    assert_eq!(
+        tokenizer.mask_id,
+        reference["mask_token_id"].as_u64().unwrap() as u32
+    );
+    assert_eq!(
+        tokenizer.vocab_size() as u64,
+        reference["vocab_size"].as_u64().unwrap()
+    );
+    let sentences = reference["sentences"].as_array().unwrap();
+    let expected = reference["input_ids"].as_array().unwrap();
+    assert_eq!(sentences.len(), 20);
+    for (sentence, ids) in sentences.iter().zip(expected) {
+        let sentence = sentence.as_str().unwrap();
+        let ids: Vec<u32> = ids
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(tokenizer.encode(sentence).unwrap(), ids, "{sentence:?}");
+    }
+    // `<mask>` strips the space before it: "was <mask>" has no separate "Ġ" token.
+    let ids = tokenizer
+        .encode("The patient was <mask> with pneumonia.")
+        .unwrap();
+    let mask_at = ids.iter().position(|&t| t == tokenizer.mask_id).unwrap();
+    assert_ne!(tokenizer.id_to_token(ids[mask_at - 1]).unwrap(), "Ġ");
+}
+
+#[test]
+fn training_reproduces_the_transformers_checked_fixture() {
+    let out = tempfile::tempdir().unwrap();
+    let corpus = common::fixture("tokenizer-corpus.txt");
+    let documents =
+        masklm_data::Documents::new(vec![corpus], CorpusOptions::default()).map(Result::unwrap);
+    let options = TrainOptions {
+        vocab_size: 1000,
+        ..TrainOptions::default()
+    };
+    train_tokenizer(documents, &options, out.path()).unwrap();
+    for file in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ] {
+        let ours = std::fs::read_to_string(out.path().join(file)).unwrap();
+        let fixture = std::fs::read_to_string(tokenizer_dir().join(file)).unwrap();
+        assert_eq!(
+            ours, fixture,
+            "{file} differs from the fixture checked by transformers"
+        );
+    }
+}
+
+#[test]
+fn tokenizer_without_mask_token_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = std::fs::read_to_string(tokenizer_dir().join("tokenizer.json")).unwrap();
+    std::fs::write(
+        dir.path().join("tokenizer.json"),
+        json.replace("<mask>", "<hidden>"),
+    )
+    .unwrap();
+    let msg = load_tokenizer(dir.path()).unwrap_err().to_string();
+    assert!(
+        msg.contains("no mask token") && msg.contains("tokenizer.json"),
+        "{msg}"
+    );
+}
+
+fn write_corpus(dir: &Path, lines: usize) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(common::fixture("tokenizer-corpus.txt")).unwrap();
+    let path = dir.join("corpus.txt");
+    let body: Vec<&str> = text.lines().take(lines).collect();
+    std::fs::write(&path, body.join("\n") + "\n").unwrap();
+    path
+}
+
+fn options(packing: Packing, validation: Validation) -> PrepareOptions {
+    PrepareOptions {
+        max_seq_length: 64,
+        packing,
+        validation,
+        corpus: CorpusOptions::default(),
+    }
+}
+
+fn read_all(cache: &Path, split: &str) -> Vec<Vec<u32>> {
+    let manifest = read_manifest(cache).unwrap();
+    let reader = SplitReader::open(cache, &manifest, split).unwrap();
+    (0..reader.len()).map(|i| reader.get(i).unwrap()).collect()
+}
+
+#[test]
+fn full_packing_round_trips_every_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = write_corpus(dir.path(), 400);
+    let tokenizer = load_tokenizer(&tokenizer_dir()).unwrap();
+    let cache = dir.path().join("cache");
+    let input = [corpus.display().to_string()];
+    let prepared = prepare(
+        &tokenizer,
+        &input,
+        &options(Packing::Full, Validation::None),
+        &cache,
+        &NoProgress,
+    )
+    .unwrap();
+    assert!(!prepared.reused);
+    assert_eq!(prepared.manifest.dtype, "u16");
+
+    let examples = read_all(&cache, "train");
+    let (bos, eos) = (tokenizer.bos_id, tokenizer.eos_id);
+    for (i, example) in examples.iter().enumerate() {
+        assert_eq!(example[0], bos);
+        assert_eq!(*example.last().unwrap(), eos);
+        if i + 1 < examples.len() {
+            assert_eq!(example.len(), 64, "block {i} is not max_seq_length");
+        }
+    }
+    // Unframed, the blocks are the documents' tokens, each followed by </s>.
+    let mut expected = Vec::new();
+    for line in std::fs::read_to_string(&corpus).unwrap().lines() {
+        expected.extend(
+            tokenizer
+                .encode_batch_plain(vec![line.to_string()])
+                .unwrap()
+                .remove(0),
+        );
+        expected.push(eos);
+    }
+    expected.pop(); // the last separator is the last block's closing </s>
+    let got: Vec<u32> = examples
+        .iter()
+        .flat_map(|e| e[1..e.len() - 1].iter().copied())
+        .collect();
+    assert_eq!(got, expected);
+    assert_eq!(
+        prepared.manifest.train.tokens as usize,
+        expected.len() + 2 * examples.len()
+    );
+}
+
+#[test]
+fn line_packing_truncates_each_document() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = write_corpus(dir.path(), 200);
+    let tokenizer = load_tokenizer(&tokenizer_dir()).unwrap();
+    let cache = dir.path().join("cache");
+    let input = [corpus.display().to_string()];
+    prepare(
+        &tokenizer,
+        &input,
+        &options(Packing::Line, Validation::None),
+        &cache,
+        &NoProgress,
+    )
+    .unwrap();
+    let examples = read_all(&cache, "train");
+    let lines: Vec<String> = std::fs::read_to_string(&corpus)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(examples.len(), lines.len());
+    for (example, line) in examples.iter().zip(&lines) {
+        let mut ids = tokenizer
+            .encode_batch_plain(vec![line.clone()])
+            .unwrap()
+            .remove(0);
+        ids.truncate(62);
+        let mut framed = vec![tokenizer.bos_id];
+        framed.extend(ids);
+        framed.push(tokenizer.eos_id);
+        assert_eq!(example, &framed);
+    }
+}
+
+#[test]
+fn validation_split_is_deterministic_and_disjoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = write_corpus(dir.path(), 1000);
+    let tokenizer = load_tokenizer(&tokenizer_dir()).unwrap();
+    let input = [corpus.display().to_string()];
+    let opts = options(Packing::Line, Validation::Split(0.1));
+    let a = prepare(
+        &tokenizer,
+        &input,
+        &opts,
+        &dir.path().join("a"),
+        &NoProgress,
+    )
+    .unwrap();
+    let b = prepare(
+        &tokenizer,
+        &input,
+        &opts,
+        &dir.path().join("b"),
+        &NoProgress,
+    )
+    .unwrap();
+    let m = &a.manifest;
+    assert_eq!(m.train.documents + m.validation.documents, 1000);
+    let share = m.validation.documents as f64 / 1000.0;
+    assert!((0.07..0.13).contains(&share), "validation share {share}");
+    assert_eq!(
+        read_all(&dir.path().join("a"), "validation"),
+        read_all(&dir.path().join("b"), "validation")
+    );
+    assert_eq!(m.train, b.manifest.train);
+}
+
+#[test]
+fn cache_is_reused_and_invalidated_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = write_corpus(dir.path(), 100);
+    let tokenizer = load_tokenizer(&tokenizer_dir()).unwrap();
+    let cache = dir.path().join("cache");
+    let input = [corpus.display().to_string()];
+    let opts = options(Packing::Full, Validation::None);
+    assert!(
+        !prepare(&tokenizer, &input, &opts, &cache, &NoProgress)
+            .unwrap()
+            .reused
+    );
+    assert!(
+        prepare(&tokenizer, &input, &opts, &cache, &NoProgress)
+            .unwrap()
+            .reused
+    );
+
+    let line = options(Packing::Line, Validation::None);
+    let again = prepare(&tokenizer, &input, &line, &cache, &NoProgress).unwrap();
+    assert_eq!(
+        again.rebuilt_because.as_deref(),
+        Some("the preparation settings changed")
+    );
+
+    // A different tokenizer (same files, one byte changed) invalidates the cache.
+    let other = dir.path().join("tok");
+    std::fs::create_dir(&other).unwrap();
+    let json = std::fs::read_to_string(tokenizer_dir().join("tokenizer.json")).unwrap();
+    std::fs::write(
+        other.join("tokenizer.json"),
+        json.replacen("\"<unk>\"", "\"<UNK>\"", 1),
+    )
+    .unwrap();
+    let changed = load_tokenizer(&other).unwrap();
+    let again = prepare(&changed, &input, &line, &cache, &NoProgress).unwrap();
+    assert_eq!(
+        again.rebuilt_because.as_deref(),
+        Some("the tokenizer changed")
+    );
+
+    std::fs::write(&corpus, "a different corpus\nwith other text\n").unwrap();
+    let again = prepare(&changed, &input, &line, &cache, &NoProgress).unwrap();
+    assert_eq!(
+        again.rebuilt_because.as_deref(),
+        Some("the input files changed")
+    );
+    assert_eq!(again.manifest.train.documents, 2);
+}
+
+#[test]
+fn bad_inputs_give_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokenizer = load_tokenizer(&tokenizer_dir()).unwrap();
+    let opts = options(Packing::Full, Validation::None);
+    let cache = dir.path().join("cache");
+    let run = |input: &str| {
+        prepare(&tokenizer, &[input.to_string()], &opts, &cache, &NoProgress)
+            .unwrap_err()
+            .to_string()
+    };
+
+    let missing = dir.path().join("missing.txt").display().to_string();
+    assert!(run(&missing).contains("no such file or directory"));
+
+    let blank = dir.path().join("blank.txt");
+    std::fs::write(&blank, "\n\n   \n").unwrap();
+    let msg = run(&blank.display().to_string());
+    assert!(
+        msg.contains("no text in") && msg.contains("blank.txt"),
+        "{msg}"
+    );
+    assert!(!cache.exists(), "a failed prepare left a cache behind");
+
+    let empty_dir = dir.path().join("empty");
+    std::fs::create_dir(&empty_dir).unwrap();
+    assert!(run(&empty_dir.display().to_string()).contains("holds no file"));
+
+    let bad = options(Packing::Full, Validation::Split(1.5));
+    let msg = prepare(
+        &tokenizer,
+        &[blank.display().to_string()],
+        &bad,
+        &cache,
+        &NoProgress,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(msg.contains("validation_split"), "{msg}");
+}
+
+#[test]
+fn dataset_and_batcher_give_masked_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = write_corpus(dir.path(), 300);
+    let tokenizer = load_tokenizer(&tokenizer_dir()).unwrap();
+    let cache = dir.path().join("cache");
+    let input = [corpus.display().to_string()];
+    prepare(
+        &tokenizer,
+        &input,
+        &options(Packing::Line, Validation::None),
+        &cache,
+        &NoProgress,
+    )
+    .unwrap();
+    let manifest = read_manifest(&cache).unwrap();
+    let split = std::sync::Arc::new(SplitReader::open(&cache, &manifest, "train").unwrap());
+    let dataset = MlmDataset::new(split);
+    assert_eq!(dataset.len(), 300);
+    assert!(dataset.get(300).is_err());
+
+    let batcher = MlmBatcher {
+        vocab: tokenizer.mask_vocab().unwrap(),
+        config: MaskingConfig::default(),
+        seed: 1,
+        epoch: 0,
+    };
+    let device = Device::flex();
+    let samples: Vec<_> = (0..8).map(|i| dataset.get(i).unwrap()).collect();
+    let longest = samples.iter().map(|s| s.tokens.len()).max().unwrap();
+    let batch = batcher.batch(samples.clone(), &device);
+    assert_eq!(batch.input_ids.dims(), [8, longest]);
+    let mask: Vec<i64> = batch
+        .attention_mask
+        .clone()
+        .into_data()
+        .convert::<i64>()
+        .try_to_vec()
+        .unwrap();
+    let real: usize = samples.iter().map(|s| s.tokens.len()).sum();
+    assert_eq!(mask.iter().sum::<i64>() as usize, real);
+    // Labels are the original tokens at the predicted positions.
+    let positions: Vec<i64> = batch
+        .positions
+        .into_data()
+        .convert::<i64>()
+        .try_to_vec()
+        .unwrap();
+    let labels: Vec<i64> = batch
+        .labels
+        .into_data()
+        .convert::<i64>()
+        .try_to_vec()
+        .unwrap();
+    assert!(!positions.is_empty());
+    for (p, l) in positions.iter().zip(&labels) {
+        let (row, col) = (*p as usize / longest, *p as usize % longest);
+        assert_eq!(samples[row].tokens[col] as i64, *l);
+    }
+    // The same samples in another order mask the same way: masks follow sample indices.
+    let reversed: Vec<_> = samples.iter().rev().cloned().collect();
+    let again = batcher.batch(reversed, &device);
+    assert_eq!(again.masked, batch.masked);
+}
