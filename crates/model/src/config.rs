@@ -164,7 +164,7 @@ impl RobertaConfig {
                 return invalid(key, "must be at least 1, got 0".to_string());
             }
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return invalid(
                 "hidden_size",
                 format!(
