@@ -202,11 +202,74 @@ def make_tokenizer_reference() -> None:
     print(f"tokenizer-go: {type(tokenizer).__name__}, {len(ids)} sentences")
 
 
+# Five AdamW steps on the roberta-tiny batch, as the HF Trainer sets them up: decay on
+# weight matrices and embeddings, none on biases and LayerNorm; linear warmup then linear decay
+# (get_linear_schedule_with_warmup); global-norm clipping; dropout 0.
+OPTIM = dict(
+    lr=2e-3,
+    betas=(0.9, 0.98),
+    eps=1e-6,
+    weight_decay=0.01,
+    max_grad_norm=1.0,
+    warmup_steps=2,
+    total_steps=5,
+)
+
+
+def make_optimizer_reference() -> None:
+    from safetensors.torch import load_file
+    from transformers import get_linear_schedule_with_warmup
+
+    name = "roberta-tiny"
+    torch.manual_seed(0)
+    model = RobertaForMaskedLM.from_pretrained(
+        FIXTURES / name,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        attn_implementation="eager",
+    )
+    model.train()
+    batch = load_file(FIXTURES / name / "reference.safetensors")
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": OPTIM["weight_decay"]},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=OPTIM["lr"],
+        betas=OPTIM["betas"],
+        eps=OPTIM["eps"],
+    )
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, OPTIM["warmup_steps"], OPTIM["total_steps"]
+    )
+    losses, norms, lrs = [], [], []
+    for _ in range(OPTIM["total_steps"]):
+        optimizer.zero_grad()
+        out = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+        )
+        out.loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), OPTIM["max_grad_norm"])
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+        losses.append(out.loss.item())
+        norms.append(norm.item())
+    reference = dict(OPTIM, losses=losses, grad_norms=norms, lrs=lrs)
+    (FIXTURES / name / "optimizer_reference.json").write_text(json.dumps(reference, indent=1) + "\n")
+    print(f"{name}: optimizer losses {[round(l, 6) for l in losses]}")
+
+
 def main() -> None:
     torch.use_deterministic_algorithms(True)
     for name, spec in FIXTURE_SPECS.items():
         make_fixture(name, spec)
     make_tokenizer_reference()
+    make_optimizer_reference()
     versions = {
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,

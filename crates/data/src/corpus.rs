@@ -497,7 +497,9 @@ mod tests {
     fn inputs_missing_empty_dir_and_globs() {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("nope.txt").display().to_string();
-        let msg = resolve_inputs(std::slice::from_ref(&missing)).unwrap_err().to_string();
+        let msg = resolve_inputs(std::slice::from_ref(&missing))
+            .unwrap_err()
+            .to_string();
         assert!(
             msg.contains(&missing) && msg.contains("no such file"),
             "{msg}"
