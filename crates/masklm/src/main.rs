@@ -7,13 +7,14 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result, bail};
-use burn::tensor::activation::softmax;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use anyhow::Result;
+use burn::tensor::Device;
 use clap::{Parser, Subcommand};
 
 mod data_cmd;
+mod fill_mask;
 mod progress;
+mod train_cmd;
 
 #[derive(Parser)]
 #[command(
@@ -33,6 +34,8 @@ enum Command {
         #[command(subcommand)]
         command: TokenizerCommand,
     },
+    /// Pre-train from scratch or continue a checkpoint, evaluating and checkpointing.
+    Train(train_cmd::TrainArgs),
     /// Tokenize and pack a corpus into a memory-mapped token cache (reused when up to date).
     Prepare(data_cmd::PrepareArgs),
     /// Print a checkpoint's configuration and parameter count.
@@ -41,24 +44,8 @@ enum Command {
         #[arg(long)]
         model: PathBuf,
     },
-    /// Rank the vocabulary at each <mask> of a token-id sequence.
-    ///
-    /// Until tokenizers land, the input is token ids: `--ids "0 17 4 9 2"`, where the mask id is
-    /// given by --mask-id (RoBERTa convention: 4).
-    FillMask {
-        /// A Hugging Face checkpoint folder (config.json + model.safetensors).
-        #[arg(long)]
-        model: PathBuf,
-        /// Space-separated token ids, specials included.
-        #[arg(long)]
-        ids: String,
-        /// The id of the mask token.
-        #[arg(long, default_value_t = 4)]
-        mask_id: i64,
-        /// How many candidates to print per mask.
-        #[arg(long, default_value_t = 5)]
-        top_k: usize,
-    },
+    /// Rank predictions at each mask of a text, like transformers' pipeline("fill-mask").
+    FillMask(fill_mask::FillMaskArgs),
 }
 
 #[derive(Subcommand)]
@@ -90,13 +77,9 @@ fn run(cli: Cli) -> Result<()> {
             command: TokenizerCommand::Train(args),
         } => data_cmd::tokenizer_train(args),
         Command::Prepare(args) => data_cmd::prepare_cmd(args),
+        Command::Train(args) => train_cmd::train_cmd(args, &device),
         Command::Inspect { model } => inspect(&model, &device),
-        Command::FillMask {
-            model,
-            ids,
-            mask_id,
-            top_k,
-        } => fill_mask_ids(&model, &ids, mask_id, top_k, &device),
+        Command::FillMask(args) => fill_mask::fill_mask(args, &device),
     }
 }
 
@@ -110,76 +93,6 @@ fn inspect(dir: &std::path::Path, device: &Device) -> Result<()> {
             "warning: unused tensor {name} in {}",
             report.weights.display()
         );
-    }
-    Ok(())
-}
-
-fn fill_mask_ids(
-    dir: &std::path::Path,
-    ids: &str,
-    mask_id: i64,
-    top_k: usize,
-    device: &Device,
-) -> Result<()> {
-    let ids: Vec<i64> = ids
-        .split_whitespace()
-        .map(|t| {
-            t.parse::<i64>()
-                .with_context(|| format!("--ids: {t:?} is not a token id"))
-        })
-        .collect::<Result<_>>()?;
-    if ids.is_empty() {
-        bail!("--ids is empty: give the token ids of one sequence, e.g. --ids \"0 17 4 9 2\"");
-    }
-    let (config, model, report) = masklm_hub::load_roberta(dir, device)
-        .with_context(|| format!("loading checkpoint {}", dir.display()))?;
-    for name in &report.unexpected {
-        eprintln!(
-            "warning: unused tensor {name} in {}",
-            report.weights.display()
-        );
-    }
-    if let Some(bad) = ids
-        .iter()
-        .find(|&&id| id < 0 || id as usize >= config.vocab_size)
-    {
-        bail!(
-            "--ids: token id {bad} is outside the vocabulary (vocab_size {})",
-            config.vocab_size
-        );
-    }
-    if ids.len() > config.max_sequence_length() {
-        bail!(
-            "--ids: {} tokens, but this model takes at most {}",
-            ids.len(),
-            config.max_sequence_length()
-        );
-    }
-    let masks: Vec<usize> = (0..ids.len()).filter(|&i| ids[i] == mask_id).collect();
-    if masks.is_empty() {
-        bail!(
-            "--ids has no mask token (id {mask_id}); put {mask_id} where a token should be predicted"
-        );
-    }
-    let seq = ids.len();
-    let input = Tensor::<2, Int>::from_data(TensorData::new(ids.clone(), [1, seq]), device);
-    let attention = Tensor::<2, Int>::ones([1, seq], device);
-    let positions: Vec<i64> = masks.iter().map(|&p| p as i64).collect();
-    let positions = Tensor::<1, Int>::from_data(TensorData::new(positions, [masks.len()]), device);
-    let probs = softmax(model.forward_at(input, attention, positions), 1);
-    let probs: Vec<f32> = probs
-        .into_data()
-        .try_to_vec()
-        .map_err(|e| anyhow::anyhow!("reading model output: {e:?}"))?;
-    let vocab = config.vocab_size;
-    for (i, &position) in masks.iter().enumerate() {
-        let row = &probs[i * vocab..(i + 1) * vocab];
-        let mut order: Vec<usize> = (0..vocab).collect();
-        order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
-        println!("mask at position {position}:");
-        for &id in order.iter().take(top_k) {
-            println!("  {id:>6}  {:.4}", row[id]);
-        }
     }
     Ok(())
 }

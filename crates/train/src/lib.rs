@@ -1,13 +1,26 @@
-//! masklm's training loop.
+//! masklm's training loop: from a TOML config to checkpoints, metrics and perplexity.
 //!
-//! [`optim`]: AdamW with HF Trainer parameter groups, global-norm clipping and the
-//! warmup/decay schedule; [`step`]: one optimizer step with gradient accumulation.
+//! - [`config`]: the TOML file (`configs/*.toml`) and `--set` overrides, validated;
+//! - [`optim`]: AdamW with HF Trainer parameter groups, global-norm clipping, warmup/decay;
+//! - [`step`]: one optimizer step with gradient accumulation;
+//! - [`eval`]: held-out perplexity and masked-token accuracy;
+//! - [`checkpoint`]: atomic, checksummed, rotated checkpoints;
+//! - [`trainer`]: the step-based loop with exact resume, metrics.jsonl and TensorBoard.
 
+pub mod checkpoint;
+pub mod config;
+pub mod eval;
 pub mod optim;
 pub mod step;
+pub mod trainer;
 
+use std::path::PathBuf;
+
+pub use config::TrainConfig;
+pub use eval::{EvalResult, evaluate};
 pub use optim::{Decay, OptimizerConfig, ScheduleConfig, clip_grad_norm};
 pub use step::{StepStats, train_step};
+pub use trainer::{Observer, RunInfo, RunOutcome, Silent, StepLog, train};
 
 /// Errors of training.
 #[derive(Debug, thiserror::Error)]
@@ -15,4 +28,38 @@ pub enum TrainError {
     /// A configuration value is impossible.
     #[error("invalid `{key}`: {reason}")]
     Config { key: String, reason: String },
+    /// The config file is not valid TOML or has a wrong key or type.
+    #[error("{}: {message}", path.display())]
+    Toml { path: PathBuf, message: String },
+    /// A `--set` override is malformed.
+    #[error("--set {assignment}: {reason}")]
+    Override { assignment: String, reason: String },
+    /// A file could not be read or written (disk full, permissions).
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A checkpoint could not be written or read back.
+    #[error("checkpoint {}: {reason}", path.display())]
+    Checkpoint { path: PathBuf, reason: String },
+    /// `--resume` without a checkpoint, or a new run over an old one.
+    #[error("{0}")]
+    Resume(String),
+    /// The loss became NaN or infinite.
+    #[error("the loss became {loss} at step {step}; stopped without saving. {}",
+        last_checkpoint.as_ref().map(|p| format!("The last good checkpoint is {}. Lower optimizer.lr or raise warmup, then resume from it.", p.display()))
+            .unwrap_or_else(|| "No checkpoint was saved before it; lower optimizer.lr or raise warmup and start again.".to_string()))]
+    NonFinite {
+        step: usize,
+        loss: f64,
+        last_checkpoint: Option<PathBuf>,
+    },
+    /// The data pipeline failed.
+    #[error(transparent)]
+    Data(#[from] masklm_data::DataError),
+    /// A Hugging Face folder could not be loaded.
+    #[error(transparent)]
+    Hub(#[from] masklm_hub::HubError),
 }

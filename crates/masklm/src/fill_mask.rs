@@ -1,0 +1,271 @@
+//! `masklm fill-mask`: ranked predictions at each mask, shaped like transformers'
+//! `pipeline("fill-mask")`.
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::activation::softmax;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use clap::Args;
+use masklm_data::{MlmTokenizer, load_tokenizer};
+use masklm_model::{RobertaConfig, RobertaForMaskedLM};
+use serde_json::json;
+
+#[derive(Args, Debug)]
+pub struct FillMaskArgs {
+    /// A masklm checkpoint (runs/NAME/checkpoints/step-...) or a Hugging Face folder.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Candidates per mask.
+    #[arg(long, default_value_t = 5)]
+    pub top_k: usize,
+    /// Score only these words (comma-separated), as the pipeline's `targets`.
+    #[arg(long, value_delimiter = ',')]
+    pub targets: Option<Vec<String>>,
+    /// One JSON document per input text, shaped like the pipeline's return value.
+    #[arg(long)]
+    pub json: bool,
+    /// Token ids instead of text (for folders without a tokenizer): "0 17 4 9 2".
+    #[arg(long, conflicts_with = "text")]
+    pub ids: Option<String>,
+    /// The mask token's id, with --ids (masklm tokenizers: 4).
+    #[arg(long, default_value_t = 4, requires = "ids")]
+    pub mask_id: u32,
+    /// Texts containing the mask token; read from stdin, one per line, when absent.
+    pub text: Vec<String>,
+}
+
+/// Loads a masklm checkpoint or a Hugging Face folder for inference.
+pub fn load_model(path: &Path, device: &Device) -> Result<(RobertaConfig, RobertaForMaskedLM)> {
+    if masklm_train::checkpoint::is_checkpoint(path) {
+        Ok(masklm_train::checkpoint::load_model(path, device, |_| {})?)
+    } else {
+        let (config, model, report) = masklm_hub::load_roberta(path, device)?;
+        for name in &report.unexpected {
+            eprintln!(
+                "warning: unused tensor {name} in {}",
+                report.weights.display()
+            );
+        }
+        Ok((config, model))
+    }
+}
+
+struct Candidate {
+    id: u32,
+    score: f32,
+}
+
+/// Ranks the vocabulary (or `targets`) at each mask of `ids`; one list per mask.
+fn predict(
+    model: &RobertaForMaskedLM,
+    ids: &[u32],
+    masks: &[usize],
+    top_k: usize,
+    targets: Option<&[u32]>,
+    device: &Device,
+) -> Result<Vec<Vec<Candidate>>> {
+    let seq = ids.len();
+    let input: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
+    let input = Tensor::<2, Int>::from_data(TensorData::new(input, [1, seq]), device);
+    let attention = Tensor::<2, Int>::ones([1, seq], device);
+    let positions: Vec<i64> = masks.iter().map(|&p| p as i64).collect();
+    let positions = Tensor::<1, Int>::from_data(TensorData::new(positions, [masks.len()]), device);
+    let probs = softmax(model.forward_at(input, attention, positions), 1);
+    let [_, vocab] = probs.dims();
+    let probs: Vec<f32> = probs
+        .into_data()
+        .try_to_vec()
+        .map_err(|e| anyhow::anyhow!("reading model output: {e:?}"))?;
+    Ok((0..masks.len())
+        .map(|m| {
+            let row = &probs[m * vocab..(m + 1) * vocab];
+            let mut order: Vec<u32> = match targets {
+                Some(t) => t.to_vec(),
+                None => (0..vocab as u32).collect(),
+            };
+            order.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]));
+            order
+                .into_iter()
+                .take(top_k)
+                .map(|id| Candidate {
+                    id,
+                    score: row[id as usize],
+                })
+                .collect()
+        })
+        .collect())
+}
+
+/// The pipeline's `targets` handling: each word's first token, with a leading space when the
+/// word alone is not a single token.
+fn target_ids(tokenizer: &MlmTokenizer, words: &[String]) -> Result<Vec<u32>> {
+    let mut ids = Vec::new();
+    for word in words {
+        let with_space = format!(" {}", word.trim());
+        let id = tokenizer
+            .tokenizer
+            .token_to_id(word)
+            .or_else(|| {
+                let enc = tokenizer
+                    .tokenizer
+                    .encode(with_space.as_str(), false)
+                    .ok()?;
+                enc.get_ids().first().copied()
+            })
+            .with_context(|| format!("--targets: {word:?} does not map to any token"))?;
+        ids.push(id);
+    }
+    Ok(ids)
+}
+
+pub fn fill_mask(args: FillMaskArgs, device: &Device) -> Result<()> {
+    let (config, model) = load_model(&args.model, device)
+        .with_context(|| format!("loading {}", args.model.display()))?;
+    if args.top_k == 0 {
+        bail!("--top-k must be at least 1");
+    }
+    if let Some(ids) = &args.ids {
+        return fill_ids(&model, &config, ids, args.mask_id, args.top_k, device);
+    }
+    let tokenizer = load_tokenizer(&args.model).with_context(|| {
+        format!(
+            "{} has no usable tokenizer; pass token ids with --ids, or use a folder with tokenizer.json",
+            args.model.display()
+        )
+    })?;
+    let targets = match &args.targets {
+        Some(words) => Some(target_ids(&tokenizer, words)?),
+        None => None,
+    };
+    let texts: Vec<String> = if args.text.is_empty() {
+        std::io::stdin()
+            .lock()
+            .lines()
+            .collect::<std::io::Result<_>>()
+            .context("reading texts from stdin")?
+    } else {
+        args.text.clone()
+    };
+    if texts.is_empty() {
+        bail!(
+            "no text given: pass TEXT arguments or lines on stdin, each with {}",
+            tokenizer.mask_token
+        );
+    }
+    for text in &texts {
+        if text.trim().is_empty() {
+            bail!("empty text: give a sentence with {}", tokenizer.mask_token);
+        }
+        let ids = tokenizer.encode(text)?;
+        let masks: Vec<usize> = (0..ids.len())
+            .filter(|&i| ids[i] == tokenizer.mask_id)
+            .collect();
+        if masks.is_empty() {
+            bail!(
+                "no mask token in {text:?}: write {} where a word should be predicted",
+                tokenizer.mask_token
+            );
+        }
+        if ids.len() > config.max_sequence_length() {
+            bail!(
+                "{text:?} is {} tokens long; this model takes at most {}",
+                ids.len(),
+                config.max_sequence_length()
+            );
+        }
+        let ranked = predict(&model, &ids, &masks, args.top_k, targets.as_deref(), device)?;
+        let lists: Vec<serde_json::Value> = ranked
+            .iter()
+            .zip(&masks)
+            .map(|(candidates, &position)| {
+                let items: Vec<serde_json::Value> = candidates
+                    .iter()
+                    .map(|c| {
+                        let mut filled = ids.clone();
+                        filled[position] = c.id;
+                        let sequence = tokenizer.tokenizer.decode(&filled, true).unwrap_or_default();
+                        let token_str = tokenizer.tokenizer.decode(&[c.id], false).unwrap_or_default();
+                        json!({"score": c.score, "token": c.id, "token_str": token_str, "sequence": sequence})
+                    })
+                    .collect();
+                serde_json::Value::Array(items)
+            })
+            .collect();
+        if args.json {
+            // The pipeline returns a flat list for one mask, a list of lists for several.
+            let doc = if lists.len() == 1 {
+                lists[0].clone()
+            } else {
+                serde_json::Value::Array(lists)
+            };
+            println!("{doc}");
+        } else {
+            println!("{text}");
+            for (m, list) in lists.iter().enumerate() {
+                if lists.len() > 1 {
+                    println!("  mask {}:", m + 1);
+                }
+                for item in list.as_array().into_iter().flatten() {
+                    println!(
+                        "  {:>7.4}  {:<16} {}",
+                        item["score"].as_f64().unwrap_or(0.0),
+                        item["token_str"].as_str().unwrap_or(""),
+                        item["sequence"].as_str().unwrap_or("")
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn fill_ids(
+    model: &RobertaForMaskedLM,
+    config: &RobertaConfig,
+    ids: &str,
+    mask_id: u32,
+    top_k: usize,
+    device: &Device,
+) -> Result<()> {
+    let ids: Vec<u32> = ids
+        .split_whitespace()
+        .map(|t| {
+            t.parse::<u32>()
+                .with_context(|| format!("--ids: {t:?} is not a token id"))
+        })
+        .collect::<Result<_>>()?;
+    if ids.is_empty() {
+        bail!("--ids is empty: give the token ids of one sequence, e.g. --ids \"0 17 4 9 2\"");
+    }
+    if let Some(bad) = ids.iter().find(|&&id| id as usize >= config.vocab_size) {
+        bail!(
+            "--ids: token id {bad} is outside the vocabulary (vocab_size {})",
+            config.vocab_size
+        );
+    }
+    if ids.len() > config.max_sequence_length() {
+        bail!(
+            "--ids: {} tokens, but this model takes at most {}",
+            ids.len(),
+            config.max_sequence_length()
+        );
+    }
+    let masks: Vec<usize> = (0..ids.len()).filter(|&i| ids[i] == mask_id).collect();
+    if masks.is_empty() {
+        bail!(
+            "--ids has no mask token (id {mask_id}); put {mask_id} where a token should be predicted"
+        );
+    }
+    for (candidates, position) in predict(model, &ids, &masks, top_k, None, device)?
+        .iter()
+        .zip(&masks)
+    {
+        println!("mask at position {position}:");
+        for c in candidates {
+            println!("  {:>6}  {:.4}", c.id, c.score);
+        }
+    }
+    Ok(())
+}

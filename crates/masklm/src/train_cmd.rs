@@ -1,0 +1,150 @@
+//! `masklm train`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::Device;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use masklm_train::{EvalResult, Observer, RunInfo, StepLog, TrainConfig, train};
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// Training config (TOML), e.g. configs/quickstart.toml. Not needed with --resume.
+    #[arg(long, required_unless_present = "resume")]
+    pub config: Option<PathBuf>,
+    /// Run directory: config.toml, checkpoints/, metrics.jsonl, tensorboard/.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Override a config value: --set optimizer.lr=3e-4 (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// Continue the run in RUN_DIR from its latest checkpoint, exactly.
+    #[arg(long, value_name = "RUN_DIR", conflicts_with = "out")]
+    pub resume: Option<PathBuf>,
+}
+
+struct Bar {
+    bar: ProgressBar,
+}
+
+impl Bar {
+    /// A line above the bar, or on stdout when there is no terminal to draw the bar on.
+    fn say(&self, line: String) {
+        if self.bar.is_hidden() {
+            println!("{line}");
+        } else {
+            self.bar.println(line);
+        }
+    }
+}
+
+impl Observer for Bar {
+    fn on_start(&self, info: &RunInfo) {
+        self.bar.set_length(info.total_steps as u64);
+        self.bar.set_position(info.start_step as u64);
+        self.say(format!(
+            "model: {:.2}M parameters; data: {} train / {} validation examples from {}{}",
+            info.parameters as f64 / 1e6,
+            info.train_examples,
+            info.validation_examples,
+            info.cache.display(),
+            if info.cache_reused {
+                " (cache reused)"
+            } else {
+                ""
+            }
+        ));
+        if info.start_step > 0 {
+            self.say(format!("resuming at step {}", info.start_step));
+        }
+    }
+
+    fn on_step(&self, log: &StepLog) {
+        self.bar.set_position(log.step as u64);
+        self.bar.set_message(format!(
+            "loss {:.4}  lr {:.2e}  {:.0} tok/s",
+            log.loss, log.lr, log.tokens_per_second
+        ));
+    }
+
+    fn on_eval(&self, step: usize, r: &EvalResult) {
+        self.say(format!(
+            "step {step}: eval loss {:.4}  perplexity {:.2}  accuracy {:.3}  ({} masked tokens)",
+            r.loss, r.perplexity, r.accuracy, r.tokens
+        ));
+    }
+
+    fn on_checkpoint(&self, path: &Path) {
+        self.say(format!("saved {}", path.display()));
+    }
+}
+
+pub fn train_cmd(args: TrainArgs, device: &Device) -> Result<()> {
+    let (config_path, run_dir, resume) = match (&args.resume, &args.config) {
+        (Some(run_dir), _) => (run_dir.join("config.toml"), run_dir.clone(), true),
+        (None, Some(config)) => {
+            let name = config
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "run".to_string());
+            let run_dir = args
+                .out
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("runs").join(name));
+            (config.clone(), run_dir, false)
+        }
+        (None, None) => bail!("give --config FILE or --resume RUN_DIR"),
+    };
+    let config = TrainConfig::load(&config_path, &args.overrides)
+        .with_context(|| format!("loading training config {}", config_path.display()))?;
+
+    // Ctrl-C: finish the current step, save a checkpoint, and stop. A second Ctrl-C exits now.
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let _ = ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupted: saving a checkpoint after this step (Ctrl-C again to quit now)");
+    });
+
+    let bar = ProgressBar::new(1);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let observer = Bar { bar };
+    let outcome = train(&config, &run_dir, resume, device, &observer, &stop)
+        .with_context(|| format!("training in {}", run_dir.display()))?;
+    observer.bar.finish_and_clear();
+    if outcome.interrupted {
+        println!(
+            "stopped at step {}; continue with: masklm train --resume {}",
+            outcome.last_step,
+            run_dir.display()
+        );
+    } else {
+        println!(
+            "finished {} steps; checkpoint {}",
+            outcome.last_step,
+            outcome.checkpoint.display()
+        );
+    }
+    if let (Some(first), Some(last)) = (outcome.first_eval, outcome.final_eval) {
+        println!(
+            "validation perplexity {:.2} -> {:.2} ({:.1}x lower), accuracy {:.3} -> {:.3}",
+            first.perplexity,
+            last.perplexity,
+            first.perplexity / last.perplexity,
+            first.accuracy,
+            last.accuracy
+        );
+    }
+    println!("metrics: {}", run_dir.join("metrics.jsonl").display());
+    Ok(())
+}

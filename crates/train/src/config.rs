@@ -1,0 +1,449 @@
+//! The training configuration: one TOML file, `--set section.key=value` overrides.
+//!
+//! ```toml
+//! seed = 42
+//! [model]          # HF config.json keys (vocab_size defaults to the tokenizer's), or
+//! init_from = "..." # a Hugging Face folder or a masklm checkpoint to continue from
+//! [data]           # a prepared cache, or tokenizer + inputs to prepare one
+//! [masking]        # probability, mask_fraction, random_fraction, whole_word
+//! [optimizer]      # lr, betas, eps, weight_decay, max_grad_norm
+//! [schedule]       # decay = linear|cosine|constant, warmup_steps | warmup_ratio
+//! [training]       # batch_size, grad_accum_steps, max_steps | epochs
+//! [eval]           # eval_steps, batch_size, max_batches, seed
+//! [checkpoint]     # save_steps, keep_last
+//! [logging]        # log_steps, tensorboard
+//! ```
+//!
+//! Unknown keys are errors that name the key; relative paths are relative to the directory the
+//! command runs in.
+
+use std::path::{Path, PathBuf};
+
+use masklm_data::{CorpusOptions, MaskingConfig, Packing};
+use masklm_model::RobertaConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::{OptimizerConfig, ScheduleConfig, TrainError};
+
+/// `[model]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct ModelSection {
+    /// Continue from a Hugging Face folder or a masklm checkpoint (its config is used).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<PathBuf>,
+    /// HF `config.json` keys for a model trained from scratch.
+    #[serde(flatten)]
+    pub config: toml::Table,
+}
+
+/// `[data]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// A cache made by `masklm prepare`, or where to prepare one from `inputs`.
+    pub cache: Option<PathBuf>,
+    /// Tokenizer folder (needed with `inputs`; otherwise taken from the cache manifest's source).
+    pub tokenizer: Option<PathBuf>,
+    /// Corpus files, directories or globs to prepare from.
+    #[serde(default)]
+    pub inputs: Vec<String>,
+    #[serde(default)]
+    pub validation_inputs: Vec<String>,
+    #[serde(default = "default_validation_split")]
+    pub validation_split: f64,
+    #[serde(default = "default_max_seq_length")]
+    pub max_seq_length: usize,
+    #[serde(default = "default_packing")]
+    pub packing: Packing,
+    #[serde(default)]
+    pub text_field: Option<String>,
+    #[serde(default)]
+    pub paragraphs: bool,
+}
+
+fn default_validation_split() -> f64 {
+    0.05
+}
+fn default_max_seq_length() -> usize {
+    512
+}
+fn default_packing() -> Packing {
+    Packing::Full
+}
+
+impl DataSection {
+    /// How the corpus is read.
+    pub fn corpus_options(&self) -> CorpusOptions {
+        CorpusOptions {
+            text_field: self
+                .text_field
+                .clone()
+                .unwrap_or_else(|| "text".to_string()),
+            paragraphs: self.paragraphs,
+            strict: false,
+        }
+    }
+}
+
+/// `[training]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingSection {
+    pub batch_size: usize,
+    #[serde(default = "one")]
+    pub grad_accum_steps: usize,
+    /// Total optimizer steps; or give `epochs`.
+    pub max_steps: Option<usize>,
+    pub epochs: Option<f64>,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// `[eval]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalSection {
+    /// Evaluate every this many steps (0: only at the end).
+    pub eval_steps: usize,
+    /// Evaluation batch size (0: the training batch size).
+    pub batch_size: usize,
+    /// Evaluate on at most this many batches (0: the whole validation split).
+    pub max_batches: usize,
+    /// Masking seed of evaluation, fixed so that evaluations are comparable.
+    pub seed: u64,
+    /// Also evaluate before the first step (the untrained baseline).
+    pub on_start: bool,
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        Self {
+            eval_steps: 0,
+            batch_size: 0,
+            max_batches: 0,
+            seed: 1234,
+            on_start: false,
+        }
+    }
+}
+
+/// `[checkpoint]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointSection {
+    /// Save every this many steps (0: only at the end and on Ctrl-C).
+    pub save_steps: usize,
+    /// How many recent checkpoints to keep (the best by validation perplexity is kept too).
+    pub keep_last: usize,
+}
+
+impl Default for CheckpointSection {
+    fn default() -> Self {
+        Self {
+            save_steps: 0,
+            keep_last: 2,
+        }
+    }
+}
+
+/// `[logging]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingSection {
+    /// Write a metrics line every this many steps.
+    pub log_steps: usize,
+    /// Write TensorBoard event files under RUN_DIR/tensorboard.
+    pub tensorboard: bool,
+}
+
+impl Default for LoggingSection {
+    fn default() -> Self {
+        Self {
+            log_steps: 10,
+            tensorboard: true,
+        }
+    }
+}
+
+/// The whole `configs/*.toml`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default)]
+    pub model: ModelSection,
+    pub data: DataSection,
+    #[serde(default)]
+    pub masking: MaskingConfig,
+    pub optimizer: OptimizerConfig,
+    #[serde(default)]
+    pub schedule: ScheduleConfig,
+    pub training: TrainingSection,
+    #[serde(default)]
+    pub eval: EvalSection,
+    #[serde(default)]
+    pub checkpoint: CheckpointSection,
+    #[serde(default)]
+    pub logging: LoggingSection,
+}
+
+impl TrainConfig {
+    /// Reads `path`, applies `--set` overrides, and validates.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self, TrainError> {
+        let text = std::fs::read_to_string(path).map_err(|source| TrainError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut table: toml::Table =
+            text.parse()
+                .map_err(|e: toml::de::Error| TrainError::Toml {
+                    path: path.to_path_buf(),
+                    message: e.to_string(),
+                })?;
+        for o in overrides {
+            apply_override(&mut table, o)?;
+        }
+        Self::from_table(table).map_err(|e| match e {
+            TrainError::Toml { message, .. } => TrainError::Toml {
+                path: path.to_path_buf(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses an already-read TOML table and validates it.
+    pub fn from_table(table: toml::Table) -> Result<Self, TrainError> {
+        let config: Self = table
+            .try_into()
+            .map_err(|e: toml::de::Error| TrainError::Toml {
+                path: PathBuf::new(),
+                message: e.to_string(),
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The config as TOML, as saved in the run directory.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// Rejects impossible values, naming the key.
+    pub fn validate(&self) -> Result<(), TrainError> {
+        let bad = |key: &str, reason: String| {
+            Err(TrainError::Config {
+                key: key.to_string(),
+                reason,
+            })
+        };
+        self.optimizer.validate()?;
+        self.schedule.validate()?;
+        self.masking.validate().map_err(|e| TrainError::Config {
+            key: "masking".to_string(),
+            reason: e.to_string(),
+        })?;
+        if self.training.batch_size == 0 {
+            return bad("training.batch_size", "must be at least 1".to_string());
+        }
+        if self.training.grad_accum_steps == 0 {
+            return bad(
+                "training.grad_accum_steps",
+                "must be at least 1".to_string(),
+            );
+        }
+        match (self.training.max_steps, self.training.epochs) {
+            (None, None) => {
+                return bad(
+                    "training.max_steps",
+                    "give max_steps or epochs to say how long to train".to_string(),
+                );
+            }
+            (Some(0), _) => return bad("training.max_steps", "must be at least 1".to_string()),
+            (_, Some(e)) if !(e > 0.0) => {
+                return bad("training.epochs", format!("{e} must be positive"));
+            }
+            _ => {}
+        }
+        if self.data.cache.is_none() && self.data.inputs.is_empty() {
+            return bad(
+                "data.cache",
+                "give a prepared cache (data.cache) or a corpus (data.inputs + data.tokenizer)"
+                    .to_string(),
+            );
+        }
+        if !self.data.inputs.is_empty() && self.data.tokenizer.is_none() {
+            return bad(
+                "data.tokenizer",
+                "data.inputs needs a tokenizer folder to prepare the corpus".to_string(),
+            );
+        }
+        if let Some(path) = &self.model.init_from
+            && !path.exists()
+        {
+            return bad(
+                "model.init_from",
+                format!("{} does not exist", path.display()),
+            );
+        }
+        let allowed: Vec<String> = serde_json::to_value(RobertaConfig::default())
+            .ok()
+            .and_then(|v| v.as_object().map(|o| o.keys().cloned().collect()))
+            .unwrap_or_default();
+        for key in self.model.config.keys() {
+            if !allowed.contains(key) && key != "position_embedding_type" {
+                return bad(
+                    &format!("model.{key}"),
+                    "unknown key; [model] takes Hugging Face config.json keys (hidden_size, num_hidden_layers, ...) or init_from".to_string(),
+                );
+            }
+            if self.model.init_from.is_some()
+                && !matches!(
+                    key.as_str(),
+                    "hidden_dropout_prob" | "attention_probs_dropout_prob"
+                )
+            {
+                return bad(
+                    &format!("model.{key}"),
+                    "cannot change the shape of a model loaded with init_from (only dropout may be set)"
+                        .to_string(),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The model config for training from scratch, with `vocab_size` from the tokenizer when
+    /// the file does not give one.
+    pub fn model_config(&self, tokenizer_vocab: usize) -> Result<RobertaConfig, TrainError> {
+        let mut json =
+            serde_json::to_value(&self.model.config).map_err(|e| TrainError::Config {
+                key: "model".to_string(),
+                reason: e.to_string(),
+            })?;
+        if let Some(object) = json.as_object_mut() {
+            object
+                .entry("vocab_size")
+                .or_insert(serde_json::Value::from(tokenizer_vocab));
+        }
+        let text = json.to_string();
+        RobertaConfig::from_json(&text).map_err(|e| TrainError::Config {
+            key: "model".to_string(),
+            reason: e.to_string(),
+        })
+    }
+}
+
+/// Applies `section.key=value` (value in TOML syntax; bare words are strings).
+pub fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<(), TrainError> {
+    let bad = |reason: String| TrainError::Override {
+        assignment: assignment.to_string(),
+        reason,
+    };
+    let (path, raw) = assignment
+        .split_once('=')
+        .ok_or_else(|| bad("expected section.key=value".to_string()))?;
+    let value: toml::Value = match format!("v = {raw}").parse::<toml::Table>() {
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or(toml::Value::String(raw.to_string())),
+        Err(_) => toml::Value::String(raw.to_string()),
+    };
+    let keys: Vec<&str> = path.trim().split('.').collect();
+    let (last, parents) = keys
+        .split_last()
+        .ok_or_else(|| bad("empty key".to_string()))?;
+    let mut current = table;
+    for key in parents {
+        current = current
+            .entry(key.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| bad(format!("{key} is not a section")))?;
+    }
+    current.insert(last.to_string(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+        seed = 1
+        [model]
+        hidden_size = 32
+        num_attention_heads = 2
+        [data]
+        cache = "cache"
+        [optimizer]
+        lr = 1e-3
+        [training]
+        batch_size = 4
+        max_steps = 10
+    "#;
+
+    fn parse(text: &str, overrides: &[&str]) -> Result<TrainConfig, TrainError> {
+        let mut table: toml::Table = text.parse().unwrap();
+        for o in overrides {
+            apply_override(&mut table, o)?;
+        }
+        TrainConfig::from_table(table)
+    }
+
+    #[test]
+    fn parses_and_overrides() {
+        let config = parse(
+            BASE,
+            &[
+                "optimizer.lr=5e-4",
+                "training.max_steps=3",
+                "data.packing=\"line\"",
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.optimizer.lr, 5e-4);
+        assert_eq!(config.training.max_steps, Some(3));
+        assert_eq!(config.data.packing, Packing::Line);
+        let model = config.model_config(300).unwrap();
+        assert_eq!(model.vocab_size, 300);
+        assert_eq!(model.hidden_size, 32);
+    }
+
+    #[test]
+    fn bad_configs_name_the_key() {
+        let msg = parse(BASE, &["optimizer.lr=0"]).unwrap_err().to_string();
+        assert!(msg.contains("optimizer.lr"), "{msg}");
+        let msg = parse(BASE, &["optimizer.learning_rate=1"])
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("learning_rate"), "{msg}");
+        let msg = parse(BASE, &["training.batch_size=\"big\""])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("batch_size") && msg.contains("invalid type"),
+            "{msg}"
+        );
+        let msg = parse(BASE, &["model.hidden_sise=3"])
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("model.hidden_sise"), "{msg}");
+        let msg = parse(&BASE.replace("cache = \"cache\"", ""), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("data.cache"), "{msg}");
+        let msg = parse(BASE, &["model.init_from=\"/nonexistent/dir\""])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("model.init_from") && msg.contains("does not exist"),
+            "{msg}"
+        );
+        let msg = parse(BASE, &["nokey"]).unwrap_err().to_string();
+        assert!(msg.contains("section.key=value"), "{msg}");
+    }
+}

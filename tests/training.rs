@@ -1,0 +1,322 @@
+//! `masklm train` end to end on a tiny model: learning, exact resume after SIGKILL, NaN
+//! handling, and the files a run leaves. Uses the `tokenizer-go` fixture (see
+//! tests/data_pipeline.rs) and `tests/fixtures/tokenizer-corpus.txt`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use burn::tensor::Device;
+use masklm_train::{Silent, TrainConfig, TrainError, train};
+
+fn config_text(cache: &Path, extra: &str) -> String {
+    format!(
+        r#"
+seed = 7
+[model]
+hidden_size = 32
+num_hidden_layers = 2
+num_attention_heads = 2
+intermediate_size = 64
+max_position_embeddings = 70
+hidden_dropout_prob = 0.1
+[data]
+tokenizer = "{tokenizer}"
+inputs = ["{corpus}"]
+cache = "{cache}"
+max_seq_length = 64
+validation_split = 0.05
+[optimizer]
+lr = 2e-3
+weight_decay = 0.01
+[schedule]
+warmup_steps = 5
+[training]
+batch_size = 8
+max_steps = 50
+[eval]
+eval_steps = 10
+batch_size = 16
+[logging]
+log_steps = 1
+{extra}
+"#,
+        tokenizer = common::fixture("tokenizer-go").display(),
+        corpus = common::fixture("tokenizer-corpus.txt").display(),
+        cache = cache.display(),
+    )
+}
+
+fn write_config(dir: &Path, extra: &str) -> PathBuf {
+    let path = dir.join("config.toml");
+    std::fs::write(&path, config_text(&dir.join("cache"), extra)).unwrap();
+    path
+}
+
+/// `step -> loss` from a run's metrics.jsonl (the last record of each step wins).
+fn losses(run_dir: &Path) -> std::collections::BTreeMap<u64, f64> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|v| Some((v["step"].as_u64()?, v.get("loss")?.as_f64()?)))
+        .collect()
+}
+
+#[test]
+fn tiny_model_learns_and_leaves_a_complete_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = TrainConfig::load(&write_config(dir.path(), ""), &[]).unwrap();
+    let run = dir.path().join("run");
+    let outcome = train(
+        &config,
+        &run,
+        false,
+        &Device::flex(),
+        &Silent,
+        &AtomicBool::new(false),
+    )
+    .unwrap();
+    let (first, last) = (outcome.first_eval.unwrap(), outcome.final_eval.unwrap());
+    println!("validation loss {} -> {}", first.loss, last.loss);
+    assert!(
+        last.loss < first.loss - 0.3,
+        "validation loss {} -> {}",
+        first.loss,
+        last.loss
+    );
+    assert_eq!(outcome.last_step, 50);
+
+    // The run directory: resolved config, metrics with the documented names, TensorBoard
+    // events, and a verified checkpoint holding the tokenizer.
+    assert!(run.join("config.toml").is_file());
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let records: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        records
+            .iter()
+            .any(|r| r.get("loss").is_some() && r.get("lr").is_some())
+    );
+    let evals: Vec<_> = records
+        .iter()
+        .filter(|r| r.get("eval_perplexity").is_some())
+        .collect();
+    assert_eq!(evals.len(), 5);
+    assert!(
+        evals
+            .iter()
+            .all(|r| r.get("eval_loss").is_some() && r.get("eval_accuracy").is_some())
+    );
+    let events = std::fs::read_dir(run.join("tensorboard")).unwrap().count();
+    assert!(events >= 1);
+    masklm_train::checkpoint::verify_checkpoint(&outcome.checkpoint).unwrap();
+    assert!(outcome.checkpoint.join("tokenizer.json").is_file());
+
+    // A second run in the same directory is refused rather than overwriting it.
+    let err = train(
+        &config,
+        &run,
+        false,
+        &Device::flex(),
+        &Silent,
+        &AtomicBool::new(false),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("--resume"), "{err}");
+
+    // TensorBoard's own reader, where the reference venv is installed (CI installs it).
+    let python = std::env::var("MASKLM_PYTHON")
+        .unwrap_or_else(|_| "/var/tmp/masklm-venv/bin/python".to_string());
+    let has_tensorboard = Command::new(&python)
+        .args(["-c", "import tensorboard"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if has_tensorboard {
+        let script =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/check_tensorboard.py");
+        let out = Command::new(&python)
+            .arg(script)
+            .arg(run.join("tensorboard"))
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains("train/loss 50") && stdout.contains("eval/perplexity 5"),
+            "{stdout}"
+        );
+    } else {
+        println!("skipped TensorBoard reader check: no `tensorboard` in {python}");
+    }
+}
+
+#[test]
+fn resume_after_sigkill_reproduces_every_later_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "[checkpoint]\nsave_steps = 4\nkeep_last = 3\n");
+    let masklm = env!("CARGO_BIN_EXE_masklm");
+    let run = |out: &Path| {
+        Command::new(masklm)
+            .args(["train", "--config"])
+            .arg(&config)
+            .arg("--out")
+            .arg(out)
+            .args([
+                "--set",
+                "training.max_steps=24",
+                "--set",
+                "eval.eval_steps=0",
+            ])
+            .output()
+            .unwrap()
+    };
+    let whole = dir.path().join("whole");
+    let out = run(&whole);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The same run, killed with SIGKILL once its step-8 checkpoint exists.
+    let killed = dir.path().join("killed");
+    let mut child = Command::new(masklm)
+        .args(["train", "--config"])
+        .arg(&config)
+        .arg("--out")
+        .arg(&killed)
+        .args([
+            "--set",
+            "training.max_steps=24",
+            "--set",
+            "eval.eval_steps=0",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let latest = killed.join("checkpoints/latest");
+    let start = Instant::now();
+    loop {
+        let at = std::fs::read_to_string(&latest).unwrap_or_default();
+        if at.trim() >= "step-0000008" {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no checkpoint appeared"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it could be killed"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let resumed_from = std::fs::read_to_string(&latest).unwrap();
+    assert!(
+        resumed_from.trim() < "step-0000024",
+        "killed too late: {resumed_from}"
+    );
+
+    let out = Command::new(masklm)
+        .args(["train", "--resume"])
+        .arg(&killed)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("finished 24 steps"));
+
+    let (a, b) = (losses(&whole), losses(&killed));
+    assert_eq!(a.len(), 24);
+    assert_eq!(b.len(), 24);
+    for (step, loss) in &a {
+        let other = b[step];
+        assert!(
+            (loss - other).abs() <= 1e-6,
+            "step {step}: {loss} uninterrupted vs {other} resumed"
+        );
+    }
+}
+
+#[test]
+fn nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = TrainConfig::load(
+        &write_config(dir.path(), "[checkpoint]\nsave_steps = 1\n"),
+        &[
+            "optimizer.lr=1e30".to_string(),
+            "optimizer.max_grad_norm=0".to_string(),
+            "schedule.warmup_steps=0".to_string(),
+            "eval.eval_steps=0".to_string(),
+        ],
+    )
+    .unwrap();
+    let run = dir.path().join("run");
+    let err = train(
+        &config,
+        &run,
+        false,
+        &Device::flex(),
+        &Silent,
+        &AtomicBool::new(false),
+    )
+    .unwrap_err();
+    let msg = err.to_string();
+    let TrainError::NonFinite {
+        step,
+        last_checkpoint,
+        ..
+    } = err
+    else {
+        panic!("expected a NaN/inf error, got {msg}");
+    };
+    assert!(msg.contains("optimizer.lr") && msg.contains("NaN"), "{msg}");
+    let last = last_checkpoint.expect("a checkpoint before the NaN");
+    assert!(last.ends_with(format!("step-{:07}", step - 1)), "{msg}");
+    masklm_train::checkpoint::verify_checkpoint(&last).unwrap();
+}
+
+#[test]
+fn missing_data_path_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text(&dir.path().join("nowhere"), "").replace(
+        &format!(
+            "inputs = [\"{}\"]",
+            common::fixture("tokenizer-corpus.txt").display()
+        ),
+        "",
+    );
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, text).unwrap();
+    let config = TrainConfig::load(&path, &[]).unwrap();
+    let err = train(
+        &config,
+        &dir.path().join("run"),
+        false,
+        &Device::flex(),
+        &Silent,
+        &AtomicBool::new(false),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("nowhere") && err.contains("manifest.json"),
+        "{err}"
+    );
+}
