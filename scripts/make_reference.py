@@ -72,6 +72,7 @@ FIXTURE_SPECS = {
         ),
         lengths=[20, 9, 14, 3],
         seed=1,
+        also_pytorch_bin=True,
     ),
 }
 
@@ -130,6 +131,13 @@ def make_fixture(name: str, spec: dict) -> None:
     out_dir = FIXTURES / name
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
+    if spec.get("also_pytorch_bin"):
+        # The same weights as pytorch_model.bin (torch.save zip), the pre-safetensors format.
+        bin_dir = FIXTURES / f"{name}-bin"
+        bin_dir.mkdir(parents=True, exist_ok=True)
+        model.config.to_json_file(bin_dir / "config.json")
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        torch.save(state, bin_dir / "pytorch_model.bin")
 
     seq = max(spec["lengths"])
     input_ids, attention_mask, labels = make_batch(

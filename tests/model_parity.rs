@@ -59,6 +59,20 @@ fn logits_match_transformers() {
 }
 
 #[test]
+fn pytorch_model_bin_loads_the_same_weights() {
+    // tests/fixtures/roberta-tiny-b-bin: roberta-tiny-b saved with torch.save.
+    let device = Device::flex();
+    let reference = Reference::load("roberta-tiny-b");
+    let model = load("roberta-tiny-b-bin", &device);
+    let logits = model.forward(
+        reference.int2("input_ids", &device),
+        reference.int2("attention_mask", &device),
+    );
+    let diff = max_abs_diff(&values(logits), &reference.f32("logits").data);
+    assert!(diff <= 1e-4, "pytorch_model.bin logits differ by {diff}");
+}
+
+#[test]
 fn masked_loss_matches_transformers() {
     let device = Device::flex();
     for name in FIXTURES {

@@ -320,3 +320,18 @@ fn missing_data_path_is_a_clear_error() {
         "{err}"
     );
 }
+
+#[test]
+fn shipped_configs_parse() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    for name in ["quickstart", "roberta-base", "dapt"] {
+        let path = root.join("configs").join(format!("{name}.toml"));
+        let mut overrides = Vec::new();
+        if name == "dapt" {
+            let fixture = common::fixture("roberta-tiny").display().to_string();
+            overrides.push(format!("model.init_from=\"{fixture}\""));
+        }
+        let config = TrainConfig::load(&path, &overrides).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(config.optimizer.lr > 0.0);
+    }
+}

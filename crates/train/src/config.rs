@@ -263,7 +263,7 @@ impl TrainConfig {
                 );
             }
             (Some(0), _) => return bad("training.max_steps", "must be at least 1".to_string()),
-            (_, Some(e)) if !(e > 0.0) => {
+            (_, Some(e)) if e.is_nan() || e <= 0.0 => {
                 return bad("training.epochs", format!("{e} must be positive"));
             }
             _ => {}

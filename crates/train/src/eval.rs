@@ -19,8 +19,17 @@ pub struct EvalResult {
     pub tokens: u64,
 }
 
-/// Evaluates `model` on `split` (in order) with masks keyed by `seed` (epoch 0, example
-/// index), `batch_size` examples at a time, over at most `max_batches` batches (0: all).
+/// How to evaluate: masks keyed by `seed` (epoch 0, example index), `batch_size` examples at
+/// a time, at most `max_batches` batches (0: the whole split).
+#[derive(Debug, Clone)]
+pub struct EvalSettings {
+    pub masking: MaskingConfig,
+    pub seed: u64,
+    pub batch_size: usize,
+    pub max_batches: usize,
+}
+
+/// Evaluates `model` on `split`, in order.
 ///
 /// Only the masked positions are projected onto the vocabulary, one batch at a time, so
 /// memory stays at one batch's `[masked, vocab]` logits.
@@ -28,22 +37,21 @@ pub fn evaluate(
     model: &RobertaForMaskedLM,
     split: &SplitReader,
     vocab: &MaskVocab,
-    masking: &MaskingConfig,
-    seed: u64,
-    batch_size: usize,
-    max_batches: usize,
+    settings: &EvalSettings,
     device: &Device,
 ) -> EvalResult {
+    let batch_size = settings.batch_size.max(1);
+    let max_batches = settings.max_batches;
     let batcher = MlmBatcher {
         vocab: vocab.clone(),
-        config: masking.clone(),
-        seed,
+        config: settings.masking.clone(),
+        seed: settings.seed,
         epoch: 0,
     };
     let mut nll = 0.0f64;
     let mut correct = 0u64;
     let mut tokens = 0u64;
-    let batches = split.len().div_ceil(batch_size.max(1));
+    let batches = split.len().div_ceil(batch_size);
     let batches = if max_batches > 0 {
         batches.min(max_batches)
     } else {

@@ -17,7 +17,7 @@ pub mod trainer;
 use std::path::PathBuf;
 
 pub use config::TrainConfig;
-pub use eval::{EvalResult, evaluate};
+pub use eval::{EvalResult, EvalSettings, evaluate};
 pub use optim::{Decay, OptimizerConfig, ScheduleConfig, clip_grad_norm};
 pub use step::{StepStats, train_step};
 pub use trainer::{Observer, RunInfo, RunOutcome, Silent, StepLog, train};

@@ -53,16 +53,16 @@ impl OptimizerConfig {
                 return bad("betas", format!("beta{} = {b} must be in [0, 1)", i + 1));
             }
         }
-        if !(self.eps > 0.0) {
+        if self.eps.is_nan() || self.eps <= 0.0 {
             return bad("eps", format!("{} must be positive", self.eps));
         }
-        if !(self.weight_decay >= 0.0) {
+        if self.weight_decay.is_nan() || self.weight_decay < 0.0 {
             return bad(
                 "weight_decay",
                 format!("{} must be >= 0", self.weight_decay),
             );
         }
-        if !(self.max_grad_norm >= 0.0) {
+        if self.max_grad_norm.is_nan() || self.max_grad_norm < 0.0 {
             return bad(
                 "max_grad_norm",
                 format!("{} must be >= 0", self.max_grad_norm),

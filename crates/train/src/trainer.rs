@@ -29,7 +29,7 @@ use crate::checkpoint::{
     TrainState, is_checkpoint, latest_checkpoint, load_model, load_optimizer_and_state, mark_best,
     rotate, save_checkpoint,
 };
-use crate::eval::{EvalResult, evaluate};
+use crate::eval::{EvalResult, EvalSettings, evaluate};
 use crate::{TrainConfig, TrainError, train_step};
 
 /// Facts about a run, given to the observer when it starts.
@@ -409,19 +409,15 @@ pub fn train(
         seed: config.seed,
         orders: HashMap::new(),
     };
+    let eval_settings = EvalSettings {
+        masking: config.masking.clone(),
+        seed: config.eval.seed,
+        batch_size: eval_batch,
+        max_batches: config.eval.max_batches,
+    };
     let evaluate_now = |model: &RobertaForMaskedLM| {
-        (!validation.is_empty()).then(|| {
-            evaluate(
-                &model.valid(),
-                &validation,
-                &vocab,
-                &config.masking,
-                config.eval.seed,
-                eval_batch,
-                config.eval.max_batches,
-                device,
-            )
-        })
+        (!validation.is_empty())
+            .then(|| evaluate(&model.valid(), &validation, &vocab, &eval_settings, device))
     };
 
     let mut outcome = RunOutcome {
