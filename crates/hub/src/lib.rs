@@ -18,7 +18,8 @@
 use std::path::{Path, PathBuf};
 
 use burn::store::{
-    ApplyError, ModuleSnapshot, PyTorchToBurnAdapter, PytorchStore, SafetensorsStore,
+    ApplyError, BurnToPyTorchAdapter, ModuleSnapshot, PyTorchToBurnAdapter, PytorchStore,
+    SafetensorsStore,
 };
 use burn::tensor::Device;
 use masklm_model::{ConfigError, RobertaConfig, RobertaForMaskedLM};
@@ -59,6 +60,9 @@ pub enum HubError {
         expected: Vec<usize>,
         found: Vec<usize>,
     },
+    /// Writing an export failed (disk full, permissions).
+    #[error("cannot write {}: {reason}", path.display())]
+    Write { path: PathBuf, reason: String },
     /// Any other per-tensor failure (unsupported dtype, unreadable data).
     #[error("{path}: tensor {name}: {reason}")]
     Tensor {
@@ -220,4 +224,55 @@ pub fn load_weights(model: &mut RobertaForMaskedLM, dir: &Path) -> Result<LoadRe
         weights: path,
         unexpected,
     })
+}
+
+/// Tokenizer files copied into an export when present.
+pub const TOKENIZER_FILES: [&str; 3] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+];
+
+/// Writes `model` as a Hugging Face folder that `AutoModelForMaskedLM.from_pretrained(out)` and
+/// `pipeline("fill-mask", model=out)` load: `config.json`, `model.safetensors` with HF names and
+/// layouts (the tied decoder is not stored, as transformers itself saves it), and the tokenizer
+/// files found in `tokenizer_dir`.
+pub fn export_roberta(
+    model: &RobertaForMaskedLM,
+    config: &RobertaConfig,
+    tokenizer_dir: Option<&Path>,
+    out: &Path,
+) -> Result<(), HubError> {
+    let write_err = |path: &Path, reason: String| HubError::Write {
+        path: path.to_path_buf(),
+        reason,
+    };
+    std::fs::create_dir_all(out).map_err(|e| write_err(out, e.to_string()))?;
+    let weights = out.join("model.safetensors");
+    let mut store = SafetensorsStore::from_file(&weights)
+        .with_to_adapter(BurnToPyTorchAdapter)
+        .with_key_remapping(r"\.attention\.self_attn\.", ".attention.self.")
+        .clear_metadata()
+        // transformers refuses safetensors files whose metadata lacks format "pt".
+        .metadata("format", "pt")
+        .overwrite(true);
+    model
+        .save_into(&mut store)
+        .map_err(|e| write_err(&weights, e.to_string()))?;
+    let mut config = config.clone();
+    config.model_type = "roberta".to_string();
+    config.architectures = vec!["RobertaForMaskedLM".to_string()];
+    let config_path = out.join("config.json");
+    std::fs::write(&config_path, config.to_json() + "\n")
+        .map_err(|e| write_err(&config_path, e.to_string()))?;
+    if let Some(dir) = tokenizer_dir {
+        for file in TOKENIZER_FILES {
+            let from = dir.join(file);
+            if from.is_file() {
+                std::fs::copy(&from, out.join(file))
+                    .map_err(|e| write_err(&out.join(file), e.to_string()))?;
+            }
+        }
+    }
+    Ok(())
 }

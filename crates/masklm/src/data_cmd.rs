@@ -32,7 +32,7 @@ pub struct CorpusArgs {
 }
 
 impl CorpusArgs {
-    fn options(&self) -> CorpusOptions {
+    pub fn options(&self) -> CorpusOptions {
         CorpusOptions {
             text_field: self.text_field.clone(),
             paragraphs: self.paragraphs,

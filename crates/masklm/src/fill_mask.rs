@@ -185,7 +185,10 @@ pub fn fill_mask(args: FillMaskArgs, device: &Device) -> Result<()> {
                     .map(|c| {
                         let mut filled = ids.clone();
                         filled[position] = c.id;
-                        let sequence = tokenizer.tokenizer.decode(&filled, true).unwrap_or_default();
+                        // As the pipeline: specials are dropped only when there is one mask;
+                        // with several, the other masks (and <s>, </s>) stay in the text.
+                        let single = masks.len() == 1;
+                        let sequence = tokenizer.tokenizer.decode(&filled, single).unwrap_or_default();
                         let token_str = tokenizer.tokenizer.decode(&[c.id], false).unwrap_or_default();
                         json!({"score": c.score, "token": c.id, "token_str": token_str, "sequence": sequence})
                     })

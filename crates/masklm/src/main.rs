@@ -12,6 +12,7 @@ use burn::tensor::Device;
 use clap::{Parser, Subcommand};
 
 mod data_cmd;
+mod eval_cmd;
 mod fill_mask;
 mod progress;
 mod train_cmd;
@@ -36,6 +37,10 @@ enum Command {
     },
     /// Pre-train from scratch or continue a checkpoint, evaluating and checkpointing.
     Train(train_cmd::TrainArgs),
+    /// Perplexity and masked accuracy of a checkpoint on held-out text.
+    Eval(eval_cmd::EvalArgs),
+    /// Write a checkpoint as a Hugging Face folder (transformers loads it as is).
+    Export(eval_cmd::ExportArgs),
     /// Tokenize and pack a corpus into a memory-mapped token cache (reused when up to date).
     Prepare(data_cmd::PrepareArgs),
     /// Print a checkpoint's configuration and parameter count.
@@ -78,6 +83,8 @@ fn run(cli: Cli) -> Result<()> {
         } => data_cmd::tokenizer_train(args),
         Command::Prepare(args) => data_cmd::prepare_cmd(args),
         Command::Train(args) => train_cmd::train_cmd(args, &device),
+        Command::Eval(args) => eval_cmd::eval_cmd(args, &device),
+        Command::Export(args) => eval_cmd::export_cmd(args, &device),
         Command::Inspect { model } => inspect(&model, &device),
         Command::FillMask(args) => fill_mask::fill_mask(args, &device),
     }

@@ -1,0 +1,233 @@
+//! Continue-training a Hugging Face folder, export, and the round trip to transformers.
+//!
+//! `tests/fixtures/roberta-tiny` (vocab 1000) and the `tokenizer-go` fixture (1000 tokens) make
+//! a Hugging Face folder together; a few steps of `masklm train` with `init_from` on it give a
+//! checkpoint, which `masklm export` turns back into a Hugging Face folder.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+const MASKLM: &str = env!("CARGO_BIN_EXE_masklm");
+
+fn masklm(args: &[&str]) -> std::process::Output {
+    Command::new(MASKLM).args(args).output().unwrap()
+}
+
+/// A HF folder: the roberta-tiny weights plus the tokenizer-go files.
+fn hf_folder(dir: &Path) -> PathBuf {
+    let out = dir.join("hf");
+    std::fs::create_dir_all(&out).unwrap();
+    for file in ["config.json", "model.safetensors"] {
+        std::fs::copy(common::fixture("roberta-tiny").join(file), out.join(file)).unwrap();
+    }
+    for file in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ] {
+        std::fs::copy(common::fixture("tokenizer-go").join(file), out.join(file)).unwrap();
+    }
+    out
+}
+
+fn continue_training(dir: &Path) -> PathBuf {
+    let hf = hf_folder(dir);
+    let config = dir.join("dapt.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[model]
+init_from = "{hf}"
+[data]
+tokenizer = "{hf}"
+inputs = ["{corpus}"]
+cache = "{cache}"
+max_seq_length = 64
+validation_split = 0.1
+[optimizer]
+lr = 1e-4
+[training]
+batch_size = 4
+max_steps = 3
+"#,
+            hf = hf.display(),
+            corpus = common::fixture("tokenizer-corpus.txt").display(),
+            cache = dir.join("cache").display(),
+        ),
+    )
+    .unwrap();
+    let run = dir.join("run");
+    let out = Command::new(MASKLM)
+        .args(["train", "--config"])
+        .arg(&config)
+        .arg("--out")
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let latest = std::fs::read_to_string(run.join("checkpoints/latest")).unwrap();
+    run.join("checkpoints").join(latest.trim())
+}
+
+fn tensor_names(path: &Path) -> BTreeSet<String> {
+    let bytes = std::fs::read(path).unwrap();
+    safetensors::SafeTensors::deserialize(&bytes)
+        .unwrap()
+        .names()
+        .into_iter()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn export_round_trips_and_matches_transformers_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = continue_training(dir.path());
+    let export = dir.path().join("export");
+    let out = masklm(&[
+        "export",
+        "--checkpoint",
+        checkpoint.to_str().unwrap(),
+        "--out",
+        export.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Exactly the tensor names transformers itself saved for this architecture.
+    assert_eq!(
+        tensor_names(&export.join("model.safetensors")),
+        tensor_names(&common::fixture("roberta-tiny").join("model.safetensors"))
+    );
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(export.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["model_type"], "roberta");
+    assert_eq!(config["architectures"][0], "RobertaForMaskedLM");
+    assert!(export.join("tokenizer.json").is_file());
+
+    // The export loads back with the same logits as the checkpoint.
+    let device = Device::flex();
+    let (_, trained) = masklm_train::checkpoint::load_model(&checkpoint, &device, |_| {}).unwrap();
+    let (_, exported, report) = masklm_hub::load_roberta(&export, &device).unwrap();
+    assert!(report.unexpected.is_empty());
+    let ids = Tensor::<2, Int>::from_data(
+        TensorData::new(vec![0i64, 40, 4, 300, 77, 2], [1, 6]),
+        &device,
+    );
+    let mask = Tensor::<2, Int>::ones([1, 6], &device);
+    let a = common::values(trained.forward(ids.clone(), mask.clone()));
+    let b = common::values(exported.forward(ids, mask));
+    assert!(common::max_abs_diff(&a, &b) <= 1e-6);
+
+    // transformers on the export, where the reference Python is installed.
+    let python = std::env::var("MASKLM_REF_PYTHON")
+        .unwrap_or_else(|_| "/var/tmp/masklm-venv/bin/python".to_string());
+    let has_transformers = Command::new(&python)
+        .args(["-c", "import transformers, torch"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_transformers {
+        println!("skipped the transformers check: no transformers/torch in {python}");
+        return;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/check_hf_export.py");
+    let out = Command::new(&python)
+        .arg(script)
+        .args(["--masklm", MASKLM, "--export"])
+        .arg(&export)
+        .arg("--checkpoint")
+        .arg(&checkpoint)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("EXPORT_CHECK passed=5 failed=0"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn fill_mask_and_eval_reject_bad_input_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let hf = hf_folder(dir.path());
+    let hf = hf.to_str().unwrap();
+
+    let out = masklm(&["fill-mask", "--model", hf, "no mask in this text"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no mask token") && err.contains("<mask>"),
+        "{err}"
+    );
+
+    let out = masklm(&["fill-mask", "--model", hf, "   "]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("empty text"));
+
+    let out = masklm(&[
+        "fill-mask",
+        "--model",
+        hf,
+        "--json",
+        "--top-k",
+        "3",
+        "The <mask> of cells.",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let list = doc.as_array().unwrap();
+    assert_eq!(list.len(), 3);
+    for key in ["score", "token", "token_str", "sequence"] {
+        assert!(list[0].get(key).is_some(), "missing {key}");
+    }
+    // Scores are sorted probabilities.
+    let scores: Vec<f64> = list.iter().map(|c| c["score"].as_f64().unwrap()).collect();
+    assert!(scores.windows(2).all(|w| w[0] >= w[1]) && scores[0] <= 1.0);
+
+    let corpus = common::fixture("tokenizer-corpus.txt");
+    let out = masklm(&[
+        "eval",
+        "--model",
+        hf,
+        "--input",
+        corpus.to_str().unwrap(),
+        "--max-seq-length",
+        "64",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ppl = doc["perplexity"].as_f64().unwrap();
+    assert!(
+        ppl > 1.0 && ppl.is_finite() && doc["tokens"].as_u64().unwrap() > 1000,
+        "{doc}"
+    );
+    assert!((doc["loss"].as_f64().unwrap().exp() - ppl).abs() < 1e-6 * ppl);
+}
