@@ -30,7 +30,7 @@ import pathlib
 
 import torch
 from safetensors.torch import save_file
-from transformers import RobertaConfig, RobertaForMaskedLM
+from transformers import BertConfig, BertForMaskedLM, RobertaConfig, RobertaForMaskedLM
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -74,9 +74,29 @@ FIXTURE_SPECS = {
         seed=1,
         also_pytorch_bin=True,
     ),
+    # BERT family: positions from 0, two token types, the cls.predictions head whose
+    # activation is hidden_act (gelu_new here, so a RoBERTa-style exact-GELU head would fail),
+    # [MASK], and a WordPiece vocabulary (made by make_bert_tokenizer below).
+    "bert-tiny": dict(
+        family="bert",
+        config=dict(
+            vocab_size=1100,
+            hidden_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=96,
+            max_position_embeddings=64,
+            hidden_act="gelu_new",
+        ),
+        lengths=[18, 7, 12],
+        seed=2,
+    ),
 }
 
-MASK_ID = 4  # <s>=0 <pad>=1 </s>=2 <unk>=3 <mask>=4, the RoBERTa tokenizer convention
+# Special ids: RoBERTa <s>=0 <pad>=1 </s>=2 <unk>=3 <mask>=4; BERT WordPiece [PAD]=0 [UNK]=1
+# [CLS]=2 [SEP]=3 [MASK]=4.
+ROBERTA_IDS = dict(bos=0, pad=1, eos=2, mask=4)
+BERT_IDS = dict(bos=2, pad=0, eos=3, mask=4)
 FIRST_WORD_ID = 5
 
 
@@ -99,32 +119,33 @@ def perturb(model: RobertaForMaskedLM, generator: torch.Generator) -> None:
                 param.copy_(0.15 * noise)
 
 
-def make_batch(lengths, vocab_size, seq, generator):
+def make_batch(lengths, vocab_size, seq, generator, ids=ROBERTA_IDS):
     batch = len(lengths)
-    input_ids = torch.full((batch, seq), 1, dtype=torch.long)  # pad
+    input_ids = torch.full((batch, seq), ids["pad"], dtype=torch.long)
     attention_mask = torch.zeros((batch, seq), dtype=torch.long)
     labels = torch.full((batch, seq), -100, dtype=torch.long)
     for row, length in enumerate(lengths):
         words = torch.randint(FIRST_WORD_ID, vocab_size, (length - 2,), generator=generator)
-        input_ids[row, 0] = 0
+        input_ids[row, 0] = ids["bos"]
         input_ids[row, 1 : length - 1] = words
-        input_ids[row, length - 1] = 2
+        input_ids[row, length - 1] = ids["eos"]
         attention_mask[row, :length] = 1
         # Mask ~30% of the words (at least one), as the collator would: label = original id.
         chosen = torch.rand(length - 2, generator=generator) < 0.3
         chosen[0] = True
         for i in torch.nonzero(chosen).flatten().tolist():
             labels[row, 1 + i] = input_ids[row, 1 + i]
-            input_ids[row, 1 + i] = MASK_ID
+            input_ids[row, 1 + i] = ids["mask"]
     return input_ids, attention_mask, labels
 
 
 def make_fixture(name: str, spec: dict) -> None:
     torch.manual_seed(spec["seed"])
     generator = torch.Generator().manual_seed(spec["seed"])
-    config = RobertaConfig(**spec["config"])
+    bert = spec.get("family") == "bert"
+    config = (BertConfig if bert else RobertaConfig)(**spec["config"])
     config._attn_implementation = "eager"
-    model = RobertaForMaskedLM(config)
+    model = (BertForMaskedLM if bert else RobertaForMaskedLM)(config)
     perturb(model, generator)
     model.eval()
 
@@ -141,7 +162,7 @@ def make_fixture(name: str, spec: dict) -> None:
 
     seq = max(spec["lengths"])
     input_ids, attention_mask, labels = make_batch(
-        spec["lengths"], config.vocab_size, seq, generator
+        spec["lengths"], config.vocab_size, seq, generator, BERT_IDS if bert else ROBERTA_IDS
     )
     model.zero_grad()
     out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
@@ -156,6 +177,10 @@ def make_fixture(name: str, spec: dict) -> None:
         "loss": out.loss.detach().reshape([]),
     }
     for param in GRAD_PARAMS:
+        if bert:
+            param = param.replace("roberta.", "bert.").replace(
+                "lm_head.dense.", "cls.predictions.transform.dense."
+            )
         tensors[f"grad.{param}"] = params[param].grad.detach().contiguous()
     save_file(tensors, out_dir / "reference.safetensors")
     print(
@@ -272,12 +297,67 @@ def make_optimizer_reference() -> None:
     print(f"{name}: optimizer losses {[round(l, 6) for l in losses]}")
 
 
+def make_bert_tokenizer() -> int:
+    """A lower-casing WordPiece tokenizer trained on the tokenizer corpus, saved with
+    BertTokenizerFast(tokenizer_object=...) (not vocab_file=, which transformers 5 turns into a
+    5-token vocabulary). Returns its size."""
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import BertTokenizerFast
+
+    wordpiece = BertWordPieceTokenizer(lowercase=True)
+    wordpiece.train(
+        [str(FIXTURES / "tokenizer-corpus.txt")],
+        vocab_size=1100,
+        min_frequency=2,
+        special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+        show_progress=False,
+    )
+    tokenizer = BertTokenizerFast(tokenizer_object=wordpiece._tokenizer, model_max_length=64)
+    tokenizer.save_pretrained(FIXTURES / "bert-tiny")
+    return len(tokenizer)
+
+
+FILL_MASK_SENTENCES = {
+    "roberta-tiny": [
+        "The patient was <mask> with pneumonia.",
+        "Catalysis of the reaction: ATP + H2O = ADP + <mask>.",
+        "The <mask> of a protein into the nucleus.",
+        "Two masks: <mask> and <mask>.",
+    ],
+    "bert-tiny": [
+        "The patient was [MASK] with pneumonia.",
+        "Catalysis of the reaction: ATP + H2O = ADP + [MASK].",
+        "The [MASK] of a protein into the nucleus.",
+        "Two masks: [MASK] and [MASK].",
+    ],
+}
+
+
+def make_fill_mask_reference(name: str) -> None:
+    from transformers import pipeline
+
+    fill = pipeline("fill-mask", model=str(FIXTURES / name), top_k=5)
+    sentences = FILL_MASK_SENTENCES[name]
+    outputs = [fill(s) for s in sentences]
+    (FIXTURES / name / "fill_mask_reference.json").write_text(
+        json.dumps({"sentences": sentences, "outputs": outputs}, ensure_ascii=False, indent=1) + "\n"
+    )
+    print(f"{name}: fill-mask reference for {len(sentences)} sentences")
+
+
 def main() -> None:
     torch.use_deterministic_algorithms(True)
+    FIXTURE_SPECS["bert-tiny"]["config"]["vocab_size"] = make_bert_tokenizer()
     for name, spec in FIXTURE_SPECS.items():
         make_fixture(name, spec)
     make_tokenizer_reference()
     make_optimizer_reference()
+    # roberta-tiny shares the 1000-token vocabulary of tokenizer-go: together they make a
+    # complete Hugging Face folder for the fill-mask pipeline.
+    for file in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]:
+        (FIXTURES / "roberta-tiny" / file).write_bytes((TOKENIZER_FIXTURE / file).read_bytes())
+    make_fill_mask_reference("roberta-tiny")
+    make_fill_mask_reference("bert-tiny")
     versions = {
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,

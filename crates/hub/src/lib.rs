@@ -40,7 +40,7 @@ pub enum HubError {
     Config(#[from] ConfigError),
     /// `config.json` names an architecture this loader does not handle.
     #[error(
-        "{path}: model_type {model_type:?} is not supported; masklm loads \"roberta\", \"xlm-roberta\" and \"camembert\" checkpoints"
+        "{path}: model_type {model_type:?} is not supported; masklm loads \"roberta\", \"xlm-roberta\", \"camembert\" and \"bert\" checkpoints"
     )]
     UnsupportedModelType { path: PathBuf, model_type: String },
     /// Neither `model.safetensors` nor `pytorch_model.bin` is in the folder.
@@ -87,15 +87,55 @@ fn is_expected_extra(name: &str) -> bool {
     name.starts_with("lm_head.decoder.")
         || name.starts_with("roberta.pooler.")
         || name == "roberta.embeddings.position_ids"
+        || name == "roberta.embeddings.token_type_ids"
+        || name.starts_with("cls.predictions.decoder.")
+        || name.starts_with("cls.seq_relationship.")
 }
 
+/// BERT checkpoint names -> module paths (regex, replacement): `bert.*` is the encoder,
+/// `cls.predictions.*` the MLM head.
+const BERT_TO_MODULE: [(&str, &str); 4] = [
+    (r"^bert\.", "roberta."),
+    (r"^cls\.predictions\.transform\.dense\.", "lm_head.dense."),
+    (
+        r"^cls\.predictions\.transform\.LayerNorm\.",
+        "lm_head.layer_norm.",
+    ),
+    (r"^cls\.predictions\.bias$", "lm_head.bias"),
+];
+/// The reverse of [`BERT_TO_MODULE`], for export.
+const MODULE_TO_BERT: [(&str, &str); 4] = [
+    (r"^roberta\.", "bert."),
+    (r"^lm_head\.dense\.", "cls.predictions.transform.dense."),
+    (
+        r"^lm_head\.layer_norm\.",
+        "cls.predictions.transform.LayerNorm.",
+    ),
+    (r"^lm_head\.bias$", "cls.predictions.bias"),
+];
+
 /// Module path -> HF name, for messages: users know the HF names.
-fn hf_name(path: &str) -> String {
-    path.replace(".self_attn.", ".self.")
+fn hf_name(path: &str, bert: bool) -> String {
+    let name = path
+        .replace(".self_attn.", ".self.")
         .replace("LayerNorm.gamma", "LayerNorm.weight")
         .replace("LayerNorm.beta", "LayerNorm.bias")
         .replace("layer_norm.gamma", "layer_norm.weight")
-        .replace("layer_norm.beta", "layer_norm.bias")
+        .replace("layer_norm.beta", "layer_norm.bias");
+    if !bert {
+        return name;
+    }
+    if let Some(rest) = name.strip_prefix("roberta.") {
+        format!("bert.{rest}")
+    } else if let Some(rest) = name.strip_prefix("lm_head.dense.") {
+        format!("cls.predictions.transform.dense.{rest}")
+    } else if let Some(rest) = name.strip_prefix("lm_head.layer_norm.") {
+        format!("cls.predictions.transform.LayerNorm.{rest}")
+    } else if name == "lm_head.bias" {
+        "cls.predictions.bias".to_string()
+    } else {
+        name
+    }
 }
 
 /// Reads and validates `DIR/config.json`, checking that it is a RoBERTa-family model.
@@ -110,7 +150,7 @@ pub fn read_config(dir: &Path) -> Result<RobertaConfig, HubError> {
     let config = RobertaConfig::from_file(&path)?;
     if !matches!(
         config.model_type.as_str(),
-        "roberta" | "xlm-roberta" | "camembert"
+        "roberta" | "xlm-roberta" | "camembert" | "bert"
     ) {
         return Err(HubError::UnsupportedModelType {
             path,
@@ -134,6 +174,8 @@ pub fn load_roberta(
 /// Loads the weights of the checkpoint folder `dir` into `model`, whose shapes come from the
 /// folder's config.json.
 pub fn load_weights(model: &mut RobertaForMaskedLM, dir: &Path) -> Result<LoadReport, HubError> {
+    let bert = model.roberta.embeddings.absolute_positions;
+    let bert_remaps: &[(&str, &str)] = if bert { &BERT_TO_MODULE } else { &[] };
     let safetensors = dir.join("model.safetensors");
     let bin = dir.join("pytorch_model.bin");
     let (path, result) = if safetensors.is_file() {
@@ -142,6 +184,9 @@ pub fn load_weights(model: &mut RobertaForMaskedLM, dir: &Path) -> Result<LoadRe
             .with_key_remapping(r"\.attention\.self\.", ".attention.self_attn.")
             .validate(false)
             .allow_partial(true);
+        for (from, to) in bert_remaps {
+            store = store.with_key_remapping(*from, *to);
+        }
         let result = model
             .load_from(&mut store)
             .map_err(|e| HubError::ReadWeights {
@@ -154,6 +199,9 @@ pub fn load_weights(model: &mut RobertaForMaskedLM, dir: &Path) -> Result<LoadRe
             .with_key_remapping(r"\.attention\.self\.", ".attention.self_attn.")
             .validate(false)
             .allow_partial(true);
+        for (from, to) in bert_remaps {
+            store = store.with_key_remapping(*from, *to);
+        }
         let result = model
             .load_from(&mut store)
             .map_err(|e| HubError::ReadWeights {
@@ -174,7 +222,7 @@ pub fn load_weights(model: &mut RobertaForMaskedLM, dir: &Path) -> Result<LoadRe
                 found,
             } => HubError::ShapeMismatch {
                 path,
-                name: hf_name(name),
+                name: hf_name(name, bert),
                 expected: expected.to_vec(),
                 found: found.to_vec(),
             },
@@ -184,7 +232,7 @@ pub fn load_weights(model: &mut RobertaForMaskedLM, dir: &Path) -> Result<LoadRe
                 found,
             } => HubError::Tensor {
                 path,
-                name: hf_name(name),
+                name: hf_name(name, bert),
                 reason: format!("dtype {found:?}, expected {expected:?}"),
             },
             ApplyError::AdapterError {
@@ -196,7 +244,7 @@ pub fn load_weights(model: &mut RobertaForMaskedLM, dir: &Path) -> Result<LoadRe
                 message,
             } => HubError::Tensor {
                 path,
-                name: hf_name(name),
+                name: hf_name(name, bert),
                 reason: message.clone(),
             },
         });
@@ -206,7 +254,7 @@ pub fn load_weights(model: &mut RobertaForMaskedLM, dir: &Path) -> Result<LoadRe
         .iter()
         .map(|(name, _)| name.as_str())
         .filter(|name| !is_expected_extra(name))
-        .map(hf_name)
+        .map(|name| hf_name(name, bert))
         .collect();
     if !missing.is_empty() {
         return Err(HubError::MissingTensors {
@@ -218,7 +266,7 @@ pub fn load_weights(model: &mut RobertaForMaskedLM, dir: &Path) -> Result<LoadRe
         .unused
         .iter()
         .filter(|name| !is_expected_extra(name))
-        .map(|name| hf_name(name))
+        .map(|name| hf_name(name, bert))
         .collect();
     Ok(LoadReport {
         weights: path,
@@ -237,7 +285,7 @@ pub const TOKENIZER_FILES: [&str; 3] = [
 /// `pipeline("fill-mask", model=out)` load: `config.json`, `model.safetensors` with HF names and
 /// layouts (the tied decoder is not stored, as transformers itself saves it), and the tokenizer
 /// files found in `tokenizer_dir`.
-pub fn export_roberta(
+pub fn export_model(
     model: &RobertaForMaskedLM,
     config: &RobertaConfig,
     tokenizer_dir: Option<&Path>,
@@ -256,12 +304,20 @@ pub fn export_roberta(
         // transformers refuses safetensors files whose metadata lacks format "pt".
         .metadata("format", "pt")
         .overwrite(true);
+    if config.is_bert() {
+        for (from, to) in MODULE_TO_BERT {
+            store = store.with_key_remapping(from, to);
+        }
+    }
     model
         .save_into(&mut store)
         .map_err(|e| write_err(&weights, e.to_string()))?;
     let mut config = config.clone();
-    config.model_type = "roberta".to_string();
-    config.architectures = vec!["RobertaForMaskedLM".to_string()];
+    config.architectures = vec![if config.is_bert() {
+        "BertForMaskedLM".to_string()
+    } else {
+        "RobertaForMaskedLM".to_string()
+    }];
     let config_path = out.join("config.json");
     std::fs::write(&config_path, config.to_json() + "\n")
         .map_err(|e| write_err(&config_path, e.to_string()))?;

@@ -193,7 +193,7 @@ pub fn export_cmd(args: ExportArgs, device: &Device) -> Result<()> {
         );
     }
     let (config, model) = masklm_train::checkpoint::load_model(&args.checkpoint, device, |_| {})?;
-    masklm_hub::export_roberta(&model, &config, Some(&args.checkpoint), &args.out)?;
+    masklm_hub::export_model(&model, &config, Some(&args.checkpoint), &args.out)?;
     println!(
         "exported {} -> {} (load with AutoModelForMaskedLM.from_pretrained or pipeline(\"fill-mask\", model=...))",
         args.checkpoint.display(),

@@ -48,8 +48,9 @@ pub struct RobertaConfig {
     pub initializer_range: f64,
     pub layer_norm_eps: f64,
     pub pad_token_id: usize,
-    pub bos_token_id: usize,
-    pub eos_token_id: usize,
+    /// `null` in BERT configs, which have no such tokens.
+    pub bos_token_id: Option<usize>,
+    pub eos_token_id: Option<usize>,
     /// Only absolute positions are implemented; transformers 5 no longer writes this key, older
     /// files say `"absolute"`, and relative variants are rejected.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -79,8 +80,8 @@ impl Default for RobertaConfig {
             initializer_range: 0.02,
             layer_norm_eps: 1e-12,
             pad_token_id: 1,
-            bos_token_id: 0,
-            eos_token_id: 2,
+            bos_token_id: Some(0),
+            eos_token_id: Some(2),
             position_embedding_type: None,
             tie_word_embeddings: true,
             model_type: "roberta".to_string(),
@@ -101,7 +102,22 @@ impl RobertaConfig {
 
     /// Parses and validates the text of a `config.json`.
     pub fn from_json(text: &str) -> Result<Self, ConfigError> {
-        let config: Self = serde_json::from_str(text)
+        let mut value: serde_json::Value = serde_json::from_str(text)
+            .map_err(|source| ConfigError::Parse { path: None, source })?;
+        // A BERT config's missing keys take transformers' BertConfig defaults instead.
+        if let Some(object) = value.as_object_mut()
+            && object.get("model_type").and_then(|v| v.as_str()) == Some("bert")
+        {
+            for (key, default) in [("vocab_size", 30522), ("pad_token_id", 0)] {
+                object
+                    .entry(key)
+                    .or_insert(serde_json::Value::from(default));
+            }
+            object
+                .entry("architectures")
+                .or_insert(serde_json::json!(["BertForMaskedLM"]));
+        }
+        let config: Self = serde_json::from_value(value)
             .map_err(|source| ConfigError::Parse { path: None, source })?;
         config.validate()?;
         Ok(config)
@@ -135,11 +151,22 @@ impl RobertaConfig {
         self.hidden_size / self.num_attention_heads.max(1)
     }
 
+    /// Whether this is a BERT-family checkpoint (`model_type` "bert"): positions count from 0
+    /// whatever the padding, and the MLM head's activation is `hidden_act`.
+    pub fn is_bert(&self) -> bool {
+        self.model_type == "bert"
+    }
+
     /// The longest input (in tokens, specials included) the position table can index. RoBERTa
-    /// positions start at `pad_token_id + 1`, so roberta-base (514 rows, pad 1) takes 512.
+    /// positions start at `pad_token_id + 1`, so roberta-base (514 rows, pad 1) takes 512;
+    /// BERT positions start at 0.
     pub fn max_sequence_length(&self) -> usize {
-        self.max_position_embeddings
-            .saturating_sub(self.pad_token_id + 1)
+        if self.is_bert() {
+            self.max_position_embeddings
+        } else {
+            self.max_position_embeddings
+                .saturating_sub(self.pad_token_id + 1)
+        }
     }
 
     /// Rejects values no model can be built from, naming the offending key.
@@ -174,11 +201,13 @@ impl RobertaConfig {
             );
         }
         for (key, id) in [
-            ("pad_token_id", self.pad_token_id),
+            ("pad_token_id", Some(self.pad_token_id)),
             ("bos_token_id", self.bos_token_id),
             ("eos_token_id", self.eos_token_id),
         ] {
-            if id >= self.vocab_size {
+            if let Some(id) = id
+                && id >= self.vocab_size
+            {
                 return invalid(
                     key,
                     format!(
@@ -188,7 +217,7 @@ impl RobertaConfig {
                 );
             }
         }
-        if self.pad_token_id + 1 >= self.max_position_embeddings {
+        if !self.is_bert() && self.pad_token_id + 1 >= self.max_position_embeddings {
             return invalid(
                 "max_position_embeddings",
                 format!(

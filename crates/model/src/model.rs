@@ -88,7 +88,19 @@ pub fn position_ids(input_ids: Tensor<2, Int>, padding_idx: usize) -> Tensor<2, 
     (not_pad.clone().cumsum(1) * not_pad) + padding_idx as i64
 }
 
-/// Word + position + token-type embeddings, LayerNorm, dropout (`RobertaEmbeddings`).
+/// BERT's positions: `0..seq` for every row, padding or not (`BertEmbeddings.position_ids`).
+pub fn absolute_position_ids(
+    batch: usize,
+    seq: usize,
+    device: &burn::tensor::Device,
+) -> Tensor<2, Int> {
+    Tensor::<1, Int>::arange(0..seq as i64, device)
+        .reshape([1, seq])
+        .expand([batch, seq])
+}
+
+/// Word + position + token-type embeddings, LayerNorm, dropout (`RobertaEmbeddings`, and
+/// `BertEmbeddings` when `absolute_positions`).
 #[derive(Module, Debug)]
 // `LayerNorm` is the HF weight key.
 pub struct RobertaEmbeddings {
@@ -98,17 +110,21 @@ pub struct RobertaEmbeddings {
     pub LayerNorm: LayerNorm,
     pub dropout: Dropout,
     pub padding_idx: usize,
+    /// BERT: positions `0..seq`; RoBERTa: [`position_ids`] from `padding_idx + 1`.
+    pub absolute_positions: bool,
 }
 
 impl RobertaEmbeddings {
     pub fn new(config: &RobertaConfig, device: &Device) -> Self {
         let pad = Some(config.pad_token_id);
+        // BERT has no padding row in its position table.
+        let position_pad = (!config.is_bert()).then_some(config.pad_token_id);
         Self {
             word_embeddings: embedding(config.vocab_size, config.hidden_size, pad, config, device),
             position_embeddings: embedding(
                 config.max_position_embeddings,
                 config.hidden_size,
-                pad,
+                position_pad,
                 config,
                 device,
             ),
@@ -122,6 +138,7 @@ impl RobertaEmbeddings {
             LayerNorm: layer_norm(config, device),
             dropout: DropoutConfig::new(config.hidden_dropout_prob).init(),
             padding_idx: config.pad_token_id,
+            absolute_positions: config.is_bert(),
         }
     }
 
@@ -129,7 +146,12 @@ impl RobertaEmbeddings {
     /// - `input_ids`, `token_type_ids`: `[batch, seq]`
     /// - output: `[batch, seq, hidden]`
     pub fn forward(&self, input_ids: Tensor<2, Int>, token_type_ids: Tensor<2, Int>) -> Tensor<3> {
-        let positions = position_ids(input_ids.clone(), self.padding_idx);
+        let positions = if self.absolute_positions {
+            let [batch, seq] = input_ids.dims();
+            absolute_position_ids(batch, seq, &input_ids.device())
+        } else {
+            position_ids(input_ids.clone(), self.padding_idx)
+        };
         let x = self.word_embeddings.forward(input_ids)
             + self.token_type_embeddings.forward(token_type_ids)
             + self.position_embeddings.forward(positions);
@@ -310,7 +332,8 @@ pub fn attention_bias(attention_mask: Tensor<2, Int>) -> Tensor<4> {
         .reshape([batch, 1, 1, seq])
 }
 
-/// The MLM head (`RobertaLMHead`): dense -> exact GELU -> LayerNorm -> decoder.
+/// The MLM head (`RobertaLMHead`; BERT's `cls.predictions`): dense -> activation ->
+/// LayerNorm -> decoder. RoBERTa's head always uses exact GELU; BERT's uses `hidden_act`.
 ///
 /// The decoder weight is not stored here: [`RobertaForMaskedLM`] passes the word-embedding
 /// parameter in, so the tie is structural (one parameter, two uses, one gradient sum).
@@ -320,6 +343,8 @@ pub struct RobertaLMHead {
     pub layer_norm: LayerNorm,
     /// HF `lm_head.bias` (also saved as `lm_head.decoder.bias`, the same tensor).
     pub bias: Param<Tensor<1>>,
+    #[module(skip)]
+    pub act: HiddenAct,
 }
 
 impl RobertaLMHead {
@@ -328,6 +353,7 @@ impl RobertaLMHead {
             dense: linear(config.hidden_size, config.hidden_size, config, device),
             layer_norm: layer_norm(config, device),
             bias: Param::from_tensor(Tensor::zeros([config.vocab_size], device)),
+            act: HiddenAct::Gelu,
         }
     }
 
@@ -339,8 +365,9 @@ impl RobertaLMHead {
         features: Tensor<D>,
         word_embeddings: Tensor<2>,
     ) -> Tensor<D> {
-        // RobertaLMHead always uses exact GELU, whatever `hidden_act` says.
-        let x = self.layer_norm.forward(gelu(self.dense.forward(features)));
+        let x = self
+            .layer_norm
+            .forward(activate(self.act, self.dense.forward(features)));
         burn::tensor::module::linear(x, word_embeddings.transpose(), Some(self.bias.val()))
     }
 }
@@ -367,7 +394,16 @@ impl RobertaForMaskedLM {
                         .collect(),
                 },
             },
-            lm_head: RobertaLMHead::new(config, device),
+            lm_head: RobertaLMHead {
+                // RobertaLMHead hard-codes exact GELU; BertPredictionHeadTransform follows
+                // hidden_act.
+                act: if config.is_bert() {
+                    act
+                } else {
+                    HiddenAct::Gelu
+                },
+                ..RobertaLMHead::new(config, device)
+            },
         })
     }
 
