@@ -26,11 +26,23 @@ Regenerate (versions pinned in scripts/requirements.txt):
 """
 
 import json
+import os
 import pathlib
+
+# Tokenizer training is deterministic only without parallel merges.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAYON_NUM_THREADS", "1")
 
 import torch
 from safetensors.torch import save_file
-from transformers import BertConfig, BertForMaskedLM, RobertaConfig, RobertaForMaskedLM
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    RobertaConfig,
+    RobertaForMaskedLM,
+    XLMRobertaConfig,
+    XLMRobertaForMaskedLM,
+)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -73,6 +85,23 @@ FIXTURE_SPECS = {
         lengths=[20, 9, 14, 3],
         seed=1,
         also_pytorch_bin=True,
+    ),
+    # XLM-R layout (XLMRobertaForMaskedLM, model_type "xlm-roberta"): the RoBERTa architecture
+    # under another class name, as CamemBERT's is.
+    "xlmr-tiny": dict(
+        family="xlm-roberta",
+        config=dict(
+            vocab_size=900,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=40,
+            type_vocab_size=1,
+            layer_norm_eps=1e-5,
+        ),
+        lengths=[12, 5],
+        seed=3,
     ),
     # BERT family: positions from 0, two token types, the cls.predictions head whose
     # activation is hidden_act (gelu_new here, so a RoBERTa-style exact-GELU head would fail),
@@ -142,10 +171,16 @@ def make_batch(lengths, vocab_size, seq, generator, ids=ROBERTA_IDS):
 def make_fixture(name: str, spec: dict) -> None:
     torch.manual_seed(spec["seed"])
     generator = torch.Generator().manual_seed(spec["seed"])
-    bert = spec.get("family") == "bert"
-    config = (BertConfig if bert else RobertaConfig)(**spec["config"])
+    family = spec.get("family", "roberta")
+    bert = family == "bert"
+    config_class, model_class = {
+        "roberta": (RobertaConfig, RobertaForMaskedLM),
+        "xlm-roberta": (XLMRobertaConfig, XLMRobertaForMaskedLM),
+        "bert": (BertConfig, BertForMaskedLM),
+    }[family]
+    config = config_class(**spec["config"])
     config._attn_implementation = "eager"
-    model = (BertForMaskedLM if bert else RobertaForMaskedLM)(config)
+    model = model_class(config)
     perturb(model, generator)
     model.eval()
 
@@ -167,7 +202,8 @@ def make_fixture(name: str, spec: dict) -> None:
     model.zero_grad()
     out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
     out.loss.backward()
-    params = dict(model.named_parameters())
+    # remove_duplicate=False: the tied embedding is reachable under both of its names.
+    params = dict(model.named_parameters(remove_duplicate=False))
 
     tensors = {
         "input_ids": input_ids,
@@ -302,8 +338,13 @@ def make_bert_tokenizer() -> int:
     BertTokenizerFast(tokenizer_object=...) (not vocab_file=, which transformers 5 turns into a
     5-token vocabulary). Returns its size."""
     from tokenizers import BertWordPieceTokenizer
-    from transformers import BertTokenizerFast
+    from transformers import AutoTokenizer, BertTokenizerFast
 
+    # WordPiece training breaks frequency ties in hash order, so it is not reproducible:
+    # keep the committed tokenizer when there is one (delete it to train a new one).
+    existing = FIXTURES / "bert-tiny" / "tokenizer.json"
+    if existing.exists():
+        return len(AutoTokenizer.from_pretrained(FIXTURES / "bert-tiny"))
     wordpiece = BertWordPieceTokenizer(lowercase=True)
     wordpiece.train(
         [str(FIXTURES / "tokenizer-corpus.txt")],

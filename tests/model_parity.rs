@@ -11,7 +11,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use common::{Reference, max_abs_diff, transpose, values};
 use masklm_model::{RobertaForMaskedLM, mlm_loss};
 
-const FIXTURES: [&str; 3] = ["roberta-tiny", "roberta-tiny-b", "bert-tiny"];
+const FIXTURES: [&str; 4] = ["roberta-tiny", "roberta-tiny-b", "xlmr-tiny", "bert-tiny"];
 
 /// Flat positions (`row * seq + col`) and labels of the masked tokens (label != -100).
 fn masked(reference: &Reference, device: &Device) -> (Tensor<1, Int>, Tensor<1, Int>) {

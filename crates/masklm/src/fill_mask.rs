@@ -98,24 +98,23 @@ fn predict(
         .collect())
 }
 
-/// The pipeline's `targets` handling: each word's first token, with a leading space when the
-/// word alone is not a single token.
+/// The pipeline's `targets` handling (`FillMaskPipeline.get_target_ids`): a word that is a
+/// vocabulary entry is that token; otherwise the first token of its encoding (without
+/// specials). Duplicates collapse.
 fn target_ids(tokenizer: &MlmTokenizer, words: &[String]) -> Result<Vec<u32>> {
     let mut ids = Vec::new();
     for word in words {
-        let with_space = format!(" {}", word.trim());
         let id = tokenizer
             .tokenizer
             .token_to_id(word)
             .or_else(|| {
-                let enc = tokenizer
-                    .tokenizer
-                    .encode(with_space.as_str(), false)
-                    .ok()?;
+                let enc = tokenizer.tokenizer.encode(word.as_str(), false).ok()?;
                 enc.get_ids().first().copied()
             })
             .with_context(|| format!("--targets: {word:?} does not map to any token"))?;
-        ids.push(id);
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
     }
     Ok(ids)
 }
