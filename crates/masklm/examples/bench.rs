@@ -96,7 +96,14 @@ fn main() {
                     5 + ((state >> 33) as u32) % (vocab as u32 - 5)
                 }));
                 block.push(2);
-                mask_tokens(&block, &mask_vocab, &masking, 0, 0, (step * batch + b) as u64)
+                mask_tokens(
+                    &block,
+                    &mask_vocab,
+                    &masking,
+                    0,
+                    0,
+                    (step * batch + b) as u64,
+                )
             })
             .collect();
         collate(&examples, 1, device).expect("non-empty batch")

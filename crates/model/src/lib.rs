@@ -29,11 +29,13 @@
 //! ```
 
 mod config;
+mod dropout;
 mod model;
 
 use std::path::PathBuf;
 
 pub use config::{HiddenAct, RobertaConfig};
+pub use dropout::{MlmDropout, seed_dropout};
 pub use model::{
     RobertaAttention, RobertaEmbeddings, RobertaEncoder, RobertaForMaskedLM, RobertaIntermediate,
     RobertaLMHead, RobertaLayer, RobertaModel, RobertaOutput, RobertaSelfAttention, attention_bias,

@@ -10,13 +10,11 @@
 #![allow(non_snake_case)]
 
 use burn::module::{Module, Param};
-use burn::nn::{
-    Dropout, DropoutConfig, Embedding, Initializer, LayerNorm, LayerNormConfig, Linear,
-    LinearConfig,
-};
+use burn::nn::{Embedding, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::activation::{gelu, gelu_approximate, log_softmax, relu, softmax};
 use burn::tensor::{Bool, Device, Distribution, Int, Tensor};
 
+use crate::dropout::MlmDropout;
 use crate::{HiddenAct, RobertaConfig};
 
 fn linear(d_input: usize, d_output: usize, config: &RobertaConfig, device: &Device) -> Linear {
@@ -108,7 +106,7 @@ pub struct RobertaEmbeddings {
     pub position_embeddings: Embedding,
     pub token_type_embeddings: Embedding,
     pub LayerNorm: LayerNorm,
-    pub dropout: Dropout,
+    pub dropout: MlmDropout,
     pub padding_idx: usize,
     /// BERT: positions `0..seq`; RoBERTa: [`position_ids`] from `padding_idx + 1`.
     pub absolute_positions: bool,
@@ -136,7 +134,7 @@ impl RobertaEmbeddings {
                 device,
             ),
             LayerNorm: layer_norm(config, device),
-            dropout: DropoutConfig::new(config.hidden_dropout_prob).init(),
+            dropout: MlmDropout::new(config.hidden_dropout_prob),
             padding_idx: config.pad_token_id,
             absolute_positions: config.is_bert(),
         }
@@ -165,7 +163,7 @@ pub struct RobertaSelfAttention {
     pub query: Linear,
     pub key: Linear,
     pub value: Linear,
-    pub dropout: Dropout,
+    pub dropout: MlmDropout,
     pub num_heads: usize,
 }
 
@@ -176,7 +174,7 @@ impl RobertaSelfAttention {
             query: linear(h, h, config, device),
             key: linear(h, h, config, device),
             value: linear(h, h, config, device),
-            dropout: DropoutConfig::new(config.attention_probs_dropout_prob).init(),
+            dropout: MlmDropout::new(config.attention_probs_dropout_prob),
             num_heads: config.num_attention_heads,
         }
     }
@@ -214,7 +212,7 @@ impl RobertaSelfAttention {
 pub struct RobertaOutput {
     pub dense: Linear,
     pub LayerNorm: LayerNorm,
-    pub dropout: Dropout,
+    pub dropout: MlmDropout,
 }
 
 impl RobertaOutput {
@@ -222,7 +220,7 @@ impl RobertaOutput {
         Self {
             dense: linear(d_input, config.hidden_size, config, device),
             LayerNorm: layer_norm(config, device),
-            dropout: DropoutConfig::new(config.hidden_dropout_prob).init(),
+            dropout: MlmDropout::new(config.hidden_dropout_prob),
         }
     }
 

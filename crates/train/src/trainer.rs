@@ -452,7 +452,7 @@ pub fn train(
         let (batches, tokens) =
             feeder.micro_batches(step, &train_split, &vocab, &config.masking, &ad_device);
         let lr = config.schedule.lr(config.optimizer.lr, step, total_steps);
-        ad_device.seed(dropout_seed(config.seed, step, 0));
+        masklm_model::seed_dropout(dropout_seed(config.seed, step, 0));
         let (next, stats) = train_step(
             model,
             &mut optimizer,
