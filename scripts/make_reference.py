@@ -386,6 +386,37 @@ def make_fill_mask_reference(name: str) -> None:
     print(f"{name}: fill-mask reference for {len(sentences)} sentences")
 
 
+PPPL_LINES = [
+    "The maintenance of the structure and integrity of the mitochondrial genome.",
+    "Catalysis of the reaction: ATP + H2O = ADP + phosphate.",
+]
+
+
+def make_pseudo_perplexity_reference() -> None:
+    """Pseudo-perplexity (Salazar et al. 2020) of roberta-tiny on PPPL_LINES: each non-special
+    token masked in turn, exp of the mean negative log-likelihood over all of them."""
+    from transformers import AutoTokenizer
+
+    name = "roberta-tiny"
+    tokenizer = AutoTokenizer.from_pretrained(FIXTURES / name)
+    model = RobertaForMaskedLM.from_pretrained(FIXTURES / name).eval()
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for line in PPPL_LINES:
+            ids = tokenizer(line, return_tensors="pt")["input_ids"][0]
+            for i in range(1, len(ids) - 1):
+                masked = ids.clone()
+                masked[i] = tokenizer.mask_token_id
+                logits = model(input_ids=masked[None]).logits[0, i]
+                nll -= torch.log_softmax(logits, -1)[ids[i]].item()
+                count += 1
+    pppl = float(torch.exp(torch.tensor(nll / count)))
+    (FIXTURES / name / "pseudo_perplexity.json").write_text(
+        json.dumps({"lines": PPPL_LINES, "tokens": count, "pseudo_perplexity": pppl}, indent=1) + "\n"
+    )
+    print(f"{name}: pseudo-perplexity {pppl:.4f} over {count} tokens")
+
+
 def main() -> None:
     torch.use_deterministic_algorithms(True)
     FIXTURE_SPECS["bert-tiny"]["config"]["vocab_size"] = make_bert_tokenizer()
@@ -399,6 +430,7 @@ def main() -> None:
         (FIXTURES / "roberta-tiny" / file).write_bytes((TOKENIZER_FIXTURE / file).read_bytes())
     make_fill_mask_reference("roberta-tiny")
     make_fill_mask_reference("bert-tiny")
+    make_pseudo_perplexity_reference()
     versions = {
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,

@@ -231,3 +231,79 @@ fn fill_mask_and_eval_reject_bad_input_clearly() {
     );
     assert!((doc["loss"].as_f64().unwrap().exp() - ppl).abs() < 1e-6 * ppl);
 }
+
+#[test]
+fn bert_export_has_the_names_transformers_saves_and_round_trips() {
+    let device = Device::flex();
+    let fixture = common::fixture("bert-tiny");
+    let (config, model, _) = masklm_hub::load_roberta(&fixture, &device).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    masklm_hub::export_model(&model, &config, Some(&fixture), dir.path()).unwrap();
+    assert_eq!(
+        tensor_names(&dir.path().join("model.safetensors")),
+        tensor_names(&fixture.join("model.safetensors"))
+    );
+    let exported: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(exported["model_type"], "bert");
+    assert_eq!(exported["architectures"][0], "BertForMaskedLM");
+    assert!(
+        exported["bos_token_id"].is_null(),
+        "BERT has no bos token: {exported}"
+    );
+
+    let (_, reloaded, report) = masklm_hub::load_roberta(dir.path(), &device).unwrap();
+    assert!(report.unexpected.is_empty());
+    let ids = Tensor::<2, Int>::from_data(
+        TensorData::new(vec![2i64, 40, 4, 300, 77, 3], [1, 6]),
+        &device,
+    );
+    let mask = Tensor::<2, Int>::ones([1, 6], &device);
+    let a = common::values(model.forward(ids.clone(), mask.clone()));
+    let b = common::values(reloaded.forward(ids, mask));
+    assert!(common::max_abs_diff(&a, &b) <= 1e-6);
+}
+
+#[test]
+fn pseudo_perplexity_matches_transformers() {
+    // tests/fixtures/roberta-tiny/pseudo_perplexity.json, by scripts/make_reference.py.
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(common::fixture("roberta-tiny").join("pseudo_perplexity.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("lines.txt");
+    let lines: Vec<&str> = reference["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap())
+        .collect();
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let model = common::fixture("roberta-tiny");
+    let out = masklm(&[
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--packing",
+        "line",
+        "--pseudo-perplexity",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ours = doc["pseudo_perplexity"].as_f64().unwrap();
+    let theirs = reference["pseudo_perplexity"].as_f64().unwrap();
+    assert!(
+        (ours - theirs).abs() <= 1e-4 * theirs,
+        "pseudo-perplexity {ours} vs transformers {theirs}"
+    );
+}
