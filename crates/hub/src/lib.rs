@@ -18,8 +18,8 @@
 use std::path::{Path, PathBuf};
 
 use burn::store::{
-    ApplyError, BurnToPyTorchAdapter, ModuleSnapshot, PyTorchToBurnAdapter, PytorchStore,
-    SafetensorsStore,
+    ApplyError, BurnToPyTorchAdapter, KeyRemapper, ModuleSnapshot, ModuleStore,
+    PyTorchToBurnAdapter, PytorchStore, SafetensorsStore,
 };
 use burn::tensor::Device;
 use masklm_model::{ConfigError, RobertaConfig, RobertaForMaskedLM};
@@ -171,44 +171,46 @@ pub fn load_roberta(
     Ok((config, model, report))
 }
 
+/// Applies a weights store to `model`, naming `path` if the file cannot be read.
+fn apply_store<S: ModuleStore>(
+    model: &mut RobertaForMaskedLM,
+    mut store: S,
+    path: &Path,
+) -> Result<burn::store::ApplyResult, HubError> {
+    model
+        .load_from(&mut store)
+        .map_err(|e| HubError::ReadWeights {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
+}
+
 /// Loads the weights of the checkpoint folder `dir` into `model`, whose shapes come from the
 /// folder's config.json.
 pub fn load_weights(model: &mut RobertaForMaskedLM, dir: &Path) -> Result<LoadReport, HubError> {
     let bert = model.roberta.embeddings.absolute_positions;
-    let bert_remaps: &[(&str, &str)] = if bert { &BERT_TO_MODULE } else { &[] };
+    let mut patterns = vec![(r"\.attention\.self\.", ".attention.self_attn.")];
+    if bert {
+        patterns.extend(BERT_TO_MODULE);
+    }
+    // The patterns are constants of this crate; a bad one is a bug caught by every test.
+    let remapper = KeyRemapper::from_patterns(patterns).unwrap_or_default();
     let safetensors = dir.join("model.safetensors");
     let bin = dir.join("pytorch_model.bin");
     let (path, result) = if safetensors.is_file() {
-        let mut store = SafetensorsStore::from_file(&safetensors)
+        let store = SafetensorsStore::from_file(&safetensors)
             .with_from_adapter(PyTorchToBurnAdapter)
-            .with_key_remapping(r"\.attention\.self\.", ".attention.self_attn.")
+            .remap(remapper)
             .validate(false)
             .allow_partial(true);
-        for (from, to) in bert_remaps {
-            store = store.with_key_remapping(*from, *to);
-        }
-        let result = model
-            .load_from(&mut store)
-            .map_err(|e| HubError::ReadWeights {
-                path: safetensors.clone(),
-                reason: e.to_string(),
-            });
-        (safetensors, result)
+        (safetensors.clone(), apply_store(model, store, &safetensors))
     } else if bin.is_file() {
-        let mut store = PytorchStore::from_file(&bin)
-            .with_key_remapping(r"\.attention\.self\.", ".attention.self_attn.")
+        // PytorchStore applies PyTorchToBurnAdapter itself.
+        let store = PytorchStore::from_file(&bin)
+            .remap(remapper)
             .validate(false)
             .allow_partial(true);
-        for (from, to) in bert_remaps {
-            store = store.with_key_remapping(*from, *to);
-        }
-        let result = model
-            .load_from(&mut store)
-            .map_err(|e| HubError::ReadWeights {
-                path: bin.clone(),
-                reason: e.to_string(),
-            });
-        (bin, result)
+        (bin.clone(), apply_store(model, store, &bin))
     } else {
         return Err(HubError::NoWeights(dir.to_path_buf()));
     };
