@@ -116,6 +116,35 @@ fn options(packing: Packing, validation: Validation) -> PrepareOptions {
     }
 }
 
+/// Writes the first `lines` corpus lines and prepares them into `dir/cache`.
+struct Setup {
+    tokenizer: masklm_data::MlmTokenizer,
+    corpus: std::path::PathBuf,
+    cache: std::path::PathBuf,
+    prepared: masklm_data::Prepared,
+}
+
+fn setup(dir: &Path, lines: usize, packing: Packing) -> Setup {
+    let corpus = write_corpus(dir, lines);
+    let tokenizer = load_tokenizer(&tokenizer_dir()).unwrap();
+    let cache = dir.join("cache");
+    let input = [corpus.display().to_string()];
+    let prepared = prepare(
+        &tokenizer,
+        &input,
+        &options(packing, Validation::None),
+        &cache,
+        &NoProgress,
+    )
+    .unwrap();
+    Setup {
+        tokenizer,
+        corpus,
+        cache,
+        prepared,
+    }
+}
+
 fn read_all(cache: &Path, split: &str) -> Vec<Vec<u32>> {
     let manifest = read_manifest(cache).unwrap();
     let reader = SplitReader::open(cache, &manifest, split).unwrap();
@@ -125,18 +154,12 @@ fn read_all(cache: &Path, split: &str) -> Vec<Vec<u32>> {
 #[test]
 fn full_packing_round_trips_every_token() {
     let dir = tempfile::tempdir().unwrap();
-    let corpus = write_corpus(dir.path(), 400);
-    let tokenizer = load_tokenizer(&tokenizer_dir()).unwrap();
-    let cache = dir.path().join("cache");
-    let input = [corpus.display().to_string()];
-    let prepared = prepare(
-        &tokenizer,
-        &input,
-        &options(Packing::Full, Validation::None),
-        &cache,
-        &NoProgress,
-    )
-    .unwrap();
+    let Setup {
+        tokenizer,
+        corpus,
+        cache,
+        prepared,
+    } = setup(dir.path(), 400, Packing::Full);
     assert!(!prepared.reused);
     assert_eq!(prepared.manifest.dtype, "u16");
 
@@ -175,18 +198,12 @@ fn full_packing_round_trips_every_token() {
 #[test]
 fn line_packing_truncates_each_document() {
     let dir = tempfile::tempdir().unwrap();
-    let corpus = write_corpus(dir.path(), 200);
-    let tokenizer = load_tokenizer(&tokenizer_dir()).unwrap();
-    let cache = dir.path().join("cache");
-    let input = [corpus.display().to_string()];
-    prepare(
-        &tokenizer,
-        &input,
-        &options(Packing::Line, Validation::None),
-        &cache,
-        &NoProgress,
-    )
-    .unwrap();
+    let Setup {
+        tokenizer,
+        corpus,
+        cache,
+        ..
+    } = setup(dir.path(), 200, Packing::Line);
     let examples = read_all(&cache, "train");
     let lines: Vec<String> = std::fs::read_to_string(&corpus)
         .unwrap()
@@ -336,18 +353,9 @@ fn bad_inputs_give_clear_errors() {
 #[test]
 fn dataset_and_batcher_give_masked_batches() {
     let dir = tempfile::tempdir().unwrap();
-    let corpus = write_corpus(dir.path(), 300);
-    let tokenizer = load_tokenizer(&tokenizer_dir()).unwrap();
-    let cache = dir.path().join("cache");
-    let input = [corpus.display().to_string()];
-    prepare(
-        &tokenizer,
-        &input,
-        &options(Packing::Line, Validation::None),
-        &cache,
-        &NoProgress,
-    )
-    .unwrap();
+    let Setup {
+        tokenizer, cache, ..
+    } = setup(dir.path(), 300, Packing::Line);
     let manifest = read_manifest(&cache).unwrap();
     let split = std::sync::Arc::new(SplitReader::open(&cache, &manifest, "train").unwrap());
     let dataset = MlmDataset::new(split);
