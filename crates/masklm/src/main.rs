@@ -11,6 +11,7 @@ use anyhow::Result;
 use burn::tensor::Device;
 use clap::{Parser, Subcommand};
 
+mod backend;
 mod data_cmd;
 mod eval_cmd;
 mod fill_mask;
@@ -24,6 +25,13 @@ mod train_cmd;
     about = "Masked-language-model pre-training on burn"
 )]
 struct Cli {
+    /// Compute backend: cpu (pure Rust, always built), wgpu or tch (optional Cargo features).
+    #[arg(long, global = true, value_enum, default_value = "cpu")]
+    backend: backend::Backend,
+    /// Device of the backend: cpu; wgpu: auto, discrete[:N], integrated[:N], virtual[:N];
+    /// tch: cpu, cuda[:N], mps.
+    #[arg(long, global = true)]
+    device: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -76,7 +84,7 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    let device = Device::flex();
+    let device = backend::device(cli.backend, cli.device.as_deref())?;
     match cli.command {
         Command::Tokenizer {
             command: TokenizerCommand::Train(args),

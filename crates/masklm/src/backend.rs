@@ -1,0 +1,121 @@
+//! The one place that chooses a backend: `--backend cpu|wgpu|tch` and `--device` become a burn
+//! `Device`. burn 0.22's tensors carry no backend type, so nothing below the CLI knows or cares
+//! which backend runs it.
+
+use anyhow::{Result, bail};
+use burn::tensor::Device;
+use clap::ValueEnum;
+
+/// Compute backends; `wgpu` and `tch` exist in builds with the matching Cargo feature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Backend {
+    /// burn's pure-Rust flex CPU backend (always built).
+    Cpu,
+    /// wgpu: Vulkan, Metal or DX12 (`cargo build --features wgpu`).
+    Wgpu,
+    /// libtorch on CPU or CUDA (`cargo build --features tch`, see scripts/setup-libtorch.sh).
+    Tch,
+}
+
+/// Parses `INDEX` in `name:INDEX`, defaulting to 0.
+#[allow(dead_code)] // Used only by the optional backends.
+fn index(spec: &str, name: &str) -> Result<usize> {
+    match spec
+        .strip_prefix(name)
+        .map(|rest| rest.trim_start_matches(':'))
+    {
+        Some("") => Ok(0),
+        Some(i) => i
+            .parse()
+            .map_err(|_| anyhow::anyhow!("--device {spec}: {i:?} is not a device index")),
+        None => bail!("--device {spec}: expected {name} or {name}:INDEX"),
+    }
+}
+
+/// The device for `backend`, from `--device` (backend-specific; see `--help`).
+pub fn device(backend: Backend, spec: Option<&str>) -> Result<Device> {
+    match backend {
+        Backend::Cpu => match spec {
+            None | Some("cpu") => Ok(Device::flex()),
+            Some(other) => bail!("--device {other}: the cpu backend has one device, \"cpu\""),
+        },
+        Backend::Wgpu => wgpu_device(spec),
+        Backend::Tch => tch_device(spec),
+    }
+}
+
+#[cfg(feature = "wgpu")]
+fn wgpu_device(spec: Option<&str>) -> Result<Device> {
+    use burn::tensor::DeviceKind;
+    let kind = match spec {
+        None | Some("auto") => DeviceKind::DefaultDevice,
+        Some("cpu") => DeviceKind::Cpu,
+        Some(s) if s.starts_with("discrete") => DeviceKind::DiscreteGpu(index(s, "discrete")?),
+        Some(s) if s.starts_with("integrated") => {
+            DeviceKind::IntegratedGpu(index(s, "integrated")?)
+        }
+        Some(s) if s.starts_with("virtual") => DeviceKind::VirtualGpu(index(s, "virtual")?),
+        Some(s) if s.starts_with("vulkan") => DeviceKind::DiscreteGpu(index(s, "vulkan")?),
+        Some(other) => bail!(
+            "--device {other}: wgpu devices are auto, discrete[:N], integrated[:N], virtual[:N] or cpu"
+        ),
+    };
+    Ok(Device::wgpu(kind))
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn wgpu_device(_: Option<&str>) -> Result<Device> {
+    bail!(
+        "this masklm was built without the wgpu backend; rebuild with \
+         `cargo build --release -p masklm --features wgpu` (needs a Vulkan, Metal or DX12 driver)"
+    )
+}
+
+#[cfg(feature = "tch")]
+#[allow(deprecated)] // burn 0.22 marks burn-tch deprecated; it is still the libtorch backend.
+fn tch_device(spec: Option<&str>) -> Result<Device> {
+    match spec {
+        None | Some("cpu") => Ok(Device::libtorch()),
+        Some("mps") => Ok(Device::libtorch_mps()),
+        Some(s) if s.starts_with("cuda") => Ok(Device::libtorch_cuda(index(s, "cuda")?)),
+        Some(other) => bail!("--device {other}: libtorch devices are cpu, cuda[:N] or mps"),
+    }
+}
+
+#[cfg(not(feature = "tch"))]
+fn tch_device(_: Option<&str>) -> Result<Device> {
+    bail!(
+        "this masklm was built without the libtorch backend; run scripts/setup-libtorch.sh, then \
+         rebuild with `cargo build --release -p masklm --features tch`"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_is_always_there_and_missing_backends_say_how_to_get_them() {
+        assert!(device(Backend::Cpu, None).is_ok());
+        assert!(device(Backend::Cpu, Some("cpu")).is_ok());
+        let msg = device(Backend::Cpu, Some("cuda:0"))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("one device"), "{msg}");
+        #[cfg(not(feature = "wgpu"))]
+        {
+            let msg = device(Backend::Wgpu, None).unwrap_err().to_string();
+            assert!(msg.contains("--features wgpu"), "{msg}");
+        }
+        #[cfg(not(feature = "tch"))]
+        {
+            let msg = device(Backend::Tch, Some("cuda:0"))
+                .unwrap_err()
+                .to_string();
+            assert!(msg.contains("--features tch"), "{msg}");
+        }
+        assert_eq!(index("cuda:3", "cuda").unwrap(), 3);
+        assert_eq!(index("cuda", "cuda").unwrap(), 0);
+        assert!(index("cuda:x", "cuda").is_err());
+    }
+}
