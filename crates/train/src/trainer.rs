@@ -166,12 +166,18 @@ fn initial_model(
         }
         None => {
             let model_config = config.model_config(tokenizer.vocab_size())?;
-            device.seed(config.seed);
-            let model =
-                RobertaForMaskedLM::new(&model_config, device).map_err(|e| TrainError::Config {
+            // Initialise on the CPU backend, then move: each backend has its own random
+            // generator, and this keeps the initial weights the same whatever the device.
+            let host = Device::flex();
+            host.seed(config.seed);
+            let model = RobertaForMaskedLM::new(&model_config, &host)
+                .map_err(|e| TrainError::Config {
                     key: "model".to_string(),
                     reason: e.to_string(),
-                })?;
+                })?
+                .fork(device)
+                // `train` turns on gradient tracking on the autodiff device.
+                .train();
             (model_config, model)
         }
     };
