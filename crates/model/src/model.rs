@@ -10,36 +10,24 @@
 #![allow(non_snake_case)]
 
 use burn::module::{Module, Param};
-use burn::nn::{Embedding, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::nn::{Embedding, LayerNorm, LayerNormConfig, Linear};
 use burn::tensor::activation::{gelu, gelu_approximate, log_softmax, relu, softmax};
 use burn::tensor::{Bool, Device, Distribution, Int, Tensor};
 
 use crate::dropout::MlmDropout;
 use crate::{HiddenAct, RobertaConfig};
 
+/// A Linear layer initialised as HF `_init_weights`: weight ~ N(0, initializer_range) in burn's
+/// `[in, out]` layout, bias 0. Drawn eagerly, so the values come from the device the model is
+/// built on (training builds on the CPU backend and then moves, see masklm-train).
 fn linear(d_input: usize, d_output: usize, config: &RobertaConfig, device: &Device) -> Linear {
-    // HF `_init_weights`: weights ~ N(0, initializer_range), biases 0.
-    LinearConfig::new(d_input, d_output)
-        .with_initializer(Initializer::Normal {
-            mean: 0.0,
-            std: config.initializer_range,
-        })
-        .init(device)
-        .map_bias_zero()
-}
-
-trait ZeroBias {
-    fn map_bias_zero(self) -> Self;
-}
-
-impl ZeroBias for Linear {
-    fn map_bias_zero(mut self) -> Self {
-        if let Some(bias) = self.bias.take() {
-            let [d_output] = bias.shape().dims();
-            let device = bias.device();
-            self.bias = Some(Param::from_tensor(Tensor::zeros([d_output], &device)));
-        }
-        self
+    Linear {
+        weight: Param::from_tensor(Tensor::random(
+            [d_input, d_output],
+            Distribution::Normal(0.0, config.initializer_range),
+            device,
+        )),
+        bias: Some(Param::from_tensor(Tensor::zeros([d_output], device))),
     }
 }
 
