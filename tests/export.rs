@@ -18,6 +18,17 @@ fn masklm(args: &[&str]) -> std::process::Output {
     Command::new(MASKLM).args(args).output().unwrap()
 }
 
+/// Runs masklm, which must succeed, and parses its stdout as one JSON document.
+fn masklm_json(args: &[&str]) -> serde_json::Value {
+    let out = masklm(args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// A HF folder: the roberta-tiny weights plus the tokenizer-go files.
 fn hf_folder(dir: &Path) -> PathBuf {
     let out = dir.join("hf");
@@ -208,7 +219,7 @@ fn fill_mask_and_eval_reject_bad_input_clearly() {
     assert!(scores.windows(2).all(|w| w[0] >= w[1]) && scores[0] <= 1.0);
 
     let corpus = common::fixture("tokenizer-corpus.txt");
-    let out = masklm(&[
+    let doc = masklm_json(&[
         "eval",
         "--model",
         hf,
@@ -218,12 +229,6 @@ fn fill_mask_and_eval_reject_bad_input_clearly() {
         "64",
         "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let ppl = doc["perplexity"].as_f64().unwrap();
     assert!(
         ppl > 1.0 && ppl.is_finite() && doc["tokens"].as_u64().unwrap() > 1000,
@@ -283,7 +288,7 @@ fn pseudo_perplexity_matches_transformers() {
         .collect();
     std::fs::write(&input, lines.join("\n") + "\n").unwrap();
     let model = common::fixture("roberta-tiny");
-    let out = masklm(&[
+    let doc = masklm_json(&[
         "eval",
         "--model",
         model.to_str().unwrap(),
@@ -294,12 +299,6 @@ fn pseudo_perplexity_matches_transformers() {
         "--pseudo-perplexity",
         "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let ours = doc["pseudo_perplexity"].as_f64().unwrap();
     let theirs = reference["pseudo_perplexity"].as_f64().unwrap();
     assert!(
