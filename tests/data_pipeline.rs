@@ -373,28 +373,12 @@ fn dataset_and_batcher_give_masked_batches() {
     let longest = samples.iter().map(|s| s.tokens.len()).max().unwrap();
     let batch = batcher.batch(samples.clone(), &device);
     assert_eq!(batch.input_ids.dims(), [8, longest]);
-    let mask: Vec<i64> = batch
-        .attention_mask
-        .clone()
-        .into_data()
-        .convert::<i64>()
-        .try_to_vec()
-        .unwrap();
+    let mask = common::ints(batch.attention_mask.clone());
     let real: usize = samples.iter().map(|s| s.tokens.len()).sum();
     assert_eq!(mask.iter().sum::<i64>() as usize, real);
     // Labels are the original tokens at the predicted positions.
-    let positions: Vec<i64> = batch
-        .positions
-        .into_data()
-        .convert::<i64>()
-        .try_to_vec()
-        .unwrap();
-    let labels: Vec<i64> = batch
-        .labels
-        .into_data()
-        .convert::<i64>()
-        .try_to_vec()
-        .unwrap();
+    let positions = common::ints(batch.positions);
+    let labels = common::ints(batch.labels);
     assert!(!positions.is_empty());
     for (p, l) in positions.iter().zip(&labels) {
         let (row, col) = (*p as usize / longest, *p as usize % longest);
@@ -403,5 +387,22 @@ fn dataset_and_batcher_give_masked_batches() {
     // The same samples in another order mask the same way: masks follow sample indices.
     let reversed: Vec<_> = samples.iter().rev().cloned().collect();
     let again = batcher.batch(reversed, &device);
-    assert_eq!(again.masked, batch.masked);
+    // Map each prediction back to (sample, column, label): the same set in both orders.
+    let keyed = |positions: &[i64], labels: &[i64], row_of: &dyn Fn(usize) -> usize| {
+        let mut v: Vec<(usize, usize, i64)> = positions
+            .iter()
+            .zip(labels)
+            .map(|(&p, &l)| (row_of(p as usize / longest), p as usize % longest, l))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        keyed(&positions, &labels, &|r| r),
+        keyed(
+            &common::ints(again.positions),
+            &common::ints(again.labels),
+            &|r| 7 - r
+        )
+    );
 }

@@ -20,13 +20,7 @@ fn masklm(args: &[&str]) -> std::process::Output {
 
 /// Runs masklm, which must succeed, and parses its stdout as one JSON document.
 fn masklm_json(args: &[&str]) -> serde_json::Value {
-    let out = masklm(args);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    serde_json::from_str(&common::masklm_ok(args)).unwrap()
 }
 
 /// A HF folder: the roberta-tiny weights plus the tokenizer-go files.
@@ -74,18 +68,13 @@ max_steps = 3
     )
     .unwrap();
     let run = dir.join("run");
-    let out = Command::new(MASKLM)
-        .args(["train", "--config"])
-        .arg(&config)
-        .arg("--out")
-        .arg(&run)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::masklm_ok([
+        "train".as_ref(),
+        "--config".as_ref(),
+        config.as_os_str(),
+        "--out".as_ref(),
+        run.as_os_str(),
+    ]);
     let latest = std::fs::read_to_string(run.join("checkpoints/latest")).unwrap();
     run.join("checkpoints").join(latest.trim())
 }
@@ -105,18 +94,13 @@ fn export_round_trips_and_matches_transformers_layout() {
     let dir = tempfile::tempdir().unwrap();
     let checkpoint = continue_training(dir.path());
     let export = dir.path().join("export");
-    let out = masklm(&[
+    common::masklm_ok([
         "export",
         "--checkpoint",
         checkpoint.to_str().unwrap(),
         "--out",
         export.to_str().unwrap(),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 
     // Exactly the tensor names transformers itself saved for this architecture.
     assert_eq!(
@@ -194,7 +178,7 @@ fn fill_mask_and_eval_reject_bad_input_clearly() {
     let out = masklm(&["fill-mask", "--model", hf, "   "]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("empty text"));
 
-    let out = masklm(&[
+    let doc = masklm_json(&[
         "fill-mask",
         "--model",
         hf,
@@ -203,12 +187,6 @@ fn fill_mask_and_eval_reject_bad_input_clearly() {
         "3",
         "The <mask> of cells.",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let list = doc.as_array().unwrap();
     assert_eq!(list.len(), 3);
     for key in ["score", "token", "token_str", "sequence"] {

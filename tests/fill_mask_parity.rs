@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::process::Command;
-
 fn check(name: &str) {
     let dir = common::fixture(name);
     let reference: serde_json::Value = serde_json::from_str(
@@ -19,19 +17,10 @@ fn check(name: &str) {
         .iter()
         .map(|s| s.as_str().unwrap())
         .collect();
-    let out = Command::new(env!("CARGO_BIN_EXE_masklm"))
-        .args(["fill-mask", "--model"])
-        .arg(&dir)
-        .args(["--json", "--top-k", "5"])
-        .args(&sentences)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+    let dir_arg = dir.display().to_string();
+    let mut args = vec!["fill-mask", "--model", &dir_arg, "--json", "--top-k", "5"];
+    args.extend(&sentences);
+    let lines: Vec<serde_json::Value> = common::masklm_ok(args)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();

@@ -82,6 +82,25 @@ impl Reference {
     }
 }
 
+/// Runs the `masklm` binary built for these tests with `args`; it must succeed (its stderr is
+/// the failure message). Returns its stdout.
+pub fn masklm_ok<I, S>(args: I) -> String
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_masklm"))
+        .args(args)
+        .output()
+        .expect("the masklm binary runs");
+    assert!(
+        out.status.success(),
+        "masklm failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Largest absolute difference, with a length check.
 pub fn max_abs_diff(ours: &[f32], reference: &[f32]) -> f32 {
     assert_eq!(ours.len(), reference.len(), "element counts differ");
@@ -94,6 +113,14 @@ pub fn max_abs_diff(ours: &[f32], reference: &[f32]) -> f32 {
 /// A tensor's values as a flat vector.
 pub fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data().try_to_vec::<f32>().expect("f32 tensor")
+}
+
+/// An integer tensor's values as a flat vector of i64 (the backend's int type may be i32).
+pub fn ints<const D: usize>(t: Tensor<D, Int>) -> Vec<i64> {
+    t.into_data()
+        .convert::<i64>()
+        .try_to_vec()
+        .expect("int tensor")
 }
 
 /// Transposes a row-major `[rows, cols]` matrix.

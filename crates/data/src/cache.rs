@@ -384,12 +384,7 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), DataError> {
 /// Whether document `index` belongs to the validation split: a hash of the index, so the
 /// split is stable and independent of chunking.
 fn in_validation(index: u64, fraction: f64) -> bool {
-    // splitmix64 finaliser
-    let mut z = index.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    (z >> 11) as f64 / (1u64 << 53) as f64 <= fraction && fraction > 0.0
+    (crate::splitmix64(index) >> 11) as f64 / (1u64 << 53) as f64 <= fraction && fraction > 0.0
 }
 
 /// Reads documents on a second thread and tokenizes them in parallel batches, calling `sink`

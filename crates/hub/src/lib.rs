@@ -1,19 +1,23 @@
 //! Hugging Face checkpoint folders to and from masklm models.
 //!
 //! A Hub folder holds `config.json` and `model.safetensors` (or the older
-//! `pytorch_model.bin`). [`load_roberta`] reads both through burn-store; the weight names need
-//! one documented remapping, everything else is the HF key itself:
+//! `pytorch_model.bin`). [`load_roberta`] reads both through burn-store for the RoBERTa family
+//! (`roberta`, `xlm-roberta`, `camembert`) and BERT (`bert`); [`export_model`] writes them back.
+//! The weight names need a short documented remapping, everything else is the HF key itself:
 //!
 //! | HF key                                   | masklm module path                          |
 //! |------------------------------------------|---------------------------------------------|
 //! | `...attention.self.{query,key,value}.*`  | `...attention.self_attn.*` (`self` is a Rust keyword) |
 //! | `*.LayerNorm.weight` / `.bias`           | `*.LayerNorm.gamma` / `.beta` (burn's names, via `PyTorchToBurnAdapter`) |
 //! | Linear `weight` `[out, in]`              | `weight` `[in, out]` (transposed by the same adapter) |
+//! | BERT `bert.*`                            | `roberta.*` |
+//! | BERT `cls.predictions.transform.{dense,LayerNorm}.*` | `lm_head.{dense,layer_norm}.*` |
+//! | BERT `cls.predictions.bias`              | `lm_head.bias` |
 //!
-//! Tensors that are expected to be absent or extra are not reported: `lm_head.decoder.weight`
-//! (tied to the word embeddings), `lm_head.decoder.bias` (the same tensor as `lm_head.bias`),
-//! `roberta.pooler.*` (unused by MLM) and `roberta.embeddings.position_ids` (a buffer that old
-//! checkpoints saved).
+//! Tensors that are expected to be absent or extra are not reported: the tied decoder
+//! (`lm_head.decoder.*`, `cls.predictions.decoder.*`), `*.pooler.*` and
+//! `cls.seq_relationship.*` (unused by MLM), and the `position_ids` / `token_type_ids` buffers
+//! that some checkpoints saved.
 
 use std::path::{Path, PathBuf};
 
@@ -138,7 +142,7 @@ fn hf_name(path: &str, bert: bool) -> String {
     }
 }
 
-/// Reads and validates `DIR/config.json`, checking that it is a RoBERTa-family model.
+/// Reads and validates `DIR/config.json`, checking that it is a RoBERTa- or BERT-family model.
 pub fn read_config(dir: &Path) -> Result<RobertaConfig, HubError> {
     if !dir.is_dir() {
         return Err(HubError::NoFolder(dir.to_path_buf()));

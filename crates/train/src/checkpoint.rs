@@ -31,12 +31,6 @@ use crate::TrainError;
 
 /// Version of the checkpoint layout.
 pub const CHECKPOINT_VERSION: u32 = 1;
-const TOKENIZER_FILES: [&str; 3] = [
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-];
-
 /// Where training stands: everything besides weights and optimizer that resuming needs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainState {
@@ -142,7 +136,7 @@ pub fn save_checkpoint(
         &tmp.join("config.json"),
         (config.to_json() + "\n").as_bytes(),
     )?;
-    for file in TOKENIZER_FILES {
+    for file in masklm_hub::TOKENIZER_FILES {
         let from = tokenizer_dir.join(file);
         if from.is_file() {
             let bytes = std::fs::read(&from).map_err(io(&from))?;

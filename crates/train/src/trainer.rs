@@ -82,13 +82,9 @@ pub struct RunOutcome {
     pub losses: Vec<f64>,
 }
 
-/// Mixes seed, step and micro-batch into a dropout seed (splitmix64).
-fn dropout_seed(seed: u64, step: usize, micro: usize) -> u64 {
-    let mut z = seed ^ ((step as u64) << 16) ^ micro as u64;
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+/// The dropout seed of optimizer step `step`; its micro-batches continue one stream.
+fn dropout_seed(seed: u64, step: usize) -> u64 {
+    masklm_data::splitmix64(seed ^ ((step as u64) << 16))
 }
 
 /// Resolves the token cache: prepares it from `data.inputs` (or reuses an up-to-date one) or
@@ -215,6 +211,9 @@ impl Feeder {
         let per_step = (self.batch_size * self.accum) as u64;
         let mut batches = Vec::with_capacity(self.accum);
         let mut tokens = 0;
+        // Orders of epochs before this step's first sample are no longer needed.
+        let first_epoch = step as u64 * per_step / self.n as u64;
+        self.orders.retain(|&e, _| e >= first_epoch);
         for micro in 0..self.accum {
             let start = step as u64 * per_step + (micro * self.batch_size) as u64;
             let examples: Vec<_> = (start..start + self.batch_size as u64)
@@ -222,8 +221,6 @@ impl Feeder {
                     let epoch = g / self.n as u64;
                     let seed = self.seed;
                     let n = self.n;
-                    // Keep the orders of the current and next epoch only.
-                    self.orders.retain(|&e, _| e + 1 >= epoch);
                     let order = self
                         .orders
                         .entry(epoch)
@@ -458,7 +455,7 @@ pub fn train(
         let (batches, tokens) =
             feeder.micro_batches(step, &train_split, &vocab, &config.masking, &ad_device);
         let lr = config.schedule.lr(config.optimizer.lr, step, total_steps);
-        masklm_model::seed_dropout(dropout_seed(config.seed, step, 0));
+        masklm_model::seed_dropout(dropout_seed(config.seed, step));
         let (next, stats) = train_step(
             model,
             &mut optimizer,
