@@ -8,7 +8,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use common::Reference;
 use masklm_data::MlmBatch;
 use masklm_model::RobertaForMaskedLM;
-use masklm_train::{Decay, OptimizerConfig, ScheduleConfig, train_step};
+use masklm_train::{Decay, LossScaler, OptimizerConfig, Precision, ScheduleConfig, train_step};
 
 fn model(device: &Device) -> RobertaForMaskedLM {
     let dir = common::fixture("roberta-tiny");
@@ -89,6 +89,8 @@ fn five_adamw_steps_match_torch() {
             std::slice::from_ref(&batch),
             lr,
             config.max_grad_norm,
+            Precision::F32,
+            &mut LossScaler::default(),
         );
         model = next;
         let stats = stats.unwrap();
@@ -139,6 +141,8 @@ fn gradient_accumulation_equals_one_larger_batch() {
                 batches,
                 config.lr,
                 config.max_grad_norm,
+                Precision::F32,
+                &mut LossScaler::default(),
             );
             model = next;
             losses.push(stats.unwrap().loss);

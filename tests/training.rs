@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
@@ -12,64 +12,10 @@ use std::time::{Duration, Instant};
 use burn::tensor::Device;
 use masklm_train::{Silent, TrainConfig, TrainError, train};
 
-fn config_text(cache: &Path, extra: &str) -> String {
-    format!(
-        r#"
-seed = 7
-[model]
-hidden_size = 32
-num_hidden_layers = 2
-num_attention_heads = 2
-intermediate_size = 64
-max_position_embeddings = 70
-hidden_dropout_prob = 0.1
-[data]
-tokenizer = "{tokenizer}"
-inputs = ["{corpus}"]
-cache = "{cache}"
-max_seq_length = 64
-validation_split = 0.05
-[optimizer]
-lr = 2e-3
-weight_decay = 0.01
-[schedule]
-warmup_steps = 5
-[training]
-batch_size = 8
-max_steps = 50
-[eval]
-eval_steps = 10
-batch_size = 16
-[logging]
-log_steps = 1
-{extra}
-"#,
-        tokenizer = common::fixture("tokenizer-go").display(),
-        corpus = common::fixture("tokenizer-corpus.txt").display(),
-        cache = cache.display(),
-    )
-}
-
-fn write_config(dir: &Path, extra: &str) -> PathBuf {
-    let path = dir.join("config.toml");
-    std::fs::write(&path, config_text(&dir.join("cache"), extra)).unwrap();
-    path
-}
-
-/// `step -> loss` from a run's metrics.jsonl (the last record of each step wins).
-fn losses(run_dir: &Path) -> std::collections::BTreeMap<u64, f64> {
-    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter_map(|v| Some((v["step"].as_u64()?, v.get("loss")?.as_f64()?)))
-        .collect()
-}
-
 #[test]
 fn tiny_model_learns_and_leaves_a_complete_run() {
     let dir = tempfile::tempdir().unwrap();
-    let config = TrainConfig::load(&write_config(dir.path(), ""), &[]).unwrap();
+    let config = TrainConfig::load(&common::write_tiny_config(dir.path(), ""), &[]).unwrap();
     let run = dir.path().join("run");
     let outcome = train(
         &config,
@@ -163,7 +109,8 @@ fn tiny_model_learns_and_leaves_a_complete_run() {
 #[test]
 fn resume_after_sigkill_reproduces_every_later_loss() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), "[checkpoint]\nsave_steps = 4\nkeep_last = 3\n");
+    let config =
+        common::write_tiny_config(dir.path(), "[checkpoint]\nsave_steps = 4\nkeep_last = 3\n");
     let masklm = env!("CARGO_BIN_EXE_masklm");
     let run = |out: &Path| {
         Command::new(masklm)
@@ -233,7 +180,7 @@ fn resume_after_sigkill_reproduces_every_later_loss() {
     let stdout = common::masklm_ok(["train".as_ref(), "--resume".as_ref(), killed.as_os_str()]);
     assert!(stdout.contains("finished 24 steps"), "{stdout}");
 
-    let (a, b) = (losses(&whole), losses(&killed));
+    let (a, b) = (common::losses(&whole), common::losses(&killed));
     assert_eq!(a.len(), 24);
     assert_eq!(b.len(), 24);
     for (step, loss) in &a {
@@ -249,7 +196,7 @@ fn resume_after_sigkill_reproduces_every_later_loss() {
 fn nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let config = TrainConfig::load(
-        &write_config(dir.path(), "[checkpoint]\nsave_steps = 1\n"),
+        &common::write_tiny_config(dir.path(), "[checkpoint]\nsave_steps = 1\n"),
         &[
             "optimizer.lr=1e30".to_string(),
             "optimizer.max_grad_norm=0".to_string(),
@@ -286,7 +233,7 @@ fn nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
 #[test]
 fn missing_data_path_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
-    let text = config_text(&dir.path().join("nowhere"), "").replace(
+    let text = common::tiny_config_text(&dir.path().join("nowhere"), "").replace(
         &format!(
             "inputs = [\"{}\"]",
             common::fixture("tokenizer-corpus.txt").display()

@@ -2,7 +2,7 @@
 //! that `scripts/make_reference.py` dumped from transformers.
 #![allow(dead_code)] // Each test binary uses a different subset.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use safetensors::{Dtype, SafeTensors};
@@ -132,4 +132,61 @@ pub fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
         }
     }
     out
+}
+
+/// The tiny training config of the end-to-end tests: hidden 32, 2 layers, the `tokenizer-go`
+/// fixture and `tokenizer-corpus.txt`, its token cache at `cache`; `extra` is appended.
+pub fn tiny_config_text(cache: &Path, extra: &str) -> String {
+    format!(
+        r#"
+seed = 7
+[model]
+hidden_size = 32
+num_hidden_layers = 2
+num_attention_heads = 2
+intermediate_size = 64
+max_position_embeddings = 70
+hidden_dropout_prob = 0.1
+[data]
+tokenizer = "{tokenizer}"
+inputs = ["{corpus}"]
+cache = "{cache}"
+max_seq_length = 64
+validation_split = 0.05
+[optimizer]
+lr = 2e-3
+weight_decay = 0.01
+[schedule]
+warmup_steps = 5
+[training]
+batch_size = 8
+max_steps = 50
+[eval]
+eval_steps = 10
+batch_size = 16
+[logging]
+log_steps = 1
+{extra}
+"#,
+        tokenizer = fixture("tokenizer-go").display(),
+        corpus = fixture("tokenizer-corpus.txt").display(),
+        cache = cache.display(),
+    )
+}
+
+/// Writes the tiny config into `dir/config.toml`, its cache under `dir/cache`.
+pub fn write_tiny_config(dir: &Path, extra: &str) -> PathBuf {
+    let path = dir.join("config.toml");
+    std::fs::write(&path, tiny_config_text(&dir.join("cache"), extra)).unwrap();
+    path
+}
+
+/// `step -> loss` from a run's metrics.jsonl (the last record of each step wins).
+pub fn losses(run_dir: &Path) -> std::collections::BTreeMap<u64, f64> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|v| Some((v["step"].as_u64()?, v.get("loss")?.as_f64()?)))
+        .collect()
 }

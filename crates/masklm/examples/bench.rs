@@ -8,15 +8,20 @@
 //! cargo run --release -p masklm --example bench -- \
 //!     --hidden 256 --layers 4 --heads 4 --ffn 1024 --vocab 8192 --seq 128 --batch 16 --steps 20
 //! ```
-//! Prints `MASKLM_BENCH train_tps=... eval_tps=... rss_mb=... params=...`.
+//! Prints `MASKLM_BENCH train_tps=... eval_tps=... rss_mb=... params=...`. `--backend wgpu|tch`
+//! (and `--device`) run it on an optional backend, in a build with that feature.
 
 use std::time::Instant;
+
+// The CLI's own backend selection, so the benchmark picks devices exactly as `masklm` does.
+#[path = "../src/backend.rs"]
+mod backend;
 
 use burn::module::Module;
 use burn::tensor::Device;
 use masklm_data::{MaskVocab, MaskingConfig, collate, mask_tokens};
 use masklm_model::{RobertaConfig, RobertaForMaskedLM};
-use masklm_train::{OptimizerConfig, train_step};
+use masklm_train::{LossScaler, OptimizerConfig, Precision, train_step};
 
 fn arg(name: &str, default: usize) -> usize {
     let args: Vec<String> = std::env::args().collect();
@@ -25,6 +30,12 @@ fn arg(name: &str, default: usize) -> usize {
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+fn text_arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    let i = args.iter().position(|a| a == name)?;
+    args.get(i + 1).cloned()
 }
 
 fn peak_rss_mb() -> f64 {
@@ -63,7 +74,18 @@ fn main() {
         layer_norm_eps: 1e-5,
         ..RobertaConfig::default()
     };
-    let device = Device::flex();
+    let name = text_arg("--backend").unwrap_or_else(|| "cpu".to_string());
+    let Ok(choice) = <backend::Backend as clap::ValueEnum>::from_str(&name, true) else {
+        eprintln!("bench: unknown --backend {name}");
+        std::process::exit(2);
+    };
+    let device: Device = match backend::device(choice, text_arg("--device").as_deref()) {
+        Ok(device) => device,
+        Err(e) => {
+            eprintln!("bench: {e}");
+            std::process::exit(2);
+        }
+    };
     let ad = device.clone().autodiff();
     ad.seed(0);
     let mut model = RobertaForMaskedLM::new(&config, &ad).expect("valid shape");
@@ -109,6 +131,20 @@ fn main() {
         collate(&examples, 1, device).expect("non-empty batch")
     };
 
+    let precision = match text_arg("--precision").as_deref() {
+        None | Some("f32") => Precision::F32,
+        Some("bf16") => Precision::Bf16,
+        Some("f16") => Precision::F16,
+        Some(other) => {
+            eprintln!("bench: --precision {other}: expected f32, bf16 or f16");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = precision.check(&device) {
+        eprintln!("bench: --precision {precision:?} is not supported here: {e}");
+        std::process::exit(2);
+    }
+    let mut scaler = LossScaler::default();
     let warmup = arg("--warmup", 3);
     let mut start = Instant::now();
     for step in 0..warmup + steps {
@@ -116,8 +152,15 @@ fn main() {
             start = Instant::now();
         }
         let b = make_batch(step, &ad);
-        let (next_model, _) =
-            train_step(model, &mut optimizer, std::slice::from_ref(&b), 1e-4, 1.0);
+        let (next_model, _) = train_step(
+            model,
+            &mut optimizer,
+            std::slice::from_ref(&b),
+            1e-4,
+            1.0,
+            precision,
+            &mut scaler,
+        );
         model = next_model;
     }
     let train_tps = (steps * batch * seq) as f64 / start.elapsed().as_secs_f64();

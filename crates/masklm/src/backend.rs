@@ -17,6 +17,17 @@ pub enum Backend {
     Tch,
 }
 
+impl Backend {
+    /// The name `--backend` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Cpu => "cpu",
+            Backend::Wgpu => "wgpu",
+            Backend::Tch => "tch",
+        }
+    }
+}
+
 /// Parses `INDEX` in `name:INDEX`, defaulting to 0.
 #[allow(dead_code)] // Used only by the optional backends.
 fn index(spec: &str, name: &str) -> Result<usize> {
@@ -32,8 +43,62 @@ fn index(spec: &str, name: &str) -> Result<usize> {
     }
 }
 
-/// The device for `backend`, from `--device` (backend-specific; see `--help`).
+/// The device for `backend`, from `--device` (backend-specific; see `--help`), checked to be
+/// usable: a GPU backend without its driver or device fails here with a message, not later
+/// with a panic deep inside the first tensor operation.
 pub fn device(backend: Backend, spec: Option<&str>) -> Result<Device> {
+    let device = device_unchecked(backend, spec)?;
+    if backend != Backend::Cpu {
+        probe(&device, backend, spec)?;
+    }
+    Ok(device)
+}
+
+/// Runs one tiny operation on `device`. wgpu (cubecl) and tch report a missing driver or device
+/// by panicking, so the panic is caught here and turned into advice.
+fn probe(device: &Device, backend: Backend, spec: Option<&str>) -> Result<()> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {})); // The advice below replaces the panic's message.
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let t = burn::tensor::Tensor::<1>::ones([2], device);
+        t.sum().into_scalar::<f32>()
+    }));
+    std::panic::set_hook(hook);
+    let what = spec.unwrap_or("the default device");
+    match result {
+        Ok(sum) if sum == 2.0 => Ok(()),
+        Ok(sum) => bail!(
+            "--backend {} ({what}): a test sum gave {sum}, not 2",
+            backend.name()
+        ),
+        Err(panic) => {
+            let detail = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("no detail");
+            let advice = match backend {
+                Backend::Wgpu => {
+                    "wgpu needs a Vulkan, Metal or DX12 driver: on Linux the Vulkan loader \
+                     (libvulkan1) and a driver (the GPU vendor's, or mesa-vulkan-drivers for \
+                     the CPU-only lavapipe); `vulkaninfo --summary` lists what is visible"
+                }
+                Backend::Tch => {
+                    "libtorch could not use that device: for CUDA, install the CUDA build of \
+                     torch (scripts/setup-libtorch.sh) on a machine with an NVIDIA driver; \
+                     `--device cpu` always works"
+                }
+                Backend::Cpu => "",
+            };
+            bail!(
+                "--backend {}: cannot use {what} ({detail}); {advice}",
+                backend.name()
+            )
+        }
+    }
+}
+
+fn device_unchecked(backend: Backend, spec: Option<&str>) -> Result<Device> {
     match backend {
         Backend::Cpu => match spec {
             None | Some("cpu") => Ok(Device::flex()),

@@ -62,7 +62,13 @@ impl MlmDropout {
             }
         }
         let mask = Tensor::<D>::from_data(TensorData::new(mask, shape), &input.device());
-        input * mask
+        let dtype = input.dtype();
+        input
+            * if mask.dtype() == dtype {
+                mask
+            } else {
+                mask.cast(dtype)
+            }
     }
 }
 

@@ -12,7 +12,7 @@
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, LayerNorm, LayerNormConfig, Linear};
 use burn::tensor::activation::{gelu, gelu_approximate, log_softmax, relu, softmax};
-use burn::tensor::{Bool, Device, Distribution, Int, Tensor};
+use burn::tensor::{Bool, DType, Device, Distribution, FloatDType, Int, Tensor};
 
 use crate::dropout::MlmDropout;
 use crate::{HiddenAct, RobertaConfig};
@@ -53,6 +53,23 @@ fn embedding(
     }
 }
 
+/// `x` in `dtype` (no operation when it already is).
+fn cast<const D: usize>(x: Tensor<D>, dtype: DType) -> Tensor<D> {
+    if x.dtype() == dtype {
+        x
+    } else {
+        x.cast(FloatDType::from(dtype))
+    }
+}
+
+/// A Linear layer applied in its weight's dtype. Under mixed precision (masklm-train's
+/// autocast) only Linear weights are half precision: matmuls run in bf16/f16 while
+/// embeddings, LayerNorm, softmax and the loss stay in f32, as torch.autocast does.
+fn dense<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
+    let dtype = layer.weight.val().dtype();
+    layer.forward(cast(x, dtype))
+}
+
 fn layer_norm(config: &RobertaConfig, device: &Device) -> LayerNorm {
     LayerNormConfig::new(config.hidden_size)
         .with_epsilon(config.layer_norm_eps)
@@ -61,10 +78,41 @@ fn layer_norm(config: &RobertaConfig, device: &Device) -> LayerNorm {
 
 fn activate<const D: usize>(act: HiddenAct, x: Tensor<D>) -> Tensor<D> {
     match act {
+        HiddenAct::Gelu if needs_composite_gelu(&x.device()) => {
+            // 0.5 x (1 + erf(x / sqrt 2)), differentiated op by op: exact both ways.
+            (x.clone().mul_scalar(std::f64::consts::FRAC_1_SQRT_2).erf() + 1.0) * x * 0.5
+        }
         HiddenAct::Gelu => gelu(x),
         HiddenAct::GeluNew | HiddenAct::GeluPytorchTanh => gelu_approximate(x),
         HiddenAct::Relu => relu(x),
     }
+}
+
+/// Whether GELU must be built from `erf` on `device` to get the exact gradient.
+///
+/// burn 0.22's default `gelu_backward`, which the cubecl backends (wgpu) inherit, is the
+/// derivative of the *tanh approximation* while the forward is the exact erf form; flex and
+/// tch implement the exact derivative. On wgpu this put gradients ~1e-3 (relative) away from
+/// transformers'. Rather than naming backends, probe once per autodiff device: the native
+/// derivative at x = 1 must be Phi(1) + phi(1) = 1.0833155.
+fn needs_composite_gelu(device: &Device) -> bool {
+    static PROBED: std::sync::Mutex<Vec<(Device, bool)>> = std::sync::Mutex::new(Vec::new());
+    if !device.is_autodiff() {
+        return false;
+    }
+    let mut probed = PROBED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, needs)) = probed.iter().find(|(d, _)| d == device) {
+        return *needs;
+    }
+    let x = Tensor::<1>::from_floats([1.0], device).require_grad();
+    let grads = gelu(x.clone()).backward();
+    let derivative = x
+        .grad(&grads)
+        .map(|g| g.into_scalar::<f32>())
+        .unwrap_or(f32::NAN);
+    let needs = (derivative - 1.083_315_5).abs() > 1e-5;
+    probed.push((device.clone(), needs));
+    needs
 }
 
 /// HF `create_position_ids_from_input_ids`: pads get `padding_idx`, real tokens count up from
@@ -179,13 +227,15 @@ impl RobertaSelfAttention {
             t.reshape([batch, seq, self.num_heads, head_dim])
                 .swap_dims(1, 2)
         };
-        let q = heads(self.query.forward(x.clone()));
-        let k = heads(self.key.forward(x.clone()));
-        let v = heads(self.value.forward(x));
+        let q = heads(dense(&self.query, x.clone()));
+        let k = heads(dense(&self.key, x.clone()));
+        let v = heads(dense(&self.value, x));
 
-        // [batch, heads, seq, seq]
-        let scores = q.matmul(k.swap_dims(2, 3)) / (head_dim as f64).sqrt() + mask_bias;
-        let probs = self.dropout.forward(softmax(scores, 3));
+        // [batch, heads, seq, seq]; the mask and softmax in f32 (mixed precision: the scores
+        // may be half precision).
+        let scores = q.matmul(k.swap_dims(2, 3)) / (head_dim as f64).sqrt();
+        let probs = softmax(cast(scores, mask_bias.dtype()) + mask_bias, 3);
+        let probs = self.dropout.forward(cast(probs, v.dtype()));
         // [batch, heads, seq, head_dim] -> [batch, seq, hidden]
         probs
             .matmul(v)
@@ -216,8 +266,8 @@ impl RobertaOutput {
     /// - `x`: `[batch, seq, d_input]`, `residual`: `[batch, seq, hidden]`
     /// - output: `[batch, seq, hidden]`
     pub fn forward(&self, x: Tensor<3>, residual: Tensor<3>) -> Tensor<3> {
-        let x = self.dropout.forward(self.dense.forward(x));
-        self.LayerNorm.forward(x + residual)
+        let x = self.dropout.forward(dense(&self.dense, x));
+        self.LayerNorm.forward(cast(x, residual.dtype()) + residual)
     }
 }
 
@@ -268,7 +318,7 @@ impl RobertaLayer {
         let x = self.attention.output.forward(attn, x);
         let ffn = activate(
             self.intermediate.act,
-            self.intermediate.dense.forward(x.clone()),
+            dense(&self.intermediate.dense, x.clone()),
         );
         self.output.forward(ffn, x)
     }
@@ -351,10 +401,15 @@ impl RobertaLMHead {
         features: Tensor<D>,
         word_embeddings: Tensor<2>,
     ) -> Tensor<D> {
-        let x = self
-            .layer_norm
-            .forward(activate(self.act, self.dense.forward(features)));
-        burn::tensor::module::linear(x, word_embeddings.transpose(), Some(self.bias.val()))
+        let x = activate(self.act, dense(&self.dense, features));
+        let x = self.layer_norm.forward(cast(x, DType::F32));
+        // The decoder runs in the dense layer's dtype too (the largest matmul at big vocabularies).
+        let dtype = self.dense.weight.val().dtype();
+        burn::tensor::module::linear(
+            cast(x, dtype),
+            cast(word_embeddings, dtype).transpose(),
+            Some(cast(self.bias.val(), dtype)),
+        )
     }
 }
 
@@ -435,7 +490,8 @@ impl RobertaForMaskedLM {
 /// - output: `[1]`
 pub fn mlm_loss(logits: Tensor<2>, labels: Tensor<1, Int>) -> Tensor<1> {
     let [masked] = labels.dims();
-    let log_probs = log_softmax(logits, 1);
+    // In f32 whatever the logits' precision, as torch.autocast runs log_softmax.
+    let log_probs = log_softmax(cast(logits, DType::F32), 1);
     let picked = log_probs.gather(1, labels.reshape([masked, 1]));
     picked.mean().neg()
 }

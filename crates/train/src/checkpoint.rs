@@ -44,6 +44,9 @@ pub struct TrainState {
     /// The run's seed (masks, shuffling and dropout derive from it and the step).
     pub seed: u64,
     pub total_steps: usize,
+    /// f16 mixed precision: the loss scaler (absent in f32/bf16 runs and older checkpoints).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scaler: Option<crate::LossScaler>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -95,6 +95,10 @@ pub struct TrainingSection {
     /// Total optimizer steps; or give `epochs`.
     pub max_steps: Option<usize>,
     pub epochs: Option<f64>,
+    /// "f32" (default), or mixed precision "bf16" / "f16" (matmuls in half precision, f32
+    /// master weights; see masklm_train::precision).
+    #[serde(default)]
+    pub precision: crate::Precision,
 }
 
 fn one() -> usize {

@@ -3,6 +3,7 @@
 //! - [`config`]: the TOML file (`configs/*.toml`) and `--set` overrides, validated;
 //! - [`optim`]: AdamW with HF Trainer parameter groups, global-norm clipping, warmup/decay;
 //! - [`step`]: one optimizer step with gradient accumulation;
+//! - [`precision`]: mixed precision (bf16/f16 matmuls, f32 master weights, f16 loss scaling);
 //! - [`eval`]: held-out perplexity and masked-token accuracy;
 //! - [`checkpoint`]: atomic, checksummed, rotated checkpoints;
 //! - [`trainer`]: the step-based loop with exact resume, metrics.jsonl and TensorBoard.
@@ -11,6 +12,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod eval;
 pub mod optim;
+pub mod precision;
 pub mod step;
 pub mod trainer;
 
@@ -18,7 +20,8 @@ use std::path::PathBuf;
 
 pub use config::TrainConfig;
 pub use eval::{EvalResult, EvalSettings, evaluate};
-pub use optim::{Decay, OptimizerConfig, ScheduleConfig, clip_grad_norm};
+pub use optim::{Decay, OptimizerConfig, ScheduleConfig, clip_grad_norm, clip_grad_norm_scaled};
+pub use precision::{LossScaler, Precision};
 pub use step::{StepStats, train_step};
 pub use trainer::{Observer, RunInfo, RunOutcome, Silent, StepLog, train};
 

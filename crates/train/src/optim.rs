@@ -113,6 +113,17 @@ pub fn clip_grad_norm<M: Module>(
     grads: GradientsParams,
     max_norm: f64,
 ) -> (GradientsParams, f64) {
+    clip_grad_norm_scaled(model, grads, max_norm, 1.0)
+}
+
+/// [`clip_grad_norm`] for gradients of a loss multiplied by `loss_scale` (f16 loss scaling):
+/// they are divided by it first, and the norm returned is the unscaled one.
+pub fn clip_grad_norm_scaled<M: Module>(
+    model: &M,
+    grads: GradientsParams,
+    max_norm: f64,
+    loss_scale: f64,
+) -> (GradientsParams, f64) {
     struct SumSquares<'a> {
         grads: &'a GradientsParams,
         total: Option<Tensor<1>>,
@@ -148,10 +159,16 @@ pub fn clip_grad_norm<M: Module>(
     let norm = sum
         .total
         .map(|t| (t.into_scalar::<f32>() as f64).sqrt())
-        .unwrap_or(0.0);
-    if max_norm > 0.0 && norm.is_finite() {
-        let factor = (max_norm / (norm + 1e-6)).min(1.0);
-        if factor < 1.0 {
+        .unwrap_or(0.0)
+        / loss_scale;
+    if norm.is_finite() {
+        let clip = if max_norm > 0.0 {
+            (max_norm / (norm + 1e-6)).min(1.0)
+        } else {
+            1.0
+        };
+        let factor = clip / loss_scale;
+        if factor != 1.0 {
             let mut scale = Scale { grads, factor };
             model.visit(&mut scale);
             return (scale.grads, norm);

@@ -4,6 +4,8 @@ use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use masklm_data::MlmBatch;
 use masklm_model::{RobertaForMaskedLM, mlm_loss};
 
+use crate::precision::{LossScaler, Precision, autocast};
+
 /// What one optimizer step measured.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepStats {
@@ -13,11 +15,15 @@ pub struct StepStats {
     pub grad_norm: f64,
     /// Masked tokens that contributed.
     pub masked: usize,
+    /// f16 only: the gradients overflowed, the update was skipped and the loss scale halved.
+    pub skipped: bool,
 }
 
 /// Runs forward and backward on each micro-batch, accumulates gradients weighted by each
 /// micro-batch's share of masked tokens (so accumulation equals one larger batch), clips them
-/// to `max_grad_norm` and applies one AdamW update at `lr`.
+/// to `max_grad_norm` and applies one AdamW update at `lr`. Under mixed precision (see
+/// [`crate::precision`]) the forward and backward run on a half-precision view of `model`,
+/// and the update on its f32 weights; `scaler` is used (and updated) for f16 only.
 ///
 /// Returns the model unchanged and `None` when no micro-batch has a masked token.
 pub fn train_step(
@@ -26,15 +32,26 @@ pub fn train_step(
     batches: &[MlmBatch],
     lr: f64,
     max_grad_norm: f64,
+    precision: Precision,
+    scaler: &mut LossScaler,
 ) -> (RobertaForMaskedLM, Option<StepStats>) {
     let total: usize = batches.iter().map(|b| b.masked).sum();
     if total == 0 {
         return (model, None);
     }
+    let compute = match precision.half() {
+        Some(dtype) => autocast(&model, dtype),
+        None => model.clone(),
+    };
+    let loss_scale = if precision == Precision::F16 {
+        scaler.scale
+    } else {
+        1.0
+    };
     let mut accumulator = GradientsAccumulator::<RobertaForMaskedLM>::new();
     let mut loss_sum = 0.0;
     for batch in batches.iter().filter(|b| b.masked > 0) {
-        let logits = model.forward_at(
+        let logits = compute.forward_at(
             batch.input_ids.clone(),
             batch.attention_mask.clone(),
             batch.positions.clone(),
@@ -43,18 +60,29 @@ pub fn train_step(
         let weight = batch.masked as f64 / total as f64;
         let weighted = loss.mul_scalar(weight);
         loss_sum += weighted.clone().into_scalar::<f32>() as f64;
-        let grads = GradientsParams::from_grads(weighted.backward(), &model);
+        // Gradients are taken for the f32 parameters of `model`: under autocast they flow
+        // back through the casts.
+        let grads = GradientsParams::from_grads(weighted.mul_scalar(loss_scale).backward(), &model);
         accumulator.accumulate(&model, grads);
     }
     let (grads, grad_norm) =
-        crate::optim::clip_grad_norm(&model, accumulator.grads(), max_grad_norm);
-    let model = optimizer.step(lr, model, grads);
+        crate::optim::clip_grad_norm_scaled(&model, accumulator.grads(), max_grad_norm, loss_scale);
+    let skipped = precision == Precision::F16 && !grad_norm.is_finite();
+    if precision == Precision::F16 {
+        scaler.update(skipped);
+    }
+    let model = if skipped {
+        model
+    } else {
+        optimizer.step(lr, model, grads)
+    };
     (
         model,
         Some(StepStats {
             loss: loss_sum,
             grad_norm,
             masked: total,
+            skipped,
         }),
     )
 }

@@ -30,7 +30,7 @@ use crate::checkpoint::{
     rotate, save_checkpoint,
 };
 use crate::eval::{EvalResult, EvalSettings, evaluate};
-use crate::{TrainConfig, TrainError, train_step};
+use crate::{Precision, TrainConfig, TrainError, train_step};
 
 /// Facts about a run, given to the observer when it starts.
 #[derive(Debug, Clone)]
@@ -345,6 +345,17 @@ pub fn train(
         });
     }
 
+    let precision = config.training.precision;
+    precision
+        .check(device)
+        .map_err(|reason| TrainError::Config {
+            key: "training.precision".to_string(),
+            reason: format!(
+                "this backend cannot train in {precision:?} ({reason}); use \"f32\", or \
+                 bf16/f16 on a backend with half-precision support (tch, or wgpu on a GPU \
+                 with shader-f16)"
+            ),
+        })?;
     let ad_device = device.clone().autodiff();
     let (model_config, mut model, mut optimizer, mut state) = match &latest {
         Some(checkpoint) if resume => {
@@ -363,6 +374,7 @@ pub fn train(
                 best_step: None,
                 seed: config.seed,
                 total_steps: 0,
+                loss_scaler: None,
             };
             (model_config, model, optimizer, state)
         }
@@ -456,13 +468,19 @@ pub fn train(
             feeder.micro_batches(step, &train_split, &vocab, &config.masking, &ad_device);
         let lr = config.schedule.lr(config.optimizer.lr, step, total_steps);
         masklm_model::seed_dropout(dropout_seed(config.seed, step));
+        let mut scaler = state.loss_scaler.unwrap_or_default();
         let (next, stats) = train_step(
             model,
             &mut optimizer,
             &batches,
             lr,
             config.optimizer.max_grad_norm,
+            precision,
+            &mut scaler,
         );
+        if precision == Precision::F16 {
+            state.loss_scaler = Some(scaler);
+        }
         model = next;
         state.step += 1;
         state.samples_seen += (batch_size * accum) as u64;

@@ -1,0 +1,268 @@
+//! The optional backends (wgpu, libtorch) against transformers and against the CPU backend.
+//!
+//! Compiled only into builds with `--features wgpu` and/or `--features tch`; `.ci/run` builds
+//! both and installs Mesa's lavapipe so that wgpu has a (software) Vulkan device. Every backend
+//! compiled in is tested: on a machine without its driver these tests fail, by design.
+//!
+//! - the fixture models' logits, masked loss and gradients match transformers within 1e-4
+//!   (the same fixtures as tests/model_parity.rs, written by scripts/make_reference.py);
+//! - `masklm train` for 20 steps gives the same losses as on the CPU backend within 1e-3;
+//! - a checkpoint trained on one backend gives the same fill-mask top-5 and the same
+//!   perplexity on every backend.
+#![cfg(any(feature = "wgpu", feature = "tch"))]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use common::{Reference, max_abs_diff, transpose, values};
+use masklm_model::{RobertaForMaskedLM, mlm_loss};
+
+/// `(--backend name, device)` for each optional backend compiled in.
+fn backends() -> Vec<(&'static str, Device)> {
+    #[allow(unused_mut)]
+    let mut out = Vec::new();
+    #[cfg(feature = "wgpu")]
+    out.push((
+        "wgpu",
+        Device::wgpu(burn::tensor::DeviceKind::DefaultDevice),
+    ));
+    #[cfg(feature = "tch")]
+    #[allow(deprecated)]
+    // burn 0.22 marks burn-tch deprecated; it is still the libtorch backend.
+    out.push(("tch", Device::libtorch()));
+    out
+}
+
+/// Flat positions and labels of the masked tokens (label != -100) of a reference batch.
+fn masked(reference: &Reference, device: &Device) -> (Tensor<1, Int>, Tensor<1, Int>) {
+    let labels = reference.i64("labels");
+    let (positions, targets): (Vec<i64>, Vec<i64>) = labels
+        .data
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| **l != -100)
+        .map(|(i, l)| (i as i64, *l))
+        .unzip();
+    let n = positions.len();
+    (
+        Tensor::from_data(TensorData::new(positions, [n]), device),
+        Tensor::from_data(TensorData::new(targets, [n]), device),
+    )
+}
+
+#[test]
+fn fixture_models_match_transformers_on_every_backend() {
+    for (backend, device) in backends() {
+        for name in ["roberta-tiny", "bert-tiny"] {
+            let reference = Reference::load(name);
+            let dir = common::fixture(name);
+            let (_, model, _) = masklm_hub::load_roberta(&dir, &device).unwrap();
+            let logits = model.forward(
+                reference.int2("input_ids", &device),
+                reference.int2("attention_mask", &device),
+            );
+            let diff = max_abs_diff(&values(logits), &reference.f32("logits").data);
+            println!("{backend} {name}: logits max abs diff {diff:e}");
+            assert!(diff <= 1e-4, "{backend} {name}: logits differ by {diff}");
+
+            // Loss and the gradient of the tied word embeddings on the autodiff device,
+            // dropout off as in the reference.
+            let device = device.clone().autodiff();
+            let mut config = masklm_hub::read_config(&dir).unwrap();
+            config.hidden_dropout_prob = 0.0;
+            config.attention_probs_dropout_prob = 0.0;
+            let mut model = RobertaForMaskedLM::new(&config, &device).unwrap();
+            masklm_hub::load_weights(&mut model, &dir).unwrap();
+            let (positions, labels) = masked(&reference, &device);
+            let logits = model.forward_at(
+                reference.int2("input_ids", &device),
+                reference.int2("attention_mask", &device),
+                positions,
+            );
+            let loss = mlm_loss(logits, labels);
+            let grads = loss.backward();
+            let loss = values(loss)[0];
+            let expected = reference.f32("loss").data[0];
+            assert!(
+                (loss - expected).abs() <= 1e-4,
+                "{backend} {name}: loss {loss} vs transformers {expected}"
+            );
+            let prefix = if name.starts_with("bert") {
+                "bert"
+            } else {
+                "roberta"
+            };
+            let embeddings = model.roberta.embeddings.word_embeddings.weight.val();
+            let grad = values(embeddings.grad(&grads).expect("embedding gradient"));
+            let expected =
+                reference.f32(&format!("grad.{prefix}.embeddings.word_embeddings.weight"));
+            let diff = max_abs_diff(&grad, &expected.data);
+            println!("{backend} {name}: word-embedding gradient max abs diff {diff:e}");
+            assert!(diff <= 1e-4, "{backend} {name}: gradient differs by {diff}");
+            let query = model.roberta.encoder.layer[0]
+                .attention
+                .self_attn
+                .query
+                .weight
+                .val();
+            let [rows, cols] = query.dims();
+            let grad = transpose(
+                &values(query.grad(&grads).expect("query gradient")),
+                rows,
+                cols,
+            );
+            let expected = reference.f32(&format!(
+                "grad.{prefix}.encoder.layer.0.attention.self.query.weight"
+            ));
+            let diff = max_abs_diff(&grad, &expected.data);
+            assert!(
+                diff <= 1e-4,
+                "{backend} {name}: query gradient differs by {diff}"
+            );
+        }
+    }
+}
+
+/// `masklm [--backend B] ARGS...`, which must succeed; its stdout.
+fn masklm_on(backend: &str, args: &[&str]) -> String {
+    let mut all = vec!["--backend", backend];
+    all.extend_from_slice(args);
+    common::masklm_ok(all)
+}
+
+/// Trains the tiny config for 20 steps on `backend` into `dir/backend`; the checkpoint.
+fn train_20_steps(dir: &Path, config: &Path, backend: &str) -> PathBuf {
+    let out = dir.join(backend);
+    let (config, out_arg) = (config.display().to_string(), out.display().to_string());
+    masklm_on(
+        backend,
+        &[
+            "train",
+            "--config",
+            &config,
+            "--out",
+            &out_arg,
+            "--set",
+            "training.max_steps=20",
+            "--set",
+            "eval.eval_steps=0",
+            "--set",
+            "checkpoint.save_steps=20",
+        ],
+    );
+    out.join("checkpoints/step-0000020")
+}
+
+const SENTENCES: [&str; 3] = [
+    "The binding of a <mask> to a receptor.",
+    "Any process that modulates the <mask> of a cell.",
+    "The chemical reactions and pathways involving <mask>.",
+];
+
+/// Fill-mask top-5 of `SENTENCES` with `model` on `backend`: per sentence, (token, score).
+fn top5(backend: &str, model: &Path) -> Vec<Vec<(i64, f64)>> {
+    let model = model.display().to_string();
+    let mut args = vec!["fill-mask", "--model", &model, "--json", "--top-k", "5"];
+    args.extend(SENTENCES);
+    masklm_on(backend, &args)
+        .lines()
+        .map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|c| (c["token"].as_i64().unwrap(), c["score"].as_f64().unwrap()))
+                .collect()
+        })
+        .collect()
+}
+
+/// Same tokens in the same order with scores within 1e-4; two candidates whose scores are
+/// within 1e-6 of each other may come in either order (a tie at f32 rounding).
+fn assert_same_top5(what: &str, a: &[Vec<(i64, f64)>], b: &[Vec<(i64, f64)>]) {
+    assert_eq!(a.len(), b.len(), "{what}");
+    for (sentence, (a, b)) in SENTENCES.iter().zip(a.iter().zip(b)) {
+        assert_eq!(a.len(), 5, "{what}: {sentence}");
+        assert_eq!(b.len(), 5, "{what}: {sentence}");
+        for (i, ((ta, sa), (tb, sb))) in a.iter().zip(b).enumerate() {
+            assert!(
+                (sa - sb).abs() <= 1e-4,
+                "{what}: {sentence}: rank {i} {sa} vs {sb}"
+            );
+            let tied = |j: usize| a.get(j).is_some_and(|(_, s)| (s - sa).abs() <= 1e-6);
+            let tie = (i > 0 && tied(i - 1)) || tied(i + 1);
+            assert!(
+                ta == tb || tie,
+                "{what}: {sentence}: rank {i} is token {ta} vs {tb}\n{a:?}\n{b:?}"
+            );
+        }
+    }
+}
+
+/// Perplexity of `model` on the tiny corpus on `backend`.
+fn perplexity(backend: &str, model: &Path) -> f64 {
+    let model = model.display().to_string();
+    let corpus = common::fixture("tokenizer-corpus.txt")
+        .display()
+        .to_string();
+    let out = masklm_on(
+        backend,
+        &[
+            "eval",
+            "--model",
+            &model,
+            "--input",
+            &corpus,
+            "--max-seq-length",
+            "64",
+            "--json",
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    v["perplexity"].as_f64().unwrap()
+}
+
+#[test]
+fn training_and_checkpoints_agree_across_backends() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::write_tiny_config(dir.path(), "");
+    // Runs one after another: they share the token cache the first one writes.
+    let cpu = train_20_steps(dir.path(), &config, "cpu");
+    let cpu_losses = common::losses(&dir.path().join("cpu"));
+    assert_eq!(cpu_losses.len(), 20);
+    let mut checkpoints = vec![("cpu", cpu)];
+    for (backend, _) in backends() {
+        let checkpoint = train_20_steps(dir.path(), &config, backend);
+        let losses = common::losses(&dir.path().join(backend));
+        assert_eq!(losses.len(), 20, "{backend}");
+        let worst = cpu_losses
+            .iter()
+            .map(|(step, loss)| (loss - losses[step]).abs())
+            .fold(0.0, f64::max);
+        println!("{backend}: 20 training losses within {worst:e} of cpu");
+        assert!(
+            worst <= 1e-3,
+            "{backend}: losses differ from cpu by {worst}"
+        );
+        checkpoints.push((backend, checkpoint));
+    }
+
+    // Each checkpoint, read on every backend: the same predictions and perplexity.
+    let names: Vec<&str> = checkpoints.iter().map(|(b, _)| *b).collect();
+    for (trained_on, checkpoint) in &checkpoints {
+        let on_cpu = top5("cpu", checkpoint);
+        let ppl_cpu = perplexity("cpu", checkpoint);
+        for backend in &names[1..] {
+            let what = format!("trained on {trained_on}, read on {backend}");
+            assert_same_top5(&what, &on_cpu, &top5(backend, checkpoint));
+            let ppl = perplexity(backend, checkpoint);
+            println!("{what}: perplexity {ppl} vs {ppl_cpu} on cpu");
+            assert!(
+                (ppl - ppl_cpu).abs() <= 1e-4 * ppl_cpu,
+                "{what}: perplexity {ppl} vs {ppl_cpu} on cpu"
+            );
+        }
+    }
+}
