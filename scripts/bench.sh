@@ -6,12 +6,16 @@
 #   bash scripts/bench.sh                      # default CPU backend, small and base-shaped
 #   BACKENDS="cpu tch" bash scripts/bench.sh   # also libtorch (CPU), from $VENV's torch wheel
 #   CONFIGS=small BACKENDS="cpu tch wgpu" DEVICE_tch=cuda:0 bash scripts/bench.sh
+#   PRECISION=bf16 ...                         # mixed precision on both sides (torch.autocast)
+#   HF_DEVICE=cuda:0 ...                       # transformers on a GPU (scripts/gpu-check.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-/var/tmp/masklm-venv}
 THREADS=${THREADS:-2}
 BACKENDS=${BACKENDS:-cpu}
 CONFIGS=${CONFIGS:-small base}
+PRECISION=${PRECISION:-f32}
+HF_DEVICE=${HF_DEVICE:-cpu}
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/masklm-target}"
 export RAYON_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS
 features=()
@@ -41,7 +45,8 @@ label() { case $1 in cpu) echo 'masklm (flex, CPU)' ;; tch) echo "masklm (libtor
 for name in $CONFIGS; do
   args=${!name}
   # shellcheck disable=SC2086
-  hf=$("$VENV/bin/python" scripts/bench_hf.py $args --threads "$THREADS" 2>/dev/null)
+  hf=$("$VENV/bin/python" scripts/bench_hf.py $args --threads "$THREADS" --device "$HF_DEVICE" \
+    --precision "$PRECISION" 2>/dev/null)
   gflops=$(field matmul_gflops "$hf")
   for b in $BACKENDS hf; do
     if [[ $b == hf ]]; then
@@ -49,12 +54,15 @@ for name in $CONFIGS; do
     else
       dev_var=DEVICE_$b
       # shellcheck disable=SC2086
-      line=$("$bench" $args --backend "$b" ${!dev_var:+--device "${!dev_var}"})
+      if ! line=$("$bench" $args --backend "$b" ${!dev_var:+--device "${!dev_var}"} --precision "$PRECISION"); then
+        rows+=("| $name | $(label "$b") | failed (see above) | | | |")
+        continue
+      fi
       params=$(field params "$line")
       results+=("$(awk -v a="$(field train_tps "$line")" -v b="$(field train_tps "$hf")" \
         -v c="$(field eval_tps "$line")" -v d="$(field eval_tps "$hf")" \
-        -v e="$(field rss_mb "$line")" -v f="$(field rss_mb "$hf")" -v n="$name" -v k="$b" \
-        'BEGIN{printf "RESULT config=%s backend=%s train_ratio=%.2f eval_ratio=%.2f rss_ratio=%.2f", n, (k == "cpu" ? "flex" : k), a/b, c/d, e/f}')")
+        -v e="$(field rss_mb "$line")" -v f="$(field rss_mb "$hf")" -v n="$name" -v k="$b" -v p="$PRECISION" \
+        'BEGIN{printf "RESULT config=%s backend=%s train_ratio=%.2f eval_ratio=%.2f rss_ratio=%.2f precision=%s", n, (k == "cpu" ? "flex" : k), a/b, c/d, e/f, p}')")
     fi
     t=$(field train_tps "$line"); e=$(field eval_tps "$line"); r=$(field rss_mb "$line")
     # Model FLOPs utilisation: ~6 x parameters x tokens per second against the matmul peak.
@@ -62,7 +70,7 @@ for name in $CONFIGS; do
     rows+=("$(printf '| %-5s | %-26s | %10.0f | %10.0f | %8.0f | %6s%% |' "$name" "$([[ $b == hf ]] && echo 'transformers+PyTorch' || label "$b")" "$t" "$e" "$r" "$mfu")")
   done
 done
-echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), fp32 matmul peak ${gflops} GFLOP/s (torch, $THREADS threads)"
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), fp32 matmul peak ${gflops} GFLOP/s (torch on $HF_DEVICE, $THREADS threads); precision $PRECISION"
 echo "| config | implementation | train tok/s | eval tok/s | peak RSS MB | MFU |"
 echo "|---|---|---|---|---|---|"
 printf '%s\n' "${rows[@]}"

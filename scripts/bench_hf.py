@@ -40,16 +40,24 @@ class Vocab:
         return self._pad_token
 
 
-def matmul_gflops(threads):
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_gflops(threads, device):
     torch.set_num_threads(threads)
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    size = 4096 if device.type == "cuda" else 1024
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
     for _ in range(3):
         a @ b
+    sync(device)
     n = 20
     start = time.perf_counter()
     for _ in range(n):
         a @ b
-    return 2 * 1024**3 * n / (time.perf_counter() - start) / 1e9
+    sync(device)
+    return 2 * size**3 * n / (time.perf_counter() - start) / 1e9
 
 
 def main():
@@ -57,13 +65,20 @@ def main():
     for name, default in [("hidden", 256), ("layers", 4), ("heads", 4), ("ffn", 1024), ("vocab", 8192),
                           ("seq", 128), ("batch", 16), ("steps", 20), ("threads", 2), ("warmup", 3)]:
         p.add_argument(f"--{name}", type=int, default=default)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (scripts/gpu-check.sh)")
+    p.add_argument("--precision", default="f32", choices=["f32", "bf16", "f16"],
+                   help="bf16/f16: torch.autocast (+ GradScaler for f16)")
     a = p.parse_args()
+    device = torch.device(a.device)
+    half = {"f32": None, "bf16": torch.bfloat16, "f16": torch.float16}[a.precision]
+    autocast = lambda: torch.autocast(device.type, dtype=half, enabled=half is not None)
+    scaler = torch.amp.GradScaler(device.type, enabled=a.precision == "f16")
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     config = RobertaConfig(vocab_size=a.vocab, hidden_size=a.hidden, num_hidden_layers=a.layers,
                            num_attention_heads=a.heads, intermediate_size=a.ffn,
                            max_position_embeddings=a.seq + 2, type_vocab_size=1, layer_norm_eps=1e-5)
-    model = RobertaForMaskedLM(config)
+    model = RobertaForMaskedLM(config).to(device)
     params = sum(p.numel() for p in model.parameters())
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
@@ -78,7 +93,7 @@ def main():
         ids[:, 0], ids[:, -1] = 0, 2
         # The collator's own masking (torch_mask_tokens); blocks are full, so no padding.
         inputs, labels = collator.torch_mask_tokens(ids, special_tokens_mask=ids < 5)
-        return {"input_ids": inputs, "labels": labels}
+        return {"input_ids": inputs.to(device), "labels": labels.to(device)}
 
     warmup = a.warmup
     model.train()
@@ -87,26 +102,29 @@ def main():
             start = time.perf_counter()
         b = batch()
         optimizer.zero_grad()
-        loss = model(input_ids=b["input_ids"], labels=b["labels"]).loss
-        loss.backward()
+        with autocast():
+            loss = model(input_ids=b["input_ids"], labels=b["labels"]).loss
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         loss.item()
     train_tps = a.steps * a.batch * a.seq / (time.perf_counter() - start)
 
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), autocast():
         for step in range(warmup + a.steps):
             if step == warmup:
                 start = time.perf_counter()
             b = batch()
             out = model(input_ids=b["input_ids"], labels=b["labels"])
             out.loss.item()
-            out.logits.argmax(-1)
+            out.logits.argmax(-1).cpu()
     eval_tps = a.steps * a.batch * a.seq / (time.perf_counter() - start)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"HF_BENCH train_tps={train_tps:.1f} eval_tps={eval_tps:.1f} rss_mb={rss_mb:.0f} "
-          f"params={params} matmul_gflops={matmul_gflops(a.threads):.1f}")
+          f"params={params} matmul_gflops={matmul_gflops(a.threads, device):.1f}")
 
 
 if __name__ == "__main__":

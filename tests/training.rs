@@ -193,6 +193,47 @@ fn resume_after_sigkill_reproduces_every_later_loss() {
 }
 
 #[test]
+fn mixed_precision_follows_f32_and_keeps_f32_weights() {
+    // burn's CPU backend runs bf16/f16 too (slowly: it is off by default); the optional
+    // backends are covered by tests/backends.rs.
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::write_tiny_config(dir.path(), "");
+    common::train_run(&config, &dir.path().join("f32"), "cpu", 12, &[]);
+    let reference = common::losses(&dir.path().join("f32"));
+    for precision in ["bf16", "f16"] {
+        let out = dir.path().join(precision);
+        let set = format!("training.precision=\"{precision}\"");
+        let checkpoint = common::train_run(&config, &out, "cpu", 12, &[&set]);
+        let losses = common::losses(&out);
+        assert_eq!(losses.len(), 12);
+        let worst = reference
+            .iter()
+            .map(|(step, loss)| (loss - losses[step]).abs())
+            .fold(0.0, f64::max);
+        println!("{precision}: 12 losses within {worst:e} of f32");
+        assert!(worst <= 2e-3, "{precision}: {worst} from f32");
+        assert!(
+            worst > 0.0,
+            "{precision}: identical to f32, so nothing ran in half precision"
+        );
+        // The master weights, and so the checkpoint, stay f32.
+        let (_, model) =
+            masklm_train::checkpoint::load_model(&checkpoint, &Device::flex(), |_| {}).unwrap();
+        let weight = model.roberta.encoder.layer[0]
+            .attention
+            .self_attn
+            .query
+            .weight
+            .val();
+        assert_eq!(weight.dtype(), burn::tensor::DType::F32);
+    }
+    // f16 carries its loss scaler in the checkpoint state, for exact resume.
+    let state = std::fs::read_to_string(dir.path().join("f16/checkpoints/step-0000012/state.json"))
+        .unwrap();
+    assert!(state.contains("loss_scaler"), "{state}");
+}
+
+#[test]
 fn nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let config = TrainConfig::load(

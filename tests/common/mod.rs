@@ -190,3 +190,51 @@ pub fn losses(run_dir: &Path) -> std::collections::BTreeMap<u64, f64> {
         .filter_map(|v| Some((v["step"].as_u64()?, v.get("loss")?.as_f64()?)))
         .collect()
 }
+
+/// `masklm --backend BACKEND train` of `config` for `steps` steps into `out`, no evaluation,
+/// one checkpoint at the end, plus `--set` assignments `sets`; returns the checkpoint.
+/// Each run is its own process, so its dropout stream is exactly reproducible.
+pub fn train_run(config: &Path, out: &Path, backend: &str, steps: usize, sets: &[&str]) -> PathBuf {
+    let (config_arg, out_arg) = (config.display().to_string(), out.display().to_string());
+    let (max_steps, save) = (
+        format!("training.max_steps={steps}"),
+        format!("checkpoint.save_steps={steps}"),
+    );
+    let mut args = backend_args(backend);
+    args.extend(
+        [
+            "train",
+            "--config",
+            &config_arg,
+            "--out",
+            &out_arg,
+            "--set",
+            &max_steps,
+            "--set",
+            "eval.eval_steps=0",
+            "--set",
+            &save,
+        ]
+        .map(String::from),
+    );
+    for set in sets {
+        args.extend(["--set".to_string(), set.to_string()]);
+    }
+    masklm_ok(args);
+    out.join(format!("checkpoints/step-{steps:07}"))
+}
+
+/// The `--device` for `backend` in the tests: `MASKLM_TEST_DEVICE_<BACKEND>` (e.g.
+/// `MASKLM_TEST_DEVICE_TCH=cuda:0`), or the backend's default.
+pub fn test_device(backend: &str) -> Option<String> {
+    std::env::var(format!("MASKLM_TEST_DEVICE_{}", backend.to_uppercase())).ok()
+}
+
+/// `--backend BACKEND [--device D]` for a masklm command line.
+pub fn backend_args(backend: &str) -> Vec<String> {
+    let mut args = vec!["--backend".to_string(), backend.to_string()];
+    if let Some(device) = test_device(backend) {
+        args.extend(["--device".to_string(), device]);
+    }
+    args
+}
