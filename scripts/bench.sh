@@ -31,7 +31,8 @@ for b in $BACKENDS; do
     *) echo "bench: unknown backend $b (cpu, wgpu, tch)" >&2; exit 2 ;;
   esac
 done
-feature_list=$(IFS=,; echo "${features[*]:-}")
+# FEATURES overrides the Cargo features (e.g. FEATURES=wgpu,tch reuses the build CI makes).
+feature_list=${FEATURES:-$(IFS=,; echo "${features[*]:-}")}
 cargo build --release -q -p masklm --example bench ${feature_list:+--features "$feature_list"}
 bench="$CARGO_TARGET_DIR/release/examples/bench"
 
