@@ -16,7 +16,7 @@ mod common;
 
 use std::path::Path;
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::Device;
 use common::{Reference, max_abs_diff, transpose, values};
 use masklm_model::{RobertaForMaskedLM, mlm_loss};
 
@@ -34,23 +34,6 @@ fn backends() -> Vec<(&'static str, Device)> {
     // burn 0.22 marks burn-tch deprecated; it is still the libtorch backend.
     out.push(("tch", Device::libtorch()));
     out
-}
-
-/// Flat positions and labels of the masked tokens (label != -100) of a reference batch.
-fn masked(reference: &Reference, device: &Device) -> (Tensor<1, Int>, Tensor<1, Int>) {
-    let labels = reference.i64("labels");
-    let (positions, targets): (Vec<i64>, Vec<i64>) = labels
-        .data
-        .iter()
-        .enumerate()
-        .filter(|(_, l)| **l != -100)
-        .map(|(i, l)| (i as i64, *l))
-        .unzip();
-    let n = positions.len();
-    (
-        Tensor::from_data(TensorData::new(positions, [n]), device),
-        Tensor::from_data(TensorData::new(targets, [n]), device),
-    )
 }
 
 #[test]
@@ -76,7 +59,7 @@ fn fixture_models_match_transformers_on_every_backend() {
             config.attention_probs_dropout_prob = 0.0;
             let mut model = RobertaForMaskedLM::new(&config, &device).unwrap();
             masklm_hub::load_weights(&mut model, &dir).unwrap();
-            let (positions, labels) = masked(&reference, &device);
+            let (positions, labels) = common::masked(&reference, &device);
             let logits = model.forward_at(
                 reference.int2("input_ids", &device),
                 reference.int2("attention_mask", &device),
@@ -215,10 +198,7 @@ fn training_and_checkpoints_agree_across_backends() {
         let checkpoint = common::train_run(&config, &dir.path().join(backend), backend, 20, &[]);
         let losses = common::losses(&dir.path().join(backend));
         assert_eq!(losses.len(), 20, "{backend}");
-        let worst = cpu_losses
-            .iter()
-            .map(|(step, loss)| (loss - losses[step]).abs())
-            .fold(0.0, f64::max);
+        let worst = common::worst_loss_diff(&cpu_losses, &losses);
         println!("{backend}: 20 training losses within {worst:e} of cpu");
         assert!(
             worst <= 1e-3,
@@ -263,10 +243,7 @@ fn mixed_precision_follows_f32_on_every_backend() {
             let set = format!("training.precision=\"{precision}\"");
             common::train_run(&config, &out, backend, 20, &[&set]);
             let losses = common::losses(&out);
-            let worst = f32_losses
-                .iter()
-                .map(|(step, loss)| (loss - losses[step]).abs())
-                .fold(0.0, f64::max);
+            let worst = common::worst_loss_diff(&f32_losses, &losses);
             println!("{backend} {precision}: 20 losses within {worst:e} of f32");
             // Seen: bf16 3e-4, f16 4e-5. A half-precision bug (a wrong cast, a lost scale)
             // moves them by far more.

@@ -7,28 +7,11 @@
 
 mod common;
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Tensor};
 use common::{Reference, max_abs_diff, transpose, values};
 use masklm_model::{RobertaForMaskedLM, mlm_loss};
 
 const FIXTURES: [&str; 4] = ["roberta-tiny", "roberta-tiny-b", "xlmr-tiny", "bert-tiny"];
-
-/// Flat positions (`row * seq + col`) and labels of the masked tokens (label != -100).
-fn masked(reference: &Reference, device: &Device) -> (Tensor<1, Int>, Tensor<1, Int>) {
-    let labels = reference.i64("labels");
-    let (positions, targets): (Vec<i64>, Vec<i64>) = labels
-        .data
-        .iter()
-        .enumerate()
-        .filter(|(_, l)| **l != -100)
-        .map(|(i, l)| (i as i64, *l))
-        .unzip();
-    let n = positions.len();
-    (
-        Tensor::from_data(TensorData::new(positions, [n]), device),
-        Tensor::from_data(TensorData::new(targets, [n]), device),
-    )
-}
 
 fn load(name: &str, device: &Device) -> RobertaForMaskedLM {
     let (_, model, report) =
@@ -78,7 +61,7 @@ fn masked_loss_matches_transformers() {
     for name in FIXTURES {
         let reference = Reference::load(name);
         let model = load(name, &device);
-        let (positions, labels) = masked(&reference, &device);
+        let (positions, labels) = common::masked(&reference, &device);
         let logits = model.forward_at(
             reference.int2("input_ids", &device),
             reference.int2("attention_mask", &device),
@@ -108,7 +91,7 @@ fn gradients_match_transformers() {
         let mut model = RobertaForMaskedLM::new(&config, &device).unwrap();
         masklm_hub::load_weights(&mut model, &dir).unwrap();
 
-        let (positions, labels) = masked(&reference, &device);
+        let (positions, labels) = common::masked(&reference, &device);
         let logits = model.forward_at(
             reference.int2("input_ids", &device),
             reference.int2("attention_mask", &device),

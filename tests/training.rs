@@ -206,10 +206,7 @@ fn mixed_precision_follows_f32_and_keeps_f32_weights() {
         let checkpoint = common::train_run(&config, &out, "cpu", 12, &[&set]);
         let losses = common::losses(&out);
         assert_eq!(losses.len(), 12);
-        let worst = reference
-            .iter()
-            .map(|(step, loss)| (loss - losses[step]).abs())
-            .fold(0.0, f64::max);
+        let worst = common::worst_loss_diff(&reference, &losses);
         println!("{precision}: 12 losses within {worst:e} of f32");
         assert!(worst <= 2e-3, "{precision}: {worst} from f32");
         assert!(

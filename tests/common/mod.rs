@@ -82,6 +82,41 @@ impl Reference {
     }
 }
 
+/// Flat positions (`row * seq + col`) and labels of the masked tokens (label != -100) of a
+/// reference batch.
+pub fn masked(reference: &Reference, device: &Device) -> (Tensor<1, Int>, Tensor<1, Int>) {
+    let labels = reference.i64("labels");
+    let (positions, targets): (Vec<i64>, Vec<i64>) = labels
+        .data
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| **l != -100)
+        .map(|(i, l)| (i as i64, *l))
+        .unzip();
+    let n = positions.len();
+    (
+        Tensor::from_data(TensorData::new(positions, [n]), device),
+        Tensor::from_data(TensorData::new(targets, [n]), device),
+    )
+}
+
+/// The largest difference between two runs' per-step losses (`losses`), over the steps of
+/// `reference`, each of which `other` must have.
+pub fn worst_loss_diff(
+    reference: &std::collections::BTreeMap<u64, f64>,
+    other: &std::collections::BTreeMap<u64, f64>,
+) -> f64 {
+    reference
+        .iter()
+        .map(|(step, loss)| {
+            let theirs = other
+                .get(step)
+                .unwrap_or_else(|| panic!("no loss at step {step}"));
+            (loss - theirs).abs()
+        })
+        .fold(0.0, f64::max)
+}
+
 /// Runs the `masklm` binary built for these tests with `args`; it must succeed (its stderr is
 /// the failure message). Returns its stdout.
 pub fn masklm_ok<I, S>(args: I) -> String

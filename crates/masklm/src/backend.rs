@@ -77,6 +77,15 @@ fn probe(device: &Device, backend: Backend, spec: Option<&str>) -> Result<()> {
                 .map(String::as_str)
                 .or_else(|| panic.downcast_ref::<&str>().copied())
                 .unwrap_or("no detail");
+            // Keep the first line of what the backend said (libtorch appends a C++ backtrace).
+            let detail = detail
+                .trim_start_matches("called `Result::unwrap()` on an `Err` value: ")
+                .split(['\n'])
+                .next()
+                .unwrap_or_default()
+                .split("\\n")
+                .next()
+                .unwrap_or_default();
             let advice = match backend {
                 Backend::Wgpu => {
                     "wgpu needs a Vulkan, Metal or DX12 driver: on Linux the Vulkan loader \

@@ -68,6 +68,13 @@ enum TokenizerCommand {
 }
 
 fn main() -> ExitCode {
+    // `masklm ... | head` should end quietly when the reader goes away, as other Unix tools
+    // do, not panic in println!: restore the default SIGPIPE action that Rust's runtime ignores.
+    #[cfg(unix)]
+    // SAFETY: called before any other thread exists; SIG_DFL is a valid handler.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
