@@ -20,20 +20,29 @@ use burn::tensor::Device;
 use common::{Reference, max_abs_diff, transpose, values};
 use masklm_model::{RobertaForMaskedLM, mlm_loss};
 
-/// `(--backend name, device)` for each optional backend compiled in.
+// The CLI's backend selection, so that these tests pick devices exactly as `masklm` does.
+#[path = "../crates/masklm/src/backend.rs"]
+#[allow(dead_code)]
+mod backend;
+
+/// `(--backend name, device)` for each optional backend compiled in, on its default device or
+/// on `MASKLM_TEST_DEVICE_WGPU` / `MASKLM_TEST_DEVICE_TCH` (a `--device` value such as
+/// `cuda:0`; scripts/gpu-check.sh sets them).
 fn backends() -> Vec<(&'static str, Device)> {
-    #[allow(unused_mut)]
-    let mut out = Vec::new();
-    #[cfg(feature = "wgpu")]
-    out.push((
-        "wgpu",
-        Device::wgpu(burn::tensor::DeviceKind::DefaultDevice),
-    ));
-    #[cfg(feature = "tch")]
-    #[allow(deprecated)]
-    // burn 0.22 marks burn-tch deprecated; it is still the libtorch backend.
-    out.push(("tch", Device::libtorch()));
-    out
+    let compiled = [
+        ("wgpu", backend::Backend::Wgpu, cfg!(feature = "wgpu")),
+        ("tch", backend::Backend::Tch, cfg!(feature = "tch")),
+    ];
+    compiled
+        .into_iter()
+        .filter(|(_, _, built)| *built)
+        .map(|(name, choice, _)| {
+            let spec = common::test_device(name);
+            let device = backend::device(choice, spec.as_deref())
+                .unwrap_or_else(|e| panic!("--backend {name}: {e:#}"));
+            (name, device)
+        })
+        .collect()
 }
 
 #[test]

@@ -56,7 +56,7 @@ impl Precision {
             w.grad(&grads).map(|g| g.sum().into_scalar::<f32>())
         }));
         match result {
-            Ok(Some(sum)) if sum == 32.0 => Ok(()),
+            Ok(Some(32.0)) => Ok(()),
             Ok(other) => Err(format!(
                 "a test matmul gave a gradient sum of {other:?}, not 32"
             )),
