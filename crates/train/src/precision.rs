@@ -48,6 +48,8 @@ impl Precision {
             return Ok(());
         };
         let device = device.clone().autodiff();
+        let hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {})); // The returned reason replaces the message.
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let w = Tensor::<2>::ones([4, 4], &device).require_grad();
             let x = Tensor::<2>::ones([2, 4], &device).cast(dtype);
@@ -55,6 +57,7 @@ impl Precision {
             let grads = y.backward();
             w.grad(&grads).map(|g| g.sum().into_scalar::<f32>())
         }));
+        std::panic::set_hook(hook);
         match result {
             Ok(Some(32.0)) => Ok(()),
             Ok(other) => Err(format!(
