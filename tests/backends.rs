@@ -18,7 +18,6 @@ use std::path::Path;
 
 use burn::tensor::Device;
 use common::{Reference, max_abs_diff, transpose, values};
-use masklm_model::{RobertaForMaskedLM, mlm_loss};
 
 // The CLI's backend selection, so that these tests pick devices exactly as `masklm` does.
 #[path = "../crates/masklm/src/backend.rs"]
@@ -50,8 +49,7 @@ fn fixture_models_match_transformers_on_every_backend() {
     for (backend, device) in backends() {
         for name in ["roberta-tiny", "bert-tiny"] {
             let reference = Reference::load(name);
-            let dir = common::fixture(name);
-            let (_, model, _) = masklm_hub::load_roberta(&dir, &device).unwrap();
+            let (_, model, _) = masklm_hub::load_roberta(&common::fixture(name), &device).unwrap();
             let logits = model.forward(
                 reference.int2("input_ids", &device),
                 reference.int2("attention_mask", &device),
@@ -63,18 +61,7 @@ fn fixture_models_match_transformers_on_every_backend() {
             // Loss and the gradient of the tied word embeddings on the autodiff device,
             // dropout off as in the reference.
             let device = device.clone().autodiff();
-            let mut config = masklm_hub::read_config(&dir).unwrap();
-            config.hidden_dropout_prob = 0.0;
-            config.attention_probs_dropout_prob = 0.0;
-            let mut model = RobertaForMaskedLM::new(&config, &device).unwrap();
-            masklm_hub::load_weights(&mut model, &dir).unwrap();
-            let (positions, labels) = common::masked(&reference, &device);
-            let logits = model.forward_at(
-                reference.int2("input_ids", &device),
-                reference.int2("attention_mask", &device),
-                positions,
-            );
-            let loss = mlm_loss(logits, labels);
+            let (model, loss) = common::fixture_loss(name, &device);
             let grads = loss.backward();
             let loss = values(loss)[0];
             let expected = reference.f32("loss").data[0];

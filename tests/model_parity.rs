@@ -84,20 +84,8 @@ fn gradients_match_transformers() {
     let device = Device::flex().autodiff();
     for name in FIXTURES {
         let reference = Reference::load(name);
-        let dir = common::fixture(name);
-        let mut config = masklm_hub::read_config(&dir).unwrap();
-        config.hidden_dropout_prob = 0.0;
-        config.attention_probs_dropout_prob = 0.0;
-        let mut model = RobertaForMaskedLM::new(&config, &device).unwrap();
-        masklm_hub::load_weights(&mut model, &dir).unwrap();
-
-        let (positions, labels) = common::masked(&reference, &device);
-        let logits = model.forward_at(
-            reference.int2("input_ids", &device),
-            reference.int2("attention_mask", &device),
-            positions,
-        );
-        let grads = mlm_loss(logits, labels).backward();
+        let (model, loss) = common::fixture_loss(name, &device);
+        let grads = loss.backward();
 
         let check = |hf_name: &str, ours: Tensor<2>, hf_layout_transposed: bool| {
             let grad = ours.grad(&grads).expect("parameter has a gradient");

@@ -100,6 +100,26 @@ pub fn masked(reference: &Reference, device: &Device) -> (Tensor<1, Int>, Tensor
     )
 }
 
+/// The fixture model `name` without dropout (the reference gradients were taken in eval mode)
+/// on `device`, usually an autodiff one, and its masked-LM loss on the reference batch.
+pub fn fixture_loss(name: &str, device: &Device) -> (masklm_model::RobertaForMaskedLM, Tensor<1>) {
+    let reference = Reference::load(name);
+    let dir = fixture(name);
+    let mut config = masklm_hub::read_config(&dir).expect("fixture config");
+    config.hidden_dropout_prob = 0.0;
+    config.attention_probs_dropout_prob = 0.0;
+    let mut model = masklm_model::RobertaForMaskedLM::new(&config, device).expect("valid config");
+    masklm_hub::load_weights(&mut model, &dir).expect("fixture weights");
+    let (positions, labels) = masked(&reference, device);
+    let logits = model.forward_at(
+        reference.int2("input_ids", device),
+        reference.int2("attention_mask", device),
+        positions,
+    );
+    let loss = masklm_model::mlm_loss(logits, labels);
+    (model, loss)
+}
+
 /// The largest difference between two runs' per-step losses (`losses`), over the steps of
 /// `reference`, each of which `other` must have.
 pub fn worst_loss_diff(
