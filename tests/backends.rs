@@ -247,3 +247,40 @@ fn mixed_precision_follows_f32_on_every_backend() {
         }
     }
 }
+
+#[test]
+fn a_missing_device_is_a_clear_error() {
+    // Device 7 is absent on this machine (and on most GPU machines); the probe turns the
+    // backend's panic into advice, and the process exits with an error instead of a crash.
+    let cases: &[(&str, &str, &[&str])] = &[
+        ("tch", "cuda:7", &["cannot use cuda:7", "--device cpu"]),
+        ("tch", "tpu", &["libtorch devices are cpu, cuda[:N] or mps"]),
+        ("wgpu", "discrete:7", &["cannot use discrete:7", "Vulkan"]),
+        ("wgpu", "tpu", &["wgpu devices are auto"]),
+    ];
+    for (backend, device, expected) in cases {
+        if !backends().iter().any(|(b, _)| b == backend) {
+            continue;
+        }
+        let model = common::fixture("roberta-tiny").display().to_string();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_masklm"))
+            .args([
+                "--backend",
+                backend,
+                "--device",
+                device,
+                "inspect",
+                "--model",
+                &model,
+            ])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{backend} {device}: {stderr}");
+        for text in *expected {
+            assert!(stderr.contains(text), "{backend} {device}: {stderr}");
+        }
+        assert!(!stderr.contains("panicked"), "{backend} {device}: {stderr}");
+        assert!(stderr.lines().count() <= 3, "{backend} {device}: {stderr}");
+    }
+}
