@@ -11,13 +11,7 @@ use masklm_model::RobertaForMaskedLM;
 use masklm_train::{Decay, LossScaler, OptimizerConfig, Precision, ScheduleConfig, train_step};
 
 fn model(device: &Device) -> RobertaForMaskedLM {
-    let dir = common::fixture("roberta-tiny");
-    let mut config = masklm_hub::read_config(&dir).unwrap();
-    config.hidden_dropout_prob = 0.0;
-    config.attention_probs_dropout_prob = 0.0;
-    let mut model = RobertaForMaskedLM::new(&config, device).unwrap();
-    masklm_hub::load_weights(&mut model, &dir).unwrap();
-    model
+    common::fixture_model("roberta-tiny", device)
 }
 
 /// The fixture batch, restricted to `rows`, as an MlmBatch.
@@ -156,4 +150,80 @@ fn gradient_accumulation_equals_one_larger_batch() {
     }
     // And the updates did something.
     assert!(one[2] < one[0] - 0.1, "{one:?}");
+}
+
+#[test]
+fn f16_overflow_skips_the_update_and_halves_the_loss_scale() {
+    // A loss scale of 1e38 overflows f32 itself: every gradient is inf/NaN, as after a real
+    // f16 overflow. GradScaler's answer: no update, scale halved, next step tried again.
+    let config = OptimizerConfig {
+        lr: 1e-3,
+        betas: [0.9, 0.98],
+        eps: 1e-6,
+        weight_decay: 0.01,
+        max_grad_norm: 1.0,
+    };
+    let device = Device::flex().autodiff();
+    let reference = Reference::load("roberta-tiny");
+    let b = batch(&reference, 0..3, &device);
+    let model = model(&device);
+    let before = common::values(model.lm_head.dense.weight.val());
+    let mut optimizer = config.build(&model);
+    let mut scaler = LossScaler {
+        scale: 1e38,
+        good_steps: 7,
+    };
+    let (model, stats) = train_step(
+        model,
+        &mut optimizer,
+        std::slice::from_ref(&b),
+        config.lr,
+        config.max_grad_norm,
+        Precision::F16,
+        &mut scaler,
+    );
+    let stats = stats.unwrap();
+    assert!(stats.skipped, "{stats:?}");
+    assert!(
+        stats.loss.is_finite(),
+        "the reported loss is unscaled: {stats:?}"
+    );
+    assert_eq!((scaler.scale, scaler.good_steps), (5e37, 0));
+    assert_eq!(common::values(model.lm_head.dense.weight.val()), before);
+
+    // With the default scale the same step goes through, and the unscaled gradient norm is
+    // the f32 one's within half-precision error.
+    let mut scaler = LossScaler::default();
+    let (_, f16) = train_step(
+        model.clone(),
+        &mut config.build(&model),
+        std::slice::from_ref(&b),
+        config.lr,
+        config.max_grad_norm,
+        Precision::F16,
+        &mut scaler,
+    );
+    let (_, f32) = train_step(
+        model.clone(),
+        &mut config.build(&model),
+        std::slice::from_ref(&b),
+        config.lr,
+        config.max_grad_norm,
+        Precision::F32,
+        &mut LossScaler::default(),
+    );
+    let (f16, f32) = (f16.unwrap(), f32.unwrap());
+    assert!(!f16.skipped);
+    assert_eq!(scaler.good_steps, 1);
+    let rel = (f16.grad_norm - f32.grad_norm).abs() / f32.grad_norm;
+    println!(
+        "f16 grad norm {} vs f32 {} ({rel:e} relative)",
+        f16.grad_norm, f32.grad_norm
+    );
+    assert!(
+        rel < 1e-2,
+        "f16 grad norm {} vs f32 {}",
+        f16.grad_norm,
+        f32.grad_norm
+    );
 }

@@ -12,20 +12,24 @@ use std::time::{Duration, Instant};
 use burn::tensor::Device;
 use masklm_train::{Silent, TrainConfig, TrainError, train};
 
-#[test]
-fn tiny_model_learns_and_leaves_a_complete_run() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = TrainConfig::load(&common::write_tiny_config(dir.path(), ""), &[]).unwrap();
-    let run = dir.path().join("run");
-    let outcome = train(
-        &config,
-        &run,
+/// `train` in this process on the CPU backend, silently, never interrupted.
+fn train_on_cpu(config: &TrainConfig, run: &Path) -> Result<masklm_train::RunOutcome, TrainError> {
+    train(
+        config,
+        run,
         false,
         &Device::flex(),
         &Silent,
         &AtomicBool::new(false),
     )
-    .unwrap();
+}
+
+#[test]
+fn tiny_model_learns_and_leaves_a_complete_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = TrainConfig::load(&common::write_tiny_config(dir.path(), ""), &[]).unwrap();
+    let run = dir.path().join("run");
+    let outcome = train_on_cpu(&config, &run).unwrap();
     let (first, last) = (outcome.first_eval.unwrap(), outcome.final_eval.unwrap());
     println!("validation loss {} -> {}", first.loss, last.loss);
     assert!(
@@ -65,15 +69,7 @@ fn tiny_model_learns_and_leaves_a_complete_run() {
     assert!(outcome.checkpoint.join("tokenizer.json").is_file());
 
     // A second run in the same directory is refused rather than overwriting it.
-    let err = train(
-        &config,
-        &run,
-        false,
-        &Device::flex(),
-        &Silent,
-        &AtomicBool::new(false),
-    )
-    .unwrap_err();
+    let err = train_on_cpu(&config, &run).unwrap_err();
     assert!(err.to_string().contains("--resume"), "{err}");
 
     // TensorBoard's own reader, where the reference venv is installed (CI installs it).
@@ -228,6 +224,18 @@ fn mixed_precision_follows_f32_and_keeps_f32_weights() {
     let state = std::fs::read_to_string(dir.path().join("f16/checkpoints/step-0000012/state.json"))
         .unwrap();
     assert!(state.contains("loss_scaler"), "{state}");
+    // ... and its metrics say which steps overflowed (none here) and the scale in use.
+    let metrics = std::fs::read_to_string(dir.path().join("f16/metrics.jsonl")).unwrap();
+    let steps: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r.get("loss").is_some())
+        .collect();
+    assert_eq!(steps.len(), 12);
+    for r in &steps {
+        assert_eq!(r["skipped"], false, "{r}");
+        assert_eq!(r["loss_scale"], 65536.0, "{r}");
+    }
 }
 
 #[test]
@@ -244,15 +252,7 @@ fn nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
     )
     .unwrap();
     let run = dir.path().join("run");
-    let err = train(
-        &config,
-        &run,
-        false,
-        &Device::flex(),
-        &Silent,
-        &AtomicBool::new(false),
-    )
-    .unwrap_err();
+    let err = train_on_cpu(&config, &run).unwrap_err();
     let msg = err.to_string();
     let TrainError::NonFinite {
         step,
@@ -281,16 +281,9 @@ fn missing_data_path_is_a_clear_error() {
     let path = dir.path().join("c.toml");
     std::fs::write(&path, text).unwrap();
     let config = TrainConfig::load(&path, &[]).unwrap();
-    let err = train(
-        &config,
-        &dir.path().join("run"),
-        false,
-        &Device::flex(),
-        &Silent,
-        &AtomicBool::new(false),
-    )
-    .unwrap_err()
-    .to_string();
+    let err = train_on_cpu(&config, &dir.path().join("run"))
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("nowhere") && err.contains("manifest.json"),
         "{err}"

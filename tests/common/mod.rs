@@ -101,15 +101,21 @@ pub fn masked(reference: &Reference, device: &Device) -> (Tensor<1, Int>, Tensor
 }
 
 /// The fixture model `name` without dropout (the reference gradients were taken in eval mode)
-/// on `device`, usually an autodiff one, and its masked-LM loss on the reference batch.
-pub fn fixture_loss(name: &str, device: &Device) -> (masklm_model::RobertaForMaskedLM, Tensor<1>) {
-    let reference = Reference::load(name);
+/// on `device`, usually an autodiff one.
+pub fn fixture_model(name: &str, device: &Device) -> masklm_model::RobertaForMaskedLM {
     let dir = fixture(name);
     let mut config = masklm_hub::read_config(&dir).expect("fixture config");
     config.hidden_dropout_prob = 0.0;
     config.attention_probs_dropout_prob = 0.0;
     let mut model = masklm_model::RobertaForMaskedLM::new(&config, device).expect("valid config");
     masklm_hub::load_weights(&mut model, &dir).expect("fixture weights");
+    model
+}
+
+/// [`fixture_model`] and its masked-LM loss on the reference batch.
+pub fn fixture_loss(name: &str, device: &Device) -> (masklm_model::RobertaForMaskedLM, Tensor<1>) {
+    let reference = Reference::load(name);
+    let model = fixture_model(name, device);
     let (positions, labels) = masked(&reference, device);
     let logits = model.forward_at(
         reference.int2("input_ids", device),

@@ -141,7 +141,10 @@ fn main() {
         }
     };
     if let Err(e) = precision.check(&device) {
-        eprintln!("bench: --precision {precision:?} is not supported here: {e}");
+        eprintln!(
+            "bench: --precision {} is not supported here: {e}",
+            precision.name()
+        );
         std::process::exit(2);
     }
     let mut scaler = LossScaler::default();

@@ -54,38 +54,22 @@ pub fn device(backend: Backend, spec: Option<&str>) -> Result<Device> {
     Ok(device)
 }
 
-/// Runs one tiny operation on `device`. wgpu (cubecl) and tch report a missing driver or device
-/// by panicking, so the panic is caught here and turned into advice.
+/// Runs one tiny operation on `device`: wgpu (cubecl) and tch report a missing driver or
+/// device by panicking, which becomes advice here.
 fn probe(device: &Device, backend: Backend, spec: Option<&str>) -> Result<()> {
-    let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {})); // The advice below replaces the panic's message.
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let t = burn::tensor::Tensor::<1>::ones([2], device);
-        t.sum().into_scalar::<f32>()
-    }));
-    std::panic::set_hook(hook);
     let what = spec.unwrap_or("the default device");
+    let result = masklm_train::catch_backend_panic(|| {
+        burn::tensor::Tensor::<1>::ones([2], device)
+            .sum()
+            .into_scalar::<f32>()
+    });
     match result {
         Ok(2.0) => Ok(()),
         Ok(sum) => bail!(
             "--backend {} ({what}): a test sum gave {sum}, not 2",
             backend.name()
         ),
-        Err(panic) => {
-            let detail = panic
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| panic.downcast_ref::<&str>().copied())
-                .unwrap_or("no detail");
-            // Keep the first line of what the backend said (libtorch appends a C++ backtrace).
-            let detail = detail
-                .trim_start_matches("called `Result::unwrap()` on an `Err` value: ")
-                .split(['\n'])
-                .next()
-                .unwrap_or_default()
-                .split("\\n")
-                .next()
-                .unwrap_or_default();
+        Err(detail) => {
             let advice = match backend {
                 Backend::Wgpu => {
                     "wgpu needs a Vulkan, Metal or DX12 driver: on Linux the Vulkan loader \

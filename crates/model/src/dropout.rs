@@ -10,7 +10,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use burn::module::Module;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{FloatDType, Tensor, TensorData};
 
 static STREAM_SEED: AtomicU64 = AtomicU64::new(0x5EED);
 static CALLS: AtomicU64 = AtomicU64::new(0);
@@ -62,13 +62,9 @@ impl MlmDropout {
             }
         }
         let mask = Tensor::<D>::from_data(TensorData::new(mask, shape), &input.device());
-        let dtype = input.dtype();
-        input
-            * if mask.dtype() == dtype {
-                mask
-            } else {
-                mask.cast(dtype)
-            }
+        // In the input's dtype under mixed precision (a no-op cast otherwise).
+        let dtype = FloatDType::from(input.dtype());
+        input * mask.cast(dtype)
     }
 }
 

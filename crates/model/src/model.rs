@@ -53,13 +53,9 @@ fn embedding(
     }
 }
 
-/// `x` in `dtype` (no operation when it already is).
+/// `x` in `dtype` (burn's cast is a no-op when it already is).
 fn cast<const D: usize>(x: Tensor<D>, dtype: DType) -> Tensor<D> {
-    if x.dtype() == dtype {
-        x
-    } else {
-        x.cast(FloatDType::from(dtype))
-    }
+    x.cast(FloatDType::from(dtype))
 }
 
 /// A Linear layer applied in its weight's dtype. Under mixed precision (masklm-train's

@@ -25,6 +25,32 @@ pub use precision::{LossScaler, Precision};
 pub use step::{StepStats, train_step};
 pub use trainer::{Observer, RunInfo, RunOutcome, Silent, StepLog, train};
 
+/// Runs `f`, turning a panic into its message's first line. burn's GPU backends (cubecl,
+/// libtorch) report a missing driver or device, or an unsupported dtype, by panicking; the
+/// device and precision probes use this to answer with advice instead. The default panic
+/// message is silenced meanwhile (the caller reports the error).
+pub fn catch_backend_panic<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    std::panic::set_hook(hook);
+    result.map_err(|panic| {
+        let message = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("the backend panicked");
+        // libtorch appends a C++ backtrace, inside the Debug-escaped error text.
+        message
+            .trim_start_matches("called `Result::unwrap()` on an `Err` value: ")
+            .lines()
+            .next()
+            .and_then(|line| line.split("\\n").next())
+            .unwrap_or_default()
+            .to_string()
+    })
+}
+
 /// Errors of training.
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {

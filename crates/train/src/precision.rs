@@ -48,26 +48,27 @@ impl Precision {
             return Ok(());
         };
         let device = device.clone().autodiff();
-        let hook = std::panic::take_hook();
-        std::panic::set_hook(Box::new(|_| {})); // The returned reason replaces the message.
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let result = crate::catch_backend_panic(|| {
             let w = Tensor::<2>::ones([4, 4], &device).require_grad();
             let x = Tensor::<2>::ones([2, 4], &device).cast(dtype);
             let y = x.matmul(w.clone().cast(dtype)).cast(FloatDType::F32).sum();
             let grads = y.backward();
             w.grad(&grads).map(|g| g.sum().into_scalar::<f32>())
-        }));
-        std::panic::set_hook(hook);
+        })?;
         match result {
-            Ok(Some(32.0)) => Ok(()),
-            Ok(other) => Err(format!(
+            Some(32.0) => Ok(()),
+            other => Err(format!(
                 "a test matmul gave a gradient sum of {other:?}, not 32"
             )),
-            Err(panic) => Err(panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "the backend panicked".to_string())),
+        }
+    }
+
+    /// The name `training.precision` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+            Precision::F16 => "f16",
         }
     }
 }

@@ -351,9 +351,10 @@ pub fn train(
         .map_err(|reason| TrainError::Config {
             key: "training.precision".to_string(),
             reason: format!(
-                "this backend cannot train in {precision:?} ({reason}); use \"f32\", or \
+                "this backend cannot train in {} ({reason}); use \"f32\", or \
                  bf16/f16 on a backend with half-precision support (tch, or wgpu on a GPU \
-                 with shader-f16)"
+                 with shader-f16)",
+                precision.name()
             ),
         })?;
     let ad_device = device.clone().autodiff();
@@ -507,8 +508,16 @@ pub fn train(
         let log_steps = config.logging.log_steps.max(1);
         if state.step % log_steps == 0 || state.step == total_steps {
             logs.write(
-                json!({"step": state.step, "loss": stats.loss, "lr": lr,
-                       "grad_norm": stats.grad_norm, "tokens_per_second": log.tokens_per_second}),
+                {
+                    let mut record = json!({"step": state.step, "loss": stats.loss, "lr": lr,
+                        "grad_norm": stats.grad_norm, "tokens_per_second": log.tokens_per_second});
+                    if let (Some(scaler), Some(o)) = (state.loss_scaler, record.as_object_mut()) {
+                        // f16: overflowed steps were skipped (their grad_norm is not finite).
+                        o.insert("loss_scale".to_string(), json!(scaler.scale));
+                        o.insert("skipped".to_string(), json!(stats.skipped));
+                    }
+                    record
+                },
                 &[
                     ("train/loss", stats.loss),
                     ("train/lr", lr),
