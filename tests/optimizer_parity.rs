@@ -14,6 +14,17 @@ fn model(device: &Device) -> RobertaForMaskedLM {
     common::fixture_model("roberta-tiny", device)
 }
 
+/// RoBERTa's pre-training AdamW settings at lr 1e-3, with clipping.
+fn adamw() -> OptimizerConfig {
+    OptimizerConfig {
+        lr: 1e-3,
+        betas: [0.9, 0.98],
+        eps: 1e-6,
+        weight_decay: 0.01,
+        max_grad_norm: 1.0,
+    }
+}
+
 /// The fixture batch, restricted to `rows`, as an MlmBatch.
 fn batch(reference: &Reference, rows: std::ops::Range<usize>, device: &Device) -> MlmBatch {
     let ids = reference.i64("input_ids");
@@ -109,13 +120,7 @@ fn five_adamw_steps_match_torch() {
 
 #[test]
 fn gradient_accumulation_equals_one_larger_batch() {
-    let config = OptimizerConfig {
-        lr: 1e-3,
-        betas: [0.9, 0.98],
-        eps: 1e-6,
-        weight_decay: 0.01,
-        max_grad_norm: 1.0,
-    };
+    let config = adamw();
     let device = Device::flex().autodiff();
     let reference = Reference::load("roberta-tiny");
     let whole = batch(&reference, 0..3, &device);
@@ -156,13 +161,7 @@ fn gradient_accumulation_equals_one_larger_batch() {
 fn f16_overflow_skips_the_update_and_halves_the_loss_scale() {
     // A loss scale of 1e38 overflows f32 itself: every gradient is inf/NaN, as after a real
     // f16 overflow. GradScaler's answer: no update, scale halved, next step tried again.
-    let config = OptimizerConfig {
-        lr: 1e-3,
-        betas: [0.9, 0.98],
-        eps: 1e-6,
-        weight_decay: 0.01,
-        max_grad_norm: 1.0,
-    };
+    let config = adamw();
     let device = Device::flex().autodiff();
     let reference = Reference::load("roberta-tiny");
     let b = batch(&reference, 0..3, &device);
