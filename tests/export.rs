@@ -129,16 +129,9 @@ fn export_round_trips_and_matches_transformers_layout() {
     assert!(common::max_abs_diff(&a, &b) <= 1e-6);
 
     // transformers on the export, where the reference Python is installed.
-    let python = std::env::var("MASKLM_REF_PYTHON")
-        .unwrap_or_else(|_| "/var/tmp/masklm-venv/bin/python".to_string());
-    let has_transformers = Command::new(&python)
-        .args(["-c", "import transformers, torch"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !has_transformers {
-        println!("skipped the transformers check: no transformers/torch in {python}");
+    let Some(python) = common::reference_python("transformers, torch") else {
         return;
-    }
+    };
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/check_hf_export.py");
     let out = Command::new(&python)
         .arg(script)

@@ -170,3 +170,90 @@ fn extra_tensors_are_reported_not_fatal() {
     let (_, _, report) = load_roberta(dir.path(), &Device::flex()).unwrap();
     assert_eq!(report.unexpected, vec!["classifier.weight".to_string()]);
 }
+
+/// Rewrites `model.safetensors` with every tensor stored as `dtype` (F16, BF16 or F64), as
+/// many Hub checkpoints are.
+fn store_as(dir: &Path, dtype: Dtype) {
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let file = SafeTensors::deserialize(&bytes).unwrap();
+    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = file
+        .tensors()
+        .into_iter()
+        .map(|(name, t)| {
+            let values = t
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+            let data: Vec<u8> = match dtype {
+                Dtype::F16 => values
+                    .flat_map(|v| half::f16::from_f32(v).to_le_bytes())
+                    .collect(),
+                Dtype::BF16 => values
+                    .flat_map(|v| half::bf16::from_f32(v).to_le_bytes())
+                    .collect(),
+                Dtype::F64 => values.flat_map(|v| (v as f64).to_le_bytes()).collect(),
+                other => panic!("{other:?}"),
+            };
+            (name, t.shape().to_vec(), data)
+        })
+        .collect();
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(name, shape, data)| {
+            (
+                name.clone(),
+                TensorView::new(dtype, shape.clone(), data).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+}
+
+#[test]
+fn half_precision_and_f64_weights_load_as_f32() {
+    let device = Device::flex();
+    let (_, reference, _) = load_roberta(&common::fixture("roberta-tiny"), &device).unwrap();
+    let ids = burn::tensor::Tensor::<2, burn::tensor::Int>::from_data(
+        burn::tensor::TensorData::new(vec![0i64, 40, 4, 300, 77, 2], [1, 6]),
+        &device,
+    );
+    let mask = burn::tensor::Tensor::<2, burn::tensor::Int>::ones([1, 6], &device);
+    let expected = common::values(reference.forward(ids.clone(), mask.clone()));
+    for (dtype, name, tolerance) in [
+        (Dtype::F16, "F16", 2e-2),
+        (Dtype::BF16, "BF16", 1e-1),
+        (Dtype::F64, "F64", 1e-6),
+    ] {
+        let dir = copy_fixture();
+        store_as(dir.path(), dtype);
+        let (_, model, report) = load_roberta(dir.path(), &device)
+            .unwrap_or_else(|e| panic!("{name} weights: {e}"));
+        assert_eq!(report.stored_dtypes, [name]);
+        let weight = model.roberta.encoder.layer[0].output.LayerNorm.gamma.val();
+        assert_eq!(weight.dtype(), burn::tensor::DType::F32, "{name}");
+        // The forward used to panic in layer_norm on half-precision gammas.
+        let logits = common::values(model.forward(ids.clone(), mask.clone()));
+        let diff = common::max_abs_diff(&logits, &expected);
+        assert!(diff <= tolerance, "{name}: logits {diff} from the f32 weights'");
+    }
+}
+
+#[test]
+fn absurd_configs_are_refused_before_anything_is_allocated() {
+    for (edit, key) in [
+        (("\"vocab_size\": 1000", "\"vocab_size\": 1000000000"), "vocab_size"),
+        (("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 1000000"), "num_hidden_layers"),
+        // Plausible on its own, but the weights hold 2 layers.
+        (("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 200"), "200"),
+        (("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 2.5"), "num_hidden_layers"),
+    ] {
+        let dir = copy_fixture();
+        let config = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
+        assert!(config.contains(edit.0), "fixture config lacks {}", edit.0);
+        std::fs::write(dir.path().join("config.json"), config.replace(edit.0, edit.1)).unwrap();
+        let msg = load_error(dir.path()).to_string();
+        assert!(msg.contains(key) && msg.contains("config.json"), "{}: {msg}", edit.1);
+        assert_eq!(msg.lines().count(), 1, "{msg}");
+    }
+}

@@ -98,7 +98,6 @@ fn five_adamw_steps_match_torch() {
             &mut LossScaler::default(),
         );
         model = next;
-        let stats = stats.unwrap();
         let loss = expected["losses"][step].as_f64().unwrap();
         let norm = expected["grad_norms"][step].as_f64().unwrap();
         println!(
@@ -144,7 +143,7 @@ fn gradient_accumulation_equals_one_larger_batch() {
                 &mut LossScaler::default(),
             );
             model = next;
-            losses.push(stats.unwrap().loss);
+            losses.push(stats.loss);
         }
         losses
     };
@@ -181,7 +180,6 @@ fn f16_overflow_skips_the_update_and_halves_the_loss_scale() {
         Precision::F16,
         &mut scaler,
     );
-    let stats = stats.unwrap();
     assert!(stats.skipped, "{stats:?}");
     assert!(
         stats.loss.is_finite(),

@@ -10,14 +10,14 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use burn::tensor::Device;
-use masklm_train::{Silent, TrainConfig, TrainError, train};
+use masklm_train::{Silent, Start, TrainConfig, TrainError, train};
 
 /// `train` in this process on the CPU backend, silently, never interrupted.
 fn train_on_cpu(config: &TrainConfig, run: &Path) -> Result<masklm_train::RunOutcome, TrainError> {
     train(
         config,
         run,
-        false,
+        Start::New,
         &Device::flex(),
         &Silent,
         &AtomicBool::new(false),
@@ -73,13 +73,7 @@ fn tiny_model_learns_and_leaves_a_complete_run() {
     assert!(err.to_string().contains("--resume"), "{err}");
 
     // TensorBoard's own reader, where the reference venv is installed (CI installs it).
-    let python = std::env::var("MASKLM_PYTHON")
-        .unwrap_or_else(|_| "/var/tmp/masklm-venv/bin/python".to_string());
-    let has_tensorboard = Command::new(&python)
-        .args(["-c", "import tensorboard"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if has_tensorboard {
+    if let Some(python) = common::reference_python("tensorboard") {
         let script =
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/check_tensorboard.py");
         let out = Command::new(&python)
@@ -97,8 +91,6 @@ fn tiny_model_learns_and_leaves_a_complete_run() {
             stdout.contains("train/loss 50") && stdout.contains("eval/perplexity 5"),
             "{stdout}"
         );
-    } else {
-        println!("skipped TensorBoard reader check: no `tensorboard` in {python}");
     }
 }
 
@@ -238,34 +230,190 @@ fn mixed_precision_follows_f32_and_keeps_f32_weights() {
     }
 }
 
-#[test]
-fn nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = TrainConfig::load(
-        &common::write_tiny_config(dir.path(), "[checkpoint]\nsave_steps = 1\n"),
-        &[
-            "optimizer.lr=1e30".to_string(),
-            "optimizer.max_grad_norm=0".to_string(),
-            "schedule.warmup_steps=0".to_string(),
-            "eval.eval_steps=0".to_string(),
-        ],
+fn resume_on_cpu(
+    config: &TrainConfig,
+    run: &Path,
+    from: Option<&str>,
+) -> Result<masklm_train::RunOutcome, TrainError> {
+    train(
+        config,
+        run,
+        Start::Resume {
+            from: from.map(str::to_string),
+        },
+        &Device::flex(),
+        &Silent,
+        &AtomicBool::new(false),
     )
-    .unwrap();
+}
+
+#[test]
+fn non_finite_steps_are_skipped_and_the_named_checkpoint_trains_on() {
+    // lr 0 at step 0 (warmup), then 5e29: step 2 computes a finite loss and wrecks the
+    // weights, step 3 on are NaN. None of those NaNs may reach the weights, and the run must
+    // name step 1 (whose weights went on to a finite step), not step 2.
+    let dir = tempfile::tempdir().unwrap();
+    let path = common::write_tiny_config(dir.path(), "[checkpoint]\nsave_steps = 1\n");
+    let sets = |extra: &[&str]| -> Vec<String> {
+        [
+            "optimizer.lr=1e30",
+            "optimizer.max_grad_norm=0",
+            "schedule.warmup_steps=2",
+            "eval.eval_steps=0",
+            "training.max_skipped_steps=3",
+            "training.max_steps=8",
+        ]
+        .iter()
+        .chain(extra)
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let config = TrainConfig::load(&path, &sets(&[])).unwrap();
     let run = dir.path().join("run");
     let err = train_on_cpu(&config, &run).unwrap_err();
     let msg = err.to_string();
     let TrainError::NonFinite {
         step,
+        skipped,
         last_checkpoint,
         ..
     } = err
     else {
         panic!("expected a NaN/inf error, got {msg}");
     };
-    assert!(msg.contains("optimizer.lr") && msg.contains("NaN"), "{msg}");
-    let last = last_checkpoint.expect("a checkpoint before the NaN");
-    assert!(last.ends_with(format!("step-{:07}", step - 1)), "{msg}");
-    masklm_train::checkpoint::verify_checkpoint(&last).unwrap();
+    assert_eq!((step, skipped), (5, 3), "{msg}");
+    assert!(msg.contains("optimizer.lr") && msg.contains("--from step-0000001"), "{msg}");
+    let good = last_checkpoint.expect("a checkpoint known to train on");
+    assert!(good.ends_with("step-0000001"), "{msg}");
+
+    // Skipped steps leave the weights bit-identical (steps 3, 4, 5 were skipped).
+    let weights = |step: usize| {
+        std::fs::read(run.join(format!("checkpoints/step-{step:07}/model.bpk"))).unwrap()
+    };
+    assert_eq!(weights(3), weights(4));
+    assert_ne!(weights(1), weights(3));
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let skipped: Vec<u64> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["skipped"] == true)
+        .filter_map(|r| r["step"].as_u64())
+        .collect();
+    assert_eq!(skipped, [3, 4, 5]);
+
+    // The named checkpoint survived rotation and trains on with a sane lr.
+    let config = TrainConfig::load(&path, &sets(&["optimizer.lr=1e-3"])).unwrap();
+    let outcome = resume_on_cpu(&config, &run, Some("step-0000001")).unwrap();
+    assert_eq!(outcome.last_step, 8);
+    assert_eq!(outcome.losses.len(), 7);
+    assert!(outcome.losses.iter().all(|l| l.is_finite()), "{:?}", outcome.losses);
+    // The replayed steps replaced the old records instead of appearing twice.
+    let steps: Vec<u64> = common::losses(&run).keys().copied().collect();
+    assert_eq!(steps, (1..=8).collect::<Vec<_>>());
+    let lines = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert_eq!(lines.lines().filter(|l| l.contains("\"loss\"")).count(), 8, "{lines}");
+}
+
+#[test]
+fn resume_refuses_changed_data_model_or_sampling_and_keeps_the_overrides() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = common::write_tiny_config(dir.path(), "[checkpoint]\nsave_steps = 2\n");
+    let base = ["training.max_steps=4".to_string(), "eval.eval_steps=0".to_string()];
+    let config = TrainConfig::load(&path, &base).unwrap();
+    let run = dir.path().join("run");
+    train_on_cpu(&config, &run).unwrap();
+    let saved = run.join("config.toml");
+    for (set, key) in [
+        ("seed=8", "`seed` was 7, now 8"),
+        ("training.batch_size=4", "`training.batch_size` was 8, now 4"),
+        ("masking.probability=0.3", "`masking.probability` was 0.15, now 0.3"),
+        ("model.hidden_dropout_prob=0.2", "`model.hidden_dropout_prob` was 0.1, now 0.2"),
+        ("data.max_seq_length=32", "`data.max_seq_length` was 64, now 32"),
+    ] {
+        let changed = TrainConfig::load(&saved, &[set.to_string()]).unwrap();
+        let err = resume_on_cpu(&changed, &run, None).unwrap_err().to_string();
+        assert!(err.contains(key) && err.contains("cannot resume"), "{set}: {err}");
+    }
+    // Allowed changes are written into the run's config, so the next resume keeps them.
+    let longer = TrainConfig::load(
+        &saved,
+        &["training.max_steps=6".to_string(), "optimizer.lr=1e-3".to_string()],
+    )
+    .unwrap();
+    let outcome = resume_on_cpu(&longer, &run, None).unwrap();
+    assert_eq!(outcome.last_step, 6);
+    let reread = TrainConfig::load(&saved, &[]).unwrap();
+    assert_eq!(reread.training.max_steps, Some(6));
+    assert_eq!(reread.optimizer.lr, 1e-3);
+    // A finished run says how to go on instead of "finishing" zero steps.
+    let err = resume_on_cpu(&reread, &run, None).unwrap_err().to_string();
+    assert!(err.contains("training.max_steps"), "{err}");
+
+    // The data under a running experiment: a changed cache is refused.
+    let manifest = dir.path().join("cache/manifest.json");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(&manifest, text.replacen('{', "{\n", 1)).unwrap();
+    let more = TrainConfig::load(&saved, &["training.max_steps=8".to_string()]).unwrap();
+    let err = resume_on_cpu(&more, &run, None).unwrap_err().to_string();
+    assert!(err.contains("changed since the run started"), "{err}");
+}
+
+#[test]
+fn resume_falls_back_to_the_newest_valid_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = common::write_tiny_config(
+        dir.path(),
+        "[checkpoint]\nsave_steps = 2\nkeep_last = 3\n",
+    );
+    let config = TrainConfig::load(
+        &path,
+        &["training.max_steps=6".to_string(), "eval.eval_steps=0".to_string()],
+    )
+    .unwrap();
+    let run = dir.path().join("run");
+    train_on_cpu(&config, &run).unwrap();
+    let longer = TrainConfig::load(&run.join("config.toml"), &["training.max_steps=8".to_string()])
+        .unwrap();
+    // The newest checkpoint is damaged and `latest` is gone.
+    std::fs::write(run.join("checkpoints/step-0000006/state.json"), "{}").unwrap();
+    std::fs::remove_file(run.join("checkpoints/latest")).unwrap();
+    let err = resume_on_cpu(&longer, &run, Some("step-0000006")).unwrap_err().to_string();
+    assert!(err.contains("checksum mismatch"), "{err}");
+    let err = resume_on_cpu(&longer, &run, Some("step-0000099")).unwrap_err().to_string();
+    assert!(err.contains("step-0000004") && err.contains("step-0000002"), "{err}");
+    let outcome = resume_on_cpu(&longer, &run, None).unwrap();
+    assert_eq!(outcome.losses.len(), 4, "resumed from step 4");
+}
+
+#[test]
+fn a_run_folder_in_use_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let _held = masklm_data::lock_folder(&run, "run").unwrap();
+    let config = TrainConfig::load(&common::write_tiny_config(dir.path(), ""), &[]).unwrap();
+    let err = train_on_cpu(&config, &run).unwrap_err().to_string();
+    assert!(err.contains("in use by process"), "{err}");
+}
+
+#[test]
+fn a_fresh_run_starts_its_metrics_afresh_and_masking_nothing_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    std::fs::create_dir_all(&run).unwrap();
+    std::fs::write(run.join("metrics.jsonl"), "{\"step\": 99, \"loss\": 1.0}\n").unwrap();
+    let path = common::write_tiny_config(dir.path(), "");
+    let config = TrainConfig::load(
+        &path,
+        &["training.max_steps=2".to_string(), "eval.eval_steps=0".to_string()],
+    )
+    .unwrap();
+    train_on_cpu(&config, &run).unwrap();
+    let steps: Vec<u64> = common::losses(&run).keys().copied().collect();
+    assert_eq!(steps, [1, 2]);
+    let err = TrainConfig::load(&path, &["masking.probability=0.0".to_string()])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("masking.probability"), "{err}");
 }
 
 #[test]

@@ -299,3 +299,28 @@ pub fn backend_args(backend: &str) -> Vec<String> {
     }
     args
 }
+
+/// The reference Python (`MASKLM_PYTHON`, default the venv `.ci/run` makes) if it can
+/// `import modules`. Without it a local run skips the check and says so; in CI (`CI=true`) a
+/// missing reference is a failure, so a skipped check can never pass for a passed one.
+pub fn reference_python(modules: &str) -> Option<String> {
+    let python = std::env::var("MASKLM_PYTHON")
+        .unwrap_or_else(|_| "/var/tmp/masklm-venv/bin/python".to_string());
+    let ok = std::process::Command::new(&python)
+        .args(["-c", &format!("import {modules}")])
+        .status()
+        .is_ok_and(|s| s.success());
+    if ok {
+        return Some(python);
+    }
+    let message = format!(
+        "no reference Python with `{modules}` at {python} (set MASKLM_PYTHON, or install \
+         scripts/requirements.txt into /var/tmp/masklm-venv)"
+    );
+    assert!(
+        std::env::var("CI").map_or(true, |ci| ci != "true"),
+        "{message}"
+    );
+    println!("skipped: {message}");
+    None
+}

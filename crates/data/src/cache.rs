@@ -26,8 +26,11 @@ use std::sync::mpsc::sync_channel;
 
 use memmap2::Mmap;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
-use crate::corpus::{CorpusOptions, CorpusStats, Documents, no_text_error, resolve_inputs};
+use crate::corpus::{
+    CorpusOptions, CorpusStats, Documents, no_text_error, resolve_inputs, resolve_inputs_reporting,
+};
 use crate::{DataError, MlmTokenizer};
 
 /// Version of the on-disk layout; bumped on any incompatible change.
@@ -96,6 +99,18 @@ pub struct Shard {
     pub file: String,
     pub examples: u64,
     pub tokens: u64,
+    /// SHA-256 of the `.bin` bytes followed by the `.idx` bytes, checked when the cache is
+    /// opened (absent in caches made before masklm recorded it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+}
+
+/// The SHA-256 of a shard's `.bin` then `.idx` bytes.
+fn shard_sha256(bin: &[u8], idx: &[u8]) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(bin);
+    hasher.update(idx);
+    format!("{:x}", hasher.finalize())
 }
 
 /// A split's shards and counts.
@@ -230,14 +245,14 @@ pub fn prepare(
             reason: format!("{f} is not a fraction in [0, 1)"),
         });
     }
-    let files = resolve_inputs(inputs)?;
+    let (files, skipped_special) = resolve_inputs_reporting(inputs)?;
     let validation_files = match &options.validation {
         Validation::Inputs(v) => resolve_inputs(v)?,
         _ => Vec::new(),
     };
     let vocab_size = tokenizer.vocab_size();
     let dtype = if vocab_size <= 1 << 16 { "u16" } else { "u32" };
-    let mut manifest = Manifest {
+    let manifest = Manifest {
         format_version: FORMAT_VERSION,
         tokenizer_hash: tokenizer.hash.clone(),
         vocab_size,
@@ -250,6 +265,16 @@ pub fn prepare(
         corpus: CorpusStats::default(),
     };
 
+    // One prepare per cache at a time: CACHE.lock beside it (flock; a dead holder's lock is
+    // released by the kernel, so a stale file is simply taken over).
+    let lock_path = out.with_extension("lock");
+    if let Some(parent) = lock_path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|source| DataError::Write {
+            path: parent.to_path_buf(),
+            source,
+        })?;
+    }
+    let _lock = crate::lock_file(&lock_path, out, "prepare")?;
     let mut rebuilt_because = None;
     if out.join("manifest.json").is_file() {
         match read_manifest(out) {
@@ -295,9 +320,50 @@ pub fn prepare(
         .map(|s| s.size)
         .sum();
     progress.start("tokenizing", Some(total));
-    let wide = dtype == "u32";
-    let mut train = SplitWriter::new(&partial, "train", wide, options, tokenizer);
-    let mut validation = SplitWriter::new(&partial, "validation", wide, options, tokenizer);
+    let built = build_partial(tokenizer, &files, &validation_files, options, progress, &partial, manifest);
+    let manifest = match built {
+        Ok(mut manifest) => {
+            manifest.corpus.skipped_special = skipped_special;
+            manifest
+        }
+        Err(e) => {
+            // Leave nothing half-written behind (the next prepare would remove it anyway).
+            let _ = std::fs::remove_dir_all(&partial);
+            return Err(e);
+        }
+    };
+    if out.exists() {
+        std::fs::remove_dir_all(out).map_err(|source| DataError::Write {
+            path: out.to_path_buf(),
+            source,
+        })?;
+    }
+    std::fs::rename(&partial, out).map_err(|source| DataError::Write {
+        path: out.to_path_buf(),
+        source,
+    })?;
+    Ok(Prepared {
+        manifest,
+        reused: false,
+        rebuilt_because,
+    })
+}
+
+/// Tokenizes, packs and writes the shards and manifest into `partial`.
+fn build_partial(
+    tokenizer: &MlmTokenizer,
+    files: &[PathBuf],
+    validation_files: &[PathBuf],
+    options: &PrepareOptions,
+    progress: &dyn Progress,
+    partial: &Path,
+    mut manifest: Manifest,
+) -> Result<Manifest, DataError> {
+    let files = files.to_vec();
+    let validation_files = validation_files.to_vec();
+    let wide = manifest.dtype == "u32";
+    let mut train = SplitWriter::new(partial, "train", wide, options, tokenizer);
+    let mut validation = SplitWriter::new(partial, "validation", wide, options, tokenizer);
     let corpus = match &options.validation {
         Validation::Inputs(_) => {
             let stats = tokenize_into(tokenizer, &files, options, progress, |_, doc| {
@@ -350,35 +416,23 @@ pub fn prepare(
     }
 
     let manifest_path = partial.join("manifest.json");
-    let text = serde_json::to_string_pretty(&manifest).unwrap_or_default() + "\n";
-    write_synced(&manifest_path, text.as_bytes())?;
-    if out.exists() {
-        std::fs::remove_dir_all(out).map_err(|source| DataError::Write {
-            path: out.to_path_buf(),
-            source,
-        })?;
-    }
-    std::fs::rename(&partial, out).map_err(|source| DataError::Write {
-        path: out.to_path_buf(),
+    let text = serde_json::to_string_pretty(&manifest).map_err(|e| DataError::Cache {
+        path: manifest_path.clone(),
+        reason: format!("cannot serialise the manifest: {e}"),
+    })? + "\n";
+    write_synced(&manifest_path, text.as_bytes()).map_err(|source| DataError::Write {
+        path: manifest_path.clone(),
         source,
     })?;
-    Ok(Prepared {
-        manifest,
-        reused: false,
-        rebuilt_because,
-    })
+    Ok(manifest)
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), DataError> {
-    let write = || -> std::io::Result<()> {
-        let mut file = File::create(path)?;
-        file.write_all(bytes)?;
-        file.sync_all()
-    };
-    write().map_err(|source| DataError::Write {
-        path: path.to_path_buf(),
-        source,
-    })
+/// Writes `bytes` to `path` and fsyncs it: the one durable-write helper of the workspace
+/// (the cache manifest here, checkpoint files in masklm-train).
+pub fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut file = File::create(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
 }
 
 /// Whether document `index` belongs to the validation split: a hash of the index, so the
@@ -422,19 +476,26 @@ fn tokenize_into(
             }
             Ok(documents.stats().clone())
         });
-        let mut index = 0u64;
-        for (chunk, bytes) in receiver.iter() {
-            for ids in tokenizer.encode_batch_plain(chunk)? {
-                sink(index, &ids)?;
-                index += 1;
+        // Consume until the end or the first error; then drop the receiver so that a reader
+        // blocked on a full channel wakes up (its send fails) and the scope can end.
+        let consumed = (move || -> Result<(), DataError> {
+            let mut index = 0u64;
+            for (chunk, bytes) in receiver.iter() {
+                for ids in tokenizer.encode_batch_plain(chunk)? {
+                    sink(index, &ids)?;
+                    index += 1;
+                }
+                progress.advance(bytes);
             }
-            progress.advance(bytes);
-        }
-        reader.join().unwrap_or_else(|_| {
+            Ok(())
+        })();
+        let read = reader.join().unwrap_or_else(|_| {
             Err(DataError::Input(
                 "the corpus reader thread panicked".to_string(),
             ))
-        })
+        });
+        consumed?;
+        read
     })
 }
 
@@ -557,8 +618,15 @@ impl SplitWriter {
             if self.wide {
                 bytes.extend_from_slice(&t.to_le_bytes());
             } else {
-                // The manifest chose u16 because every id is below 65536.
-                bytes.extend_from_slice(&(t as u16).to_le_bytes());
+                // The manifest chose u16 because the tokenizer's largest id is below 65536.
+                let narrow = u16::try_from(t).map_err(|_| DataError::Cache {
+                    path: shard.bin_path.clone(),
+                    reason: format!(
+                        "token id {t} does not fit the cache's u16 ids; the tokenizer produced \
+                         an id above its own largest one: check tokenizer.json"
+                    ),
+                })?;
+                bytes.extend_from_slice(&narrow.to_le_bytes());
             }
         }
         shard
@@ -596,14 +664,23 @@ impl SplitWriter {
                         source,
                     })?;
             }
+            // Streamed back from disk: a shard is up to 1 GiB.
+            let mut hasher = Sha256::new();
+            for path in [&shard.bin_path, &shard.idx_path] {
+                File::open(path)
+                    .and_then(|mut f| std::io::copy(&mut f, &mut hasher))
+                    .map_err(|source| DataError::Read {
+                        path: path.clone(),
+                        line: None,
+                        source,
+                    })?;
+            }
+            let sha256 = format!("{:x}", hasher.finalize());
             self.info.shards.push(Shard {
-                file: shard
-                    .bin_path
-                    .file_stem()
-                    .map(|s| s.to_string_lossy().into_owned())
-                    .unwrap_or_default(),
+                file: format!("{}-{:05}", self.name, self.info.shards.len()),
                 examples: shard.examples,
                 tokens: shard.offset,
+                sha256: Some(sha256),
             });
         }
         Ok(())
@@ -700,6 +777,33 @@ impl SplitReader {
             if offsets.windows(2).any(|w| w[0] > w[1]) {
                 return Err(corrupt("index offsets are not ascending".to_string()));
             }
+            if let Some(expected) = &shard.sha256
+                && &shard_sha256(&map, &idx_bytes) != expected
+            {
+                return Err(corrupt(
+                    "checksum mismatch: the shard was modified or damaged after prepare"
+                        .to_string(),
+                ));
+            }
+            // Every id must index the vocabulary the cache was made with; checked once here
+            // rather than as an index panic in the middle of training.
+            let largest = if wide {
+                map.chunks_exact(4)
+                    .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .max()
+            } else {
+                map.chunks_exact(2)
+                    .map(|b| u16::from_le_bytes([b[0], b[1]]) as u32)
+                    .max()
+            };
+            if let Some(largest) = largest
+                && largest as usize >= manifest.vocab_size
+            {
+                return Err(corrupt(format!(
+                    "token id {largest} is outside the vocabulary of {} the cache was made with",
+                    manifest.vocab_size
+                )));
+            }
             starts.push(starts.last().copied().unwrap_or(0) + shard.examples);
             shards.push((map, offsets));
         }
@@ -745,5 +849,40 @@ impl SplitReader {
                 .collect()
         };
         Some(tokens)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failing_sink_ends_tokenizing_promptly() {
+        // Ten chunks of documents: the reader fills the two-slot channel long before the end,
+        // and must not stay blocked on it once the consumer has failed (disk full).
+        let dir = tempfile::tempdir().unwrap();
+        let corpus = dir.path().join("corpus.txt");
+        std::fs::write(&corpus, "a cell divides\n".repeat(CHUNK_DOCUMENTS * 10)).unwrap();
+        let fixture =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tokenizer-go");
+        let tokenizer = crate::load_tokenizer(&fixture).unwrap();
+        let options = PrepareOptions {
+            max_seq_length: 16,
+            packing: Packing::Full,
+            validation: Validation::None,
+            corpus: CorpusOptions::default(),
+        };
+        let (done, result) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let outcome = tokenize_into(&tokenizer, &[corpus], &options, &NoProgress, |_, _| {
+                Err(DataError::Input("disk full".to_string()))
+            });
+            let _ = done.send(outcome.map(|_| ()));
+        });
+        let outcome = result
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("tokenizing hung after its sink failed");
+        let err = outcome.unwrap_err().to_string();
+        assert!(err.contains("disk full"), "{err}");
     }
 }

@@ -52,25 +52,41 @@ pub struct CorpusStats {
     pub skipped_non_utf8: u64,
     /// First skipped line, `file:line`, to show the user.
     pub first_non_utf8: Option<String>,
+    /// FIFOs, sockets and device files found under input directories and skipped.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped_special: Vec<PathBuf>,
 }
 
 /// Expands files, directories and globs into a sorted, de-duplicated list of files.
 pub fn resolve_inputs(inputs: &[String]) -> Result<Vec<PathBuf>, DataError> {
+    resolve_inputs_reporting(inputs).map(|(files, _)| files)
+}
+
+/// [`resolve_inputs`], also returning the special files (FIFOs, sockets, devices) that were
+/// skipped under directories, for a warning.
+///
+/// Directories are walked recursively, hidden entries skipped. Symbolic links are followed,
+/// but each real directory is walked once, so a link loop ends instead of recursing for ever.
+/// A special file named explicitly is an error: reading a FIFO or `/dev/zero` would hang or
+/// never end.
+pub fn resolve_inputs_reporting(
+    inputs: &[String],
+) -> Result<(Vec<PathBuf>, Vec<PathBuf>), DataError> {
     if inputs.is_empty() {
         return Err(DataError::Input("no input given".to_string()));
     }
-    let mut files = Vec::new();
+    let mut walk = Walk::default();
     for input in inputs {
         if input.contains(['*', '?', '[']) {
             let paths = glob::glob(input)
                 .map_err(|e| DataError::Input(format!("bad glob pattern {input:?}: {e}")))?;
-            let before = files.len();
+            let before = walk.files.len();
             for path in paths.flatten() {
                 if path.is_file() {
-                    files.push(path);
+                    walk.files.push(path);
                 }
             }
-            if files.len() == before {
+            if walk.files.len() == before {
                 return Err(DataError::Input(format!(
                     "{input}: the pattern matches no file"
                 )));
@@ -79,49 +95,70 @@ pub fn resolve_inputs(inputs: &[String]) -> Result<Vec<PathBuf>, DataError> {
         }
         let path = PathBuf::from(input);
         if path.is_dir() {
-            let before = files.len();
-            walk(&path, &mut files)?;
-            if files.len() == before {
+            let before = walk.files.len();
+            walk.dir(&path)?;
+            if walk.files.len() == before {
                 return Err(DataError::Input(format!(
                     "{input}: the directory holds no file"
                 )));
             }
         } else if path.is_file() {
-            files.push(path);
+            walk.files.push(path);
+        } else if path.exists() {
+            return Err(DataError::Input(format!(
+                "{input}: not a regular file (a FIFO, socket or device); give text files"
+            )));
         } else {
             return Err(DataError::Input(format!(
                 "{input}: no such file or directory"
             )));
         }
     }
-    files.sort();
-    files.dedup();
-    Ok(files)
+    walk.files.sort();
+    walk.files.dedup();
+    Ok((walk.files, walk.special))
 }
 
-fn walk(dir: &Path, files: &mut Vec<PathBuf>) -> Result<(), DataError> {
-    let entries = std::fs::read_dir(dir).map_err(|source| DataError::Read {
-        path: dir.to_path_buf(),
-        line: None,
-        source,
-    })?;
-    let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
-    paths.sort();
-    for path in paths {
-        let hidden = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with('.'));
-        if hidden {
-            continue;
+#[derive(Default)]
+struct Walk {
+    files: Vec<PathBuf>,
+    special: Vec<PathBuf>,
+    /// Real paths of the directories walked so far.
+    seen: std::collections::HashSet<PathBuf>,
+}
+
+impl Walk {
+    fn dir(&mut self, dir: &Path) -> Result<(), DataError> {
+        let read_err = |source| DataError::Read {
+            path: dir.to_path_buf(),
+            line: None,
+            source,
+        };
+        let real = std::fs::canonicalize(dir).map_err(read_err)?;
+        if !self.seen.insert(real) {
+            return Ok(());
         }
-        if path.is_dir() {
-            walk(&path, files)?;
-        } else if path.is_file() {
-            files.push(path);
+        let entries = std::fs::read_dir(dir).map_err(read_err)?;
+        let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        paths.sort();
+        for path in paths {
+            let hidden = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with('.'));
+            if hidden {
+                continue;
+            }
+            if path.is_dir() {
+                self.dir(&path)?;
+            } else if path.is_file() {
+                self.files.push(path);
+            } else if path.exists() {
+                self.special.push(path);
+            }
         }
+        Ok(())
     }
-    Ok(())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -520,6 +557,27 @@ mod tests {
         assert_eq!(files.len(), 2);
         let pattern = dir.path().join("tree/*.txt").display().to_string();
         assert_eq!(resolve_inputs(&[pattern]).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn link_loops_end_and_special_files_are_skipped_or_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = dir.path().join("tree");
+        std::fs::create_dir_all(tree.join("sub")).unwrap();
+        std::fs::write(tree.join("sub/a.txt"), "a\n").unwrap();
+        // sub/loop -> .. : following it naively recurses until the path is too long.
+        std::os::unix::fs::symlink("..", tree.join("sub/loop")).unwrap();
+        let fifo = tree.join("pipe");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        assert!(made.is_ok_and(|s| s.success()), "mkfifo");
+        let (files, special) =
+            resolve_inputs_reporting(&[tree.display().to_string()]).unwrap();
+        assert_eq!(files, [tree.join("sub/a.txt")]);
+        assert_eq!(special, [fifo.clone()]);
+        let msg = resolve_inputs(&[fifo.display().to_string()])
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("not a regular file"), "{msg}");
     }
 
     #[test]

@@ -9,11 +9,15 @@
 //!    memory-mappable token cache with a manifest.
 //! 4. [`masking`]: dynamic masking, a pure function of (tokens, seed, epoch, index).
 //! 5. [`batch`]: a burn `Dataset` over the cache and a `Batcher` to masked batch tensors.
+//! 6. [`sampler`]: the masked micro-batches of each optimizer step, a pure function of
+//!    (seed, step).
 
 pub mod batch;
 pub mod cache;
 pub mod corpus;
+pub mod lock;
 pub mod masking;
+pub mod sampler;
 pub mod tokenizer;
 
 use std::path::PathBuf;
@@ -21,10 +25,12 @@ use std::path::PathBuf;
 pub use batch::{MlmBatch, MlmBatcher, MlmDataset, Sample, collate, epoch_order};
 pub use cache::{
     Manifest, NoProgress, Packing, PrepareOptions, Prepared, Progress, SplitReader, Validation,
-    prepare, read_manifest,
+    prepare, read_manifest, write_synced,
 };
-pub use corpus::{CorpusOptions, CorpusStats, Documents, resolve_inputs};
-pub use masking::{MaskVocab, MaskedExample, MaskingConfig, mask_tokens};
+pub use lock::{FolderLock, lock_file, lock_folder};
+pub use corpus::{CorpusOptions, CorpusStats, Documents, resolve_inputs, resolve_inputs_reporting};
+pub use masking::{MaskVocab, MaskedExample, MaskingConfig, WordBoundary, mask_tokens};
+pub use sampler::{StepBatches, StepSampler};
 pub use tokenizer::{MlmTokenizer, TrainOptions, load_tokenizer, train_tokenizer};
 
 /// The splitmix64 mixer: a well-spread 64-bit hash of `z`, for seeds and stable splits.
@@ -83,6 +89,13 @@ pub enum DataError {
     /// A token cache is damaged or not a cache.
     #[error("{}: {reason}", path.display())]
     Cache { path: PathBuf, reason: String },
+    /// Another process is using a run or cache folder.
+    #[error("{} is in use by {holder} (another masklm {what}); wait for it to finish or stop it, or use another folder", path.display())]
+    Locked {
+        path: PathBuf,
+        what: String,
+        holder: String,
+    },
     /// A JSON Lines record is malformed or lacks the text field.
     #[error("{}:{line}: {reason}", path.display())]
     Json {

@@ -68,6 +68,29 @@ impl MaskingConfig {
     }
 }
 
+/// How a tokenizer marks word boundaries in its token strings, for whole-word masking. Taken
+/// from the tokenizer's model type (see `MlmTokenizer::word_boundary`), never guessed from the
+/// strings: a byte-level BPE vocabulary may well contain `##`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WordBoundary {
+    /// WordPiece (and BPE with a continuing-subword prefix): a token continues a word when it
+    /// starts with the prefix (`##`).
+    ContinuationPrefix(String),
+    /// Byte-level BPE and SentencePiece: a token starts a word when it starts with one of these
+    /// (`Ġ`, the encoded space; `▁`, the metaspace).
+    StartMarkers(Vec<char>),
+}
+
+impl WordBoundary {
+    /// Whether `token` begins a word.
+    pub fn starts_word(&self, token: &str) -> bool {
+        match self {
+            WordBoundary::ContinuationPrefix(prefix) => !token.starts_with(prefix.as_str()),
+            WordBoundary::StartMarkers(markers) => token.chars().next().is_some_and(|c| markers.contains(&c)),
+        }
+    }
+}
+
 /// What the masker needs to know about a vocabulary.
 #[derive(Debug, Clone)]
 pub struct MaskVocab {
@@ -84,16 +107,17 @@ pub struct MaskVocab {
 }
 
 impl MaskVocab {
-    /// Builds the tables from the vocabulary as strings indexed by id.
+    /// Builds the tables from the vocabulary as strings indexed by id (`None`: no token has
+    /// that id; such gaps are treated as special, so never masked nor drawn).
     ///
-    /// `special_ids` lists the special tokens (including pad and mask). A token starts a word
-    /// when it begins with `Ġ` (byte-level BPE's space) or `▁` (SentencePiece), or, for
-    /// WordPiece vocabularies, when it does not begin with `##`.
+    /// `special_ids` lists the special tokens (including pad and mask); `words` says how the
+    /// tokenizer marks word boundaries (see [`WordBoundary`]).
     pub fn new(
-        tokens: &[String],
+        tokens: &[Option<String>],
         special_ids: &[u32],
         mask_id: u32,
         pad_id: u32,
+        words: &WordBoundary,
     ) -> Result<Self, DataError> {
         let n = tokens.len();
         for (what, id) in [("<mask>", mask_id), ("<pad>", pad_id)] {
@@ -103,7 +127,7 @@ impl MaskVocab {
                 )));
             }
         }
-        let mut special = vec![false; n];
+        let mut special: Vec<bool> = tokens.iter().map(Option::is_none).collect();
         for &id in special_ids.iter().chain([&mask_id, &pad_id]) {
             if let Some(s) = special.get_mut(id as usize) {
                 *s = true;
@@ -115,16 +139,9 @@ impl MaskVocab {
                 "the vocabulary has no non-special tokens to mask".to_string(),
             ));
         }
-        let wordpiece = tokens.iter().any(|t| t.starts_with("##"));
         let word_start = tokens
             .iter()
-            .map(|t| {
-                if wordpiece {
-                    !t.starts_with("##")
-                } else {
-                    t.starts_with('Ġ') || t.starts_with('▁')
-                }
-            })
+            .map(|t| t.as_deref().is_some_and(|t| words.starts_word(t)))
             .collect();
         Ok(Self {
             mask_id,
@@ -133,6 +150,11 @@ impl MaskVocab {
             pool,
             word_start,
         })
+    }
+
+    /// Whether `id` begins a word (for whole-word masking).
+    pub fn starts_word(&self, id: u32) -> bool {
+        self.word_start.get(id as usize).copied().unwrap_or(false)
     }
 
     /// Whether `id` is a special token (or outside the vocabulary, which is never masked).
@@ -244,18 +266,19 @@ mod tests {
     /// A toy byte-level vocabulary: 0-4 specials, then alternating word starts ("Ġw") and
     /// continuations ("w").
     fn vocab() -> MaskVocab {
-        let mut tokens: Vec<String> = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+        let mut tokens: Vec<Option<String>> = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
             .iter()
-            .map(|s| s.to_string())
+            .map(|s| Some(s.to_string()))
             .collect();
         for i in 5..1000 {
-            tokens.push(if i % 2 == 0 {
+            tokens.push(Some(if i % 2 == 0 {
                 format!("Ġw{i}")
             } else {
                 format!("c{i}")
-            });
+            }));
         }
-        MaskVocab::new(&tokens, &[0, 1, 2, 3, 4], 4, 1).unwrap()
+        let words = WordBoundary::StartMarkers(vec!['Ġ']);
+        MaskVocab::new(&tokens, &[0, 1, 2, 3, 4], 4, 1, &words).unwrap()
     }
 
     /// Blocks of 128 framed by <s> ... </s>, with some padding, from a fixed pseudo-random

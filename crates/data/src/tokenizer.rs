@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use tokenizers::decoders::DecoderWrapper;
+use tokenizers::models::ModelWrapper;
 use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
 use tokenizers::normalizers::NormalizerWrapper;
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
@@ -21,7 +22,7 @@ use tokenizers::processors::PostProcessorWrapper;
 use tokenizers::processors::roberta::RobertaProcessing;
 use tokenizers::{AddedToken, Tokenizer, TokenizerBuilder};
 
-use crate::{DataError, MaskVocab};
+use crate::{DataError, MaskVocab, WordBoundary};
 
 /// The RoBERTa special tokens, in id order.
 pub const SPECIAL_TOKENS: [&str; 5] = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"];
@@ -60,6 +61,8 @@ pub struct MlmTokenizer {
     pub eos_id: u32,
     /// SHA-256 of tokenizer.json, recorded in token caches to detect a changed tokenizer.
     pub hash: String,
+    /// Largest token id + 1 (ids may have gaps, so this can exceed the number of tokens).
+    id_space: usize,
 }
 
 impl std::fmt::Debug for MlmTokenizer {
@@ -87,16 +90,14 @@ pub fn train_tokenizer<I>(
 where
     I: Iterator<Item = String> + Send,
 {
-    let min_vocab = SPECIAL_TOKENS.len() + ByteLevel::alphabet().len();
-    if options.vocab_size < min_vocab {
+    options.validate()?;
+    if out.is_file() {
         return Err(DataError::Config {
-            key: "vocab_size".to_string(),
-            reason: format!(
-                "{} is too small: the 5 special tokens and 256 byte symbols alone take {min_vocab}",
-                options.vocab_size
-            ),
+            key: "out".to_string(),
+            reason: format!("{} is a file; give a folder for the tokenizer", out.display()),
         });
     }
+    let min_vocab = SPECIAL_TOKENS.len() + ByteLevel::alphabet().len();
     let specials: Vec<AddedToken> = SPECIAL_TOKENS
         .iter()
         .map(|&t| AddedToken::from(t, true).lstrip(t == "<mask>"))
@@ -191,6 +192,34 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), DataError> {
     })
 }
 
+impl TrainOptions {
+    /// Rejects vocabulary sizes no byte-level BPE can have, before any text is read.
+    pub fn validate(&self) -> Result<(), DataError> {
+        let min_vocab = SPECIAL_TOKENS.len() + ByteLevel::alphabet().len();
+        if self.vocab_size < min_vocab {
+            return Err(DataError::Config {
+                key: "vocab_size".to_string(),
+                reason: format!(
+                    "{} is too small: the 5 special tokens and 256 byte symbols alone take {min_vocab}",
+                    self.vocab_size
+                ),
+            });
+        }
+        // The same bound as a model's vocab_size (masklm-model): far above any real tokenizer.
+        if self.vocab_size > 1 << 24 {
+            return Err(DataError::Config {
+                key: "vocab_size".to_string(),
+                reason: format!(
+                    "{} is beyond any sane vocabulary (at most {}); typical sizes are 30000-250000",
+                    self.vocab_size,
+                    1 << 24
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
 /// Loads `DIR/tokenizer.json` and finds its mask, pad, bos and eos tokens.
 ///
 /// The mask token is `tokenizer_config.json`'s `mask_token` when present, else `<mask>` or
@@ -240,7 +269,13 @@ pub fn load_tokenizer(dir: &Path) -> Result<MlmTokenizer, DataError> {
         DataError::Tokenizer(format!("{}: no end token (</s> or [SEP])", path.display()))
     })?;
     let hash = format!("{:x}", Sha256::digest(&bytes));
+    let id_space = tokenizer
+        .get_vocab(true)
+        .values()
+        .max()
+        .map_or(0, |&id| id as usize + 1);
     Ok(MlmTokenizer {
+        id_space,
         tokenizer,
         dir: dir.to_path_buf(),
         mask_token,
@@ -253,9 +288,11 @@ pub fn load_tokenizer(dir: &Path) -> Result<MlmTokenizer, DataError> {
 }
 
 impl MlmTokenizer {
-    /// Vocabulary size including added tokens.
+    /// The size of the id space: largest token id (added tokens included) + 1. This, not the
+    /// number of tokens, is what sizes a model's embedding table, the cache's id width and the
+    /// masker's tables, since a tokenizer's ids may have gaps.
     pub fn vocab_size(&self) -> usize {
-        self.tokenizer.get_vocab_size(true)
+        self.id_space
     }
 
     /// Encodes one text with the post-processor's specials (`<s> ... </s>`).
@@ -294,12 +331,122 @@ impl MlmTokenizer {
             .collect()
     }
 
+    /// How this tokenizer marks words, from its model type: WordPiece (and BPE with a
+    /// continuing-subword prefix) mark continuations (`##`); byte-level BPE, Unigram and
+    /// WordLevel mark word starts (`Ġ`, `▁`).
+    pub fn word_boundary(&self) -> WordBoundary {
+        match self.tokenizer.get_model() {
+            ModelWrapper::WordPiece(wp) => {
+                WordBoundary::ContinuationPrefix(wp.continuing_subword_prefix.clone())
+            }
+            ModelWrapper::BPE(bpe) => match bpe.get_continuing_subword_prefix() {
+                Some(prefix) => WordBoundary::ContinuationPrefix(prefix.clone()),
+                None => WordBoundary::StartMarkers(vec!['Ġ', '▁']),
+            },
+            ModelWrapper::Unigram(_) | ModelWrapper::WordLevel(_) => {
+                WordBoundary::StartMarkers(vec!['Ġ', '▁'])
+            }
+        }
+    }
+
     /// The tables the masker needs.
     pub fn mask_vocab(&self) -> Result<MaskVocab, DataError> {
         let n = self.vocab_size();
-        let tokens: Vec<String> = (0..n as u32)
-            .map(|id| self.id_to_token(id).unwrap_or_default())
-            .collect();
-        MaskVocab::new(&tokens, &self.special_ids(), self.mask_id, self.pad_id)
+        let tokens: Vec<Option<String>> = (0..n as u32).map(|id| self.id_to_token(id)).collect();
+        MaskVocab::new(
+            &tokens,
+            &self.special_ids(),
+            self.mask_id,
+            self.pad_id,
+            &self.word_boundary(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture() -> MlmTokenizer {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tokenizer-go");
+        load_tokenizer(&dir).unwrap()
+    }
+
+    #[test]
+    fn whole_words_follow_the_model_type_not_the_spelling() {
+        // A byte-level BPE vocabulary that happens to hold `##` tokens (code, markdown) is
+        // still byte-level: `Ġ` starts words, and a token without it continues one.
+        let mut tokenizer = fixture();
+        tokenizer
+            .tokenizer
+            .add_tokens([AddedToken::from("##", false), AddedToken::from("##x", false)])
+            .unwrap();
+        tokenizer.id_space = tokenizer
+            .tokenizer
+            .get_vocab(true)
+            .values()
+            .max()
+            .map_or(0, |&id| id as usize + 1);
+        assert_eq!(
+            tokenizer.word_boundary(),
+            WordBoundary::StartMarkers(vec!['Ġ', '▁'])
+        );
+        let vocab = tokenizer.mask_vocab().unwrap();
+        let id = |t: &str| tokenizer.tokenizer.token_to_id(t).unwrap();
+        let (start, inner) = (id("Ġthe"), id("tion"));
+        assert!(vocab.starts_word(start));
+        assert!(!vocab.starts_word(inner), "`tion` continues a word");
+
+        // A WordPiece model marks continuations instead.
+        let bert = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/bert-tiny");
+        let bert = load_tokenizer(&bert).unwrap();
+        assert_eq!(
+            bert.word_boundary(),
+            WordBoundary::ContinuationPrefix("##".to_string())
+        );
+    }
+
+    #[test]
+    fn the_id_space_is_the_largest_id_plus_one_and_gaps_are_never_drawn() {
+        // tokenizer.json with a gap: ids 0-5 and 70000 (an added token far past the rest).
+        let dir = tempfile::tempdir().unwrap();
+        let base = fixture();
+        let mut json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(base.dir.join("tokenizer.json")).unwrap())
+                .unwrap();
+        json["added_tokens"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({"id": 70000, "content": "<far>", "single_word": false,
+                "lstrip": false, "rstrip": false, "normalized": false, "special": false}));
+        std::fs::write(dir.path().join("tokenizer.json"), json.to_string()).unwrap();
+        let tokenizer = load_tokenizer(dir.path()).unwrap();
+        assert_eq!(tokenizer.vocab_size(), 70001);
+        assert!(tokenizer.tokenizer.get_vocab_size(true) < 70001);
+        let vocab = tokenizer.mask_vocab().unwrap();
+        assert!(!vocab.is_special(70000), "the far token can be masked");
+        assert!(vocab.is_special(60000), "a gap is never masked nor drawn");
+
+        // Its cache holds u32 ids, and the far id reads back whole.
+        for file in ["tokenizer_config.json", "special_tokens_map.json"] {
+            std::fs::copy(base.dir.join(file), dir.path().join(file)).unwrap();
+        }
+        let tokenizer = load_tokenizer(dir.path()).unwrap();
+        let corpus = dir.path().join("corpus.txt");
+        std::fs::write(&corpus, "the cell <far> divides\n".repeat(50)).unwrap();
+        let options = crate::PrepareOptions {
+            max_seq_length: 16,
+            packing: crate::Packing::Full,
+            validation: crate::Validation::None,
+            corpus: crate::CorpusOptions::default(),
+        };
+        let cache = dir.path().join("cache");
+        let inputs = [corpus.display().to_string()];
+        let prepared = crate::prepare(&tokenizer, &inputs, &options, &cache, &crate::NoProgress)
+            .unwrap();
+        assert_eq!(prepared.manifest.dtype, "u32");
+        assert_eq!(prepared.manifest.vocab_size, 70001);
+        let split = crate::SplitReader::open(&cache, &prepared.manifest, "train").unwrap();
+        assert!(split.get(0).unwrap().contains(&70000));
     }
 }

@@ -64,6 +64,9 @@ pub enum HubError {
         expected: Vec<usize>,
         found: Vec<usize>,
     },
+    /// config.json disagrees with the weights file.
+    #[error("{}: {reason}; the config.json does not belong to these weights", path.display())]
+    ConfigMismatch { path: PathBuf, reason: String },
     /// Writing an export failed (disk full, permissions).
     #[error("cannot write {}: {reason}", path.display())]
     Write { path: PathBuf, reason: String },
@@ -77,13 +80,98 @@ pub enum HubError {
 }
 
 /// What a successful load found beyond the model: tensors in the file that the model does not
-/// use (other than the expected ones listed in the crate docs). The CLI shows them as warnings.
+/// use (other than the expected ones listed in the crate docs), which the CLI shows as
+/// warnings, and the dtypes the weights were stored in.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct LoadReport {
     /// The weights file that was read.
     pub weights: PathBuf,
     /// Tensor names in the file that were not used.
     pub unexpected: Vec<String>,
+    /// The float dtypes of the stored weights (`F32`, `F16`, `BF16`, `F64`). They are upcast to
+    /// f32 on load, as transformers does by default.
+    pub stored_dtypes: Vec<String>,
+}
+
+/// Checks config.json against a safetensors header before the model is allocated: the layer
+/// count and the word-embedding shape must match (a config claiming 10^6 layers for a file
+/// holding 2 is refused here, not in the allocator).
+fn check_header(config: &RobertaConfig, file: &Path) -> Result<(), HubError> {
+    let read_err = |reason: String| HubError::ReadWeights {
+        path: file.to_path_buf(),
+        reason,
+    };
+    let handle = std::fs::File::open(file).map_err(|e| read_err(e.to_string()))?;
+    // SAFETY: read-only mapping of a file we only read; a concurrent writer could change the
+    // bytes under us, which safetensors' header parse then reports as an error.
+    let map = unsafe { memmap2::Mmap::map(&handle) }.map_err(|e| read_err(e.to_string()))?;
+    let (_, metadata) = safetensors::SafeTensors::read_metadata(&map)
+        .map_err(|e| read_err(format!("bad safetensors header: {e}")))?;
+    let tensors = metadata.tensors();
+    let layers = tensors
+        .keys()
+        .filter_map(|name| {
+            let rest = name.split("encoder.layer.").nth(1)?;
+            rest.split('.').next()?.parse::<usize>().ok()
+        })
+        .max()
+        .map_or(0, |last| last + 1);
+    if layers > 0 && layers != config.num_hidden_layers {
+        return Err(HubError::ConfigMismatch {
+            path: file.to_path_buf(),
+            reason: format!(
+                "config.json says num_hidden_layers {} but the weights hold {layers} layers",
+                config.num_hidden_layers
+            ),
+        });
+    }
+    if let Some((name, info)) = tensors
+        .iter()
+        .find(|(name, _)| name.ends_with("embeddings.word_embeddings.weight"))
+    {
+        let expected = [config.vocab_size, config.hidden_size];
+        if info.shape != expected {
+            return Err(HubError::ShapeMismatch {
+                path: file.to_path_buf(),
+                name: name.to_string(),
+                expected: expected.to_vec(),
+                found: info.shape.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Checks `config` against the folder's weight file header where it can be read without
+/// loading the weights (safetensors), before any model is allocated.
+pub fn check_weights(config: &RobertaConfig, dir: &Path) -> Result<(), HubError> {
+    let safetensors = dir.join("model.safetensors");
+    if safetensors.is_file() {
+        check_header(config, &safetensors)?;
+    }
+    Ok(())
+}
+
+/// Casts every float parameter to f32 (half-precision and f64 Hub weights), returning the
+/// dtypes found.
+fn upcast_to_f32(model: RobertaForMaskedLM) -> (RobertaForMaskedLM, Vec<String>) {
+    use burn::module::{Module, ModuleMapper, Param};
+    use burn::tensor::{DType, FloatDType, Tensor};
+    struct Upcast(std::collections::BTreeSet<String>);
+    impl ModuleMapper for Upcast {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            let dtype = param.val().dtype();
+            self.0.insert(format!("{dtype:?}"));
+            if dtype == DType::F32 {
+                param
+            } else {
+                param.map(|t| t.cast(FloatDType::F32))
+            }
+        }
+    }
+    let mut upcast = Upcast(Default::default());
+    let model = model.map(&mut upcast);
+    (model, upcast.0.into_iter().collect())
 }
 
 /// Tensor names (after remapping to module paths) that may be absent or extra in a HF file.
@@ -170,6 +258,7 @@ pub fn load_roberta(
     device: &Device,
 ) -> Result<(RobertaConfig, RobertaForMaskedLM, LoadReport), HubError> {
     let config = read_config(dir)?;
+    check_weights(&config, dir)?;
     let mut model = RobertaForMaskedLM::new(&config, device)?;
     let report = load_weights(&mut model, dir)?;
     Ok((config, model, report))
@@ -191,6 +280,7 @@ fn apply_store<S: ModuleStore>(
 
 /// Loads the weights of the checkpoint folder `dir` into `model`, whose shapes come from the
 /// folder's config.json.
+/// Weights stored in f16/bf16/f64 are upcast to f32.
 pub fn load_weights(model: &mut RobertaForMaskedLM, dir: &Path) -> Result<LoadReport, HubError> {
     let bert = model.roberta.embeddings.absolute_positions;
     let mut patterns = vec![(r"\.attention\.self\.", ".attention.self_attn.")];
@@ -274,9 +364,13 @@ pub fn load_weights(model: &mut RobertaForMaskedLM, dir: &Path) -> Result<LoadRe
         .filter(|name| !is_expected_extra(name))
         .map(|name| hf_name(name, bert))
         .collect();
+    // `map` consumes the module; the clone shares its tensors.
+    let (upcast, stored_dtypes) = upcast_to_f32(model.clone());
+    *model = upcast;
     Ok(LoadReport {
         weights: path,
         unexpected,
+        stored_dtypes,
     })
 }
 

@@ -98,12 +98,13 @@ fn main() {
         max_grad_norm: 1.0,
     };
     let mut optimizer = optim_config.build(&model);
-    let mut tokens: Vec<String> = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    let mut tokens: Vec<Option<String>> = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
         .iter()
-        .map(|s| s.to_string())
+        .map(|s| Some(s.to_string()))
         .collect();
-    tokens.extend((5..vocab).map(|i| format!("Ġt{i}")));
-    let mask_vocab = MaskVocab::new(&tokens, &[0, 1, 2, 3, 4], 4, 1).expect("vocab");
+    tokens.extend((5..vocab).map(|i| Some(format!("Ġt{i}"))));
+    let words = masklm_data::WordBoundary::StartMarkers(vec!['Ġ']);
+    let mask_vocab = MaskVocab::new(&tokens, &[0, 1, 2, 3, 4], 4, 1, &words).expect("vocab");
     let masking = MaskingConfig::default();
     // Deterministic pseudo-random blocks <s> ... </s>.
     let mut state = 12345u64;

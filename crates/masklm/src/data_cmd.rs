@@ -3,12 +3,12 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::Args;
 use masklm_data::corpus::no_text_error;
 use masklm_data::{
     CorpusOptions, Documents, Packing, PrepareOptions, Progress, TrainOptions, Validation,
-    load_tokenizer, prepare, resolve_inputs, train_tokenizer,
+    load_tokenizer, prepare, resolve_inputs_reporting, train_tokenizer,
 };
 
 use crate::progress::Bar;
@@ -60,7 +60,17 @@ pub struct TokenizerTrainArgs {
 }
 
 pub fn tokenizer_train(args: TokenizerTrainArgs) -> Result<()> {
-    let files = resolve_inputs(&args.corpus.input)?;
+    let options = TrainOptions {
+        vocab_size: args.vocab_size,
+        min_frequency: args.min_frequency,
+        model_max_length: args.model_max_length,
+    };
+    options.validate().context("--vocab-size")?;
+    if args.out.is_file() {
+        bail!("--out {} is a file; give a folder for the tokenizer", args.out.display());
+    }
+    let (files, special) = resolve_inputs_reporting(&args.corpus.input)?;
+    warn_special(&special);
     let total = files
         .iter()
         .filter_map(|f| std::fs::metadata(f).ok())
@@ -84,11 +94,6 @@ pub fn tokenizer_train(args: TokenizerTrainArgs) -> Result<()> {
             None
         }
     });
-    let options = TrainOptions {
-        vocab_size: args.vocab_size,
-        min_frequency: args.min_frequency,
-        model_max_length: args.model_max_length,
-    };
     let trained = train_tokenizer(stream, &options, &args.out);
     bar.finish();
     if let Some(e) = error {
@@ -112,7 +117,18 @@ pub fn tokenizer_train(args: TokenizerTrainArgs) -> Result<()> {
     Ok(())
 }
 
+fn warn_special(files: &[std::path::PathBuf]) {
+    if let Some(first) = files.first() {
+        eprintln!(
+            "warning: skipped {} special file(s) (FIFO, socket or device) under the inputs, e.g. {}",
+            files.len(),
+            first.display()
+        );
+    }
+}
+
 fn warn_skipped(stats: &masklm_data::CorpusStats) {
+    warn_special(&stats.skipped_special);
     if stats.skipped_non_utf8 > 0 {
         eprintln!(
             "warning: skipped {} non-UTF-8 line(s), the first at {}; --strict makes this an error",

@@ -45,14 +45,16 @@ pub struct EvalArgs {
 }
 
 pub fn eval_cmd(args: EvalArgs, device: &Device) -> Result<()> {
-    let (config, model) = load_model(&args.model, device)
+    let loaded = load_model(&args.model, device)
         .with_context(|| format!("loading {}", args.model.display()))?;
-    let tokenizer = load_tokenizer(&args.model).with_context(|| {
+    let (config, model) = (loaded.config, loaded.model);
+    let tokenizer = load_tokenizer(&loaded.dir).with_context(|| {
         format!(
             "{} needs its tokenizer files to evaluate text",
-            args.model.display()
+            loaded.dir.display()
         )
     })?;
+    masklm_train::check_tokenizer_fits(&tokenizer, &config)?;
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
@@ -177,23 +179,41 @@ fn pseudo_perplexity(
 
 #[derive(Args, Debug)]
 pub struct ExportArgs {
-    /// A masklm checkpoint folder (runs/NAME/checkpoints/step-...).
+    /// A masklm checkpoint folder (runs/NAME/checkpoints/step-..., `best`, `latest`, or the
+    /// run folder for its latest).
     #[arg(long)]
     pub checkpoint: PathBuf,
-    /// Output folder for the Hugging Face files.
+    /// Output folder for the Hugging Face files (must be empty or absent unless --force).
     #[arg(long)]
     pub out: PathBuf,
+    /// Overwrite the files of a non-empty --out folder.
+    #[arg(long)]
+    pub force: bool,
 }
 
 pub fn export_cmd(args: ExportArgs, device: &Device) -> Result<()> {
-    if !masklm_train::checkpoint::is_checkpoint(&args.checkpoint) {
+    let checkpoint = masklm_train::checkpoint::resolve_checkpoint(&args.checkpoint);
+    if !masklm_train::checkpoint::is_checkpoint(&checkpoint) {
         bail!(
             "{} is not a masklm checkpoint (no model.bpk + manifest.json); give a folder such as runs/NAME/checkpoints/step-0000100",
             args.checkpoint.display()
         );
     }
-    let (config, model) = masklm_train::checkpoint::load_model(&args.checkpoint, device, |_| {})?;
-    masklm_hub::export_model(&model, &config, Some(&args.checkpoint), &args.out)?;
+    if args.out.is_file() {
+        bail!(
+            "--out {} is a file; give a folder for the Hugging Face files",
+            args.out.display()
+        );
+    }
+    let occupied = std::fs::read_dir(&args.out).is_ok_and(|mut entries| entries.next().is_some());
+    if occupied && !args.force {
+        bail!(
+            "--out {} is not empty; choose an empty folder, or add --force to overwrite its files",
+            args.out.display()
+        );
+    }
+    let (config, model) = masklm_train::checkpoint::load_model(&checkpoint, device, |_| {})?;
+    masklm_hub::export_model(&model, &config, Some(&checkpoint), &args.out)?;
     println!(
         "exported {} -> {} (load with AutoModelForMaskedLM.from_pretrained or pipeline(\"fill-mask\", model=...))",
         args.checkpoint.display(),

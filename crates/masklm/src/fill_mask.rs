@@ -36,19 +36,23 @@ pub struct FillMaskArgs {
     pub text: Vec<String>,
 }
 
-/// Loads a masklm checkpoint or a Hugging Face folder for inference.
-pub fn load_model(path: &Path, device: &Device) -> Result<(RobertaConfig, RobertaForMaskedLM)> {
-    if masklm_train::checkpoint::is_checkpoint(path) {
-        Ok(masklm_train::checkpoint::load_model(path, device, |_| {})?)
-    } else {
-        let (config, model, report) = masklm_hub::load_roberta(path, device)?;
-        for name in &report.unexpected {
-            eprintln!(
-                "warning: unused tensor {name} in {}",
-                report.weights.display()
-            );
-        }
-        Ok((config, model))
+/// Loads a masklm checkpoint (or run folder, or `best`/`latest`) or a Hugging Face folder
+/// for inference, warning about unused weights.
+pub fn load_model(path: &Path, device: &Device) -> Result<masklm_train::Loaded> {
+    let loaded = masklm_train::load_for_inference(path, device)?;
+    for name in &loaded.unused {
+        eprintln!("warning: unused tensor {name} in {}", loaded.dir.display());
+    }
+    Ok(loaded)
+}
+
+/// `text` quoted for a message, cut to its first 60 characters: a 1 MB input must not be
+/// echoed whole.
+pub fn excerpt(text: &str) -> String {
+    const MAX: usize = 60;
+    match text.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{:?}... ({} bytes)", &text[..cut], text.len()),
+        None => format!("{text:?}"),
     }
 }
 
@@ -78,6 +82,12 @@ fn predict(
         .into_data()
         .try_to_vec()
         .map_err(|e| anyhow::anyhow!("reading model output: {e:?}"))?;
+    if probs.iter().any(|p| !p.is_finite()) {
+        bail!(
+            "the model's scores are not finite (NaN/inf): its weights are broken, e.g. saved \
+             from a diverged run; use an earlier checkpoint"
+        );
+    }
     Ok((0..masks.len())
         .map(|m| {
             let row = &probs[m * vocab..(m + 1) * vocab];
@@ -100,18 +110,27 @@ fn predict(
 
 /// The pipeline's `targets` handling (`FillMaskPipeline.get_target_ids`): a word that is a
 /// vocabulary entry is that token; otherwise the first token of its encoding (without
-/// specials). Duplicates collapse.
+/// specials), with a warning as the pipeline gives. Duplicates collapse.
 fn target_ids(tokenizer: &MlmTokenizer, words: &[String]) -> Result<Vec<u32>> {
     let mut ids = Vec::new();
     for word in words {
-        let id = tokenizer
-            .tokenizer
-            .token_to_id(word)
-            .or_else(|| {
-                let enc = tokenizer.tokenizer.encode(word.as_str(), false).ok()?;
-                enc.get_ids().first().copied()
-            })
-            .with_context(|| format!("--targets: {word:?} does not map to any token"))?;
+        let id = match tokenizer.tokenizer.token_to_id(word) {
+            Some(id) => id,
+            None => {
+                let id = tokenizer
+                    .tokenizer
+                    .encode(word.as_str(), false)
+                    .ok()
+                    .and_then(|enc| enc.get_ids().first().copied())
+                    .with_context(|| format!("--targets: {word:?} does not map to any token"))?;
+                eprintln!(
+                    "warning: --targets {word:?} is not a single token of the vocabulary; \
+                     using its first piece {:?} (as transformers' pipeline does)",
+                    tokenizer.id_to_token(id).unwrap_or_default()
+                );
+                id
+            }
+        };
         if !ids.contains(&id) {
             ids.push(id);
         }
@@ -120,20 +139,22 @@ fn target_ids(tokenizer: &MlmTokenizer, words: &[String]) -> Result<Vec<u32>> {
 }
 
 pub fn fill_mask(args: FillMaskArgs, device: &Device) -> Result<()> {
-    let (config, model) = load_model(&args.model, device)
+    let loaded = load_model(&args.model, device)
         .with_context(|| format!("loading {}", args.model.display()))?;
+    let (config, model) = (loaded.config, loaded.model);
     if args.top_k == 0 {
         bail!("--top-k must be at least 1");
     }
     if let Some(ids) = &args.ids {
         return fill_ids(&model, &config, ids, args.mask_id, args.top_k, device);
     }
-    let tokenizer = load_tokenizer(&args.model).with_context(|| {
+    let tokenizer = load_tokenizer(&loaded.dir).with_context(|| {
         format!(
             "{} has no usable tokenizer; pass token ids with --ids, or use a folder with tokenizer.json",
-            args.model.display()
+            loaded.dir.display()
         )
     })?;
+    masklm_train::check_tokenizer_fits(&tokenizer, &config)?;
     let targets = match &args.targets {
         Some(words) => Some(target_ids(&tokenizer, words)?),
         None => None,
@@ -163,13 +184,15 @@ pub fn fill_mask(args: FillMaskArgs, device: &Device) -> Result<()> {
             .collect();
         if masks.is_empty() {
             bail!(
-                "no mask token in {text:?}: write {} where a word should be predicted",
+                "no mask token in {}: write {} where a word should be predicted",
+                excerpt(text),
                 tokenizer.mask_token
             );
         }
         if ids.len() > config.max_sequence_length() {
             bail!(
-                "{text:?} is {} tokens long; this model takes at most {}",
+                "{} is {} tokens long; this model takes at most {}",
+                excerpt(text),
                 ids.len(),
                 config.max_sequence_length()
             );

@@ -105,11 +105,26 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn inspect(dir: &std::path::Path, device: &Device) -> Result<()> {
-    let (config, model, report) = masklm_hub::load_roberta(dir, device)?;
+/// Prints a model's config, size and stored dtypes: a Hugging Face folder or a masklm
+/// checkpoint (step folder, run folder, `best`/`latest`).
+fn inspect(path: &std::path::Path, device: &Device) -> Result<()> {
     use burn::module::Module;
+    let dir = masklm_train::checkpoint::resolve_checkpoint(path);
+    if masklm_train::checkpoint::is_checkpoint(&dir) {
+        let (config, model) = masklm_train::checkpoint::load_model(&dir, device, |_| {})?;
+        println!("{}", config.to_json());
+        println!("masklm checkpoint: {}", dir.display());
+        println!("parameters: {}", model.num_params());
+        println!("stored dtype: F32");
+        return Ok(());
+    }
+    let (config, model, report) = masklm_hub::load_roberta(&dir, device)?;
     println!("{}", config.to_json());
     println!("parameters: {}", model.num_params());
+    println!(
+        "stored dtype: {} (loaded as F32)",
+        report.stored_dtypes.join(", ")
+    );
     for name in &report.unexpected {
         println!(
             "warning: unused tensor {name} in {}",

@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use masklm_train::{EvalResult, Observer, RunInfo, StepLog, TrainConfig, train};
+use masklm_train::{EvalResult, Observer, RunInfo, Start, StepLog, TrainConfig, train};
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
@@ -24,6 +24,10 @@ pub struct TrainArgs {
     /// Continue the run in RUN_DIR from its latest checkpoint, exactly.
     #[arg(long, value_name = "RUN_DIR", conflicts_with = "out")]
     pub resume: Option<PathBuf>,
+    /// With --resume: the checkpoint to continue from (`step-0000100`, or a path) instead of
+    /// the latest valid one.
+    #[arg(long, value_name = "CHECKPOINT", requires = "resume")]
+    pub from: Option<String>,
 }
 
 struct Bar {
@@ -57,13 +61,23 @@ impl Observer for Bar {
                 ""
             }
         ));
-        if info.start_step > 0 {
-            self.say(format!("resuming at step {}", info.start_step));
+        if let Some(checkpoint) = &info.resumed_from {
+            self.say(format!(
+                "resuming at step {} from {}",
+                info.start_step,
+                checkpoint.display()
+            ));
         }
     }
 
     fn on_step(&self, log: &StepLog) {
         self.bar.set_position(log.step as u64);
+        if log.skipped {
+            self.say(format!(
+                "step {}: skipped (loss {}, gradient norm {}); the weights are unchanged",
+                log.step, log.loss, log.grad_norm
+            ));
+        }
         self.bar.set_message(format!(
             "loss {:.4}  lr {:.2e}  {:.0} tok/s",
             log.loss, log.lr, log.tokens_per_second
@@ -79,6 +93,10 @@ impl Observer for Bar {
 
     fn on_checkpoint(&self, path: &Path) {
         self.say(format!("saved {}", path.display()));
+    }
+
+    fn on_notice(&self, message: &str) {
+        self.bar.suspend(|| eprintln!("warning: {message}"));
     }
 }
 
@@ -119,7 +137,14 @@ pub fn train_cmd(args: TrainArgs, device: &Device) -> Result<()> {
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let observer = Bar { bar };
-    let outcome = train(&config, &run_dir, resume, device, &observer, &stop)
+    let start = if resume {
+        Start::Resume {
+            from: args.from.clone(),
+        }
+    } else {
+        Start::New
+    };
+    let outcome = train(&config, &run_dir, start, device, &observer, &stop)
         .with_context(|| format!("training in {}", run_dir.display()))?;
     observer.bar.finish_and_clear();
     if outcome.interrupted {

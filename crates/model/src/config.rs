@@ -117,8 +117,16 @@ impl RobertaConfig {
                 .entry("architectures")
                 .or_insert(serde_json::json!(["BertForMaskedLM"]));
         }
-        let config: Self = serde_json::from_value(value)
-            .map_err(|source| ConfigError::Parse { path: None, source })?;
+        // serde_path_to_error names the key of a wrongly typed value, which serde_json alone
+        // does not ("invalid type: floating point `2.5`, expected usize").
+        let config: Self = serde_path_to_error::deserialize(value).map_err(|e| {
+            let key = e.path().to_string();
+            ConfigError::Type {
+                key,
+                path: None,
+                source: e.into_inner(),
+            }
+        })?;
         config.validate()?;
         Ok(config)
     }
@@ -170,6 +178,16 @@ impl RobertaConfig {
     }
 
     /// Rejects values no model can be built from, naming the offending key.
+    /// Roughly how many parameters the config describes (embeddings + layers + head).
+    pub fn parameter_estimate(&self) -> f64 {
+        let (h, i) = (self.hidden_size as f64, self.intermediate_size as f64);
+        let embeddings = (self.vocab_size + self.max_position_embeddings + self.type_vocab_size)
+            as f64
+            * h;
+        let layer = 4.0 * h * h + 2.0 * h * i;
+        embeddings + self.num_hidden_layers as f64 * layer + h * h
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key: &'static str, reason: String| {
             Err(ConfigError::Invalid {
@@ -190,6 +208,40 @@ impl RobertaConfig {
             if value == 0 {
                 return invalid(key, "must be at least 1, got 0".to_string());
             }
+        }
+        // Sanity limits, checked before anything is allocated: a typo such as vocab_size 10^9
+        // must be an error, not an abort in the allocator. Each is far above any published
+        // encoder (XLM-R XXL: vocab 250k, hidden 4096, 48 layers).
+        for (key, value, limit) in [
+            ("vocab_size", self.vocab_size, 1 << 24),
+            ("hidden_size", self.hidden_size, 1 << 16),
+            ("num_hidden_layers", self.num_hidden_layers, 1024),
+            ("num_attention_heads", self.num_attention_heads, 1024),
+            ("intermediate_size", self.intermediate_size, 1 << 18),
+            ("max_position_embeddings", self.max_position_embeddings, 1 << 20),
+            ("type_vocab_size", self.type_vocab_size, 1 << 16),
+        ] {
+            if value > limit {
+                return invalid(
+                    key,
+                    format!("{value} is beyond any sane model (at most {limit}); check config.json"),
+                );
+            }
+        }
+        let parameters = self.parameter_estimate();
+        if parameters > 20e9 {
+            return invalid(
+                "hidden_size",
+                format!(
+                    "this config describes {:.1}e9 parameters (vocab_size {}, hidden_size {}, \
+                     {} layers, intermediate_size {}); masklm refuses models above 20e9",
+                    parameters / 1e9,
+                    self.vocab_size,
+                    self.hidden_size,
+                    self.num_hidden_layers,
+                    self.intermediate_size
+                ),
+            );
         }
         if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return invalid(

@@ -59,6 +59,14 @@ pub enum ConfigError {
         #[source]
         source: serde_json::Error,
     },
+    /// A key has a value of the wrong type (`num_hidden_layers: 2.5`).
+    #[error("{}`{key}`: {source}", path.as_ref().map(|p| format!("{}: ", p.display())).unwrap_or_default())]
+    Type {
+        key: String,
+        path: Option<PathBuf>,
+        #[source]
+        source: serde_json::Error,
+    },
     /// A value no model can be built from.
     #[error("{}invalid `{key}`: {reason}", path.as_ref().map(|p| format!("{}: ", p.display())).unwrap_or_default())]
     Invalid {
@@ -79,6 +87,11 @@ impl ConfigError {
             Self::Invalid { key, reason, .. } => Self::Invalid {
                 key,
                 reason,
+                path: Some(file.to_path_buf()),
+            },
+            Self::Type { key, source, .. } => Self::Type {
+                key,
+                source,
                 path: Some(file.to_path_buf()),
             },
             other => other,

@@ -17,7 +17,6 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use burn::optim::ModuleOptimizer;
@@ -47,6 +46,13 @@ pub struct TrainState {
     /// f16 mixed precision: the loss scaler (absent in f32/bf16 runs and older checkpoints).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loss_scaler: Option<crate::LossScaler>,
+    /// SHA-256 of the tokenizer.json the run trains with (checked on resume).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer_hash: Option<String>,
+    /// SHA-256 of the token cache's manifest.json (checked on resume: the data must not
+    /// change under a running experiment).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_hash: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -64,14 +70,15 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
-    let mut file = File::create(path).map_err(io(path))?;
-    file.write_all(bytes).map_err(io(path))?;
-    file.sync_all().map_err(io(path))
+    masklm_data::write_synced(path, bytes).map_err(io(path))
 }
 
-fn sha256_file(path: &Path) -> Result<String, TrainError> {
-    let bytes = std::fs::read(path).map_err(io(path))?;
-    Ok(format!("{:x}", Sha256::digest(&bytes)))
+/// The SHA-256 of a file, streamed (checkpoints of large models do not fit in memory twice).
+pub fn sha256_file(path: &Path) -> Result<String, TrainError> {
+    let mut file = File::open(path).map_err(io(path))?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher).map_err(io(path))?;
+    Ok(format!("{:x}", hasher.finalize()))
 }
 
 fn sync_dir(dir: &Path) {
@@ -79,6 +86,15 @@ fn sync_dir(dir: &Path) {
     if let Ok(d) = File::open(dir) {
         let _ = d.sync_all();
     }
+}
+
+fn to_json(value: &impl Serialize, path: &Path) -> Result<String, TrainError> {
+    serde_json::to_string_pretty(value)
+        .map(|text| text + "\n")
+        .map_err(|e| TrainError::Checkpoint {
+            path: path.to_path_buf(),
+            reason: format!("cannot serialise: {e}"),
+        })
 }
 
 /// Replaces `path` with `text` atomically.
@@ -146,7 +162,7 @@ pub fn save_checkpoint(
             write_synced(&tmp.join(file), &bytes)?;
         }
     }
-    let state_text = serde_json::to_string_pretty(state).unwrap_or_default() + "\n";
+    let state_text = to_json(state, &tmp.join("state.json"))?;
     write_synced(&tmp.join("state.json"), state_text.as_bytes())?;
 
     let mut files = BTreeMap::new();
@@ -163,7 +179,7 @@ pub fn save_checkpoint(
         step: state.step,
         files,
     };
-    let manifest_text = serde_json::to_string_pretty(&manifest).unwrap_or_default() + "\n";
+    let manifest_text = to_json(&manifest, &tmp.join("manifest.json"))?;
     write_synced(&tmp.join("manifest.json"), manifest_text.as_bytes())?;
     sync_dir(&tmp);
 
@@ -182,7 +198,10 @@ pub fn mark_best(run_dir: &Path, checkpoint: &Path) -> Result<(), TrainError> {
     let name = checkpoint
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+        .ok_or_else(|| TrainError::Checkpoint {
+            path: checkpoint.to_path_buf(),
+            reason: "not a checkpoint folder name".to_string(),
+        })?;
     write_atomic(&checkpoints_dir(run_dir).join("best"), &name)
 }
 
@@ -193,8 +212,9 @@ fn pointer(run_dir: &Path, which: &str) -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
-/// Deletes all but the newest `keep_last` checkpoints and the best one.
-pub fn rotate(run_dir: &Path, keep_last: usize) -> Result<(), TrainError> {
+/// Deletes all but the newest `keep_last` checkpoints, the best one and `protect` (the last
+/// checkpoint known to train on finitely).
+pub fn rotate(run_dir: &Path, keep_last: usize, protect: Option<&Path>) -> Result<(), TrainError> {
     let root = checkpoints_dir(run_dir);
     let mut steps: Vec<String> = std::fs::read_dir(&root)
         .map_err(io(&root))?
@@ -209,6 +229,11 @@ pub fn rotate(run_dir: &Path, keep_last: usize) -> Result<(), TrainError> {
         .cloned()
         .chain(pointer(run_dir, "best"))
         .chain(pointer(run_dir, "latest"))
+        .chain(
+            protect
+                .and_then(|p| p.file_name())
+                .map(|n| n.to_string_lossy().into_owned()),
+        )
         .collect();
     for name in steps.iter().filter(|n| !keep.contains(n)) {
         let path = root.join(name);
@@ -222,6 +247,112 @@ pub fn latest_checkpoint(run_dir: &Path) -> Option<PathBuf> {
     pointer(run_dir, "latest").map(|name| checkpoints_dir(run_dir).join(name))
 }
 
+/// The `step-*` checkpoint folders of a run, newest first.
+pub fn step_checkpoints(run_dir: &Path) -> Vec<PathBuf> {
+    let root = checkpoints_dir(run_dir);
+    let mut steps: Vec<PathBuf> = std::fs::read_dir(&root)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("step-"))
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
+    steps.sort();
+    steps.reverse();
+    steps
+}
+
+/// Whether the run folder holds any checkpoint (a pointer or a step folder).
+pub fn has_checkpoints(run_dir: &Path) -> bool {
+    latest_checkpoint(run_dir).is_some() || !step_checkpoints(run_dir).is_empty()
+}
+
+/// The checkpoint to resume `run_dir` from, and what was passed over on the way.
+///
+/// `from` (`step-0000100`, or a path) picks one explicitly; it must verify. Otherwise the
+/// `latest` pointer's checkpoint, or, when that is missing or fails its checksums, the newest
+/// `step-*` folder that verifies.
+pub fn resume_checkpoint(
+    run_dir: &Path,
+    from: Option<&str>,
+) -> Result<(PathBuf, Vec<String>), TrainError> {
+    if let Some(from) = from {
+        let named = checkpoints_dir(run_dir).join(from);
+        let path = if named.is_dir() {
+            named
+        } else {
+            PathBuf::from(from)
+        };
+        if !is_checkpoint(&path) {
+            let have: Vec<String> = step_checkpoints(run_dir)
+                .iter()
+                .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .collect();
+            return Err(TrainError::Resume(format!(
+                "--from {from}: no checkpoint {} (this run has: {})",
+                path.display(),
+                if have.is_empty() {
+                    "none".to_string()
+                } else {
+                    have.join(", ")
+                }
+            )));
+        }
+        verify_checkpoint(&path)?;
+        return Ok((path, Vec::new()));
+    }
+    let mut passed = Vec::new();
+    let latest = latest_checkpoint(run_dir);
+    match &latest {
+        None => passed.push(format!(
+            "{} is missing; looking for the newest valid step folder",
+            checkpoints_dir(run_dir).join("latest").display()
+        )),
+        Some(path) => match verify_checkpoint(path) {
+            Ok(()) => return Ok((path.clone(), passed)),
+            Err(e) => passed.push(format!("skipped {}: {e}", path.display())),
+        },
+    }
+    for path in step_checkpoints(run_dir) {
+        if Some(&path) == latest.as_ref() {
+            continue;
+        }
+        match verify_checkpoint(&path) {
+            Ok(()) => return Ok((path, passed)),
+            Err(e) => passed.push(format!("skipped {}: {e}", path.display())),
+        }
+    }
+    Err(TrainError::Resume(format!(
+        "{} has no valid checkpoint to resume from{}",
+        run_dir.display(),
+        if passed.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", passed.join("; "))
+        }
+    )))
+}
+
+/// Where a checkpoint path given by a user really is: a `latest`/`best` pointer file, or a run
+/// folder (its latest checkpoint), become the step folder they name; anything else is kept.
+pub fn resolve_checkpoint(path: &Path) -> PathBuf {
+    if path.is_file()
+        && let Some(name) = path.file_name().and_then(|n| n.to_str())
+        && matches!(name, "latest" | "best")
+        && let Ok(target) = std::fs::read_to_string(path)
+        && let Some(dir) = path.parent()
+    {
+        return dir.join(target.trim());
+    }
+    if path.is_dir() && checkpoints_dir(path).join("latest").is_file() {
+        if let Some(latest) = latest_checkpoint(path) {
+            return latest;
+        }
+    }
+    path.to_path_buf()
+}
+
 /// Checks a checkpoint folder's manifest and checksums.
 pub fn verify_checkpoint(dir: &Path) -> Result<(), TrainError> {
     let manifest_path = dir.join("manifest.json");
@@ -232,7 +363,10 @@ pub fn verify_checkpoint(dir: &Path) -> Result<(), TrainError> {
     let text = std::fs::read_to_string(&manifest_path).map_err(|e| {
         corrupt(
             &manifest_path,
-            format!("{e}; the checkpoint is incomplete: use an earlier one"),
+            format!(
+                "{e}; the checkpoint is incomplete: resume from an earlier one with \
+                 `masklm train --resume RUN --from step-N` (or without --from: the newest valid one)"
+            ),
         )
     })?;
     let manifest: Manifest = serde_json::from_str(&text)
@@ -252,7 +386,10 @@ pub fn verify_checkpoint(dir: &Path) -> Result<(), TrainError> {
         if &actual != sum {
             return Err(corrupt(
                 &path,
-                "checksum mismatch: the file is truncated or was modified; use an earlier checkpoint".to_string(),
+                "checksum mismatch: the file is truncated or was modified; resume from an earlier \
+                 checkpoint with `masklm train --resume RUN --from step-N` (or without --from: \
+                 the newest valid one)"
+                    .to_string(),
             ));
         }
     }

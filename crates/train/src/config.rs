@@ -99,10 +99,17 @@ pub struct TrainingSection {
     /// master weights; see masklm_train::precision).
     #[serde(default)]
     pub precision: crate::Precision,
+    /// Stop after this many optimizer steps in a row were skipped (non-finite loss or
+    /// gradients, or nothing masked). The weights of a skipped step stay as they were.
+    #[serde(default = "ten")]
+    pub max_skipped_steps: usize,
 }
 
 fn one() -> usize {
     1
+}
+fn ten() -> usize {
+    10
 }
 
 /// `[eval]`.
@@ -231,6 +238,46 @@ impl TrainConfig {
         Ok(config)
     }
 
+    /// The settings a resumed run may not change, where `self` (the run's saved config)
+    /// and `now` differ: `(key, saved value, new value)`.
+    ///
+    /// A resume may extend or shorten the run (`training.max_steps`/`epochs`), change the
+    /// optimizer and schedule (as after a divergence), precision, evaluation, checkpointing and
+    /// logging. Everything that decides which examples, masks and model a step sees is fixed:
+    /// `seed`, `[model]`, `[data]`, `[masking]`, `training.batch_size` and
+    /// `training.grad_accum_steps`.
+    pub fn frozen_differences(&self, now: &TrainConfig) -> Vec<(String, String, String)> {
+        const FROZEN: [&str; 6] = [
+            "seed",
+            "model",
+            "data",
+            "masking",
+            "training.batch_size",
+            "training.grad_accum_steps",
+        ];
+        let flat = |config: &TrainConfig| {
+            let mut out = std::collections::BTreeMap::new();
+            if let Ok(value) = toml::Value::try_from(config) {
+                flatten("", &value, &mut out);
+            }
+            out
+        };
+        let (saved, new) = (flat(self), flat(now));
+        let keys: std::collections::BTreeSet<&String> = saved.keys().chain(new.keys()).collect();
+        keys.into_iter()
+            .filter(|key| {
+                FROZEN
+                    .iter()
+                    .any(|f| *key == f || key.starts_with(&format!("{f}.")))
+            })
+            .filter(|key| saved.get(*key) != new.get(*key))
+            .map(|key| {
+                let show = |v: Option<&String>| v.cloned().unwrap_or_else(|| "(unset)".into());
+                (key.clone(), show(saved.get(key)), show(new.get(key)))
+            })
+            .collect()
+    }
+
     /// The config as TOML, as saved in the run directory.
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_default()
@@ -250,6 +297,12 @@ impl TrainConfig {
             key: "masking".to_string(),
             reason: e.to_string(),
         })?;
+        if self.masking.probability == 0.0 {
+            return bad(
+                "masking.probability",
+                "0 masks no token, so no step could learn anything; use e.g. 0.15".to_string(),
+            );
+        }
         if self.training.batch_size == 0 {
             return bad("training.batch_size", "must be at least 1".to_string());
         }
@@ -449,5 +502,24 @@ mod tests {
         );
         let msg = parse(BASE, &["nokey"]).unwrap_err().to_string();
         assert!(msg.contains("section.key=value"), "{msg}");
+    }
+}
+
+/// `table.key = value` pairs of a TOML value, with dotted keys.
+fn flatten(prefix: &str, value: &toml::Value, out: &mut std::collections::BTreeMap<String, String>) {
+    match value {
+        toml::Value::Table(table) => {
+            for (key, value) in table {
+                let key = if prefix.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{prefix}.{key}")
+                };
+                flatten(&key, value, out);
+            }
+        }
+        other => {
+            out.insert(prefix.to_string(), other.to_string());
+        }
     }
 }

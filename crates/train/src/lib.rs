@@ -6,11 +6,13 @@
 //! - [`precision`]: mixed precision (bf16/f16 matmuls, f32 master weights, f16 loss scaling);
 //! - [`eval`]: held-out perplexity and masked-token accuracy;
 //! - [`checkpoint`]: atomic, checksummed, rotated checkpoints;
+//! - [`inference`]: loading any checkpoint or Hugging Face folder for fill-mask and eval;
 //! - [`trainer`]: the step-based loop with exact resume, metrics.jsonl and TensorBoard.
 
 pub mod checkpoint;
 pub mod config;
 pub mod eval;
+pub mod inference;
 pub mod optim;
 pub mod precision;
 pub mod step;
@@ -20,10 +22,11 @@ use std::path::PathBuf;
 
 pub use config::TrainConfig;
 pub use eval::{EvalResult, EvalSettings, evaluate};
+pub use inference::{Loaded, check_tokenizer_fits, load_for_inference};
 pub use optim::{Decay, OptimizerConfig, ScheduleConfig, clip_grad_norm, clip_grad_norm_scaled};
 pub use precision::{LossScaler, Precision};
 pub use step::{StepStats, train_step};
-pub use trainer::{Observer, RunInfo, RunOutcome, Silent, StepLog, train};
+pub use trainer::{Observer, RunInfo, RunOutcome, Silent, Start, StepLog, train};
 
 /// Runs `f`, turning a panic into its message's first line. burn's GPU backends (cubecl,
 /// libtorch) report a missing driver or device, or an unsupported dtype, by panicking; the
@@ -51,6 +54,40 @@ pub fn catch_backend_panic<T>(f: impl FnOnce() -> T) -> Result<T, String> {
     })
 }
 
+fn non_finite_message(
+    step: usize,
+    skipped: usize,
+    loss: f64,
+    grad_norm: f64,
+    nothing_masked: bool,
+    last_checkpoint: Option<&std::path::Path>,
+    run_dir: &std::path::Path,
+) -> String {
+    if nothing_masked {
+        return format!(
+            "stopped at step {step}: {skipped} steps in a row masked no token; raise \
+             masking.probability or training.batch_size"
+        );
+    }
+    let advice = match last_checkpoint {
+        Some(path) => format!(
+            "The last checkpoint known to train on is {}: lower optimizer.lr or raise warmup, \
+             then `masklm train --resume {} --from {} --set optimizer.lr=...`.",
+            path.display(),
+            run_dir.display(),
+            path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+        ),
+        None => "No checkpoint known to train on was saved; lower optimizer.lr or raise \
+                 warmup and start again."
+            .to_string(),
+    };
+    format!(
+        "stopped at step {step}: {skipped} steps in a row had a non-finite loss or gradient \
+         (loss {loss}, gradient norm {grad_norm}) and were skipped, so no NaN reached the \
+         weights. {advice}"
+    )
+}
+
 /// Errors of training.
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -76,14 +113,18 @@ pub enum TrainError {
     /// `--resume` without a checkpoint, or a new run over an old one.
     #[error("{0}")]
     Resume(String),
-    /// The loss became NaN or infinite.
-    #[error("the loss became {loss} at step {step}; stopped without saving. {}",
-        last_checkpoint.as_ref().map(|p| format!("The last good checkpoint is {}. Lower optimizer.lr or raise warmup, then resume from it.", p.display()))
-            .unwrap_or_else(|| "No checkpoint was saved before it; lower optimizer.lr or raise warmup and start again.".to_string()))]
+    /// `training.max_skipped_steps` steps in a row were skipped: their loss or gradients were
+    /// not finite (none of them reached the weights), or they masked nothing.
+    #[error("{}", non_finite_message(*step, *skipped, *loss, *grad_norm, *nothing_masked, last_checkpoint.as_deref(), run_dir))]
     NonFinite {
         step: usize,
+        skipped: usize,
         loss: f64,
+        grad_norm: f64,
+        nothing_masked: bool,
+        /// The newest checkpoint whose weights went on to a finite step.
         last_checkpoint: Option<PathBuf>,
+        run_dir: PathBuf,
     },
     /// The data pipeline failed.
     #[error(transparent)]

@@ -15,7 +15,8 @@ pub struct StepStats {
     pub grad_norm: f64,
     /// Masked tokens that contributed.
     pub masked: usize,
-    /// f16 only: the gradients overflowed, the update was skipped and the loss scale halved.
+    /// The update was skipped and the weights are unchanged: the loss or the gradient norm was
+    /// not finite (under f16 the loss scale was halved too), or no token was masked.
     pub skipped: bool,
 }
 
@@ -25,7 +26,9 @@ pub struct StepStats {
 /// [`crate::precision`]) the forward and backward run on a half-precision view of `model`,
 /// and the update on its f32 weights; `scaler` is used (and updated) for f16 only.
 ///
-/// Returns the model unchanged and `None` when no micro-batch has a masked token.
+/// A non-finite loss or gradient norm never reaches the optimizer (as fairseq's
+/// `FloatingPointError` and `clip_grad_norm_(error_if_nonfinite=True)`): the step is skipped
+/// and the weights stay bit-identical. So is a step without any masked token.
 pub fn train_step(
     model: RobertaForMaskedLM,
     optimizer: &mut ModuleOptimizer,
@@ -34,10 +37,16 @@ pub fn train_step(
     max_grad_norm: f64,
     precision: Precision,
     scaler: &mut LossScaler,
-) -> (RobertaForMaskedLM, Option<StepStats>) {
+) -> (RobertaForMaskedLM, StepStats) {
     let total: usize = batches.iter().map(|b| b.masked).sum();
     if total == 0 {
-        return (model, None);
+        let stats = StepStats {
+            loss: f64::NAN,
+            grad_norm: f64::NAN,
+            masked: 0,
+            skipped: true,
+        };
+        return (model, stats);
     }
     let compute = match precision.half() {
         Some(dtype) => autocast(&model, dtype),
@@ -67,7 +76,7 @@ pub fn train_step(
     }
     let (grads, grad_norm) =
         crate::optim::clip_grad_norm_scaled(&model, accumulator.grads(), max_grad_norm, loss_scale);
-    let skipped = precision == Precision::F16 && !grad_norm.is_finite();
+    let skipped = !(grad_norm.is_finite() && loss_sum.is_finite());
     if precision == Precision::F16 {
         scaler.update(skipped);
     }
@@ -76,13 +85,11 @@ pub fn train_step(
     } else {
         optimizer.step(lr, model, grads)
     };
-    (
-        model,
-        Some(StepStats {
-            loss: loss_sum,
-            grad_norm,
-            masked: total,
-            skipped,
-        }),
-    )
+    let stats = StepStats {
+        loss: loss_sum,
+        grad_norm,
+        masked: total,
+        skipped,
+    };
+    (model, stats)
 }

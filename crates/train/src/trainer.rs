@@ -1,16 +1,18 @@
 //! The step-based training loop.
 //!
 //! Everything random is a pure function of the seed and the position in the run: the order of
-//! epoch `e` is [`epoch_order`]`(n, seed, e)`, the masks of a sample are keyed by
-//! (seed, epoch, sample index), and dropout is reseeded from (seed, step, micro-batch). Step `k`
-//! therefore sees the same batches, masks and dropout in every run, and `--resume` continues
-//! exactly from a checkpoint without replaying any data.
+//! epoch `e` is [`epoch_order`](masklm_data::epoch_order)`(n, seed, e)`, the masks of a sample
+//! are keyed by (seed, epoch, sample index), and dropout is reseeded from (seed, step,
+//! micro-batch). Step `k` therefore sees the same batches, masks and dropout in every run, and
+//! `--resume` continues exactly from a checkpoint without replaying any data.
+//!
+//! [`train`] reads as the loop it is: [`Run::open`] (folders, lock, tokenizer, cache,
+//! model/optimizer/state, logs), then per step [`Run::step`], [`Run::log_step`],
+//! [`Run::evaluate`] when due, [`Run::save`] when due.
 
-use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
@@ -18,19 +20,29 @@ use burn::module::Module;
 use burn::optim::ModuleOptimizer;
 use burn::tensor::Device;
 use masklm_data::{
-    MaskVocab, MlmBatch, MlmTokenizer, NoProgress, PrepareOptions, SplitReader, Validation,
-    collate, epoch_order, load_tokenizer, mask_tokens, prepare, read_manifest,
+    FolderLock, MaskVocab, MlmTokenizer, NoProgress, PrepareOptions, SplitReader, StepSampler,
+    Validation, load_tokenizer, lock_folder, prepare, read_manifest,
 };
 use masklm_model::{RobertaConfig, RobertaForMaskedLM};
 use serde_json::json;
 use tensorboard_rs::summary_writer::SummaryWriter;
 
 use crate::checkpoint::{
-    TrainState, is_checkpoint, latest_checkpoint, load_model, load_optimizer_and_state, mark_best,
-    rotate, save_checkpoint,
+    TrainState, has_checkpoints, is_checkpoint, load_model, load_optimizer_and_state, mark_best,
+    resume_checkpoint, rotate, save_checkpoint, sha256_file,
 };
 use crate::eval::{EvalResult, EvalSettings, evaluate};
-use crate::{Precision, TrainConfig, TrainError, train_step};
+use crate::{Precision, StepStats, TrainConfig, TrainError, train_step};
+
+/// How a run starts.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Start {
+    /// A new run in an empty (or checkpoint-less) folder.
+    New,
+    /// Continue the run in the folder: from its latest valid checkpoint, or from the one named
+    /// (`step-0000100` or a path).
+    Resume { from: Option<String> },
+}
 
 /// Facts about a run, given to the observer when it starts.
 #[derive(Debug, Clone)]
@@ -42,18 +54,23 @@ pub struct RunInfo {
     pub parameters: usize,
     pub cache: PathBuf,
     pub cache_reused: bool,
+    /// The checkpoint a resumed run continues from.
+    pub resumed_from: Option<PathBuf>,
 }
 
-/// One logged training step.
+/// One training step.
 #[derive(Debug, Clone, Copy)]
 pub struct StepLog {
     /// Optimizer steps done (1 after the first step).
     pub step: usize,
     pub total_steps: usize,
+    /// Not finite (or NaN when nothing was masked) on a skipped step.
     pub loss: f64,
     pub lr: f64,
     pub grad_norm: f64,
     pub tokens_per_second: f64,
+    /// The update was skipped; the weights are unchanged.
+    pub skipped: bool,
 }
 
 /// Receives the run's events; the CLI draws a progress bar from them.
@@ -62,6 +79,8 @@ pub trait Observer {
     fn on_step(&self, _log: &StepLog) {}
     fn on_eval(&self, _step: usize, _result: &EvalResult) {}
     fn on_checkpoint(&self, _path: &Path) {}
+    /// Something the user should know that does not stop the run.
+    fn on_notice(&self, _message: &str) {}
 }
 
 /// An observer that ignores everything.
@@ -72,14 +91,71 @@ impl Observer for Silent {}
 #[derive(Debug, Clone)]
 pub struct RunOutcome {
     pub last_step: usize,
+    /// The checkpoint written last (every run that returns Ok writes one).
     pub checkpoint: PathBuf,
     pub final_eval: Option<EvalResult>,
     /// The first evaluation of this run (for before/after comparisons).
     pub first_eval: Option<EvalResult>,
     /// Stopped early by the stop flag (Ctrl-C).
     pub interrupted: bool,
-    /// Training losses of the steps run by this invocation, in order.
+    /// Training losses of the steps run by this invocation, in order (skipped steps too).
     pub losses: Vec<f64>,
+}
+
+impl RunOutcome {
+    fn record_eval(&mut self, result: EvalResult) {
+        self.first_eval.get_or_insert(result);
+        self.final_eval = Some(result);
+    }
+}
+
+/// Trains according to `config` in `run_dir` on `device` (a plain device; the loop adds
+/// autodiff). Stops after the step during which `stop` is set, with a checkpoint.
+pub fn train(
+    config: &TrainConfig,
+    run_dir: &Path,
+    start: Start,
+    device: &Device,
+    observer: &dyn Observer,
+    stop: &AtomicBool,
+) -> Result<RunOutcome, TrainError> {
+    let mut run = Run::open(config, run_dir, &start, device, observer)?;
+    let mut outcome = RunOutcome {
+        last_step: run.state.step,
+        checkpoint: PathBuf::new(),
+        final_eval: None,
+        first_eval: None,
+        interrupted: false,
+        losses: Vec::new(),
+    };
+    if config.eval.on_start && run.state.step == 0 {
+        if let Some(result) = run.evaluate(observer)? {
+            outcome.record_eval(result);
+        }
+    }
+    while run.state.step < run.total_steps {
+        let (stats, lr) = run.step()?;
+        outcome.losses.push(stats.loss);
+        run.log_step(&stats, lr, observer)?;
+        let last = run.state.step == run.total_steps;
+        let stopping = stop.load(Ordering::SeqCst);
+        let mut improved = false;
+        if run.eval_due(last)
+            && let Some(result) = run.evaluate(observer)?
+        {
+            improved = run.track_best(&result);
+            outcome.record_eval(result);
+        }
+        if last || stopping || run.save_due() {
+            outcome.checkpoint = run.save(improved, observer)?;
+        }
+        outcome.last_step = run.state.step;
+        if stopping && !last {
+            outcome.interrupted = true;
+            break;
+        }
+    }
+    Ok(outcome)
 }
 
 /// The dropout seed of optimizer step `step`; its micro-batches continue one stream.
@@ -88,15 +164,28 @@ fn dropout_seed(seed: u64, step: usize) -> u64 {
 }
 
 /// Resolves the token cache: prepares it from `data.inputs` (or reuses an up-to-date one) or
-/// opens `data.cache`, and checks it was made with this tokenizer.
+/// opens `data.cache`, and checks it was made with this tokenizer. A resumed run never
+/// rebuilds an existing cache (its inputs may have changed since the run began: the recorded
+/// cache hash is checked instead).
 fn resolve_cache(
     config: &TrainConfig,
     tokenizer: &MlmTokenizer,
     run_dir: &Path,
+    resuming: bool,
 ) -> Result<(PathBuf, bool), TrainError> {
     let data = &config.data;
-    if !data.inputs.is_empty() {
-        let cache = data.cache.clone().unwrap_or_else(|| run_dir.join("cache"));
+    let cache = match (&data.cache, data.inputs.is_empty()) {
+        (Some(cache), _) => cache.clone(),
+        (None, false) => run_dir.join("cache"),
+        (None, true) => {
+            return Err(TrainError::Config {
+                key: "data.cache".to_string(),
+                reason: "give a prepared cache or data.inputs".to_string(),
+            });
+        }
+    };
+    let existing = cache.join("manifest.json").is_file();
+    if !data.inputs.is_empty() && !(resuming && existing) {
         let validation = if !data.validation_inputs.is_empty() {
             Validation::Inputs(data.validation_inputs.clone())
         } else if data.validation_split > 0.0 {
@@ -113,7 +202,6 @@ fn resolve_cache(
         let prepared = prepare(tokenizer, &data.inputs, &options, &cache, &NoProgress)?;
         return Ok((cache, prepared.reused));
     }
-    let cache = data.cache.clone().unwrap_or_default();
     let manifest = read_manifest(&cache)?;
     if manifest.tokenizer_hash != tokenizer.hash {
         return Err(TrainError::Config {
@@ -126,6 +214,23 @@ fn resolve_cache(
         });
     }
     Ok((cache, true))
+}
+
+/// The tokenizer folder of a new run: `data.tokenizer`, else the `init_from` folder when it
+/// holds a tokenizer.
+fn tokenizer_dir(config: &TrainConfig) -> Result<PathBuf, TrainError> {
+    if let Some(dir) = &config.data.tokenizer {
+        return Ok(dir.clone());
+    }
+    match &config.model.init_from {
+        Some(dir) if dir.join("tokenizer.json").is_file() => Ok(dir.clone()),
+        _ => Err(TrainError::Config {
+            key: "data.tokenizer".to_string(),
+            reason: "no tokenizer: set data.tokenizer to the folder the cache was prepared with \
+                     (or init_from a folder holding tokenizer.json)"
+                .to_string(),
+        }),
+    }
 }
 
 /// Builds or loads the model the run starts from.
@@ -151,6 +256,7 @@ fn initial_model(
         Some(dir) if is_checkpoint(dir) => load_model(dir, device, dropout)?,
         Some(dir) => {
             let mut model_config = masklm_hub::read_config(dir)?;
+            masklm_hub::check_weights(&model_config, dir)?;
             dropout(&mut model_config);
             let mut model =
                 RobertaForMaskedLM::new(&model_config, device).map_err(|e| TrainError::Config {
@@ -190,62 +296,7 @@ fn initial_model(
     Ok((model_config, model))
 }
 
-/// The samples of micro-batch `micro` of step `step`.
-struct Feeder {
-    n: usize,
-    batch_size: usize,
-    accum: usize,
-    seed: u64,
-    orders: HashMap<u64, Vec<usize>>,
-}
-
-impl Feeder {
-    fn micro_batches(
-        &mut self,
-        step: usize,
-        split: &SplitReader,
-        vocab: &MaskVocab,
-        masking: &masklm_data::MaskingConfig,
-        device: &Device,
-    ) -> (Vec<MlmBatch>, usize) {
-        let per_step = (self.batch_size * self.accum) as u64;
-        let mut batches = Vec::with_capacity(self.accum);
-        let mut tokens = 0;
-        // Orders of epochs before this step's first sample are no longer needed.
-        let first_epoch = step as u64 * per_step / self.n as u64;
-        self.orders.retain(|&e, _| e >= first_epoch);
-        for micro in 0..self.accum {
-            let start = step as u64 * per_step + (micro * self.batch_size) as u64;
-            let examples: Vec<_> = (start..start + self.batch_size as u64)
-                .filter_map(|g| {
-                    let epoch = g / self.n as u64;
-                    let seed = self.seed;
-                    let n = self.n;
-                    let order = self
-                        .orders
-                        .entry(epoch)
-                        .or_insert_with(|| epoch_order(n, seed, epoch));
-                    let index = order[(g % self.n as u64) as usize];
-                    let sample = split.get(index)?;
-                    tokens += sample.len();
-                    Some(mask_tokens(
-                        &sample,
-                        vocab,
-                        masking,
-                        self.seed,
-                        epoch,
-                        index as u64,
-                    ))
-                })
-                .collect();
-            if let Some(batch) = collate(&examples, vocab.pad_id, device) {
-                batches.push(batch);
-            }
-        }
-        (batches, tokens)
-    }
-}
-
+/// `metrics.jsonl` and TensorBoard.
 struct Logs {
     metrics: std::fs::File,
     metrics_path: PathBuf,
@@ -253,23 +304,47 @@ struct Logs {
 }
 
 impl Logs {
-    fn open(run_dir: &Path, tensorboard: bool) -> Result<Self, TrainError> {
+    /// Opens the run's logs. A new run starts them afresh (a crashed run that never saved a
+    /// checkpoint may have left some); a resumed run drops the records after `resumed_at`,
+    /// which the resumed steps write again.
+    fn open(run_dir: &Path, tensorboard: bool, resumed_at: Option<usize>) -> Result<Self, TrainError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| TrainError::Io { path, source }
+        };
         let metrics_path = run_dir.join("metrics.jsonl");
+        let tensorboard_dir = run_dir.join("tensorboard");
+        match resumed_at {
+            None => {
+                if tensorboard_dir.is_dir() {
+                    std::fs::remove_dir_all(&tensorboard_dir).map_err(io(&tensorboard_dir))?;
+                }
+                std::fs::File::create(&metrics_path).map_err(io(&metrics_path))?;
+            }
+            Some(step) if metrics_path.is_file() => {
+                let text = std::fs::read_to_string(&metrics_path).map_err(io(&metrics_path))?;
+                let kept: String = text
+                    .lines()
+                    .filter(|line| {
+                        serde_json::from_str::<serde_json::Value>(line)
+                            .ok()
+                            .and_then(|r| r.get("step").and_then(|s| s.as_u64()))
+                            .is_some_and(|s| s as usize <= step)
+                    })
+                    .map(|line| format!("{line}\n"))
+                    .collect();
+                crate::checkpoint::write_atomic(&metrics_path, &kept)?;
+            }
+            Some(_) => {}
+        }
         let metrics = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&metrics_path)
-            .map_err(|source| TrainError::Io {
-                path: metrics_path.clone(),
-                source,
-            })?;
+            .map_err(io(&metrics_path))?;
         let tensorboard = if tensorboard {
-            let dir = run_dir.join("tensorboard");
-            std::fs::create_dir_all(&dir).map_err(|source| TrainError::Io {
-                path: dir.clone(),
-                source,
-            })?;
-            Some(SummaryWriter::new(&dir))
+            std::fs::create_dir_all(&tensorboard_dir).map_err(io(&tensorboard_dir))?;
+            Some(SummaryWriter::new(&tensorboard_dir))
         } else {
             None
         };
@@ -300,291 +375,454 @@ impl Logs {
     }
 }
 
-/// Trains according to `config` in `run_dir` on `device` (a plain device; the loop adds
-/// autodiff). With `resume`, continues from the run's latest checkpoint.
-pub fn train(
-    config: &TrainConfig,
-    run_dir: &Path,
-    resume: bool,
-    device: &Device,
-    observer: &dyn Observer,
-    stop: &AtomicBool,
-) -> Result<RunOutcome, TrainError> {
-    std::fs::create_dir_all(run_dir).map_err(|source| TrainError::Io {
-        path: run_dir.to_path_buf(),
-        source,
-    })?;
-    let latest = latest_checkpoint(run_dir);
-    if resume && latest.is_none() {
-        return Err(TrainError::Resume(format!(
-            "{} has no checkpoint to resume from",
-            run_dir.display()
-        )));
-    }
-    if !resume && latest.is_some() {
-        return Err(TrainError::Resume(format!(
-            "{} already holds a run; continue it with --resume {0}, or choose another --out",
-            run_dir.display()
-        )));
-    }
-    if !resume {
+/// An open run: everything the loop needs between steps.
+struct Run<'a> {
+    config: &'a TrainConfig,
+    dir: PathBuf,
+    device: Device,
+    ad_device: Device,
+    tokenizer_dir: PathBuf,
+    vocab: MaskVocab,
+    train_split: SplitReader,
+    validation: SplitReader,
+    sampler: StepSampler,
+    model_config: RobertaConfig,
+    /// `None` only while a step has taken it.
+    model: Option<RobertaForMaskedLM>,
+    optimizer: ModuleOptimizer,
+    state: TrainState,
+    total_steps: usize,
+    eval_settings: EvalSettings,
+    logs: Logs,
+    /// Tokens and time since the last metrics line.
+    window: (usize, Instant),
+    /// Steps skipped in a row (non-finite, or nothing masked).
+    skipped_in_row: usize,
+    /// The newest checkpoint whose weights went on to a finite step, and the newest one not
+    /// yet known to (see [`Run::step`]).
+    known_good: Option<PathBuf>,
+    unproven: Option<PathBuf>,
+    _lock: FolderLock,
+}
+
+impl<'a> Run<'a> {
+    fn open(
+        config: &'a TrainConfig,
+        run_dir: &Path,
+        start: &Start,
+        device: &Device,
+        observer: &dyn Observer,
+    ) -> Result<Self, TrainError> {
+        if run_dir.is_file() {
+            return Err(TrainError::Config {
+                key: "--out".to_string(),
+                reason: format!("{} is a file; give a folder for the run", run_dir.display()),
+            });
+        }
+        let lock = lock_folder(run_dir, "run")?;
+        let resume_from = match start {
+            Start::New if has_checkpoints(run_dir) => {
+                return Err(TrainError::Resume(format!(
+                    "{} already holds a run; continue it with --resume {0}, or choose another --out",
+                    run_dir.display()
+                )));
+            }
+            Start::New => None,
+            Start::Resume { from } => {
+                let (checkpoint, passed) = resume_checkpoint(run_dir, from.as_deref())?;
+                for note in passed {
+                    observer.on_notice(&note);
+                }
+                check_resume_config(run_dir, config)?;
+                Some(checkpoint)
+            }
+        };
         crate::checkpoint::write_atomic(&run_dir.join("config.toml"), &config.to_toml())?;
-    }
 
-    let tokenizer_dir = config.data.tokenizer.clone().unwrap_or_default();
-    let tokenizer = load_tokenizer(&tokenizer_dir)?;
-    let vocab = tokenizer.mask_vocab()?;
-    let (cache, cache_reused) = resolve_cache(config, &tokenizer, run_dir)?;
-    let manifest = read_manifest(&cache)?;
-    let train_split = Arc::new(SplitReader::open(&cache, &manifest, "train")?);
-    let validation = SplitReader::open(&cache, &manifest, "validation")?;
-    if train_split.is_empty() {
-        return Err(TrainError::Config {
-            key: "data".to_string(),
-            reason: format!("{} has no training examples", cache.display()),
+        // A resumed run trains with the tokenizer saved in its checkpoint.
+        let tokenizer_dir = match &resume_from {
+            Some(checkpoint) => checkpoint.clone(),
+            None => tokenizer_dir(config)?,
+        };
+        let tokenizer = load_tokenizer(&tokenizer_dir)?;
+        let vocab = tokenizer.mask_vocab()?;
+        let (cache, cache_reused) =
+            resolve_cache(config, &tokenizer, run_dir, resume_from.is_some())?;
+        let manifest = read_manifest(&cache)?;
+        let cache_hash = sha256_file(&cache.join("manifest.json"))?;
+        let train_split = SplitReader::open(&cache, &manifest, "train")?;
+        let validation = SplitReader::open(&cache, &manifest, "validation")?;
+        if train_split.is_empty() {
+            return Err(TrainError::Config {
+                key: "data".to_string(),
+                reason: format!("{} has no training examples", cache.display()),
+            });
+        }
+
+        let precision = config.training.precision;
+        precision
+            .check(device)
+            .map_err(|reason| TrainError::Config {
+                key: "training.precision".to_string(),
+                reason: format!(
+                    "this backend cannot train in {} ({reason}); use \"f32\", or \
+                     bf16/f16 on a backend with half-precision support (tch, or wgpu on a GPU \
+                     with shader-f16)",
+                    precision.name()
+                ),
+            })?;
+        let ad_device = device.clone().autodiff();
+        let (model_config, model, optimizer, state) = match &resume_from {
+            Some(checkpoint) => {
+                let (model_config, model) = load_model(checkpoint, &ad_device, |_| {})?;
+                let optimizer = config.optimizer.build(&model);
+                let (optimizer, state) = load_optimizer_and_state(checkpoint, optimizer)?;
+                check_resume_state(&state, config, &tokenizer, &cache, &cache_hash)?;
+                (model_config, model, optimizer, state)
+            }
+            None => {
+                let (model_config, model) = initial_model(config, &tokenizer, &ad_device)?;
+                let optimizer: ModuleOptimizer = config.optimizer.build(&model);
+                let state = TrainState {
+                    step: 0,
+                    samples_seen: 0,
+                    best_perplexity: None,
+                    best_step: None,
+                    seed: config.seed,
+                    total_steps: 0,
+                    loss_scaler: None,
+                    tokenizer_hash: None,
+                    cache_hash: None,
+                };
+                (model_config, model, optimizer, state)
+            }
+        };
+        let mut state = state;
+        state.tokenizer_hash = Some(tokenizer.hash.clone());
+        state.cache_hash = Some(cache_hash);
+        if manifest.vocab_size > model_config.vocab_size {
+            return Err(TrainError::Config {
+                key: "data.cache".to_string(),
+                reason: format!(
+                    "{} holds ids up to {} but the model's vocab_size is {}",
+                    cache.display(),
+                    manifest.vocab_size - 1,
+                    model_config.vocab_size
+                ),
+            });
+        }
+        if manifest.options.max_seq_length > model_config.max_sequence_length() {
+            return Err(TrainError::Config {
+                key: "data.max_seq_length".to_string(),
+                reason: format!(
+                    "{} tokens per example, but the model's position table allows {}",
+                    manifest.options.max_seq_length,
+                    model_config.max_sequence_length()
+                ),
+            });
+        }
+
+        let batch_size = config.training.batch_size;
+        let accum = config.training.grad_accum_steps;
+        state.total_steps = match (config.training.max_steps, config.training.epochs) {
+            (Some(steps), _) => steps,
+            (None, Some(epochs)) => {
+                ((epochs * train_split.len() as f64) / (batch_size * accum) as f64).ceil() as usize
+            }
+            (None, None) => 1,
+        }
+        .max(1);
+        let total_steps = state.total_steps;
+        if state.step >= total_steps {
+            return Err(TrainError::Resume(format!(
+                "{} already reached step {} of {total_steps}; to train longer, resume with \
+                 --set training.max_steps=N (N > {})",
+                run_dir.display(),
+                state.step,
+                state.step
+            )));
+        }
+        let eval_settings = EvalSettings {
+            masking: config.masking.clone(),
+            seed: config.eval.seed,
+            batch_size: if config.eval.batch_size > 0 {
+                config.eval.batch_size
+            } else {
+                batch_size
+            },
+            max_batches: config.eval.max_batches,
+        };
+        observer.on_start(&RunInfo {
+            start_step: state.step,
+            total_steps,
+            train_examples: train_split.len(),
+            validation_examples: validation.len(),
+            parameters: model.num_params(),
+            cache: cache.clone(),
+            cache_reused,
+            resumed_from: resume_from.clone(),
         });
+        let logs = Logs::open(
+            run_dir,
+            config.logging.tensorboard,
+            resume_from.as_ref().map(|_| state.step),
+        )?;
+        Ok(Self {
+            config,
+            dir: run_dir.to_path_buf(),
+            device: device.clone(),
+            ad_device,
+            tokenizer_dir,
+            vocab,
+            sampler: StepSampler::new(train_split.len(), batch_size, accum, config.seed),
+            train_split,
+            validation,
+            model_config,
+            model: Some(model),
+            optimizer,
+            state,
+            total_steps,
+            eval_settings,
+            logs,
+            window: (0, Instant::now()),
+            skipped_in_row: 0,
+            known_good: None,
+            unproven: resume_from,
+            _lock: lock,
+        })
     }
 
-    let precision = config.training.precision;
-    precision
-        .check(device)
-        .map_err(|reason| TrainError::Config {
-            key: "training.precision".to_string(),
-            reason: format!(
-                "this backend cannot train in {} ({reason}); use \"f32\", or \
-                 bf16/f16 on a backend with half-precision support (tch, or wgpu on a GPU \
-                 with shader-f16)",
-                precision.name()
-            ),
-        })?;
-    let ad_device = device.clone().autodiff();
-    let (model_config, mut model, mut optimizer, mut state) = match &latest {
-        Some(checkpoint) if resume => {
-            let (model_config, model) = load_model(checkpoint, &ad_device, |_| {})?;
-            let optimizer = config.optimizer.build(&model);
-            let (optimizer, state) = load_optimizer_and_state(checkpoint, optimizer)?;
-            (model_config, model, optimizer, state)
-        }
-        _ => {
-            let (model_config, model) = initial_model(config, &tokenizer, &ad_device)?;
-            let optimizer: ModuleOptimizer = config.optimizer.build(&model);
-            let state = TrainState {
-                step: 0,
-                samples_seen: 0,
-                best_perplexity: None,
-                best_step: None,
-                seed: config.seed,
-                total_steps: 0,
-                loss_scaler: None,
-            };
-            (model_config, model, optimizer, state)
-        }
-    };
-    if manifest.options.max_seq_length > model_config.max_sequence_length() {
-        return Err(TrainError::Config {
-            key: "data.max_seq_length".to_string(),
-            reason: format!(
-                "{} tokens per example, but the model's position table allows {}",
-                manifest.options.max_seq_length,
-                model_config.max_sequence_length()
-            ),
-        });
+    fn model(&self) -> &RobertaForMaskedLM {
+        // Taken only inside `step`, which always puts it back.
+        self.model.as_ref().expect("the model is in place between steps")
     }
 
-    let batch_size = config.training.batch_size;
-    let accum = config.training.grad_accum_steps;
-    let total_steps = match (config.training.max_steps, config.training.epochs) {
-        (Some(steps), _) => steps,
-        (None, Some(epochs)) => {
-            ((epochs * train_split.len() as f64) / (batch_size * accum) as f64).ceil() as usize
+    /// One optimizer step: its batches, learning rate and dropout seed, then [`train_step`].
+    /// A skipped step leaves the weights as they were; `max_skipped_steps` of them in a row end
+    /// the run, naming the newest checkpoint known to go on to a finite step.
+    fn step(&mut self) -> Result<(StepStats, f64), TrainError> {
+        let config = self.config;
+        let step = self.state.step;
+        let batches = self.sampler.step(
+            step,
+            &self.train_split,
+            &self.vocab,
+            &config.masking,
+            &self.ad_device,
+        );
+        let lr = config.schedule.lr(config.optimizer.lr, step, self.total_steps);
+        masklm_model::seed_dropout(dropout_seed(config.seed, step));
+        let precision = config.training.precision;
+        let mut scaler = self.state.loss_scaler.unwrap_or_default();
+        let model = self.model.take().expect("the model is in place between steps");
+        let (model, stats) = train_step(
+            model,
+            &mut self.optimizer,
+            &batches.batches,
+            lr,
+            config.optimizer.max_grad_norm,
+            precision,
+            &mut scaler,
+        );
+        self.model = Some(model);
+        if precision == Precision::F16 {
+            self.state.loss_scaler = Some(scaler);
         }
-        (None, None) => 1,
+        self.state.step += 1;
+        self.state.samples_seen += (config.training.batch_size * config.training.grad_accum_steps) as u64;
+        self.window.0 += batches.tokens;
+        if !stats.skipped {
+            // The weights before this step trained on finitely: so does a checkpoint of them.
+            self.skipped_in_row = 0;
+            if let Some(proven) = self.unproven.take() {
+                self.known_good = Some(proven);
+            }
+            return Ok((stats, lr));
+        }
+        self.skipped_in_row += 1;
+        // f16 overflows are expected now and then: the loss scaler halves and retries.
+        if self.skipped_in_row >= config.training.max_skipped_steps.max(1) {
+            return Err(TrainError::NonFinite {
+                step: self.state.step,
+                skipped: self.skipped_in_row,
+                loss: stats.loss,
+                grad_norm: stats.grad_norm,
+                nothing_masked: stats.masked == 0,
+                last_checkpoint: self.known_good.clone(),
+                run_dir: self.dir.clone(),
+            });
+        }
+        Ok((stats, lr))
     }
-    .max(1);
-    state.total_steps = total_steps;
-    let eval_batch = if config.eval.batch_size > 0 {
-        config.eval.batch_size
-    } else {
-        batch_size
-    };
 
-    observer.on_start(&RunInfo {
-        start_step: state.step,
-        total_steps,
-        train_examples: train_split.len(),
-        validation_examples: validation.len(),
-        parameters: model.num_params(),
-        cache: cache.clone(),
-        cache_reused,
-    });
-    let mut logs = Logs::open(run_dir, config.logging.tensorboard)?;
-    let mut feeder = Feeder {
-        n: train_split.len(),
-        batch_size,
-        accum,
-        seed: config.seed,
-        orders: HashMap::new(),
-    };
-    let eval_settings = EvalSettings {
-        masking: config.masking.clone(),
-        seed: config.eval.seed,
-        batch_size: eval_batch,
-        max_batches: config.eval.max_batches,
-    };
-    let evaluate_now = |model: &RobertaForMaskedLM| {
-        (!validation.is_empty())
-            .then(|| evaluate(&model.valid(), &validation, &vocab, &eval_settings, device))
-    };
+    /// Reports the step to the observer and, every `log_steps`, to metrics.jsonl/TensorBoard.
+    fn log_step(&mut self, stats: &StepStats, lr: f64, observer: &dyn Observer) -> Result<(), TrainError> {
+        let step = self.state.step;
+        let (tokens, since) = self.window;
+        let log = StepLog {
+            step,
+            total_steps: self.total_steps,
+            loss: stats.loss,
+            lr,
+            grad_norm: stats.grad_norm,
+            tokens_per_second: tokens as f64 / since.elapsed().as_secs_f64().max(1e-9),
+            skipped: stats.skipped,
+        };
+        observer.on_step(&log);
+        let log_steps = self.config.logging.log_steps.max(1);
+        if !(step % log_steps == 0 || step == self.total_steps || stats.skipped) {
+            return Ok(());
+        }
+        let mut record = json!({"step": step, "loss": stats.loss, "lr": lr,
+            "grad_norm": stats.grad_norm, "tokens_per_second": log.tokens_per_second,
+            "skipped": stats.skipped});
+        if let (Some(scaler), Some(o)) = (self.state.loss_scaler, record.as_object_mut()) {
+            o.insert("loss_scale".to_string(), json!(scaler.scale));
+        }
+        self.logs.write(
+            record,
+            &[
+                ("train/loss", stats.loss),
+                ("train/lr", lr),
+                ("train/grad_norm", stats.grad_norm),
+                ("train/tokens_per_second", log.tokens_per_second),
+            ],
+            step,
+        )?;
+        self.window = (0, Instant::now());
+        Ok(())
+    }
 
-    let mut outcome = RunOutcome {
-        last_step: state.step,
-        checkpoint: latest.clone().unwrap_or_default(),
-        final_eval: None,
-        first_eval: None,
-        interrupted: false,
-        losses: Vec::new(),
-    };
-    if config.eval.on_start
-        && state.step == 0
-        && let Some(result) = evaluate_now(&model)
-    {
-        observer.on_eval(0, &result);
-        logs.write(
-            json!({"step": 0, "eval_loss": result.loss, "eval_perplexity": result.perplexity,
+    fn eval_due(&self, last: bool) -> bool {
+        let every = self.config.eval.eval_steps;
+        last || (every > 0 && self.state.step % every == 0)
+    }
+
+    fn save_due(&self) -> bool {
+        let every = self.config.checkpoint.save_steps;
+        every > 0 && self.state.step % every == 0
+    }
+
+    /// Evaluates on the validation split (if any) and logs the result.
+    fn evaluate(&mut self, observer: &dyn Observer) -> Result<Option<EvalResult>, TrainError> {
+        if self.validation.is_empty() {
+            return Ok(None);
+        }
+        let model = self.model().valid();
+        let result = evaluate(
+            &model,
+            &self.validation,
+            &self.vocab,
+            &self.eval_settings,
+            &self.device,
+        );
+        let step = self.state.step;
+        observer.on_eval(step, &result);
+        self.logs.write(
+            json!({"step": step, "eval_loss": result.loss, "eval_perplexity": result.perplexity,
                    "eval_accuracy": result.accuracy, "eval_tokens": result.tokens}),
             &[
                 ("eval/loss", result.loss),
                 ("eval/perplexity", result.perplexity),
                 ("eval/accuracy", result.accuracy),
             ],
-            0,
+            step,
         )?;
-        outcome.first_eval = Some(result);
+        self.window.1 = Instant::now();
+        Ok(Some(result))
     }
-    let mut window_tokens = 0usize;
-    let mut window_start = Instant::now();
-    while state.step < total_steps {
-        let step = state.step;
-        let (batches, tokens) =
-            feeder.micro_batches(step, &train_split, &vocab, &config.masking, &ad_device);
-        let lr = config.schedule.lr(config.optimizer.lr, step, total_steps);
-        masklm_model::seed_dropout(dropout_seed(config.seed, step));
-        let mut scaler = state.loss_scaler.unwrap_or_default();
-        let (next, stats) = train_step(
-            model,
-            &mut optimizer,
-            &batches,
-            lr,
-            config.optimizer.max_grad_norm,
-            precision,
-            &mut scaler,
-        );
-        if precision == Precision::F16 {
-            state.loss_scaler = Some(scaler);
-        }
-        model = next;
-        state.step += 1;
-        state.samples_seen += (batch_size * accum) as u64;
-        window_tokens += tokens;
-        let Some(stats) = stats else { continue };
-        if !stats.loss.is_finite() {
-            return Err(TrainError::NonFinite {
-                step: state.step,
-                loss: stats.loss,
-                last_checkpoint: latest_checkpoint(run_dir),
-            });
-        }
-        outcome.losses.push(stats.loss);
-        let elapsed = window_start.elapsed().as_secs_f64();
-        let log = StepLog {
-            step: state.step,
-            total_steps,
-            loss: stats.loss,
-            lr,
-            grad_norm: stats.grad_norm,
-            tokens_per_second: window_tokens as f64 / elapsed.max(1e-9),
-        };
-        observer.on_step(&log);
-        let log_steps = config.logging.log_steps.max(1);
-        if state.step % log_steps == 0 || state.step == total_steps {
-            logs.write(
-                {
-                    let mut record = json!({"step": state.step, "loss": stats.loss, "lr": lr,
-                        "grad_norm": stats.grad_norm, "tokens_per_second": log.tokens_per_second});
-                    if let (Some(scaler), Some(o)) = (state.loss_scaler, record.as_object_mut()) {
-                        // f16: overflowed steps were skipped (their grad_norm is not finite).
-                        o.insert("loss_scale".to_string(), json!(scaler.scale));
-                        o.insert("skipped".to_string(), json!(stats.skipped));
-                    }
-                    record
-                },
-                &[
-                    ("train/loss", stats.loss),
-                    ("train/lr", lr),
-                    ("train/grad_norm", stats.grad_norm),
-                    ("train/tokens_per_second", log.tokens_per_second),
-                ],
-                state.step,
-            )?;
-            window_tokens = 0;
-            window_start = Instant::now();
-        }
 
-        let last = state.step == total_steps;
-        let stopping = stop.load(Ordering::SeqCst);
-        let eval_due =
-            last || (config.eval.eval_steps > 0 && state.step % config.eval.eval_steps == 0);
-        let mut improved = false;
-        if eval_due && let Some(result) = evaluate_now(&model) {
-            observer.on_eval(state.step, &result);
-            logs.write(
-                json!({"step": state.step, "eval_loss": result.loss,
-                       "eval_perplexity": result.perplexity, "eval_accuracy": result.accuracy,
-                       "eval_tokens": result.tokens}),
-                &[
-                    ("eval/loss", result.loss),
-                    ("eval/perplexity", result.perplexity),
-                    ("eval/accuracy", result.accuracy),
-                ],
-                state.step,
-            )?;
-            if state
-                .best_perplexity
-                .is_none_or(|best| result.perplexity < best)
-            {
-                state.best_perplexity = Some(result.perplexity);
-                state.best_step = Some(state.step);
-                improved = true;
-            }
-            outcome.first_eval.get_or_insert(result);
-            outcome.final_eval = Some(result);
-            window_start = Instant::now();
+    /// Whether `result` is the best validation perplexity so far (a NaN never is, and any
+    /// finite one beats a NaN left by an older masklm).
+    fn track_best(&mut self, result: &EvalResult) -> bool {
+        let p = result.perplexity;
+        let better = p.is_finite() && self.state.best_perplexity.is_none_or(|b| !b.is_finite() || p < b);
+        if better {
+            self.state.best_perplexity = Some(p);
+            self.state.best_step = Some(self.state.step);
         }
-        let save_due = last
-            || stopping
-            || (config.checkpoint.save_steps > 0 && state.step % config.checkpoint.save_steps == 0);
-        if save_due {
-            let path = save_checkpoint(
-                run_dir,
-                &model,
-                &optimizer,
-                &model_config,
-                &tokenizer_dir,
-                &state,
-            )?;
-            if improved {
-                mark_best(run_dir, &path)?;
-            }
-            rotate(run_dir, config.checkpoint.keep_last)?;
-            observer.on_checkpoint(&path);
-            outcome.checkpoint = path;
-            window_start = Instant::now();
-        }
-        outcome.last_step = state.step;
-        if stopping && !last {
-            outcome.interrupted = true;
-            break;
-        }
+        better
     }
-    Ok(outcome)
+
+    /// Writes a checkpoint (marking it best if `improved`) and rotates old ones.
+    fn save(&mut self, improved: bool, observer: &dyn Observer) -> Result<PathBuf, TrainError> {
+        let path = save_checkpoint(
+            &self.dir,
+            self.model(),
+            &self.optimizer,
+            &self.model_config,
+            &self.tokenizer_dir,
+            &self.state,
+        )?;
+        if improved {
+            mark_best(&self.dir, &path)?;
+        }
+        if self.skipped_in_row == 0 {
+            self.unproven = Some(path.clone());
+        }
+        rotate(&self.dir, self.config.checkpoint.keep_last, self.known_good.as_deref())?;
+        observer.on_checkpoint(&path);
+        self.window.1 = Instant::now();
+        Ok(path)
+    }
+}
+
+/// Refuses a resume whose settings would change what the steps see (see
+/// [`TrainConfig::frozen_differences`]), naming each key and both values.
+fn check_resume_config(run_dir: &Path, config: &TrainConfig) -> Result<(), TrainError> {
+    let saved_path = run_dir.join("config.toml");
+    let saved = TrainConfig::load(&saved_path, &[])?;
+    let differences = saved.frozen_differences(config);
+    if differences.is_empty() {
+        return Ok(());
+    }
+    let list: Vec<String> = differences
+        .iter()
+        .map(|(key, old, new)| format!("`{key}` was {old}, now {new}"))
+        .collect();
+    Err(TrainError::Resume(format!(
+        "cannot resume {} with other data, model or sampling settings: {}. A resume may change \
+         training.max_steps/epochs, [optimizer], [schedule], [eval], [checkpoint] and [logging]; \
+         start a new run (with model.init_from) to change the rest",
+        run_dir.display(),
+        list.join("; ")
+    )))
+}
+
+/// Checks a checkpoint's recorded seed, tokenizer and cache against what the resume found.
+fn check_resume_state(
+    state: &TrainState,
+    config: &TrainConfig,
+    tokenizer: &MlmTokenizer,
+    cache: &Path,
+    cache_hash: &str,
+) -> Result<(), TrainError> {
+    if state.seed != config.seed {
+        return Err(TrainError::Resume(format!(
+            "the checkpoint was trained with seed {} but the config says {}; a resume keeps the seed",
+            state.seed, config.seed
+        )));
+    }
+    if let Some(saved) = &state.tokenizer_hash
+        && saved != &tokenizer.hash
+    {
+        return Err(TrainError::Resume(format!(
+            "{}/tokenizer.json is not the tokenizer the run started with (sha256 {} vs {})",
+            tokenizer.dir.display(),
+            &tokenizer.hash[..12.min(tokenizer.hash.len())],
+            &saved[..12.min(saved.len())]
+        )));
+    }
+    if let Some(saved) = &state.cache_hash
+        && saved != cache_hash
+    {
+        return Err(TrainError::Resume(format!(
+            "the token cache {} changed since the run started (manifest sha256 {} vs {}); \
+             restore it, or start a new run on the new data with model.init_from",
+            cache.display(),
+            &cache_hash[..12.min(cache_hash.len())],
+            &saved[..12.min(saved.len())]
+        )));
+    }
+    Ok(())
 }
