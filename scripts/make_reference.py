@@ -286,7 +286,7 @@ OPTIM = dict(
 
 
 def make_optimizer_reference() -> None:
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_file
     from transformers import get_linear_schedule_with_warmup
 
     name = "roberta-tiny"
@@ -299,8 +299,12 @@ def make_optimizer_reference() -> None:
     )
     model.train()
     batch = load_file(FIXTURES / name / "reference.safetensors")
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    # The Trainer's own grouping (it does not use `self`).
+    from transformers import Trainer
+
+    decay_names = Trainer.get_decay_parameter_names(None, model)
+    decay = [p for n, p in model.named_parameters() if n in decay_names]
+    no_decay = [p for n, p in model.named_parameters() if n not in decay_names]
     optimizer = torch.optim.AdamW(
         [
             {"params": decay, "weight_decay": OPTIM["weight_decay"]},
@@ -328,8 +332,25 @@ def make_optimizer_reference() -> None:
         scheduler.step()
         losses.append(out.loss.item())
         norms.append(norm.item())
-    reference = dict(OPTIM, losses=losses, grad_norms=norms, lrs=lrs)
+    reference = dict(OPTIM, losses=losses, grad_norms=norms, lrs=lrs, decay_parameters=sorted(decay_names))
     (FIXTURES / name / "optimizer_reference.json").write_text(json.dumps(reference, indent=1) + "\n")
+    # Final values of one parameter of each kind, to check weight decay and its groups exactly
+    # (losses alone cannot see 5 steps of decay, ~5e-5).
+    params = dict(model.named_parameters())
+    final = {
+        "lm_head.bias": params["lm_head.bias"],
+        "roberta.encoder.layer.0.attention.output.LayerNorm.weight": params[
+            "roberta.encoder.layer.0.attention.output.LayerNorm.weight"
+        ],
+        "roberta.embeddings.word_embeddings.weight": params["roberta.embeddings.word_embeddings.weight"],
+        "roberta.encoder.layer.1.intermediate.dense.weight": params[
+            "roberta.encoder.layer.1.intermediate.dense.weight"
+        ],
+    }
+    save_file(
+        {k: v.detach().contiguous().clone() for k, v in final.items()},
+        FIXTURES / name / "optimizer_final.safetensors",
+    )
     print(f"{name}: optimizer losses {[round(l, 6) for l in losses]}")
 
 

@@ -27,7 +27,12 @@ pub struct Values<T> {
 
 impl Reference {
     pub fn load(name: &str) -> Self {
-        let path = fixture(name).join("reference.safetensors");
+        Self::load_file(name, "reference.safetensors")
+    }
+
+    /// Another safetensors file of fixture `name`.
+    pub fn load_file(name: &str, file: &str) -> Self {
+        let path = fixture(name).join(file);
         let bytes = std::fs::read(&path).unwrap_or_else(|e| {
             panic!(
                 "{}: {e}; regenerate with scripts/make_reference.py",

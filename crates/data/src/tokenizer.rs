@@ -408,24 +408,23 @@ mod tests {
 
     #[test]
     fn the_id_space_is_the_largest_id_plus_one_and_gaps_are_never_drawn() {
-        // tokenizer.json with a gap: ids 0-5 and 70000 (an added token far past the rest).
+        // tokenizer.json with a gap: the fixture's `Ġthe` moved from its id to 70000.
         let dir = tempfile::tempdir().unwrap();
         let base = fixture();
         let mut json: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(base.dir.join("tokenizer.json")).unwrap())
                 .unwrap();
-        json["added_tokens"]
-            .as_array_mut()
-            .unwrap()
-            .push(serde_json::json!({"id": 70000, "content": "<far>", "single_word": false,
-                "lstrip": false, "rstrip": false, "normalized": false, "special": false}));
+        let old = json["model"]["vocab"]["Ġthe"].as_u64().unwrap() as u32;
+        json["model"]["vocab"]["Ġthe"] = serde_json::json!(70000);
         std::fs::write(dir.path().join("tokenizer.json"), json.to_string()).unwrap();
         let tokenizer = load_tokenizer(dir.path()).unwrap();
         assert_eq!(tokenizer.vocab_size(), 70001);
         assert!(tokenizer.tokenizer.get_vocab_size(true) < 70001);
         let vocab = tokenizer.mask_vocab().unwrap();
         assert!(!vocab.is_special(70000), "the far token can be masked");
+        assert_eq!(tokenizer.encode("a the").unwrap()[2], 70000);
         assert!(vocab.is_special(60000), "a gap is never masked nor drawn");
+        assert!(vocab.is_special(old), "nor is the hole left behind");
 
         // Its cache holds u32 ids, and the far id reads back whole.
         for file in ["tokenizer_config.json", "special_tokens_map.json"] {
@@ -433,7 +432,7 @@ mod tests {
         }
         let tokenizer = load_tokenizer(dir.path()).unwrap();
         let corpus = dir.path().join("corpus.txt");
-        std::fs::write(&corpus, "the cell <far> divides\n".repeat(50)).unwrap();
+        std::fs::write(&corpus, "a cell divides the cell\n".repeat(50)).unwrap();
         let options = crate::PrepareOptions {
             max_seq_length: 16,
             packing: crate::Packing::Full,

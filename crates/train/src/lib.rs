@@ -23,7 +23,8 @@ use std::path::PathBuf;
 pub use config::TrainConfig;
 pub use eval::{EvalResult, EvalSettings, evaluate};
 pub use inference::{Loaded, check_tokenizer_fits, load_for_inference};
-pub use optim::{Decay, OptimizerConfig, ScheduleConfig, clip_grad_norm, clip_grad_norm_scaled};
+pub use optim::{Decay, OptimizerConfig, ScheduleConfig, clip_grad_norm, clip_grad_norm_scaled,
+    no_decay_params};
 pub use precision::{LossScaler, Precision};
 pub use step::{StepStats, train_step};
 pub use trainer::{Observer, RunInfo, RunOutcome, Silent, Start, StepLog, train};

@@ -71,8 +71,9 @@ impl OptimizerConfig {
         Ok(())
     }
 
-    /// AdamW over `model`'s parameters: weight decay on rank >= 2 parameters (weight matrices,
-    /// embeddings), none on rank-1 parameters (biases, LayerNorm gamma/beta).
+    /// AdamW over `model`'s parameters, grouped as the HF Trainer does
+    /// (`Trainer.get_decay_parameter_names`): no weight decay for LayerNorm parameters and any
+    /// parameter whose name contains "bias"; decay for the rest (weight matrices, embeddings).
     pub fn build<M: Module>(&self, model: &M) -> ModuleOptimizer {
         let adamw = |weight_decay: f64| {
             AdamWConfig::new()
@@ -81,7 +82,7 @@ impl OptimizerConfig {
                 .with_epsilon(self.eps as f32)
                 .with_weight_decay(weight_decay as f32)
         };
-        let no_decay = rank_one_params(model);
+        let no_decay = no_decay_params(model).into_iter().map(|(id, _)| id).collect();
         adamw(self.weight_decay).init().with_group(
             ParamGroup::from_ids(no_decay),
             adamw(0.0).build(),
@@ -90,19 +91,44 @@ impl OptimizerConfig {
     }
 }
 
-/// Ids of every rank-1 float parameter.
-pub fn rank_one_params<M: Module>(model: &M) -> Vec<ParamId> {
-    struct Collect(Vec<ParamId>);
+/// The parameters the HF Trainer exempts from weight decay, with their module paths: those of
+/// LayerNorm modules, and those whose lower-cased path matches one of the Trainer's forbidden
+/// name patterns (`Trainer.get_decay_parameter_names`: "bias", "layernorm", "rmsnorm", a
+/// `norm` segment, a segment ending in `_norm`).
+pub fn no_decay_params<M: Module>(model: &M) -> Vec<(ParamId, String)> {
+    #[derive(Default)]
+    struct Collect {
+        path: Vec<String>,
+        containers: Vec<String>,
+        found: Vec<(ParamId, String)>,
+    }
     impl ModuleVisitor for Collect {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            self.path.push(name.to_string());
+            self.containers.push(container_type.to_string());
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.path.pop();
+            self.containers.pop();
+        }
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            if D == 1 {
-                self.0.push(param.id);
+            let name = self.path.join(".");
+            let lower = name.to_lowercase();
+            let in_layer_norm = self.containers.iter().any(|c| c == "Struct:LayerNorm");
+            let forbidden_name = ["bias", "layernorm", "rmsnorm"]
+                .iter()
+                .any(|p| lower.contains(p))
+                || lower
+                    .split('.')
+                    .any(|segment| segment == "norm" || segment.ends_with("_norm"));
+            if in_layer_norm || forbidden_name {
+                self.found.push((param.id, name));
             }
         }
     }
-    let mut visitor = Collect(Vec::new());
+    let mut visitor = Collect::default();
     model.visit(&mut visitor);
-    visitor.0
+    visitor.found
 }
 
 /// The global L2 norm of the gradients, and the gradients scaled down to `max_norm` when it is

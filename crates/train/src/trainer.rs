@@ -134,9 +134,10 @@ pub fn train(
         }
     }
     while run.state.step < run.total_steps {
-        let (stats, lr) = run.step()?;
+        let (stats, lr) = run.step();
         outcome.losses.push(stats.loss);
         run.log_step(&stats, lr, observer)?;
+        run.stop_if_stuck(&stats)?;
         let last = run.state.step == run.total_steps;
         let stopping = stop.load(Ordering::SeqCst);
         let mut improved = false;
@@ -598,9 +599,8 @@ impl<'a> Run<'a> {
     }
 
     /// One optimizer step: its batches, learning rate and dropout seed, then [`train_step`].
-    /// A skipped step leaves the weights as they were; `max_skipped_steps` of them in a row end
-    /// the run, naming the newest checkpoint known to go on to a finite step.
-    fn step(&mut self) -> Result<(StepStats, f64), TrainError> {
+    /// A skipped step leaves the weights as they were (see [`Run::stop_if_stuck`]).
+    fn step(&mut self) -> (StepStats, f64) {
         let config = self.config;
         let step = self.state.step;
         let batches = self.sampler.step(
@@ -631,17 +631,23 @@ impl<'a> Run<'a> {
         self.state.step += 1;
         self.state.samples_seen += (config.training.batch_size * config.training.grad_accum_steps) as u64;
         self.window.0 += batches.tokens;
-        if !stats.skipped {
+        if stats.skipped {
+            self.skipped_in_row += 1;
+        } else {
             // The weights before this step trained on finitely: so does a checkpoint of them.
             self.skipped_in_row = 0;
             if let Some(proven) = self.unproven.take() {
                 self.known_good = Some(proven);
             }
-            return Ok((stats, lr));
         }
-        self.skipped_in_row += 1;
-        // f16 overflows are expected now and then: the loss scaler halves and retries.
-        if self.skipped_in_row >= config.training.max_skipped_steps.max(1) {
+        (stats, lr)
+    }
+
+    /// Ends the run after `training.max_skipped_steps` skipped steps in a row, naming the
+    /// newest checkpoint known to go on to a finite step. (An f16 overflow now and then is
+    /// normal: the loss scaler halves and the next step retries.)
+    fn stop_if_stuck(&self, stats: &StepStats) -> Result<(), TrainError> {
+        if self.skipped_in_row >= self.config.training.max_skipped_steps.max(1) {
             return Err(TrainError::NonFinite {
                 step: self.state.step,
                 skipped: self.skipped_in_row,
@@ -652,7 +658,7 @@ impl<'a> Run<'a> {
                 run_dir: self.dir.clone(),
             });
         }
-        Ok((stats, lr))
+        Ok(())
     }
 
     /// Reports the step to the observer and, every `log_steps`, to metrics.jsonl/TensorBoard.
