@@ -480,8 +480,19 @@ fn tokenize_into(
         // blocked on a full channel wakes up (its send fails) and the scope can end.
         let consumed = (move || -> Result<(), DataError> {
             let mut index = 0u64;
-            for (chunk, bytes) in receiver.iter() {
-                for ids in tokenizer.encode_batch_plain(chunk)? {
+            for (mut chunk, bytes) in receiver.iter() {
+                // Long documents are encoded apart, piece by piece (see `encode_long`).
+                let long: Vec<(usize, String)> = chunk
+                    .iter_mut()
+                    .enumerate()
+                    .filter(|(_, doc)| doc.len() > MAX_PIECE_BYTES)
+                    .map(|(i, doc)| (i, std::mem::take(doc)))
+                    .collect();
+                let mut encoded = tokenizer.encode_batch_plain(chunk)?;
+                for (i, doc) in long {
+                    encoded[i] = encode_long(tokenizer, &doc)?;
+                }
+                for ids in encoded {
                     sink(index, &ids)?;
                     index += 1;
                 }
@@ -497,6 +508,38 @@ fn tokenize_into(
         consumed?;
         read
     })
+}
+
+/// Documents longer than this are tokenized in pieces of at most this many bytes.
+const MAX_PIECE_BYTES: usize = 64 * 1024;
+
+/// Tokenizes a long document piece by piece, cutting before a whitespace character, so that
+/// memory stays at one piece's encoding (a `tokenizers` Encoding costs ~100x its text: a 5 MB
+/// line peaked at 659 MB in one piece) plus the ids. Byte-level BPE and WordPiece split words
+/// at whitespace anyway, so the ids equal those of the whole document; only a piece without any
+/// whitespace (64 KiB of one "word") is cut at a character boundary.
+fn encode_long(tokenizer: &MlmTokenizer, text: &str) -> Result<Vec<u32>, DataError> {
+    let mut ids = Vec::new();
+    let mut rest = text;
+    while !rest.is_empty() {
+        let mut cut = rest.len();
+        if cut > MAX_PIECE_BYTES {
+            cut = MAX_PIECE_BYTES;
+            while !rest.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            // The last whitespace in the window (kept with the next piece, as `Ġ`), if any
+            // beyond the start.
+            if let Some(space) = rest[..cut].rfind(char::is_whitespace).filter(|&i| i > 0) {
+                cut = space;
+            }
+        }
+        let (piece, tail) = rest.split_at(cut);
+        let mut encoded = tokenizer.encode_batch_plain(vec![piece.to_string()])?;
+        ids.append(&mut encoded[0]);
+        rest = tail;
+    }
+    Ok(ids)
 }
 
 /// Packs one split's documents into examples and writes its shards.
@@ -884,5 +927,17 @@ mod tests {
             .expect("tokenizing hung after its sink failed");
         let err = outcome.unwrap_err().to_string();
         assert!(err.contains("disk full"), "{err}");
+    }
+
+    #[test]
+    fn long_documents_are_encoded_in_pieces_to_the_same_ids() {
+        let fixture =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tokenizer-go");
+        let tokenizer = crate::load_tokenizer(&fixture).unwrap();
+        let sentence = "Catalysis of the reaction: ATP + H2O = ADP + phosphate.  ";
+        let text = sentence.repeat(3 * MAX_PIECE_BYTES / sentence.len());
+        assert!(text.len() > 2 * MAX_PIECE_BYTES);
+        let whole = tokenizer.encode_batch_plain(vec![text.clone()]).unwrap();
+        assert_eq!(encode_long(&tokenizer, &text).unwrap(), whole[0]);
     }
 }

@@ -29,15 +29,35 @@ pub use precision::{LossScaler, Precision};
 pub use step::{StepStats, train_step};
 pub use trainer::{Observer, RunInfo, RunOutcome, Silent, Start, StepLog, train};
 
+thread_local! {
+    /// Set while this thread runs a probe whose panic is reported as an error instead.
+    static SILENCED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Installs, once per process, a panic hook that stays quiet on threads inside
+/// [`catch_backend_panic`] and defers to the previous hook everywhere else: swapping the
+/// process-wide hook per call would silence (or un-silence) other threads' panics meanwhile.
+fn install_quiet_hook() {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !SILENCED.with(|s| s.get()) {
+                previous(info);
+            }
+        }));
+    });
+}
+
 /// Runs `f`, turning a panic into its message's first line. burn's GPU backends (cubecl,
 /// libtorch) report a missing driver or device, or an unsupported dtype, by panicking; the
 /// device and precision probes use this to answer with advice instead. The default panic
 /// message is silenced meanwhile (the caller reports the error).
 pub fn catch_backend_panic<T>(f: impl FnOnce() -> T) -> Result<T, String> {
-    let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
+    install_quiet_hook();
+    SILENCED.with(|s| s.set(true));
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-    std::panic::set_hook(hook);
+    SILENCED.with(|s| s.set(false));
     result.map_err(|panic| {
         let message = panic
             .downcast_ref::<String>()
