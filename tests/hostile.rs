@@ -11,10 +11,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const MASKLM: &str = env!("CARGO_BIN_EXE_masklm");
+/// The binary under test: this build's, or `MASKLM_HOSTILE_BIN` (to run the catalogue against
+/// another build, e.g. an older commit's).
+fn binary() -> String {
+    std::env::var("MASKLM_HOSTILE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_masklm").to_string())
+}
 
 fn masklm(args: &[String]) -> Output {
-    Command::new(MASKLM)
+    Command::new(binary())
         .args(args)
         .stdin(Stdio::null())
         .output()
@@ -41,7 +45,7 @@ impl Catalogue {
     /// Runs `args` with `input` on stdin.
     fn case_stdin(&mut self, name: &str, args: Vec<String>, input: &str, expect: Expect) {
         use std::io::Write;
-        let mut child = Command::new(MASKLM)
+        let mut child = Command::new(binary())
             .args(&args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -537,7 +541,7 @@ fn kill_9_during_saves_never_costs_the_last_checkpoint() {
     common::masklm_ok(["prepare", "--tokenizer", &p(&common::fixture("tokenizer-go")), "--input", &p(&common::fixture("tokenizer-corpus.txt")), "--out", &p(&tmp.path().join("cache")), "--max-seq-length", "64", "--validation-split", "0.05"]);
     for trial in 0..10u64 {
         let run = tmp.path().join(format!("run{trial}"));
-        let mut child = Command::new(MASKLM)
+        let mut child = Command::new(binary())
             .args(["train", "--config", &p(&config), "--out", &p(&run)])
             .args(["--set", "training.max_steps=40", "--set", "eval.eval_steps=0"])
             .stdout(Stdio::null())
@@ -565,7 +569,7 @@ fn kill_9_during_saves_never_costs_the_last_checkpoint() {
 fn a_second_process_on_a_run_or_a_cache_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tiny_run(tmp.path(), "run", 2);
-    let mut first = Command::new(MASKLM)
+    let mut first = Command::new(binary())
         .args(["train", "--resume", &p(&run), "--set", "training.max_steps=400"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -593,8 +597,8 @@ fn a_second_process_on_a_run_or_a_cache_is_refused() {
     let text = std::fs::read_to_string(common::fixture("tokenizer-corpus.txt")).unwrap();
     std::fs::write(&big, text.repeat(30)).unwrap();
     let args = s(&["prepare", "--tokenizer", &p(&common::fixture("tokenizer-go")), "--input", &p(&big), "--out", &p(&tmp.path().join("shared"))]);
-    let a = Command::new(MASKLM).args(&args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
-    let b = Command::new(MASKLM).args(&args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let a = Command::new(binary()).args(&args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let b = Command::new(binary()).args(&args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
     let refused = [&a, &b]
         .iter()
