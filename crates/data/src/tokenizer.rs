@@ -185,7 +185,8 @@ fn tokenizer_config(model_max_length: usize) -> serde_json::Value {
 }
 
 fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), DataError> {
-    let text = serde_json::to_string_pretty(value).unwrap_or_default() + "\n";
+    // A `json!` value always serialises; `to_string` of a Value cannot fail.
+    let text = format!("{value:#}\n");
     std::fs::write(path, text).map_err(|source| DataError::Write {
         path: path.to_path_buf(),
         source,
@@ -232,10 +233,15 @@ pub fn load_tokenizer(dir: &Path) -> Result<MlmTokenizer, DataError> {
         source,
     })?;
     let tokenizer = Tokenizer::from_bytes(&bytes).map_err(|e| tokenizer_error(&path, e))?;
-    let config: serde_json::Value = std::fs::read_to_string(dir.join("tokenizer_config.json"))
-        .ok()
-        .and_then(|text| serde_json::from_str(&text).ok())
-        .unwrap_or_default();
+    // tokenizer_config.json is optional (many tokenizer.json-only folders work), but one that
+    // is there must parse: silently ignoring it would lose its mask token.
+    let config_path = dir.join("tokenizer_config.json");
+    let config: serde_json::Value = match std::fs::read_to_string(&config_path) {
+        Ok(text) => serde_json::from_str(&text).map_err(|e| {
+            DataError::Tokenizer(format!("{}: not valid JSON: {e}", config_path.display()))
+        })?,
+        Err(_) => serde_json::Value::Null,
+    };
     let named = |key: &str| -> Option<String> {
         match config.get(key)? {
             serde_json::Value::String(s) => Some(s.clone()),

@@ -3,14 +3,12 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use burn::tensor::activation::log_softmax;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::Device;
 use clap::Args;
 use masklm_data::{
     MaskingConfig, NoProgress, Packing, PrepareOptions, SplitReader, Validation, load_tokenizer,
     prepare, read_manifest,
 };
-use masklm_model::RobertaForMaskedLM;
 use masklm_train::{EvalSettings, evaluate};
 use serde_json::json;
 
@@ -91,13 +89,8 @@ pub fn eval_cmd(args: EvalArgs, device: &Device) -> Result<()> {
         bail!("no token was masked: the input is too short to evaluate");
     }
     let pseudo = if args.pseudo_perplexity {
-        Some(pseudo_perplexity(
-            &model,
-            &split,
-            &vocab,
-            args.batch_size,
-            device,
-        )?)
+        let p = masklm_train::pseudo_perplexity(&model, &split, &vocab, args.batch_size, device);
+        Some(p.context("no maskable token for pseudo-perplexity")?)
     } else {
         None
     };
@@ -128,53 +121,6 @@ pub fn eval_cmd(args: EvalArgs, device: &Device) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// exp of the mean of -log p(token | all other tokens), masking each non-special token once.
-fn pseudo_perplexity(
-    model: &RobertaForMaskedLM,
-    split: &SplitReader,
-    vocab: &masklm_data::MaskVocab,
-    batch_size: usize,
-    device: &Device,
-) -> Result<f64> {
-    let mut nll = 0.0f64;
-    let mut count = 0u64;
-    for i in 0..split.len() {
-        let Some(tokens) = split.get(i) else { continue };
-        let seq = tokens.len();
-        let targets: Vec<usize> = (0..seq).filter(|&p| !vocab.is_special(tokens[p])).collect();
-        for chunk in targets.chunks(batch_size) {
-            let rows = chunk.len();
-            let mut ids = Vec::with_capacity(rows * seq);
-            for &p in chunk {
-                ids.extend(tokens.iter().enumerate().map(|(j, &t)| {
-                    if j == p {
-                        vocab.mask_id as i64
-                    } else {
-                        t as i64
-                    }
-                }));
-            }
-            let positions: Vec<i64> = chunk
-                .iter()
-                .enumerate()
-                .map(|(r, &p)| (r * seq + p) as i64)
-                .collect();
-            let labels: Vec<i64> = chunk.iter().map(|&p| tokens[p] as i64).collect();
-            let input = Tensor::<2, Int>::from_data(TensorData::new(ids, [rows, seq]), device);
-            let attention = Tensor::<2, Int>::ones([rows, seq], device);
-            let positions = Tensor::<1, Int>::from_data(TensorData::new(positions, [rows]), device);
-            let labels = Tensor::<2, Int>::from_data(TensorData::new(labels, [rows, 1]), device);
-            let log_probs = log_softmax(model.forward_at(input, attention, positions), 1);
-            nll -= log_probs.gather(1, labels).sum().into_scalar::<f32>() as f64;
-            count += rows as u64;
-        }
-    }
-    if count == 0 {
-        bail!("no maskable token for pseudo-perplexity");
-    }
-    Ok((nll / count as f64).exp())
 }
 
 #[derive(Args, Debug)]

@@ -279,8 +279,11 @@ impl TrainConfig {
     }
 
     /// The config as TOML, as saved in the run directory.
-    pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_default()
+    pub fn to_toml(&self) -> Result<String, TrainError> {
+        toml::to_string_pretty(self).map_err(|e| TrainError::Config {
+            key: "config".to_string(),
+            reason: format!("cannot be written as TOML: {e}"),
+        })
     }
 
     /// Rejects impossible values, naming the key.

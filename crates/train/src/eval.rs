@@ -1,7 +1,7 @@
 //! Held-out perplexity: exp of the mean cross-entropy over every masked token of a split.
 
 use burn::tensor::activation::log_softmax;
-use burn::tensor::{Device, Int};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use masklm_data::{MaskVocab, MaskingConfig, MlmBatcher, Sample, SplitReader};
 use masklm_model::RobertaForMaskedLM;
 use serde::{Deserialize, Serialize};
@@ -97,3 +97,50 @@ pub fn evaluate(
         tokens,
     }
 }
+
+/// Pseudo-perplexity (Salazar et al. 2020): exp of the mean of -log p(token | all other
+/// tokens), masking each non-special token of each example once, `batch_size` masked copies at
+/// a time. `None` when no example has a maskable token.
+pub fn pseudo_perplexity(
+    model: &RobertaForMaskedLM,
+    split: &SplitReader,
+    vocab: &MaskVocab,
+    batch_size: usize,
+    device: &Device,
+) -> Option<f64> {
+    let mut nll = 0.0f64;
+    let mut count = 0u64;
+    for i in 0..split.len() {
+        let Some(tokens) = split.get(i) else { continue };
+        let seq = tokens.len();
+        let targets: Vec<usize> = (0..seq).filter(|&p| !vocab.is_special(tokens[p])).collect();
+        for chunk in targets.chunks(batch_size.max(1)) {
+            let rows = chunk.len();
+            let mut ids = Vec::with_capacity(rows * seq);
+            for &p in chunk {
+                ids.extend(tokens.iter().enumerate().map(|(j, &t)| {
+                    if j == p {
+                        vocab.mask_id as i64
+                    } else {
+                        t as i64
+                    }
+                }));
+            }
+            let positions: Vec<i64> = chunk
+                .iter()
+                .enumerate()
+                .map(|(r, &p)| (r * seq + p) as i64)
+                .collect();
+            let labels: Vec<i64> = chunk.iter().map(|&p| tokens[p] as i64).collect();
+            let input = Tensor::<2, Int>::from_data(TensorData::new(ids, [rows, seq]), device);
+            let attention = Tensor::<2, Int>::ones([rows, seq], device);
+            let positions = Tensor::<1, Int>::from_data(TensorData::new(positions, [rows]), device);
+            let labels = Tensor::<2, Int>::from_data(TensorData::new(labels, [rows, 1]), device);
+            let log_probs = log_softmax(model.forward_at(input, attention, positions), 1);
+            nll -= log_probs.gather(1, labels).sum().into_scalar::<f32>() as f64;
+            count += rows as u64;
+        }
+    }
+    (count > 0).then(|| (nll / count as f64).exp())
+}
+

@@ -204,6 +204,18 @@ fn resolve_cache(
         return Ok((cache, prepared.reused));
     }
     let manifest = read_manifest(&cache)?;
+    if manifest.tokenizer_hash == tokenizer.hash && manifest.vocab_size != tokenizer.vocab_size() {
+        return Err(TrainError::Config {
+            key: "data.cache".to_string(),
+            reason: format!(
+                "{}/manifest.json says vocab_size {} but its tokenizer has ids up to {}; the \
+                 manifest was edited or made by an older masklm: prepare the cache again",
+                cache.display(),
+                manifest.vocab_size,
+                tokenizer.vocab_size().saturating_sub(1)
+            ),
+        });
+    }
     if manifest.tokenizer_hash != tokenizer.hash {
         return Err(TrainError::Config {
             key: "data.tokenizer".to_string(),
@@ -438,7 +450,7 @@ impl<'a> Run<'a> {
                 Some(checkpoint)
             }
         };
-        crate::checkpoint::write_atomic(&run_dir.join("config.toml"), &config.to_toml())?;
+        crate::checkpoint::write_atomic(&run_dir.join("config.toml"), &config.to_toml()?)?;
 
         // A resumed run trains with the tokenizer saved in its checkpoint.
         let tokenizer_dir = match &resume_from {
@@ -742,7 +754,7 @@ impl<'a> Run<'a> {
     /// finite one beats a NaN left by an older masklm).
     fn track_best(&mut self, result: &EvalResult) -> bool {
         let p = result.perplexity;
-        let better = p.is_finite() && self.state.best_perplexity.is_none_or(|b| !b.is_finite() || p < b);
+        let better = improves(self.state.best_perplexity, p);
         if better {
             self.state.best_perplexity = Some(p);
             self.state.best_step = Some(self.state.step);
@@ -771,6 +783,12 @@ impl<'a> Run<'a> {
         self.window.1 = Instant::now();
         Ok(path)
     }
+}
+
+/// Whether perplexity `p` beats `best`: a NaN never does (it would otherwise be kept as the
+/// best for ever, since nothing compares below it), and any finite value beats a NaN best.
+fn improves(best: Option<f64>, p: f64) -> bool {
+    p.is_finite() && best.is_none_or(|b| !b.is_finite() || p < b)
 }
 
 /// Refuses a resume whose settings would change what the steps see (see
@@ -831,4 +849,19 @@ fn check_resume_state(
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::improves;
+
+    #[test]
+    fn a_nan_perplexity_is_never_best_and_never_blocks_a_better_one() {
+        assert!(improves(None, 300.0));
+        assert!(!improves(None, f64::NAN));
+        assert!(!improves(Some(300.0), f64::NAN));
+        assert!(improves(Some(f64::NAN), 1e6));
+        assert!(improves(Some(300.0), 299.0));
+        assert!(!improves(Some(300.0), 300.0));
+    }
 }
