@@ -5,12 +5,20 @@
 
 use std::path::Path;
 
+#[path = "src/libtorch_version.rs"]
+#[allow(dead_code)]
+mod libtorch_version;
+
 fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
         return;
     };
     let lib = Path::new(&lib);
+    // The version built against, for the run-time check that the loaded libtorch matches
+    // (crates/masklm/src/backend.rs): a mismatched one crashes deep inside a kernel.
+    let version = libtorch_version::libtorch_version(lib).unwrap_or_default();
+    println!("cargo:rustc-env=MASKLM_LIBTORCH_VERSION={version}");
     // scripts/setup-libtorch.sh --cpu-only links against a folder of symlinks; the libraries'
     // own rpaths ($ORIGIN/...) only work from the real folder, so point at that one.
     let real = lib

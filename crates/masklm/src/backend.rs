@@ -129,9 +129,45 @@ fn wgpu_device(_: Option<&str>) -> Result<Device> {
     )
 }
 
+/// Where the libtorch this process loaded lives: the folder of `libtorch_cpu.so` in
+/// /proc/self/maps (LD_LIBRARY_PATH may have put another one there than the build's rpath).
+#[cfg(feature = "tch")]
+fn loaded_libtorch_dir() -> Option<std::path::PathBuf> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    let lib = maps
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(5))
+        .find(|path| path.ends_with("/libtorch_cpu.so"))?;
+    std::path::Path::new(lib).parent().map(|p| p.to_path_buf())
+}
+
+#[cfg_attr(not(feature = "tch"), allow(dead_code))]
+/// The message for a libtorch whose `major.minor` differs from the one masklm was built
+/// against, or `None` when they agree (or either is unknown).
+fn libtorch_mismatch(built: &str, loaded: &str, loaded_from: &str) -> Option<String> {
+    use crate::libtorch_version::major_minor;
+    if built.is_empty() || loaded.is_empty() || major_minor(built) == major_minor(loaded) {
+        return None;
+    }
+    Some(format!(
+        "this masklm was built against libtorch {built} but loaded libtorch {loaded} from \
+         {loaded_from}; libtorch's C++ interface changes between versions (a mismatch fails \
+         inside a kernel, e.g. \"Cannot access data pointer of Tensor that doesn't have \
+         storage\"). burn-tch 0.22 needs torch 2.9: run scripts/setup-libtorch.sh, or unset \
+         LD_LIBRARY_PATH so the build's own libtorch is used"
+    ))
+}
+
 #[cfg(feature = "tch")]
 #[allow(deprecated)] // burn 0.22 marks burn-tch deprecated; it is still the libtorch backend.
 fn tch_device(spec: Option<&str>) -> Result<Device> {
+    if let Some(dir) = loaded_libtorch_dir() {
+        let loaded = crate::libtorch_version::libtorch_version(&dir).unwrap_or_default();
+        let built = env!("MASKLM_LIBTORCH_VERSION");
+        if let Some(message) = libtorch_mismatch(built, &loaded, &dir.display().to_string()) {
+            bail!(message);
+        }
+    }
     match spec {
         None | Some("cpu") => Ok(Device::libtorch()),
         Some("mps") => Ok(Device::libtorch_mps()),
@@ -173,6 +209,20 @@ mod tests {
             assert!(msg.contains("--features tch"), "{msg}");
         }
         assert_eq!(index("cuda:3", "cuda").unwrap(), 3);
+        // A libtorch other than the one built against is refused with the versions named.
+        let msg = libtorch_mismatch("2.9.0+cu128", "2.11.0+cu130", "/venv/torch/lib").unwrap();
+        assert!(msg.contains("2.9.0+cu128") && msg.contains("2.11.0") && msg.contains("setup-libtorch"));
+        assert_eq!(libtorch_mismatch("2.9.0+cu128", "2.9.1+cpu", "/x"), None);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("torch/lib")).unwrap();
+        std::fs::write(
+            dir.path().join("torch/version.py"),
+            "from typing import Optional\n__version__ = '2.11.0+cu130'\ngit_version = 'abc'\n",
+        )
+        .unwrap();
+        let found =
+            crate::libtorch_version::libtorch_version(&dir.path().join("torch/lib")).unwrap();
+        assert_eq!(found, "2.11.0+cu130");
         assert_eq!(index("cuda", "cuda").unwrap(), 0);
         assert!(index("cuda:x", "cuda").is_err());
     }

@@ -15,6 +15,8 @@ mod backend;
 mod data_cmd;
 mod eval_cmd;
 mod fill_mask;
+#[cfg_attr(not(feature = "tch"), allow(dead_code))]
+mod libtorch_version;
 mod progress;
 mod train_cmd;
 
