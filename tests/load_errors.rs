@@ -227,33 +227,56 @@ fn half_precision_and_f64_weights_load_as_f32() {
     ] {
         let dir = copy_fixture();
         store_as(dir.path(), dtype);
-        let (_, model, report) = load_roberta(dir.path(), &device)
-            .unwrap_or_else(|e| panic!("{name} weights: {e}"));
+        let (_, model, report) =
+            load_roberta(dir.path(), &device).unwrap_or_else(|e| panic!("{name} weights: {e}"));
         assert_eq!(report.stored_dtypes, [name]);
         let weight = model.roberta.encoder.layer[0].output.LayerNorm.gamma.val();
         assert_eq!(weight.dtype(), burn::tensor::DType::F32, "{name}");
         // The forward used to panic in layer_norm on half-precision gammas.
         let logits = common::values(model.forward(ids.clone(), mask.clone()));
         let diff = common::max_abs_diff(&logits, &expected);
-        assert!(diff <= tolerance, "{name}: logits {diff} from the f32 weights'");
+        assert!(
+            diff <= tolerance,
+            "{name}: logits {diff} from the f32 weights'"
+        );
     }
 }
 
 #[test]
 fn absurd_configs_are_refused_before_anything_is_allocated() {
     for (edit, key) in [
-        (("\"vocab_size\": 1000", "\"vocab_size\": 1000000000"), "vocab_size"),
-        (("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 1000000"), "num_hidden_layers"),
+        (
+            ("\"vocab_size\": 1000", "\"vocab_size\": 1000000000"),
+            "vocab_size",
+        ),
+        (
+            ("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 1000000"),
+            "num_hidden_layers",
+        ),
         // Plausible on its own, but the weights hold 2 layers.
-        (("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 200"), "200"),
-        (("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 2.5"), "num_hidden_layers"),
+        (
+            ("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 200"),
+            "200",
+        ),
+        (
+            ("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 2.5"),
+            "num_hidden_layers",
+        ),
     ] {
         let dir = copy_fixture();
         let config = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
         assert!(config.contains(edit.0), "fixture config lacks {}", edit.0);
-        std::fs::write(dir.path().join("config.json"), config.replace(edit.0, edit.1)).unwrap();
+        std::fs::write(
+            dir.path().join("config.json"),
+            config.replace(edit.0, edit.1),
+        )
+        .unwrap();
         let msg = load_error(dir.path()).to_string();
-        assert!(msg.contains(key) && msg.contains("config.json"), "{}: {msg}", edit.1);
+        assert!(
+            msg.contains(key) && msg.contains("config.json"),
+            "{}: {msg}",
+            edit.1
+        );
         assert_eq!(msg.lines().count(), 1, "{msg}");
     }
 }

@@ -282,7 +282,10 @@ fn non_finite_steps_are_skipped_and_the_named_checkpoint_trains_on() {
         panic!("expected a NaN/inf error, got {msg}");
     };
     assert_eq!((step, skipped), (5, 3), "{msg}");
-    assert!(msg.contains("optimizer.lr") && msg.contains("--from step-0000001"), "{msg}");
+    assert!(
+        msg.contains("optimizer.lr") && msg.contains("--from step-0000001"),
+        "{msg}"
+    );
     let good = last_checkpoint.expect("a checkpoint known to train on");
     assert!(good.ends_with("step-0000001"), "{msg}");
 
@@ -306,38 +309,67 @@ fn non_finite_steps_are_skipped_and_the_named_checkpoint_trains_on() {
     let outcome = resume_on_cpu(&config, &run, Some("step-0000001")).unwrap();
     assert_eq!(outcome.last_step, 8);
     assert_eq!(outcome.losses.len(), 7);
-    assert!(outcome.losses.iter().all(|l| l.is_finite()), "{:?}", outcome.losses);
+    assert!(
+        outcome.losses.iter().all(|l| l.is_finite()),
+        "{:?}",
+        outcome.losses
+    );
     // The replayed steps replaced the old records instead of appearing twice.
     let steps: Vec<u64> = common::losses(&run).keys().copied().collect();
     assert_eq!(steps, (1..=8).collect::<Vec<_>>());
     let lines = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
-    assert_eq!(lines.lines().filter(|l| l.contains("\"loss\"")).count(), 8, "{lines}");
+    assert_eq!(
+        lines.lines().filter(|l| l.contains("\"loss\"")).count(),
+        8,
+        "{lines}"
+    );
 }
 
 #[test]
 fn resume_refuses_changed_data_model_or_sampling_and_keeps_the_overrides() {
     let dir = tempfile::tempdir().unwrap();
     let path = common::write_tiny_config(dir.path(), "[checkpoint]\nsave_steps = 2\n");
-    let base = ["training.max_steps=4".to_string(), "eval.eval_steps=0".to_string()];
+    let base = [
+        "training.max_steps=4".to_string(),
+        "eval.eval_steps=0".to_string(),
+    ];
     let config = TrainConfig::load(&path, &base).unwrap();
     let run = dir.path().join("run");
     train_on_cpu(&config, &run).unwrap();
     let saved = run.join("config.toml");
     for (set, key) in [
         ("seed=8", "`seed` was 7, now 8"),
-        ("training.batch_size=4", "`training.batch_size` was 8, now 4"),
-        ("masking.probability=0.3", "`masking.probability` was 0.15, now 0.3"),
-        ("model.hidden_dropout_prob=0.2", "`model.hidden_dropout_prob` was 0.1, now 0.2"),
-        ("data.max_seq_length=32", "`data.max_seq_length` was 64, now 32"),
+        (
+            "training.batch_size=4",
+            "`training.batch_size` was 8, now 4",
+        ),
+        (
+            "masking.probability=0.3",
+            "`masking.probability` was 0.15, now 0.3",
+        ),
+        (
+            "model.hidden_dropout_prob=0.2",
+            "`model.hidden_dropout_prob` was 0.1, now 0.2",
+        ),
+        (
+            "data.max_seq_length=32",
+            "`data.max_seq_length` was 64, now 32",
+        ),
     ] {
         let changed = TrainConfig::load(&saved, &[set.to_string()]).unwrap();
         let err = resume_on_cpu(&changed, &run, None).unwrap_err().to_string();
-        assert!(err.contains(key) && err.contains("cannot resume"), "{set}: {err}");
+        assert!(
+            err.contains(key) && err.contains("cannot resume"),
+            "{set}: {err}"
+        );
     }
     // Allowed changes are written into the run's config, so the next resume keeps them.
     let longer = TrainConfig::load(
         &saved,
-        &["training.max_steps=6".to_string(), "optimizer.lr=1e-3".to_string()],
+        &[
+            "training.max_steps=6".to_string(),
+            "optimizer.lr=1e-3".to_string(),
+        ],
     )
     .unwrap();
     let outcome = resume_on_cpu(&longer, &run, None).unwrap();
@@ -361,26 +393,37 @@ fn resume_refuses_changed_data_model_or_sampling_and_keeps_the_overrides() {
 #[test]
 fn resume_falls_back_to_the_newest_valid_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
-    let path = common::write_tiny_config(
-        dir.path(),
-        "[checkpoint]\nsave_steps = 2\nkeep_last = 3\n",
-    );
+    let path =
+        common::write_tiny_config(dir.path(), "[checkpoint]\nsave_steps = 2\nkeep_last = 3\n");
     let config = TrainConfig::load(
         &path,
-        &["training.max_steps=6".to_string(), "eval.eval_steps=0".to_string()],
+        &[
+            "training.max_steps=6".to_string(),
+            "eval.eval_steps=0".to_string(),
+        ],
     )
     .unwrap();
     let run = dir.path().join("run");
     train_on_cpu(&config, &run).unwrap();
-    let longer = TrainConfig::load(&run.join("config.toml"), &["training.max_steps=8".to_string()])
-        .unwrap();
+    let longer = TrainConfig::load(
+        &run.join("config.toml"),
+        &["training.max_steps=8".to_string()],
+    )
+    .unwrap();
     // The newest checkpoint is damaged and `latest` is gone.
     std::fs::write(run.join("checkpoints/step-0000006/state.json"), "{}").unwrap();
     std::fs::remove_file(run.join("checkpoints/latest")).unwrap();
-    let err = resume_on_cpu(&longer, &run, Some("step-0000006")).unwrap_err().to_string();
+    let err = resume_on_cpu(&longer, &run, Some("step-0000006"))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("checksum mismatch"), "{err}");
-    let err = resume_on_cpu(&longer, &run, Some("step-0000099")).unwrap_err().to_string();
-    assert!(err.contains("step-0000004") && err.contains("step-0000002"), "{err}");
+    let err = resume_on_cpu(&longer, &run, Some("step-0000099"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("step-0000004") && err.contains("step-0000002"),
+        "{err}"
+    );
     let outcome = resume_on_cpu(&longer, &run, None).unwrap();
     assert_eq!(outcome.losses.len(), 4, "resumed from step 4");
 }
@@ -404,7 +447,10 @@ fn a_fresh_run_starts_its_metrics_afresh_and_masking_nothing_is_refused() {
     let path = common::write_tiny_config(dir.path(), "");
     let config = TrainConfig::load(
         &path,
-        &["training.max_steps=2".to_string(), "eval.eval_steps=0".to_string()],
+        &[
+            "training.max_steps=2".to_string(),
+            "eval.eval_steps=0".to_string(),
+        ],
     )
     .unwrap();
     train_on_cpu(&config, &run).unwrap();

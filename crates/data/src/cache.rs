@@ -320,7 +320,15 @@ pub fn prepare(
         .map(|s| s.size)
         .sum();
     progress.start("tokenizing", Some(total));
-    let built = build_partial(tokenizer, &files, &validation_files, options, progress, &partial, manifest);
+    let built = build_partial(
+        tokenizer,
+        &files,
+        &validation_files,
+        options,
+        progress,
+        &partial,
+        manifest,
+    );
     let manifest = match built {
         Ok(mut manifest) => {
             manifest.corpus.skipped_special = skipped_special;

@@ -570,8 +570,7 @@ mod tests {
         let fifo = tree.join("pipe");
         let made = std::process::Command::new("mkfifo").arg(&fifo).status();
         assert!(made.is_ok_and(|s| s.success()), "mkfifo");
-        let (files, special) =
-            resolve_inputs_reporting(&[tree.display().to_string()]).unwrap();
+        let (files, special) = resolve_inputs_reporting(&[tree.display().to_string()]).unwrap();
         assert_eq!(files, [tree.join("sub/a.txt")]);
         assert_eq!(special, [fifo.clone()]);
         let msg = resolve_inputs(&[fifo.display().to_string()])

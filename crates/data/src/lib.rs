@@ -27,8 +27,8 @@ pub use cache::{
     Manifest, NoProgress, Packing, PrepareOptions, Prepared, Progress, SplitReader, Validation,
     prepare, read_manifest, write_synced,
 };
-pub use lock::{FolderLock, lock_file, lock_folder};
 pub use corpus::{CorpusOptions, CorpusStats, Documents, resolve_inputs, resolve_inputs_reporting};
+pub use lock::{FolderLock, lock_file, lock_folder};
 pub use masking::{MaskVocab, MaskedExample, MaskingConfig, WordBoundary, mask_tokens};
 pub use sampler::{StepBatches, StepSampler};
 pub use tokenizer::{MlmTokenizer, TrainOptions, load_tokenizer, train_tokenizer};

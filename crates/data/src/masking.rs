@@ -86,7 +86,9 @@ impl WordBoundary {
     pub fn starts_word(&self, token: &str) -> bool {
         match self {
             WordBoundary::ContinuationPrefix(prefix) => !token.starts_with(prefix.as_str()),
-            WordBoundary::StartMarkers(markers) => token.chars().next().is_some_and(|c| markers.contains(&c)),
+            WordBoundary::StartMarkers(markers) => {
+                token.chars().next().is_some_and(|c| markers.contains(&c))
+            }
         }
     }
 }

@@ -94,7 +94,10 @@ where
     if out.is_file() {
         return Err(DataError::Config {
             key: "out".to_string(),
-            reason: format!("{} is a file; give a folder for the tokenizer", out.display()),
+            reason: format!(
+                "{} is a file; give a folder for the tokenizer",
+                out.display()
+            ),
         });
     }
     let min_vocab = SPECIAL_TOKENS.len() + ByteLevel::alphabet().len();
@@ -385,7 +388,10 @@ mod tests {
         let mut tokenizer = fixture();
         tokenizer
             .tokenizer
-            .add_tokens([AddedToken::from("##", false), AddedToken::from("##x", false)])
+            .add_tokens([
+                AddedToken::from("##", false),
+                AddedToken::from("##x", false),
+            ])
             .unwrap();
         tokenizer.id_space = tokenizer
             .tokenizer
@@ -417,9 +423,10 @@ mod tests {
         // tokenizer.json with a gap: the fixture's `Ġthe` moved from its id to 70000.
         let dir = tempfile::tempdir().unwrap();
         let base = fixture();
-        let mut json: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(base.dir.join("tokenizer.json")).unwrap())
-                .unwrap();
+        let mut json: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(base.dir.join("tokenizer.json")).unwrap(),
+        )
+        .unwrap();
         let old = json["model"]["vocab"]["Ġthe"].as_u64().unwrap() as u32;
         json["model"]["vocab"]["Ġthe"] = serde_json::json!(70000);
         std::fs::write(dir.path().join("tokenizer.json"), json.to_string()).unwrap();
@@ -447,8 +454,8 @@ mod tests {
         };
         let cache = dir.path().join("cache");
         let inputs = [corpus.display().to_string()];
-        let prepared = crate::prepare(&tokenizer, &inputs, &options, &cache, &crate::NoProgress)
-            .unwrap();
+        let prepared =
+            crate::prepare(&tokenizer, &inputs, &options, &cache, &crate::NoProgress).unwrap();
         assert_eq!(prepared.manifest.dtype, "u32");
         assert_eq!(prepared.manifest.vocab_size, 70001);
         let split = crate::SplitReader::open(&cache, &prepared.manifest, "train").unwrap();

@@ -211,7 +211,9 @@ mod tests {
         assert_eq!(index("cuda:3", "cuda").unwrap(), 3);
         // A libtorch other than the one built against is refused with the versions named.
         let msg = libtorch_mismatch("2.9.0+cu128", "2.11.0+cu130", "/venv/torch/lib").unwrap();
-        assert!(msg.contains("2.9.0+cu128") && msg.contains("2.11.0") && msg.contains("setup-libtorch"));
+        assert!(
+            msg.contains("2.9.0+cu128") && msg.contains("2.11.0") && msg.contains("setup-libtorch")
+        );
         assert_eq!(libtorch_mismatch("2.9.0+cu128", "2.9.1+cpu", "/x"), None);
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("torch/lib")).unwrap();

@@ -67,7 +67,10 @@ pub fn tokenizer_train(args: TokenizerTrainArgs) -> Result<()> {
     };
     options.validate().context("--vocab-size")?;
     if args.out.is_file() {
-        bail!("--out {} is a file; give a folder for the tokenizer", args.out.display());
+        bail!(
+            "--out {} is a file; give a folder for the tokenizer",
+            args.out.display()
+        );
     }
     let (files, special) = resolve_inputs_reporting(&args.corpus.input)?;
     warn_special(&special);

@@ -181,9 +181,8 @@ impl RobertaConfig {
     /// Roughly how many parameters the config describes (embeddings + layers + head).
     pub fn parameter_estimate(&self) -> f64 {
         let (h, i) = (self.hidden_size as f64, self.intermediate_size as f64);
-        let embeddings = (self.vocab_size + self.max_position_embeddings + self.type_vocab_size)
-            as f64
-            * h;
+        let embeddings =
+            (self.vocab_size + self.max_position_embeddings + self.type_vocab_size) as f64 * h;
         let layer = 4.0 * h * h + 2.0 * h * i;
         embeddings + self.num_hidden_layers as f64 * layer + h * h
     }
@@ -218,13 +217,19 @@ impl RobertaConfig {
             ("num_hidden_layers", self.num_hidden_layers, 1024),
             ("num_attention_heads", self.num_attention_heads, 1024),
             ("intermediate_size", self.intermediate_size, 1 << 18),
-            ("max_position_embeddings", self.max_position_embeddings, 1 << 20),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                1 << 20,
+            ),
             ("type_vocab_size", self.type_vocab_size, 1 << 16),
         ] {
             if value > limit {
                 return invalid(
                     key,
-                    format!("{value} is beyond any sane model (at most {limit}); check config.json"),
+                    format!(
+                        "{value} is beyond any sane model (at most {limit}); check config.json"
+                    ),
                 );
             }
         }

@@ -509,7 +509,11 @@ mod tests {
 }
 
 /// `table.key = value` pairs of a TOML value, with dotted keys.
-fn flatten(prefix: &str, value: &toml::Value, out: &mut std::collections::BTreeMap<String, String>) {
+fn flatten(
+    prefix: &str,
+    value: &toml::Value,
+    out: &mut std::collections::BTreeMap<String, String>,
+) {
     match value {
         toml::Value::Table(table) => {
             for (key, value) in table {

@@ -143,4 +143,3 @@ pub fn pseudo_perplexity(
     }
     (count > 0).then(|| (nll / count as f64).exp())
 }
-

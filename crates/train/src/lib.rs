@@ -23,8 +23,9 @@ use std::path::PathBuf;
 pub use config::TrainConfig;
 pub use eval::{EvalResult, EvalSettings, evaluate, pseudo_perplexity};
 pub use inference::{Loaded, check_tokenizer_fits, load_for_inference};
-pub use optim::{Decay, OptimizerConfig, ScheduleConfig, clip_grad_norm, clip_grad_norm_scaled,
-    no_decay_params};
+pub use optim::{
+    Decay, OptimizerConfig, ScheduleConfig, clip_grad_norm, clip_grad_norm_scaled, no_decay_params,
+};
 pub use precision::{LossScaler, Precision};
 pub use step::{StepStats, train_step};
 pub use trainer::{Observer, RunInfo, RunOutcome, Silent, Start, StepLog, train};
@@ -96,7 +97,9 @@ fn non_finite_message(
              then `masklm train --resume {} --from {} --set optimizer.lr=...`.",
             path.display(),
             run_dir.display(),
-            path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+            path.file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default()
         ),
         None => "No checkpoint known to train on was saved; lower optimizer.lr or raise \
                  warmup and start again."

@@ -82,7 +82,10 @@ impl OptimizerConfig {
                 .with_epsilon(self.eps as f32)
                 .with_weight_decay(weight_decay as f32)
         };
-        let no_decay = no_decay_params(model).into_iter().map(|(id, _)| id).collect();
+        let no_decay = no_decay_params(model)
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
         adamw(self.weight_decay).init().with_group(
             ParamGroup::from_ids(no_decay),
             adamw(0.0).build(),

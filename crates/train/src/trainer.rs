@@ -320,7 +320,11 @@ impl Logs {
     /// Opens the run's logs. A new run starts them afresh (a crashed run that never saved a
     /// checkpoint may have left some); a resumed run drops the records after `resumed_at`,
     /// which the resumed steps write again.
-    fn open(run_dir: &Path, tensorboard: bool, resumed_at: Option<usize>) -> Result<Self, TrainError> {
+    fn open(
+        run_dir: &Path,
+        tensorboard: bool,
+        resumed_at: Option<usize>,
+    ) -> Result<Self, TrainError> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| TrainError::Io { path, source }
@@ -607,7 +611,9 @@ impl<'a> Run<'a> {
 
     fn model(&self) -> &RobertaForMaskedLM {
         // Taken only inside `step`, which always puts it back.
-        self.model.as_ref().expect("the model is in place between steps")
+        self.model
+            .as_ref()
+            .expect("the model is in place between steps")
     }
 
     /// One optimizer step: its batches, learning rate and dropout seed, then [`train_step`].
@@ -622,11 +628,16 @@ impl<'a> Run<'a> {
             &config.masking,
             &self.ad_device,
         );
-        let lr = config.schedule.lr(config.optimizer.lr, step, self.total_steps);
+        let lr = config
+            .schedule
+            .lr(config.optimizer.lr, step, self.total_steps);
         masklm_model::seed_dropout(dropout_seed(config.seed, step));
         let precision = config.training.precision;
         let mut scaler = self.state.loss_scaler.unwrap_or_default();
-        let model = self.model.take().expect("the model is in place between steps");
+        let model = self
+            .model
+            .take()
+            .expect("the model is in place between steps");
         let (model, stats) = train_step(
             model,
             &mut self.optimizer,
@@ -641,7 +652,8 @@ impl<'a> Run<'a> {
             self.state.loss_scaler = Some(scaler);
         }
         self.state.step += 1;
-        self.state.samples_seen += (config.training.batch_size * config.training.grad_accum_steps) as u64;
+        self.state.samples_seen +=
+            (config.training.batch_size * config.training.grad_accum_steps) as u64;
         self.window.0 += batches.tokens;
         if stats.skipped {
             self.skipped_in_row += 1;
@@ -674,7 +686,12 @@ impl<'a> Run<'a> {
     }
 
     /// Reports the step to the observer and, every `log_steps`, to metrics.jsonl/TensorBoard.
-    fn log_step(&mut self, stats: &StepStats, lr: f64, observer: &dyn Observer) -> Result<(), TrainError> {
+    fn log_step(
+        &mut self,
+        stats: &StepStats,
+        lr: f64,
+        observer: &dyn Observer,
+    ) -> Result<(), TrainError> {
         let step = self.state.step;
         let (tokens, since) = self.window;
         let log = StepLog {
@@ -778,7 +795,11 @@ impl<'a> Run<'a> {
         if self.skipped_in_row == 0 {
             self.unproven = Some(path.clone());
         }
-        rotate(&self.dir, self.config.checkpoint.keep_last, self.known_good.as_deref())?;
+        rotate(
+            &self.dir,
+            self.config.checkpoint.keep_last,
+            self.known_good.as_deref(),
+        )?;
         observer.on_checkpoint(&path);
         self.window.1 = Instant::now();
         Ok(path)
