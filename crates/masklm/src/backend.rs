@@ -2,6 +2,12 @@
 //! `Device`. burn 0.22's tensors carry no backend type, so nothing below the CLI knows or cares
 //! which backend runs it.
 
+// Shared with build.rs (which records the version built against). A child module of this
+// file, so that tests/backends.rs, which includes this file by path, gets it too.
+#[path = "libtorch_version.rs"]
+#[cfg_attr(not(feature = "tch"), allow(dead_code))]
+mod libtorch_version;
+
 use anyhow::{Result, bail};
 use burn::tensor::Device;
 use clap::ValueEnum;
@@ -145,7 +151,7 @@ fn loaded_libtorch_dir() -> Option<std::path::PathBuf> {
 /// The message for a libtorch whose `major.minor` differs from the one masklm was built
 /// against, or `None` when they agree (or either is unknown).
 fn libtorch_mismatch(built: &str, loaded: &str, loaded_from: &str) -> Option<String> {
-    use crate::libtorch_version::major_minor;
+    use libtorch_version::major_minor;
     if built.is_empty() || loaded.is_empty() || major_minor(built) == major_minor(loaded) {
         return None;
     }
@@ -162,7 +168,7 @@ fn libtorch_mismatch(built: &str, loaded: &str, loaded_from: &str) -> Option<Str
 #[allow(deprecated)] // burn 0.22 marks burn-tch deprecated; it is still the libtorch backend.
 fn tch_device(spec: Option<&str>) -> Result<Device> {
     if let Some(dir) = loaded_libtorch_dir() {
-        let loaded = crate::libtorch_version::libtorch_version(&dir).unwrap_or_default();
+        let loaded = libtorch_version::libtorch_version(&dir).unwrap_or_default();
         let built = env!("MASKLM_LIBTORCH_VERSION");
         if let Some(message) = libtorch_mismatch(built, &loaded, &dir.display().to_string()) {
             bail!(message);
@@ -223,7 +229,7 @@ mod tests {
         )
         .unwrap();
         let found =
-            crate::libtorch_version::libtorch_version(&dir.path().join("torch/lib")).unwrap();
+            libtorch_version::libtorch_version(&dir.path().join("torch/lib")).unwrap();
         assert_eq!(found, "2.11.0+cu130");
         assert_eq!(index("cuda", "cuda").unwrap(), 0);
         assert!(index("cuda:x", "cuda").is_err());

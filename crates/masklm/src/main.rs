@@ -15,8 +15,6 @@ mod backend;
 mod data_cmd;
 mod eval_cmd;
 mod fill_mask;
-#[cfg_attr(not(feature = "tch"), allow(dead_code))]
-mod libtorch_version;
 mod progress;
 mod train_cmd;
 
