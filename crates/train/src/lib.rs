@@ -30,20 +30,19 @@ pub use precision::{LossScaler, Precision};
 pub use step::{StepStats, train_step};
 pub use trainer::{Observer, RunInfo, RunOutcome, Silent, Start, StepLog, train};
 
-thread_local! {
-    /// Set while this thread runs a probe whose panic is reported as an error instead.
-    static SILENCED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
+/// Probes in flight (see [`catch_backend_panic`]).
+static PROBING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// Installs, once per process, a panic hook that stays quiet on threads inside
-/// [`catch_backend_panic`] and defers to the previous hook everywhere else: swapping the
-/// process-wide hook per call would silence (or un-silence) other threads' panics meanwhile.
+/// Installs, once per process, a panic hook that stays quiet while a probe runs and defers to
+/// the previous hook otherwise. The quiet window covers every thread, because backends panic
+/// on threads of their own too (cubecl's device setup), but nothing swaps the process-wide hook
+/// per call, so concurrent probes cannot restore each other's hooks out of order.
 fn install_quiet_hook() {
     static INSTALL: std::sync::Once = std::sync::Once::new();
     INSTALL.call_once(|| {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            if !SILENCED.with(|s| s.get()) {
+            if PROBING.load(std::sync::atomic::Ordering::SeqCst) == 0 {
                 previous(info);
             }
         }));
@@ -55,10 +54,11 @@ fn install_quiet_hook() {
 /// device and precision probes use this to answer with advice instead. The default panic
 /// message is silenced meanwhile (the caller reports the error).
 pub fn catch_backend_panic<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    use std::sync::atomic::Ordering;
     install_quiet_hook();
-    SILENCED.with(|s| s.set(true));
+    PROBING.fetch_add(1, Ordering::SeqCst);
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-    SILENCED.with(|s| s.set(false));
+    PROBING.fetch_sub(1, Ordering::SeqCst);
     result.map_err(|panic| {
         let message = panic
             .downcast_ref::<String>()
