@@ -572,7 +572,7 @@ mod tests {
         assert!(made.is_ok_and(|s| s.success()), "mkfifo");
         let (files, special) = resolve_inputs_reporting(&[tree.display().to_string()]).unwrap();
         assert_eq!(files, [tree.join("sub/a.txt")]);
-        assert_eq!(special, [fifo.clone()]);
+        assert_eq!(special, std::slice::from_ref(&fifo));
         let msg = resolve_inputs(&[fifo.display().to_string()])
             .unwrap_err()
             .to_string();

@@ -228,8 +228,7 @@ mod tests {
             "from typing import Optional\n__version__ = '2.11.0+cu130'\ngit_version = 'abc'\n",
         )
         .unwrap();
-        let found =
-            libtorch_version::libtorch_version(&dir.path().join("torch/lib")).unwrap();
+        let found = libtorch_version::libtorch_version(&dir.path().join("torch/lib")).unwrap();
         assert_eq!(found, "2.11.0+cu130");
         assert_eq!(index("cuda", "cuda").unwrap(), 0);
         assert!(index("cuda:x", "cuda").is_err());

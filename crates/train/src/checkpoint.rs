@@ -345,10 +345,11 @@ pub fn resolve_checkpoint(path: &Path) -> PathBuf {
     {
         return dir.join(target.trim());
     }
-    if path.is_dir() && checkpoints_dir(path).join("latest").is_file() {
-        if let Some(latest) = latest_checkpoint(path) {
-            return latest;
-        }
+    if path.is_dir()
+        && checkpoints_dir(path).join("latest").is_file()
+        && let Some(latest) = latest_checkpoint(path)
+    {
+        return latest;
     }
     path.to_path_buf()
 }

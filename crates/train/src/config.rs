@@ -428,6 +428,29 @@ pub fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<(), T
     Ok(())
 }
 
+/// `table.key = value` pairs of a TOML value, with dotted keys.
+fn flatten(
+    prefix: &str,
+    value: &toml::Value,
+    out: &mut std::collections::BTreeMap<String, String>,
+) {
+    match value {
+        toml::Value::Table(table) => {
+            for (key, value) in table {
+                let key = if prefix.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{prefix}.{key}")
+                };
+                flatten(&key, value, out);
+            }
+        }
+        other => {
+            out.insert(prefix.to_string(), other.to_string());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -505,28 +528,5 @@ mod tests {
         );
         let msg = parse(BASE, &["nokey"]).unwrap_err().to_string();
         assert!(msg.contains("section.key=value"), "{msg}");
-    }
-}
-
-/// `table.key = value` pairs of a TOML value, with dotted keys.
-fn flatten(
-    prefix: &str,
-    value: &toml::Value,
-    out: &mut std::collections::BTreeMap<String, String>,
-) {
-    match value {
-        toml::Value::Table(table) => {
-            for (key, value) in table {
-                let key = if prefix.is_empty() {
-                    key.clone()
-                } else {
-                    format!("{prefix}.{key}")
-                };
-                flatten(&key, value, out);
-            }
-        }
-        other => {
-            out.insert(prefix.to_string(), other.to_string());
-        }
     }
 }

@@ -128,10 +128,11 @@ pub fn train(
         interrupted: false,
         losses: Vec::new(),
     };
-    if config.eval.on_start && run.state.step == 0 {
-        if let Some(result) = run.evaluate(observer)? {
-            outcome.record_eval(result);
-        }
+    if config.eval.on_start
+        && run.state.step == 0
+        && let Some(result) = run.evaluate(observer)?
+    {
+        outcome.record_eval(result);
     }
     while run.state.step < run.total_steps {
         let (stats, lr) = run.step();
@@ -186,7 +187,7 @@ fn resolve_cache(
         }
     };
     let existing = cache.join("manifest.json").is_file();
-    if !data.inputs.is_empty() && !(resuming && existing) {
+    if !data.inputs.is_empty() && (!resuming || !existing) {
         let validation = if !data.validation_inputs.is_empty() {
             Validation::Inputs(data.validation_inputs.clone())
         } else if data.validation_split > 0.0 {
@@ -705,7 +706,7 @@ impl<'a> Run<'a> {
         };
         observer.on_step(&log);
         let log_steps = self.config.logging.log_steps.max(1);
-        if !(step % log_steps == 0 || step == self.total_steps || stats.skipped) {
+        if !(step.is_multiple_of(log_steps) || step == self.total_steps || stats.skipped) {
             return Ok(());
         }
         let mut record = json!({"step": step, "loss": stats.loss, "lr": lr,
@@ -730,12 +731,12 @@ impl<'a> Run<'a> {
 
     fn eval_due(&self, last: bool) -> bool {
         let every = self.config.eval.eval_steps;
-        last || (every > 0 && self.state.step % every == 0)
+        last || (every > 0 && self.state.step.is_multiple_of(every))
     }
 
     fn save_due(&self) -> bool {
         let every = self.config.checkpoint.save_steps;
-        every > 0 && self.state.step % every == 0
+        every > 0 && self.state.step.is_multiple_of(every)
     }
 
     /// Evaluates on the validation split (if any) and logs the result.
