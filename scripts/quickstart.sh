@@ -13,7 +13,13 @@ if [[ ! -f runs/quickstart-tokenizer/tokenizer.json ]]; then
     --out runs/quickstart-tokenizer
 fi
 if [[ -f runs/quickstart/checkpoints/latest ]]; then
-  "$masklm" train --resume runs/quickstart
+  # Continue an interrupted run; a finished one (step == total_steps) is kept as it is.
+  state="runs/quickstart/checkpoints/$(cat runs/quickstart/checkpoints/latest)/state.json"
+  step=$(sed -nE 's/^ *"step": ([0-9]+).*/\1/p' "$state")
+  total=$(sed -nE 's/^ *"total_steps": ([0-9]+).*/\1/p' "$state")
+  if [[ "$step" != "$total" ]]; then
+    "$masklm" train --resume runs/quickstart
+  fi
 else
   "$masklm" train --config configs/quickstart.toml --out runs/quickstart
 fi
