@@ -5,8 +5,7 @@ use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use burn::tensor::activation::softmax;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::Device;
 use clap::Args;
 use masklm_data::{MlmTokenizer, load_tokenizer};
 use masklm_model::{RobertaConfig, RobertaForMaskedLM};
@@ -70,30 +69,15 @@ fn predict(
     targets: Option<&[u32]>,
     device: &Device,
 ) -> Result<Vec<Vec<Candidate>>> {
-    let seq = ids.len();
-    let input: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
-    let input = Tensor::<2, Int>::from_data(TensorData::new(input, [1, seq]), device);
-    let attention = Tensor::<2, Int>::ones([1, seq], device);
-    let positions: Vec<i64> = masks.iter().map(|&p| p as i64).collect();
-    let positions = Tensor::<1, Int>::from_data(TensorData::new(positions, [masks.len()]), device);
-    let probs = softmax(model.forward_at(input, attention, positions), 1);
-    let [_, vocab] = probs.dims();
-    let probs: Vec<f32> = probs
-        .into_data()
-        .try_to_vec()
-        .map_err(|e| anyhow::anyhow!("reading model output: {e:?}"))?;
-    if probs.iter().any(|p| !p.is_finite()) {
-        bail!(
-            "the model's scores are not finite (NaN/inf): its weights are broken, e.g. saved \
-             from a diverged run; use an earlier checkpoint"
-        );
-    }
-    Ok((0..masks.len())
-        .map(|m| {
-            let row = &probs[m * vocab..(m + 1) * vocab];
+    let rows = masklm_train::fill::mask_probabilities(model, &[ids], &[masks.to_vec()], 0, device)?
+        .pop()
+        .unwrap_or_default();
+    Ok(rows
+        .iter()
+        .map(|row| {
             let mut order: Vec<u32> = match targets {
                 Some(t) => t.to_vec(),
-                None => (0..vocab as u32).collect(),
+                None => (0..row.len() as u32).collect(),
             };
             order.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]));
             order

@@ -8,7 +8,9 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use masklm_train::{EvalResult, Observer, RunInfo, Start, StepLog, TrainConfig, train};
+use masklm_train::{
+    EvalResult, Observer, ProbeReport, RunInfo, Start, StepLog, TrainConfig, train,
+};
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
@@ -84,10 +86,20 @@ impl Observer for Bar {
         ));
     }
 
-    fn on_eval(&self, step: usize, r: &EvalResult) {
+    fn on_eval(&self, step: usize, set: &str, r: &EvalResult) {
         self.say(format!(
-            "step {step}: eval loss {:.4}  perplexity {:.2}  accuracy {:.3}  ({} masked tokens)",
+            "step {step}: {set} loss {:.4}  perplexity {:.2}  accuracy {:.3}  ({} masked tokens)",
             r.loss, r.perplexity, r.accuracy, r.tokens
+        ));
+    }
+
+    fn on_probes(&self, step: usize, report: &ProbeReport) {
+        self.say(format!(
+            "step {step}: probes MRR {:.3}  top-1 {:.2}  top-5 {:.2}  ({} probes)",
+            report.mrr,
+            report.top1,
+            report.top5,
+            report.probes.len()
         ));
     }
 
@@ -160,15 +172,29 @@ pub fn train_cmd(args: TrainArgs, device: &Device) -> Result<()> {
             outcome.checkpoint.display()
         );
     }
-    if let (Some(first), Some(last)) = (outcome.first_eval, outcome.final_eval) {
-        println!(
-            "validation perplexity {:.2} -> {:.2} ({:.1}x lower), accuracy {:.3} -> {:.3}",
-            first.perplexity,
-            last.perplexity,
-            first.perplexity / last.perplexity,
-            first.accuracy,
-            last.accuracy
-        );
+    if let Some(reason) = &outcome.stopped_early {
+        println!("{reason}");
+    }
+    if let (Some(first), Some(last)) = (&outcome.first_report, &outcome.final_report) {
+        for (name, before) in &first.sets {
+            let Some(after) = last.get(name) else {
+                continue;
+            };
+            println!(
+                "{name} perplexity {:.2} -> {:.2} ({:.2}x), accuracy {:.3} -> {:.3}",
+                before.perplexity,
+                after.perplexity,
+                before.perplexity / after.perplexity,
+                before.accuracy,
+                after.accuracy
+            );
+        }
+        if let (Some(before), Some(after)) = (&first.probes, &last.probes) {
+            println!(
+                "probes MRR {:.3} -> {:.3}, top-5 {:.2} -> {:.2}",
+                before.mrr, after.mrr, before.top5, after.top5
+            );
+        }
     }
     println!("metrics: {}", run_dir.join("metrics.jsonl").display());
     Ok(())

@@ -53,6 +53,16 @@ pub struct TrainState {
     /// change under a running experiment).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_hash: Option<String>,
+    /// The eval set `best_perplexity` refers to (`[eval] best`; absent: "validation").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best_set: Option<String>,
+    /// Evaluations in a row without an improvement larger than `eval.min_delta` (early
+    /// stopping's patience counter).
+    #[serde(default)]
+    pub evals_without_improvement: usize,
+    /// Tokens each `[data] sources` entry has fed so far (empty for single-source runs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub source_tokens: Vec<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

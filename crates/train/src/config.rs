@@ -112,6 +112,23 @@ fn ten() -> usize {
     10
 }
 
+/// One `[eval] sets` entry: a path/glob, or a list of them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Inputs {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Inputs {
+    pub fn to_vec(&self) -> Vec<String> {
+        match self {
+            Inputs::One(path) => vec![path.clone()],
+            Inputs::Many(paths) => paths.clone(),
+        }
+    }
+}
+
 /// `[eval]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -126,7 +143,30 @@ pub struct EvalSection {
     pub seed: u64,
     /// Also evaluate before the first step (the untrained baseline).
     pub on_start: bool,
+    /// More held-out sets, by name: `{ domain = "data/pubmed/held-out.txt", general = [...] }`.
+    /// Each is prepared into RUN_DIR/eval-cache/NAME with the run's tokenizer and sequence
+    /// length, and reported as `eval/NAME/perplexity` etc. at every evaluation.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub sets: std::collections::BTreeMap<String, Inputs>,
+    /// The set whose perplexity picks the `best` checkpoint and drives early stopping:
+    /// "validation" (the data's validation split, the default when it has one) or a name
+    /// from `sets` (the default is the first by name when there is no validation split).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub best: Option<String>,
+    /// Early stopping: end the run after this many evaluations in a row without an
+    /// improvement of the tracked set's loss by more than `min_delta` (0: never).
+    pub patience: usize,
+    /// The smallest decrease of the tracked eval loss (nats per masked token) that counts as
+    /// an improvement for `patience` (transformers' `early_stopping_threshold`).
+    pub min_delta: f64,
+    /// Knowledge probes: a tab-separated file of masked sentences and their expected
+    /// answers (see `masklm_train::probes`), ranked at every evaluation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probes: Option<PathBuf>,
 }
+
+/// The name of the data's own validation split among the eval sets.
+pub const VALIDATION: &str = "validation";
 
 impl Default for EvalSection {
     fn default() -> Self {
@@ -136,6 +176,11 @@ impl Default for EvalSection {
             max_batches: 0,
             seed: 1234,
             on_start: false,
+            sets: Default::default(),
+            best: None,
+            patience: 0,
+            min_delta: 0.0,
+            probes: None,
         }
     }
 }
@@ -340,6 +385,53 @@ impl TrainConfig {
                 "data.tokenizer",
                 "data.inputs needs a tokenizer folder to prepare the corpus".to_string(),
             );
+        }
+        for (name, inputs) in &self.eval.sets {
+            let valid_name = !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            if !valid_name || name == VALIDATION {
+                return bad(
+                    &format!("eval.sets.{name}"),
+                    format!(
+                        "a set name is letters, digits, '_' or '-' (it names a cache folder and \
+                         metric keys), and not \"{VALIDATION}\", which is the data's own split"
+                    ),
+                );
+            }
+            if inputs.to_vec().is_empty() {
+                return bad(
+                    &format!("eval.sets.{name}"),
+                    "give a file, folder or glob (or a list of them)".to_string(),
+                );
+            }
+        }
+        if let Some(best) = &self.eval.best
+            && best != VALIDATION
+            && !self.eval.sets.contains_key(best)
+        {
+            let names: Vec<&str> = std::iter::once(VALIDATION)
+                .chain(self.eval.sets.keys().map(String::as_str))
+                .collect();
+            return bad(
+                "eval.best",
+                format!(
+                    "{best:?} is not an eval set; use one of {}",
+                    names.join(", ")
+                ),
+            );
+        }
+        if !(self.eval.min_delta >= 0.0 && self.eval.min_delta.is_finite()) {
+            return bad(
+                "eval.min_delta",
+                format!("{} must be a finite number >= 0", self.eval.min_delta),
+            );
+        }
+        if let Some(path) = &self.eval.probes
+            && !path.is_file()
+        {
+            return bad("eval.probes", format!("{} is not a file", path.display()));
         }
         if let Some(path) = &self.model.init_from
             && !path.exists()

@@ -7,14 +7,18 @@
 //! - [`eval`]: held-out perplexity and masked-token accuracy;
 //! - [`checkpoint`]: atomic, checksummed, rotated checkpoints;
 //! - [`inference`]: loading any checkpoint or Hugging Face folder for fill-mask and eval;
+//! - [`fill`]: the vocabulary distribution at masked positions (fill-mask, probes);
+//! - [`probes`]: knowledge probes (cloze sentences ranked at every evaluation);
 //! - [`trainer`]: the step-based loop with exact resume, metrics.jsonl and TensorBoard.
 
 pub mod checkpoint;
 pub mod config;
 pub mod eval;
+pub mod fill;
 pub mod inference;
 pub mod optim;
 pub mod precision;
+pub mod probes;
 pub mod step;
 pub mod trainer;
 
@@ -27,8 +31,9 @@ pub use optim::{
     Decay, OptimizerConfig, ScheduleConfig, clip_grad_norm, clip_grad_norm_scaled, no_decay_params,
 };
 pub use precision::{LossScaler, Precision};
+pub use probes::{Probe, ProbeReport, ProbeResult, load_probes, run_probes};
 pub use step::{StepStats, train_step};
-pub use trainer::{Observer, RunInfo, RunOutcome, Silent, Start, StepLog, train};
+pub use trainer::{EvalReport, Observer, RunInfo, RunOutcome, Silent, Start, StepLog, train};
 
 /// Probes in flight (see [`catch_backend_panic`]).
 static PROBING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);

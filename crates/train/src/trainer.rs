@@ -31,7 +31,9 @@ use crate::checkpoint::{
     TrainState, has_checkpoints, is_checkpoint, load_model, load_optimizer_and_state, mark_best,
     resume_checkpoint, rotate, save_checkpoint, sha256_file,
 };
+use crate::config::VALIDATION;
 use crate::eval::{EvalResult, EvalSettings, evaluate};
+use crate::probes::{Probe, ProbeReport, load_probes, run_probes};
 use crate::{Precision, StepStats, TrainConfig, TrainError, train_step};
 
 /// How a run starts.
@@ -77,7 +79,9 @@ pub struct StepLog {
 pub trait Observer {
     fn on_start(&self, _info: &RunInfo) {}
     fn on_step(&self, _log: &StepLog) {}
-    fn on_eval(&self, _step: usize, _result: &EvalResult) {}
+    /// One eval set's result (`set` is "validation" or a name from `[eval] sets`).
+    fn on_eval(&self, _step: usize, _set: &str, _result: &EvalResult) {}
+    fn on_probes(&self, _step: usize, _report: &ProbeReport) {}
     fn on_checkpoint(&self, _path: &Path) {}
     /// Something the user should know that does not stop the run.
     fn on_notice(&self, _message: &str) {}
@@ -87,25 +91,54 @@ pub trait Observer {
 pub struct Silent;
 impl Observer for Silent {}
 
+/// Everything one evaluation measured.
+#[derive(Debug, Clone)]
+pub struct EvalReport {
+    pub step: usize,
+    /// Each eval set's result: "validation" first (when the data has a validation split),
+    /// then `[eval] sets` by name.
+    pub sets: Vec<(String, EvalResult)>,
+    /// The set that picks `best` and drives early stopping.
+    pub tracked: String,
+    pub probes: Option<ProbeReport>,
+}
+
+impl EvalReport {
+    /// The result of set `name`.
+    pub fn get(&self, name: &str) -> Option<&EvalResult> {
+        self.sets.iter().find(|(n, _)| n == name).map(|(_, r)| r)
+    }
+}
+
 /// How a run ended.
 #[derive(Debug, Clone)]
 pub struct RunOutcome {
     pub last_step: usize,
     /// The checkpoint written last (every run that returns Ok writes one).
     pub checkpoint: PathBuf,
+    /// The tracked set's result at the last and the first evaluation of this run.
     pub final_eval: Option<EvalResult>,
-    /// The first evaluation of this run (for before/after comparisons).
     pub first_eval: Option<EvalResult>,
+    /// All results of the last and the first evaluation (for before/after comparisons).
+    pub final_report: Option<EvalReport>,
+    pub first_report: Option<EvalReport>,
     /// Stopped early by the stop flag (Ctrl-C).
     pub interrupted: bool,
+    /// Stopped by early stopping (`[eval] patience`): why.
+    pub stopped_early: Option<String>,
     /// Training losses of the steps run by this invocation, in order (skipped steps too).
     pub losses: Vec<f64>,
 }
 
 impl RunOutcome {
-    fn record_eval(&mut self, result: EvalResult) {
-        self.first_eval.get_or_insert(result);
-        self.final_eval = Some(result);
+    fn record_eval(&mut self, report: EvalReport) {
+        let tracked = report.get(&report.tracked).copied();
+        if self.first_report.is_none() {
+            self.first_eval = tracked;
+            self.first_report = Some(report.clone());
+        }
+        self.final_eval = tracked;
+        self.final_report = Some(report);
     }
 }
 
@@ -125,14 +158,17 @@ pub fn train(
         checkpoint: PathBuf::new(),
         final_eval: None,
         first_eval: None,
+        final_report: None,
+        first_report: None,
         interrupted: false,
+        stopped_early: None,
         losses: Vec::new(),
     };
     if config.eval.on_start
         && run.state.step == 0
-        && let Some(result) = run.evaluate(observer)?
+        && let Some(report) = run.evaluate(observer)?
     {
-        outcome.record_eval(result);
+        outcome.record_eval(report);
     }
     while run.state.step < run.total_steps {
         let (stats, lr) = run.step();
@@ -142,16 +178,22 @@ pub fn train(
         let last = run.state.step == run.total_steps;
         let stopping = stop.load(Ordering::SeqCst);
         let mut improved = false;
+        let mut early_stop = None;
         if run.eval_due(last)
-            && let Some(result) = run.evaluate(observer)?
+            && let Some(report) = run.evaluate(observer)?
         {
-            improved = run.track_best(&result);
-            outcome.record_eval(result);
+            improved = run.track_best(&report);
+            early_stop = run.patience_exhausted();
+            outcome.record_eval(report);
         }
-        if last || stopping || run.save_due() {
+        if last || stopping || early_stop.is_some() || run.save_due() {
             outcome.checkpoint = run.save(improved, observer)?;
         }
         outcome.last_step = run.state.step;
+        if let Some(reason) = early_stop.filter(|_| !last) {
+            outcome.stopped_early = Some(reason);
+            break;
+        }
         if stopping && !last {
             outcome.interrupted = true;
             break;
@@ -376,7 +418,7 @@ impl Logs {
     fn write(
         &mut self,
         record: serde_json::Value,
-        scalars: &[(&str, f64)],
+        scalars: &[(impl AsRef<str>, f64)],
         step: usize,
     ) -> Result<(), TrainError> {
         writeln!(self.metrics, "{record}").map_err(|source| TrainError::Io {
@@ -385,7 +427,7 @@ impl Logs {
         })?;
         if let Some(tb) = self.tensorboard.as_mut() {
             for (tag, value) in scalars {
-                tb.add_scalar(tag, *value as f32, step);
+                tb.add_scalar(tag.as_ref(), *value as f32, step);
             }
             tb.flush();
         }
@@ -402,7 +444,11 @@ struct Run<'a> {
     tokenizer_dir: PathBuf,
     vocab: MaskVocab,
     train_split: SplitReader,
-    validation: SplitReader,
+    /// The held-out sets: "validation" (when the data has one), then `[eval] sets`.
+    eval_sets: Vec<(String, SplitReader)>,
+    /// The eval set that picks `best` and drives early stopping.
+    tracked: String,
+    probes: Option<(Vec<Probe>, MlmTokenizer)>,
     sampler: StepSampler,
     model_config: RobertaConfig,
     /// `None` only while a step has taken it.
@@ -476,6 +522,8 @@ impl<'a> Run<'a> {
                 reason: format!("{} has no training examples", cache.display()),
             });
         }
+        let (eval_sets, tracked) =
+            open_eval_sets(config, &tokenizer, &manifest, validation, run_dir)?;
 
         let precision = config.training.precision;
         precision
@@ -511,6 +559,9 @@ impl<'a> Run<'a> {
                     loss_scaler: None,
                     tokenizer_hash: None,
                     cache_hash: None,
+                    best_set: None,
+                    evals_without_improvement: 0,
+                    source_tokens: Vec::new(),
                 };
                 (model_config, model, optimizer, state)
             }
@@ -518,6 +569,31 @@ impl<'a> Run<'a> {
         let mut state = state;
         state.tokenizer_hash = Some(tokenizer.hash.clone());
         state.cache_hash = Some(cache_hash);
+        if state.best_set.as_deref().unwrap_or(VALIDATION) != tracked {
+            // `best` now follows another set: its old best perplexity means nothing here.
+            if state.best_perplexity.is_some() {
+                observer.on_notice(&format!(
+                    "`best` now follows eval set {tracked:?} (was {:?}); its record starts afresh",
+                    state.best_set.as_deref().unwrap_or(VALIDATION)
+                ));
+            }
+            state.best_perplexity = None;
+            state.best_step = None;
+            state.evals_without_improvement = 0;
+        }
+        state.best_set = Some(tracked.clone());
+        let patience = config.eval.patience;
+        if patience > 0 && state.evals_without_improvement >= patience {
+            return Err(TrainError::Resume(format!(
+                "{} stopped early at step {}: {} evaluations without improvement on {tracked:?} \
+                 (eval.patience = {patience}); to train on, resume with --set eval.patience=N \
+                 (N > {}) or 0",
+                run_dir.display(),
+                state.step,
+                state.evals_without_improvement,
+                state.evals_without_improvement
+            )));
+        }
         if manifest.vocab_size > model_config.vocab_size {
             return Err(TrainError::Config {
                 key: "data.cache".to_string(),
@@ -570,11 +646,21 @@ impl<'a> Run<'a> {
             },
             max_batches: config.eval.max_batches,
         };
+        let probes = match &config.eval.probes {
+            Some(path) => Some((
+                load_probes(path, &tokenizer, model_config.max_sequence_length())?,
+                tokenizer.clone(),
+            )),
+            None => None,
+        };
         observer.on_start(&RunInfo {
             start_step: state.step,
             total_steps,
             train_examples: train_split.len(),
-            validation_examples: validation.len(),
+            validation_examples: eval_sets
+                .iter()
+                .find(|(name, _)| name == VALIDATION)
+                .map_or(0, |(_, split)| split.len()),
             parameters: model.num_params(),
             cache: cache.clone(),
             cache_reused,
@@ -594,7 +680,9 @@ impl<'a> Run<'a> {
             vocab,
             sampler: StepSampler::new(train_split.len(), batch_size, accum, config.seed),
             train_split,
-            validation,
+            eval_sets,
+            tracked,
+            probes,
             model_config,
             model: Some(model),
             optimizer,
@@ -739,45 +827,123 @@ impl<'a> Run<'a> {
         every > 0 && self.state.step.is_multiple_of(every)
     }
 
-    /// Evaluates on the validation split (if any) and logs the result.
-    fn evaluate(&mut self, observer: &dyn Observer) -> Result<Option<EvalResult>, TrainError> {
-        if self.validation.is_empty() {
+    /// Evaluates every eval set and the probes, and logs them as one metrics record.
+    fn evaluate(&mut self, observer: &dyn Observer) -> Result<Option<EvalReport>, TrainError> {
+        if self.eval_sets.is_empty() && self.probes.is_none() {
             return Ok(None);
         }
         let model = self.model().valid();
-        let result = evaluate(
-            &model,
-            &self.validation,
-            &self.vocab,
-            &self.eval_settings,
-            &self.device,
-        );
         let step = self.state.step;
-        observer.on_eval(step, &result);
-        self.logs.write(
-            json!({"step": step, "eval_loss": result.loss, "eval_perplexity": result.perplexity,
-                   "eval_accuracy": result.accuracy, "eval_tokens": result.tokens}),
-            &[
-                ("eval/loss", result.loss),
-                ("eval/perplexity", result.perplexity),
-                ("eval/accuracy", result.accuracy),
-            ],
-            step,
-        )?;
+        let mut record = serde_json::Map::new();
+        record.insert("step".to_string(), json!(step));
+        let mut scalars: Vec<(String, f64)> = Vec::new();
+        let mut sets = Vec::with_capacity(self.eval_sets.len());
+        for (name, split) in &self.eval_sets {
+            let result = evaluate(
+                &model,
+                split,
+                &self.vocab,
+                &self.eval_settings,
+                &self.device,
+            );
+            observer.on_eval(step, name, &result);
+            // The validation split keeps transformers' Trainer names (eval_loss, ...).
+            let (key, tag) = if name == VALIDATION {
+                ("eval_".to_string(), "eval/".to_string())
+            } else {
+                (format!("eval/{name}/"), format!("eval/{name}/"))
+            };
+            for (metric, value) in [
+                ("loss", result.loss),
+                ("perplexity", result.perplexity),
+                ("accuracy", result.accuracy),
+            ] {
+                record.insert(format!("{key}{metric}"), json!(value));
+                scalars.push((format!("{tag}{metric}"), value));
+            }
+            record.insert(format!("{key}tokens"), json!(result.tokens));
+            sets.push((name.clone(), result));
+        }
+        let probes = match &self.probes {
+            Some((probes, tokenizer)) => {
+                let report = run_probes(&model, probes, tokenizer, &self.device)?;
+                observer.on_probes(step, &report);
+                for (metric, value) in [
+                    ("mrr", report.mrr),
+                    ("top1", report.top1),
+                    ("top5", report.top5),
+                ] {
+                    record.insert(format!("probes/{metric}"), json!(value));
+                    scalars.push((format!("probes/{metric}"), value));
+                }
+                for p in &report.probes {
+                    scalars.push((format!("probe/line{}/rank", p.line), p.rank as f64));
+                    scalars.push((format!("probe/line{}/probability", p.line), p.probability));
+                }
+                record.insert("probes".to_string(), json!(report.probes));
+                Some(report)
+            }
+            None => None,
+        };
+        self.logs
+            .write(serde_json::Value::Object(record), &scalars, step)?;
         self.window.1 = Instant::now();
-        Ok(Some(result))
+        Ok(Some(EvalReport {
+            step,
+            sets,
+            tracked: self.tracked.clone(),
+            probes,
+        }))
     }
 
-    /// Whether `result` is the best validation perplexity so far (a NaN never is, and any
-    /// finite one beats a NaN left by an older masklm).
-    fn track_best(&mut self, result: &EvalResult) -> bool {
+    /// Whether the tracked set's perplexity is the best so far (a NaN never is, and any
+    /// finite one beats a NaN left by an older masklm); counts early stopping's patience as
+    /// transformers' `EarlyStoppingCallback` does: an improvement of at most `min_delta` (in
+    /// loss) still moves `best` but does not reset the count.
+    fn track_best(&mut self, report: &EvalReport) -> bool {
+        let Some(result) = report.get(&self.tracked) else {
+            return false;
+        };
         let p = result.perplexity;
         let better = improves(self.state.best_perplexity, p);
+        let enough = better
+            && self
+                .state
+                .best_perplexity
+                .is_none_or(|b| !b.is_finite() || b.ln() - p.ln() > self.config.eval.min_delta);
+        if enough {
+            self.state.evals_without_improvement = 0;
+        } else {
+            self.state.evals_without_improvement += 1;
+        }
         if better {
             self.state.best_perplexity = Some(p);
             self.state.best_step = Some(self.state.step);
         }
         better
+    }
+
+    /// Why the run should stop now, when `[eval] patience` evaluations in a row brought no
+    /// improvement.
+    fn patience_exhausted(&self) -> Option<String> {
+        let patience = self.config.eval.patience;
+        (patience > 0 && self.state.evals_without_improvement >= patience).then(|| {
+            format!(
+                "early stopping at step {}: {} evaluations without an improvement of eval set \
+                 {:?} by more than {} in loss (eval.patience = {patience}); best perplexity {} \
+                 at step {}",
+                self.state.step,
+                self.state.evals_without_improvement,
+                self.tracked,
+                self.config.eval.min_delta,
+                self.state
+                    .best_perplexity
+                    .map_or("none".to_string(), |p| format!("{p:.3}")),
+                self.state
+                    .best_step
+                    .map_or("none".to_string(), |s| s.to_string()),
+            )
+        })
     }
 
     /// Writes a checkpoint (marking it best if `improved`) and rotates old ones.
@@ -811,6 +977,62 @@ impl<'a> Run<'a> {
 /// best for ever, since nothing compares below it), and any finite value beats a NaN best.
 fn improves(best: Option<f64>, p: f64) -> bool {
     p.is_finite() && best.is_none_or(|b| !b.is_finite() || p < b)
+}
+
+/// The held-out sets of a run: the data's validation split (when it has examples) and each
+/// `[eval] sets` entry, prepared into RUN_DIR/eval-cache/NAME (reused while its inputs and the
+/// tokenizer are unchanged) with the training cache's sequence length and packing; and the
+/// name of the set `best` follows.
+fn open_eval_sets(
+    config: &TrainConfig,
+    tokenizer: &MlmTokenizer,
+    manifest: &masklm_data::Manifest,
+    validation: SplitReader,
+    run_dir: &Path,
+) -> Result<(Vec<(String, SplitReader)>, String), TrainError> {
+    let mut sets = Vec::new();
+    if !validation.is_empty() {
+        sets.push((VALIDATION.to_string(), validation));
+    }
+    for (name, inputs) in &config.eval.sets {
+        let dir = run_dir.join("eval-cache").join(name);
+        let options = PrepareOptions {
+            max_seq_length: manifest.options.max_seq_length,
+            packing: manifest.options.packing,
+            validation: Validation::None,
+            corpus: config.data.corpus_options(),
+        };
+        let prepared =
+            prepare(tokenizer, &inputs.to_vec(), &options, &dir, &NoProgress).map_err(|e| {
+                TrainError::Config {
+                    key: format!("eval.sets.{name}"),
+                    reason: e.to_string(),
+                }
+            })?;
+        let split = SplitReader::open(&dir, &prepared.manifest, "train")?;
+        if split.is_empty() {
+            return Err(TrainError::Config {
+                key: format!("eval.sets.{name}"),
+                reason: "its inputs hold no text".to_string(),
+            });
+        }
+        sets.push((name.clone(), split));
+    }
+    let tracked = match &config.eval.best {
+        Some(name) if name == VALIDATION && sets.first().is_none_or(|(n, _)| n != VALIDATION) => {
+            return Err(TrainError::Config {
+                key: "eval.best".to_string(),
+                reason: "the data has no validation split to follow; set data.validation_split \
+                         or data.validation_inputs, or name one of [eval] sets"
+                    .to_string(),
+            });
+        }
+        Some(name) => name.clone(),
+        None => sets
+            .first()
+            .map_or(VALIDATION.to_string(), |(name, _)| name.clone()),
+    };
+    Ok((sets, tracked))
 }
 
 /// Refuses a resume whose settings would change what the steps see (see
