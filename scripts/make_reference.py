@@ -437,6 +437,51 @@ def make_pseudo_perplexity_reference() -> None:
     )
     print(f"{name}: pseudo-perplexity {pppl:.4f} over {count} tokens")
 
+PROBES = [
+    ("Catalysis of the reaction: ATP + H2O = ADP + <mask>.", ["phosphate"]),
+    ("The <mask> of a protein into the nucleus.", ["transport", "binding"]),
+    ("Any process that activates the <mask> of a gene.", ["activity", "process"]),
+    ("A <mask> that spans the lipid bilayer.", ["protein"]),
+    ("The chemical reactions involving <mask>, a nucleic acid.", ["DNA"]),
+]
+
+
+def make_probes_reference() -> None:
+    """Knowledge probes on roberta-tiny: writes probes.tsv and, from transformers' logits, each
+    probe's best accepted answer (the answer ids are the `Ġword` vocabulary entries, looked up
+    directly), its 1-based rank over the vocabulary, its probability, and the MRR."""
+    from transformers import AutoTokenizer
+
+    name = "roberta-tiny"
+    tokenizer = AutoTokenizer.from_pretrained(FIXTURES / name)
+    model = RobertaForMaskedLM.from_pretrained(FIXTURES / name).eval()
+    vocab = tokenizer.get_vocab()
+    lines, results = ["# sentence<TAB>accepted answers (made by scripts/make_reference.py)"], []
+    with torch.no_grad():
+        for number, (sentence, answers) in enumerate(PROBES, start=2):
+            lines.append("\t".join([sentence, *answers]))
+            ids = tokenizer(sentence, return_tensors="pt")["input_ids"]
+            at = (ids[0] == tokenizer.mask_token_id).nonzero()[0, 0]
+            probs = torch.softmax(model(input_ids=ids).logits[0, at], -1)
+            best = None
+            for answer in answers:
+                token = vocab.get("\u0120" + answer)
+                if token is None:
+                    continue  # not one token: masklm must refuse such a file (see the test)
+                p = probs[token]
+                rank = 1 + int((probs > p).sum())
+                if best is None or rank < best["rank"]:
+                    best = {"line": number, "answer": answer, "rank": rank, "probability": float(p)}
+            results.append(best)
+    (FIXTURES / name / "probes.tsv").write_text("\n".join(lines) + "\n")
+    usable = [r for r in results if r is not None]
+    mrr = sum(1 / r["rank"] for r in usable) / len(usable)
+    (FIXTURES / name / "probes_reference.json").write_text(
+        json.dumps({"probes": results, "mrr": mrr}, indent=1) + "\n"
+    )
+    print(f"{name}: {len(PROBES)} probes, MRR {mrr:.4f}")
+
+
 
 def main() -> None:
     torch.use_deterministic_algorithms(True)
@@ -452,6 +497,7 @@ def main() -> None:
     make_fill_mask_reference("roberta-tiny")
     make_fill_mask_reference("bert-tiny")
     make_pseudo_perplexity_reference()
+    make_probes_reference()
     versions = {
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,

@@ -65,13 +65,15 @@ fn probe_error(path: &Path, line: usize, reason: String) -> TrainError {
     }
 }
 
-/// Reads and tokenizes a probe file; every answer must be one token in its sentence (see
-/// [`token_in_context`]), since a rank is only defined for a single prediction.
+/// Reads and tokenizes a probe file. A rank is only defined for a single prediction, so only
+/// answers that are one token in their sentence count (see [`token_in_context`]); the others
+/// are named in the returned notices, and a probe with none is an error.
 pub fn load_probes(
     path: &Path,
     tokenizer: &MlmTokenizer,
     max_len: usize,
-) -> Result<Vec<Probe>, TrainError> {
+) -> Result<(Vec<Probe>, Vec<String>), TrainError> {
+    let mut notices = Vec::new();
     let text = std::fs::read_to_string(path).map_err(|source| TrainError::Io {
         path: PathBuf::from(path),
         source,
@@ -117,24 +119,37 @@ pub fn load_probes(
             ));
         }
         let mut resolved = Vec::new();
+        let mut split = Vec::new();
         for answer in answers {
-            let Some(id) = token_in_context(tokenizer, &sentence, answer)? else {
-                let pieces = tokenizer
-                    .tokenizer
-                    .encode(format!(" {answer}"), false)
-                    .map(|e| e.get_tokens().join(" "))
-                    .unwrap_or_default();
-                return Err(probe_error(
-                    path,
-                    line,
-                    format!(
-                        "answer {answer:?} is not one token of this tokenizer here (it splits \
-                         into: {pieces}); a probe answer must be a single token: choose another \
-                         or add the word with `masklm vocab extend`"
-                    ),
-                ));
-            };
-            resolved.push((answer.to_string(), id));
+            match token_in_context(tokenizer, &sentence, answer)? {
+                Some(id) => resolved.push((answer.to_string(), id)),
+                None => {
+                    let pieces = tokenizer
+                        .tokenizer
+                        .encode(format!(" {answer}"), false)
+                        .map(|e| e.get_tokens().join(" "))
+                        .unwrap_or_default();
+                    split.push(format!("{answer:?} (splits into: {pieces})"));
+                }
+            }
+        }
+        if resolved.is_empty() {
+            return Err(probe_error(
+                path,
+                line,
+                format!(
+                    "no answer is one token of this tokenizer here: {}; a probe answer must be a \
+                     single token: choose another, or add the word with `masklm vocab extend`",
+                    split.join(", ")
+                ),
+            ));
+        }
+        if !split.is_empty() {
+            notices.push(format!(
+                "{}:{line}: ignoring answers that are not one token: {}",
+                path.display(),
+                split.join(", ")
+            ));
         }
         probes.push(Probe {
             line,
@@ -150,7 +165,7 @@ pub fn load_probes(
             reason: format!("{} holds no probe", path.display()),
         });
     }
-    Ok(probes)
+    Ok((probes, notices))
 }
 
 /// Ranks each probe's answers under `model`, 32 probes per forward pass.

@@ -647,10 +647,14 @@ impl<'a> Run<'a> {
             max_batches: config.eval.max_batches,
         };
         let probes = match &config.eval.probes {
-            Some(path) => Some((
-                load_probes(path, &tokenizer, model_config.max_sequence_length())?,
-                tokenizer.clone(),
-            )),
+            Some(path) => {
+                let (probes, notices) =
+                    load_probes(path, &tokenizer, model_config.max_sequence_length())?;
+                for notice in notices {
+                    observer.on_notice(&notice);
+                }
+                Some((probes, tokenizer.clone()))
+            }
             None => None,
         };
         observer.on_start(&RunInfo {

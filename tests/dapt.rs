@@ -1,0 +1,202 @@
+//! Domain adaptation features of the trainer: several held-out sets, early stopping,
+//! knowledge probes (against transformers' numbers), and mixing several sources by weight.
+//! Uses the `tokenizer-go` / `roberta-tiny` fixtures of scripts/make_reference.py.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use burn::tensor::Device;
+use masklm_train::{RunOutcome, Silent, Start, TrainConfig, TrainError, train};
+use serde_json::Value;
+
+fn run_on_cpu(config: &TrainConfig, run: &Path, start: Start) -> Result<RunOutcome, TrainError> {
+    train(
+        config,
+        run,
+        start,
+        &Device::flex(),
+        &Silent,
+        &AtomicBool::new(false),
+    )
+}
+
+fn records(run: &Path) -> Vec<Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Splits the fixture corpus into two held-out files (lines 0..150 and 150..300) under `dir`.
+fn held_out_files(dir: &Path) -> (PathBuf, PathBuf) {
+    let corpus = std::fs::read_to_string(common::fixture("tokenizer-corpus.txt")).unwrap();
+    let lines: Vec<&str> = corpus.lines().collect();
+    let (a, b) = (dir.join("domain.txt"), dir.join("general.txt"));
+    std::fs::write(&a, lines[..150].join("\n")).unwrap();
+    std::fs::write(&b, lines[150..300].join("\n")).unwrap();
+    (a, b)
+}
+
+fn state_of(checkpoint: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(checkpoint.join("state.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn every_eval_set_is_reported_and_best_follows_the_named_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (domain, general) = held_out_files(dir.path());
+    let probes = common::fixture("roberta-tiny/probes.tsv");
+    let sets = [
+        format!("eval.sets.domain={:?}", domain.display().to_string()),
+        format!("eval.sets.general=[{:?}]", general.display().to_string()),
+        "eval.best=\"domain\"".to_string(),
+        format!("eval.probes={:?}", probes.display().to_string()),
+        "training.max_steps=30".to_string(),
+    ];
+    let config = TrainConfig::load(&common::write_tiny_config(dir.path(), ""), &sets).unwrap();
+    let run = dir.path().join("run");
+    let outcome = run_on_cpu(&config, &run, Start::New).unwrap();
+
+    let evals: Vec<Value> = records(&run)
+        .into_iter()
+        .filter(|r| r.get("eval_loss").is_some())
+        .collect();
+    assert_eq!(evals.len(), 3);
+    for r in &evals {
+        for key in [
+            "eval_perplexity",
+            "eval_accuracy",
+            "eval/domain/loss",
+            "eval/domain/perplexity",
+            "eval/domain/accuracy",
+            "eval/domain/tokens",
+            "eval/general/perplexity",
+            "probes/mrr",
+            "probes/top5",
+        ] {
+            assert!(r.get(key).is_some(), "no {key} in {r}");
+        }
+        assert_eq!(r["probes"].as_array().unwrap().len(), 5);
+    }
+    // The two sets are different text, so their perplexities differ: `best` must hold the
+    // domain set's minimum, not the validation split's.
+    let domain_min = evals
+        .iter()
+        .map(|r| r["eval/domain/perplexity"].as_f64().unwrap())
+        .fold(f64::INFINITY, f64::min);
+    let state = state_of(&outcome.checkpoint);
+    assert_eq!(state["best_set"], "domain");
+    assert_eq!(state["best_perplexity"].as_f64().unwrap(), domain_min);
+    let report = outcome.final_report.unwrap();
+    let names: Vec<&str> = report.sets.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["validation", "domain", "general"]);
+    assert_eq!(
+        outcome.final_eval.unwrap().perplexity,
+        report.get("domain").unwrap().perplexity
+    );
+    // Each set was prepared into its own cache, with the run's tokenizer.
+    assert!(run.join("eval-cache/domain/manifest.json").is_file());
+    assert!(run.join("eval-cache/general/manifest.json").is_file());
+}
+
+#[test]
+fn patience_ends_the_run_with_a_checkpoint_and_a_resume_says_how_to_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = common::write_tiny_config(dir.path(), "");
+    // An improvement must be > 100 nats to count: the second evaluation cannot reset the count.
+    let sets = ["eval.patience=1", "eval.min_delta=100.0"].map(String::from);
+    let config = TrainConfig::load(&path, &sets).unwrap();
+    let run = dir.path().join("run");
+    let outcome = run_on_cpu(&config, &run, Start::New).unwrap();
+    let reason = outcome.stopped_early.expect("early stop");
+    assert!(
+        reason.contains("step 20") && reason.contains("patience"),
+        "{reason}"
+    );
+    assert_eq!(outcome.last_step, 20);
+    assert!(outcome.checkpoint.ends_with("step-0000020"));
+    masklm_train::checkpoint::verify_checkpoint(&outcome.checkpoint).unwrap();
+    // The loss still fell, so `best` moved on (min_delta only gates the patience count).
+    assert_eq!(state_of(&outcome.checkpoint)["best_step"], 20);
+
+    let resume = Start::Resume { from: None };
+    let err = run_on_cpu(&config, &run, resume.clone()).unwrap_err();
+    assert!(err.to_string().contains("eval.patience"), "{err}");
+    let on = TrainConfig::load(&path, &["eval.patience=0".to_string()]).unwrap();
+    let outcome = run_on_cpu(&on, &run, resume).unwrap();
+    assert_eq!(outcome.last_step, 50);
+    assert!(outcome.stopped_early.is_none());
+
+    // Without min_delta the loss keeps improving and the same patience never fires.
+    let config = TrainConfig::load(&path, &["eval.patience=1".to_string()]).unwrap();
+    let outcome = run_on_cpu(&config, &dir.path().join("run2"), Start::New).unwrap();
+    assert_eq!(outcome.last_step, 50);
+    assert!(outcome.stopped_early.is_none());
+}
+
+#[test]
+fn probe_ranks_and_mrr_match_transformers() {
+    let device = Device::flex();
+    let dir = common::fixture("roberta-tiny");
+    let (_, model, _) = masklm_hub::load_roberta(&dir, &device).unwrap();
+    let tokenizer = masklm_data::load_tokenizer(&dir).unwrap();
+    let (probes, notices) =
+        masklm_train::load_probes(&dir.join("probes.tsv"), &tokenizer, 64).unwrap();
+    // "transport" is two tokens in this vocabulary: ignored, with a notice naming it.
+    assert_eq!(notices.len(), 1);
+    assert!(notices[0].contains("transport") && notices[0].contains(":3:"));
+    let report = masklm_train::run_probes(&model, &probes, &tokenizer, &device).unwrap();
+
+    let text = std::fs::read_to_string(dir.join("probes_reference.json")).unwrap();
+    let reference: Value = serde_json::from_str(&text).unwrap();
+    let expected = reference["probes"].as_array().unwrap();
+    assert_eq!(report.probes.len(), expected.len());
+    for (ours, theirs) in report.probes.iter().zip(expected) {
+        assert_eq!(ours.line as u64, theirs["line"].as_u64().unwrap());
+        assert_eq!(ours.answer, theirs["answer"].as_str().unwrap());
+        assert_eq!(
+            ours.rank as u64,
+            theirs["rank"].as_u64().unwrap(),
+            "line {}",
+            ours.line
+        );
+        let p = theirs["probability"].as_f64().unwrap();
+        assert!(
+            (ours.probability - p).abs() < 1e-6,
+            "{} vs {p}",
+            ours.probability
+        );
+    }
+    let mrr = reference["mrr"].as_f64().unwrap();
+    assert!((report.mrr - mrr).abs() < 1e-9, "{} vs {mrr}", report.mrr);
+}
+
+#[test]
+fn bad_probe_files_name_the_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokenizer = masklm_data::load_tokenizer(&common::fixture("tokenizer-go")).unwrap();
+    for (content, expected) in [
+        (
+            "No mask here.\tcell\n",
+            ":1: a probe needs exactly one <mask> (found 0)",
+        ),
+        (
+            "# c\n\nThe <mask> and <mask>.\tcell\n",
+            ":3: a probe needs exactly one",
+        ),
+        ("The <mask> grows.\n", ":1: no answer"),
+        (
+            "The <mask> grows.\ttransport\n",
+            ":1: no answer is one token",
+        ),
+        ("# only comments\n", "holds no probe"),
+    ] {
+        let path = dir.path().join("probes.tsv");
+        std::fs::write(&path, content).unwrap();
+        let err = masklm_train::load_probes(&path, &tokenizer, 64).unwrap_err();
+        assert!(err.to_string().contains(expected), "{content:?}: {err}");
+    }
+}
