@@ -200,3 +200,121 @@ fn bad_probe_files_name_the_line() {
         assert!(err.to_string().contains(expected), "{content:?}: {err}");
     }
 }
+
+#[test]
+fn mixed_sources_feed_by_weight_and_resume_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = held_out_files(dir.path());
+    let corpus = common::fixture("tokenizer-corpus.txt");
+    let mut config = TrainConfig::load(
+        &common::write_tiny_config(dir.path(), ""),
+        &[
+            "training.max_steps=30".to_string(),
+            "checkpoint.save_steps=10".to_string(),
+            "checkpoint.keep_last=5".to_string(),
+            "eval.eval_steps=0".to_string(),
+            // Dropout draws from a process-wide stream that tests running beside this one
+            // share; without it a step is a pure function of (seed, step).
+            "model.hidden_dropout_prob=0.0".to_string(),
+            "model.attention_probs_dropout_prob=0.0".to_string(),
+        ],
+    )
+    .unwrap();
+    config.data.inputs.clear();
+    let source = |name: &str, path: &Path, weight: f64| masklm_train::config::SourceSection {
+        name: name.to_string(),
+        inputs: masklm_train::config::Inputs::One(path.display().to_string()),
+        weight,
+    };
+    config.data.sources = vec![
+        source("corpus", &corpus, 3.0),
+        source("small", &a, 1.0),
+        source("other", &b, 0.0001),
+    ];
+    config.validate().unwrap();
+    let run = dir.path().join("run");
+    run_on_cpu(&config, &run, Start::New).unwrap();
+    let metrics = records(&run);
+    let last = metrics
+        .iter()
+        .rfind(|r| r.get("tokens/corpus").is_some())
+        .unwrap();
+    let fed: Vec<f64> = ["corpus", "small", "other"]
+        .map(|n| last[format!("tokens/{n}")].as_f64().unwrap())
+        .to_vec();
+    let total: f64 = fed.iter().sum();
+    // 240 samples of ~64 tokens: 3:1 by weight, the third source (weight 1e-4) never.
+    assert!((fed[0] / total - 0.75).abs() < 0.05, "{fed:?}");
+    assert_eq!(fed[2], 0.0, "{fed:?}");
+    // Each source has its own cache under data.cache.
+    assert!(dir.path().join("cache/small/manifest.json").is_file());
+
+    // Resuming from step 10 replays steps 11..30 exactly: losses and fed tokens.
+    let copy = dir.path().join("copy");
+    std::fs::create_dir(&copy).unwrap();
+    for entry in ["checkpoints", "config.toml", "metrics.jsonl"] {
+        let status = std::process::Command::new("cp")
+            .args(["-r", &run.join(entry).display().to_string()])
+            .arg(&copy)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    let resume = Start::Resume {
+        from: Some("step-0000010".to_string()),
+    };
+    run_on_cpu(&config, &copy, resume).unwrap();
+    let again = records(&copy);
+    let pick = |records: &[Value]| -> Vec<(u64, f64, f64)> {
+        records
+            .iter()
+            .filter(|r| r.get("loss").is_some() && r["step"].as_u64().unwrap() > 10)
+            .map(|r| {
+                (
+                    r["step"].as_u64().unwrap(),
+                    r["loss"].as_f64().unwrap(),
+                    r["tokens/small"].as_f64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(pick(&metrics).len(), 20);
+    assert_eq!(pick(&metrics), pick(&again));
+}
+
+#[test]
+fn bad_sources_are_refused_by_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = common::write_tiny_config(dir.path(), "");
+    for (sets, expected) in [
+        (
+            vec!["data.sources=[{ name = \"a\", inputs = \"x\", weight = 1.0 }]"],
+            "give either data.inputs or data.sources",
+        ),
+        (
+            vec![
+                "data.inputs=[]",
+                "data.sources=[{ name = \"a\", inputs = \"x\", weight = 0.0 }]",
+            ],
+            "data.sources[0].weight",
+        ),
+        (
+            vec![
+                "data.inputs=[]",
+                "data.sources=[{ name = \"a\", inputs = \"x\", weight = 1.0 }, { name = \"a\", inputs = \"y\", weight = 1.0 }]",
+            ],
+            "\"a\" names two sources",
+        ),
+        (
+            vec![
+                "data.inputs=[]",
+                "data.sources=[{ name = \"a b\", inputs = \"x\", weight = 1.0 }]",
+            ],
+            "data.sources[0].name",
+        ),
+    ] {
+        let sets: Vec<String> = sets.into_iter().map(String::from).collect();
+        let err = TrainConfig::load(&path, &sets).unwrap_err();
+        assert!(err.to_string().contains(expected), "{sets:?}: {err}");
+    }
+}

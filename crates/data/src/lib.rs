@@ -30,7 +30,7 @@ pub use cache::{
 pub use corpus::{CorpusOptions, CorpusStats, Documents, resolve_inputs, resolve_inputs_reporting};
 pub use lock::{FolderLock, lock_file, lock_folder};
 pub use masking::{MaskVocab, MaskedExample, MaskingConfig, WordBoundary, mask_tokens};
-pub use sampler::{StepBatches, StepSampler};
+pub use sampler::{StepBatches, StepSampler, source_seed};
 pub use tokenizer::{MlmTokenizer, TrainOptions, load_tokenizer, train_tokenizer};
 
 /// The splitmix64 mixer: a well-spread 64-bit hash of `z`, for seeds and stable splits.

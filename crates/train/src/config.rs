@@ -59,6 +59,22 @@ pub struct DataSection {
     pub text_field: Option<String>,
     #[serde(default)]
     pub paragraphs: bool,
+    /// Several corpora mixed by weight, instead of `inputs`: each is prepared into
+    /// `CACHE/NAME` (CACHE: `cache`, or RUN_DIR/cache) with its own validation split.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<SourceSection>,
+}
+
+/// One `[data] sources` entry: `{ name = "pubmed", inputs = "data/pubmed", weight = 0.9 }`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSection {
+    /// Names its cache folder and its metrics (`tokens/NAME`).
+    pub name: String,
+    /// Files, folders or globs.
+    pub inputs: Inputs,
+    /// Its share of the training samples (weights are normalised to sum to 1).
+    pub weight: f64,
 }
 
 fn default_validation_split() -> f64 {
@@ -384,6 +400,64 @@ impl TrainConfig {
             return bad(
                 "data.tokenizer",
                 "data.inputs needs a tokenizer folder to prepare the corpus".to_string(),
+            );
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, source) in self.data.sources.iter().enumerate() {
+            let key = format!("data.sources[{i}]");
+            let valid_name = !source.name.is_empty()
+                && source
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            if !valid_name {
+                return bad(
+                    &format!("{key}.name"),
+                    format!(
+                        "{:?}: a source name is letters, digits, '_' or '-' (it names a cache \
+                         folder and metric keys)",
+                        source.name
+                    ),
+                );
+            }
+            if !names.insert(source.name.as_str()) {
+                return bad(
+                    &format!("{key}.name"),
+                    format!("{:?} names two sources", source.name),
+                );
+            }
+            if !(source.weight.is_finite() && source.weight > 0.0) {
+                return bad(
+                    &format!("{key}.weight"),
+                    format!("{} must be a positive number", source.weight),
+                );
+            }
+            if source.inputs.to_vec().is_empty() {
+                return bad(
+                    &format!("{key}.inputs"),
+                    "give a file, folder or glob (or a list of them)".to_string(),
+                );
+            }
+        }
+        if !self.data.sources.is_empty() && !self.data.inputs.is_empty() {
+            return bad(
+                "data.sources",
+                "give either data.inputs or data.sources (a source per corpus), not both"
+                    .to_string(),
+            );
+        }
+        if !self.data.sources.is_empty() && !self.data.validation_inputs.is_empty() {
+            return bad(
+                "data.validation_inputs",
+                "with data.sources each source holds out data.validation_split of its own \
+                 documents; give separate held-out files as [eval] sets instead"
+                    .to_string(),
+            );
+        }
+        if !self.data.sources.is_empty() && self.data.tokenizer.is_none() {
+            return bad(
+                "data.tokenizer",
+                "data.sources needs a tokenizer folder to prepare the corpora".to_string(),
             );
         }
         for (name, inputs) in &self.eval.sets {

@@ -40,6 +40,28 @@ pub fn evaluate(
     settings: &EvalSettings,
     device: &Device,
 ) -> EvalResult {
+    evaluate_splits(model, &[split], vocab, settings, device)
+}
+
+/// Evaluates `model` on the examples of `splits` one after the other, as one set (the
+/// validation splits of several `[data] sources`); masks are keyed by the running index.
+pub fn evaluate_splits(
+    model: &RobertaForMaskedLM,
+    splits: &[&SplitReader],
+    vocab: &MaskVocab,
+    settings: &EvalSettings,
+    device: &Device,
+) -> EvalResult {
+    let total: usize = splits.iter().map(|s| s.len()).sum();
+    let get = |mut i: usize| {
+        for split in splits {
+            if i < split.len() {
+                return split.get(i);
+            }
+            i -= split.len();
+        }
+        None
+    };
     let batch_size = settings.batch_size.max(1);
     let max_batches = settings.max_batches;
     let batcher = MlmBatcher {
@@ -51,16 +73,16 @@ pub fn evaluate(
     let mut nll = 0.0f64;
     let mut correct = 0u64;
     let mut tokens = 0u64;
-    let batches = split.len().div_ceil(batch_size);
+    let batches = total.div_ceil(batch_size);
     let batches = if max_batches > 0 {
         batches.min(max_batches)
     } else {
         batches
     };
     for b in 0..batches {
-        let samples: Vec<Sample> = (b * batch_size..((b + 1) * batch_size).min(split.len()))
+        let samples: Vec<Sample> = (b * batch_size..((b + 1) * batch_size).min(total))
             .filter_map(|i| {
-                split.get(i).map(|tokens| Sample {
+                get(i).map(|tokens| Sample {
                     index: i as u64,
                     tokens,
                 })

@@ -25,7 +25,7 @@ pub mod trainer;
 use std::path::PathBuf;
 
 pub use config::TrainConfig;
-pub use eval::{EvalResult, EvalSettings, evaluate, pseudo_perplexity};
+pub use eval::{EvalResult, EvalSettings, evaluate, evaluate_splits, pseudo_perplexity};
 pub use inference::{Loaded, check_tokenizer_fits, load_for_inference};
 pub use optim::{
     Decay, OptimizerConfig, ScheduleConfig, clip_grad_norm, clip_grad_norm_scaled, no_decay_params,

@@ -32,7 +32,7 @@ use crate::checkpoint::{
     resume_checkpoint, rotate, save_checkpoint, sha256_file,
 };
 use crate::config::VALIDATION;
-use crate::eval::{EvalResult, EvalSettings, evaluate};
+use crate::eval::{EvalResult, EvalSettings, evaluate_splits};
 use crate::probes::{Probe, ProbeReport, load_probes, run_probes};
 use crate::{Precision, StepStats, TrainConfig, TrainError, train_step};
 
@@ -207,46 +207,89 @@ fn dropout_seed(seed: u64, step: usize) -> u64 {
     masklm_data::splitmix64(seed ^ ((step as u64) << 16))
 }
 
-/// Resolves the token cache: prepares it from `data.inputs` (or reuses an up-to-date one) or
-/// opens `data.cache`, and checks it was made with this tokenizer. A resumed run never
-/// rebuilds an existing cache (its inputs may have changed since the run began: the recorded
-/// cache hash is checked instead).
-fn resolve_cache(
+/// One training corpus: `data.inputs` (named "train"), or a `[data] sources` entry.
+struct SourceCache {
+    name: String,
+    weight: f64,
+    dir: PathBuf,
+    reused: bool,
+}
+
+/// Resolves the token caches: `data.inputs` prepared into `data.cache` (or RUN_DIR/cache), or
+/// an already prepared `data.cache`, or each `[data] sources` entry prepared into
+/// CACHE/NAME. An up-to-date cache is reused; each is checked to be made with this tokenizer.
+/// A resumed run never rebuilds an existing cache (its inputs may have changed since the run
+/// began: the recorded cache hash is checked instead).
+fn resolve_caches(
     config: &TrainConfig,
     tokenizer: &MlmTokenizer,
     run_dir: &Path,
     resuming: bool,
-) -> Result<(PathBuf, bool), TrainError> {
+) -> Result<Vec<SourceCache>, TrainError> {
     let data = &config.data;
-    let cache = match (&data.cache, data.inputs.is_empty()) {
+    let root = match (
+        &data.cache,
+        data.inputs.is_empty() && data.sources.is_empty(),
+    ) {
         (Some(cache), _) => cache.clone(),
         (None, false) => run_dir.join("cache"),
         (None, true) => {
             return Err(TrainError::Config {
                 key: "data.cache".to_string(),
-                reason: "give a prepared cache or data.inputs".to_string(),
+                reason: "give a prepared cache, data.inputs or data.sources".to_string(),
             });
         }
     };
-    let existing = cache.join("manifest.json").is_file();
-    if !data.inputs.is_empty() && (!resuming || !existing) {
-        let validation = if !data.validation_inputs.is_empty() {
-            Validation::Inputs(data.validation_inputs.clone())
-        } else if data.validation_split > 0.0 {
-            Validation::Split(data.validation_split)
+    let validation = if !data.validation_inputs.is_empty() {
+        Validation::Inputs(data.validation_inputs.clone())
+    } else if data.validation_split > 0.0 {
+        Validation::Split(data.validation_split)
+    } else {
+        Validation::None
+    };
+    let options = PrepareOptions {
+        max_seq_length: data.max_seq_length,
+        packing: data.packing,
+        validation,
+        corpus: data.corpus_options(),
+    };
+    let corpora: Vec<(String, f64, Vec<String>, PathBuf)> = if data.sources.is_empty() {
+        vec![("train".to_string(), 1.0, data.inputs.clone(), root)]
+    } else {
+        data.sources
+            .iter()
+            .map(|s| {
+                (
+                    s.name.clone(),
+                    s.weight,
+                    s.inputs.to_vec(),
+                    root.join(&s.name),
+                )
+            })
+            .collect()
+    };
+    let mut caches = Vec::with_capacity(corpora.len());
+    for (name, weight, inputs, dir) in corpora {
+        let existing = dir.join("manifest.json").is_file();
+        let reused = if !inputs.is_empty() && (!resuming || !existing) {
+            prepare(tokenizer, &inputs, &options, &dir, &NoProgress)?.reused
         } else {
-            Validation::None
+            check_cache_tokenizer(&dir, tokenizer)?;
+            true
         };
-        let options = PrepareOptions {
-            max_seq_length: data.max_seq_length,
-            packing: data.packing,
-            validation,
-            corpus: data.corpus_options(),
-        };
-        let prepared = prepare(tokenizer, &data.inputs, &options, &cache, &NoProgress)?;
-        return Ok((cache, prepared.reused));
+        caches.push(SourceCache {
+            name,
+            weight,
+            dir,
+            reused,
+        });
     }
-    let manifest = read_manifest(&cache)?;
+    Ok(caches)
+}
+
+/// Checks that the cache at `cache` was prepared with `tokenizer`.
+fn check_cache_tokenizer(cache: &Path, tokenizer: &MlmTokenizer) -> Result<(), TrainError> {
+    let manifest = read_manifest(cache)?;
     if manifest.tokenizer_hash == tokenizer.hash && manifest.vocab_size != tokenizer.vocab_size() {
         return Err(TrainError::Config {
             key: "data.cache".to_string(),
@@ -269,7 +312,7 @@ fn resolve_cache(
             ),
         });
     }
-    Ok((cache, true))
+    Ok(())
 }
 
 /// The tokenizer folder of a new run: `data.tokenizer`, else the `init_from` folder when it
@@ -443,9 +486,11 @@ struct Run<'a> {
     ad_device: Device,
     tokenizer_dir: PathBuf,
     vocab: MaskVocab,
-    train_split: SplitReader,
+    /// One training split per source (`data.inputs` is the one source "train").
+    train_splits: Vec<SplitReader>,
+    source_names: Vec<String>,
     /// The held-out sets: "validation" (when the data has one), then `[eval] sets`.
-    eval_sets: Vec<(String, SplitReader)>,
+    eval_sets: Vec<(String, Vec<SplitReader>)>,
     /// The eval set that picks `best` and drives early stopping.
     tracked: String,
     probes: Option<(Vec<Probe>, MlmTokenizer)>,
@@ -510,20 +555,50 @@ impl<'a> Run<'a> {
         };
         let tokenizer = load_tokenizer(&tokenizer_dir)?;
         let vocab = tokenizer.mask_vocab()?;
-        let (cache, cache_reused) =
-            resolve_cache(config, &tokenizer, run_dir, resume_from.is_some())?;
-        let manifest = read_manifest(&cache)?;
-        let cache_hash = sha256_file(&cache.join("manifest.json"))?;
-        let train_split = SplitReader::open(&cache, &manifest, "train")?;
-        let validation = SplitReader::open(&cache, &manifest, "validation")?;
-        if train_split.is_empty() {
-            return Err(TrainError::Config {
-                key: "data".to_string(),
-                reason: format!("{} has no training examples", cache.display()),
-            });
+        let caches = resolve_caches(config, &tokenizer, run_dir, resume_from.is_some())?;
+        let mut manifests = Vec::with_capacity(caches.len());
+        let mut train_splits = Vec::with_capacity(caches.len());
+        let mut validations = Vec::with_capacity(caches.len());
+        let mut hashes = Vec::with_capacity(caches.len());
+        for source in &caches {
+            let manifest = read_manifest(&source.dir)?;
+            hashes.push(sha256_file(&source.dir.join("manifest.json"))?);
+            let train = SplitReader::open(&source.dir, &manifest, "train")?;
+            if train.is_empty() {
+                return Err(TrainError::Config {
+                    key: "data".to_string(),
+                    reason: format!("{} has no training examples", source.dir.display()),
+                });
+            }
+            train_splits.push(train);
+            validations.push(SplitReader::open(&source.dir, &manifest, "validation")?);
+            manifests.push(manifest);
         }
+        // One cache: its manifest's hash (as before sources existed); several: a hash of
+        // their names and hashes.
+        let cache_hash = match hashes.as_slice() {
+            [one] => one.clone(),
+            _ => {
+                use sha2::Digest;
+                let mut hasher = sha2::Sha256::new();
+                for (source, hash) in caches.iter().zip(&hashes) {
+                    hasher.update(format!("{} {hash}\n", source.name));
+                }
+                format!("{:x}", hasher.finalize())
+            }
+        };
         let (eval_sets, tracked) =
-            open_eval_sets(config, &tokenizer, &manifest, validation, run_dir)?;
+            open_eval_sets(config, &tokenizer, &manifests[0], validations, run_dir)?;
+        let cache = if caches.len() == 1 {
+            caches[0].dir.clone()
+        } else {
+            config
+                .data
+                .cache
+                .clone()
+                .unwrap_or_else(|| run_dir.join("cache"))
+        };
+        let cache_reused = caches.iter().all(|c| c.reused);
 
         let precision = config.training.precision;
         precision
@@ -594,26 +669,32 @@ impl<'a> Run<'a> {
                 state.evals_without_improvement
             )));
         }
-        if manifest.vocab_size > model_config.vocab_size {
-            return Err(TrainError::Config {
-                key: "data.cache".to_string(),
-                reason: format!(
-                    "{} holds ids up to {} but the model's vocab_size is {}",
-                    cache.display(),
-                    manifest.vocab_size - 1,
-                    model_config.vocab_size
-                ),
-            });
+        for (manifest, source) in manifests.iter().zip(&caches) {
+            if manifest.vocab_size > model_config.vocab_size {
+                return Err(TrainError::Config {
+                    key: "data.cache".to_string(),
+                    reason: format!(
+                        "{} holds ids up to {} but the model's vocab_size is {}",
+                        source.dir.display(),
+                        manifest.vocab_size - 1,
+                        model_config.vocab_size
+                    ),
+                });
+            }
+            if manifest.options.max_seq_length > model_config.max_sequence_length() {
+                return Err(TrainError::Config {
+                    key: "data.max_seq_length".to_string(),
+                    reason: format!(
+                        "{} tokens per example, but the model's position table allows {}",
+                        manifest.options.max_seq_length,
+                        model_config.max_sequence_length()
+                    ),
+                });
+            }
         }
-        if manifest.options.max_seq_length > model_config.max_sequence_length() {
-            return Err(TrainError::Config {
-                key: "data.max_seq_length".to_string(),
-                reason: format!(
-                    "{} tokens per example, but the model's position table allows {}",
-                    manifest.options.max_seq_length,
-                    model_config.max_sequence_length()
-                ),
-            });
+        let train_examples: usize = train_splits.iter().map(SplitReader::len).sum();
+        if caches.len() > 1 && state.source_tokens.len() != caches.len() {
+            state.source_tokens = vec![0; caches.len()];
         }
 
         let batch_size = config.training.batch_size;
@@ -621,7 +702,7 @@ impl<'a> Run<'a> {
         state.total_steps = match (config.training.max_steps, config.training.epochs) {
             (Some(steps), _) => steps,
             (None, Some(epochs)) => {
-                ((epochs * train_split.len() as f64) / (batch_size * accum) as f64).ceil() as usize
+                ((epochs * train_examples as f64) / (batch_size * accum) as f64).ceil() as usize
             }
             (None, None) => 1,
         }
@@ -660,11 +741,11 @@ impl<'a> Run<'a> {
         observer.on_start(&RunInfo {
             start_step: state.step,
             total_steps,
-            train_examples: train_split.len(),
+            train_examples,
             validation_examples: eval_sets
                 .iter()
                 .find(|(name, _)| name == VALIDATION)
-                .map_or(0, |(_, split)| split.len()),
+                .map_or(0, |(_, splits)| splits.iter().map(SplitReader::len).sum()),
             parameters: model.num_params(),
             cache: cache.clone(),
             cache_reused,
@@ -682,8 +763,15 @@ impl<'a> Run<'a> {
             ad_device,
             tokenizer_dir,
             vocab,
-            sampler: StepSampler::new(train_split.len(), batch_size, accum, config.seed),
-            train_split,
+            sampler: StepSampler::mixed(
+                train_splits.iter().map(SplitReader::len).collect(),
+                &caches.iter().map(|c| c.weight).collect::<Vec<_>>(),
+                batch_size,
+                accum,
+                config.seed,
+            ),
+            train_splits,
+            source_names: caches.iter().map(|c| c.name.clone()).collect(),
             eval_sets,
             tracked,
             probes,
@@ -716,7 +804,7 @@ impl<'a> Run<'a> {
         let step = self.state.step;
         let batches = self.sampler.step(
             step,
-            &self.train_split,
+            &self.train_splits.iter().collect::<Vec<_>>(),
             &self.vocab,
             &config.masking,
             &self.ad_device,
@@ -748,6 +836,16 @@ impl<'a> Run<'a> {
         self.state.samples_seen +=
             (config.training.batch_size * config.training.grad_accum_steps) as u64;
         self.window.0 += batches.tokens;
+        if self.train_splits.len() > 1 {
+            for (total, fed) in self
+                .state
+                .source_tokens
+                .iter_mut()
+                .zip(&batches.source_tokens)
+            {
+                *total += fed;
+            }
+        }
         if stats.skipped {
             self.skipped_in_row += 1;
         } else {
@@ -804,19 +902,23 @@ impl<'a> Run<'a> {
         let mut record = json!({"step": step, "loss": stats.loss, "lr": lr,
             "grad_norm": stats.grad_norm, "tokens_per_second": log.tokens_per_second,
             "skipped": stats.skipped});
-        if let (Some(scaler), Some(o)) = (self.state.loss_scaler, record.as_object_mut()) {
-            o.insert("loss_scale".to_string(), json!(scaler.scale));
+        let mut scalars = vec![
+            ("train/loss".to_string(), stats.loss),
+            ("train/lr".to_string(), lr),
+            ("train/grad_norm".to_string(), stats.grad_norm),
+            ("train/tokens_per_second".to_string(), log.tokens_per_second),
+        ];
+        if let Some(o) = record.as_object_mut() {
+            if let Some(scaler) = self.state.loss_scaler {
+                o.insert("loss_scale".to_string(), json!(scaler.scale));
+            }
+            // Mixed sources: the tokens each has fed so far.
+            for (name, tokens) in self.source_names.iter().zip(&self.state.source_tokens) {
+                o.insert(format!("tokens/{name}"), json!(tokens));
+                scalars.push((format!("data/tokens/{name}"), *tokens as f64));
+            }
         }
-        self.logs.write(
-            record,
-            &[
-                ("train/loss", stats.loss),
-                ("train/lr", lr),
-                ("train/grad_norm", stats.grad_norm),
-                ("train/tokens_per_second", log.tokens_per_second),
-            ],
-            step,
-        )?;
+        self.logs.write(record, &scalars, step)?;
         self.window = (0, Instant::now());
         Ok(())
     }
@@ -843,9 +945,10 @@ impl<'a> Run<'a> {
         let mut scalars: Vec<(String, f64)> = Vec::new();
         let mut sets = Vec::with_capacity(self.eval_sets.len());
         for (name, split) in &self.eval_sets {
-            let result = evaluate(
+            let splits: Vec<&SplitReader> = split.iter().collect();
+            let result = evaluate_splits(
                 &model,
-                split,
+                &splits,
                 &self.vocab,
                 &self.eval_settings,
                 &self.device,
@@ -991,12 +1094,12 @@ fn open_eval_sets(
     config: &TrainConfig,
     tokenizer: &MlmTokenizer,
     manifest: &masklm_data::Manifest,
-    validation: SplitReader,
+    validations: Vec<SplitReader>,
     run_dir: &Path,
-) -> Result<(Vec<(String, SplitReader)>, String), TrainError> {
+) -> Result<(Vec<(String, Vec<SplitReader>)>, String), TrainError> {
     let mut sets = Vec::new();
-    if !validation.is_empty() {
-        sets.push((VALIDATION.to_string(), validation));
+    if validations.iter().any(|v| !v.is_empty()) {
+        sets.push((VALIDATION.to_string(), validations));
     }
     for (name, inputs) in &config.eval.sets {
         let dir = run_dir.join("eval-cache").join(name);
@@ -1020,7 +1123,7 @@ fn open_eval_sets(
                 reason: "its inputs hold no text".to_string(),
             });
         }
-        sets.push((name.clone(), split));
+        sets.push((name.clone(), vec![split]));
     }
     let tracked = match &config.eval.best {
         Some(name) if name == VALIDATION && sets.first().is_none_or(|(n, _)| n != VALIDATION) => {
