@@ -483,6 +483,25 @@ def make_probes_reference() -> None:
 
 
 
+def make_parquet_fixture() -> None:
+    """tests/fixtures/parquet/: the first 60 lines of tokenizer-corpus.txt as Parquet written by
+    pyarrow, in 4 row groups, once snappy- and once zstd-compressed, with an id column before
+    the text and a null text in row 7; lines.json lists the texts a reader must yield."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    lines = (FIXTURES / "tokenizer-corpus.txt").read_text(encoding="utf-8").splitlines()[:60]
+    texts = [None if i == 6 else line for i, line in enumerate(lines)]
+    table = pa.table({"id": pa.array(range(len(texts)), pa.int64()), "text": pa.array(texts, pa.string())})
+    out = FIXTURES / "parquet"
+    out.mkdir(exist_ok=True)
+    for codec in ["snappy", "zstd"]:
+        pq.write_table(table, out / f"corpus-{codec}.parquet", row_group_size=16, compression=codec)
+    expected = [t for t in texts if t is not None and t.strip()]
+    (out / "lines.json").write_text(json.dumps(expected, ensure_ascii=False, indent=0) + "\n")
+    print(f"parquet: {len(expected)} texts in {len(texts)} rows (pyarrow {pa.__version__})")
+
+
 def main() -> None:
     torch.use_deterministic_algorithms(True)
     FIXTURE_SPECS["bert-tiny"]["config"]["vocab_size"] = make_bert_tokenizer()
@@ -498,6 +517,7 @@ def main() -> None:
     make_fill_mask_reference("bert-tiny")
     make_pseudo_perplexity_reference()
     make_probes_reference()
+    make_parquet_fixture()
     versions = {
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,

@@ -406,3 +406,90 @@ fn dataset_and_batcher_give_masked_batches() {
         )
     );
 }
+
+/// Every document of `path`, or the first error.
+fn documents_of(path: &Path, field: &str) -> Result<Vec<String>, masklm_data::DataError> {
+    let options = CorpusOptions {
+        text_field: field.to_string(),
+        ..CorpusOptions::default()
+    };
+    masklm_data::Documents::new(vec![path.to_path_buf()], options).collect()
+}
+
+#[test]
+fn parquet_written_by_pyarrow_reads_row_by_row_with_clear_errors() {
+    let dir = common::fixture("parquet");
+    let expected: Vec<String> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("lines.json")).unwrap()).unwrap();
+    for codec in ["snappy", "zstd"] {
+        let path = dir.join(format!("corpus-{codec}.parquet"));
+        // 60 rows in 4 row groups, the null in row 7 skipped.
+        assert_eq!(documents_of(&path, "text").unwrap(), expected, "{codec}");
+    }
+    let path = dir.join("corpus-snappy.parquet");
+    let err = documents_of(&path, "body").unwrap_err().to_string();
+    assert!(
+        err.contains("corpus-snappy.parquet")
+            && err.contains("no column \"body\" (columns: id, text)"),
+        "{err}"
+    );
+    let err = documents_of(&path, "id").unwrap_err().to_string();
+    assert!(err.contains("column \"id\" does not hold strings"), "{err}");
+
+    // Damaged files: the footer cut off, and data pages overwritten.
+    let tmp = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let cut = tmp.path().join("cut.parquet");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let err = documents_of(&cut, "text").unwrap_err().to_string();
+    assert!(
+        err.contains("cut.parquet") && err.contains("not a readable Parquet file"),
+        "{err}"
+    );
+    let mut garbled = bytes.clone();
+    for b in &mut garbled[200..2000] {
+        *b = 0xA5;
+    }
+    let bad = tmp.path().join("garbled.parquet");
+    std::fs::write(&bad, &garbled).unwrap();
+    let err = documents_of(&bad, "text").unwrap_err().to_string();
+    println!("{err}");
+    assert!(err.contains("garbled.parquet"), "{err}");
+}
+
+#[test]
+fn a_json_array_reads_element_by_element() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("corpus.json");
+    std::fs::write(
+        &path,
+        "\u{feff}\n [{\"text\": \"first document\", \"id\": 1}, {\"text\": null},\n \"a bare string\", {\"text\": \"  \"}, {\"text\": \"last\"}]\n",
+    )
+    .unwrap();
+    assert_eq!(
+        documents_of(&path, "text").unwrap(),
+        ["first document", "a bare string", "last"]
+    );
+    // Still JSON Lines when the file does not start with `[`.
+    std::fs::write(&path, "{\"text\": \"one\"}\n{\"text\": \"two\"}\n").unwrap();
+    assert_eq!(documents_of(&path, "text").unwrap(), ["one", "two"]);
+    for (content, expected) in [
+        (
+            "[{\"body\": \"x\"}]",
+            "record 1: no field \"text\" (fields: body)",
+        ),
+        (
+            "[{\"text\": \"a\"}, 7]",
+            "record 2 is 7, not an object or a string",
+        ),
+        ("[{\"text\": \"a\"}, {\"text\": ", "EOF while parsing"),
+        ("[{\"text\": \"a\"}] trailing", "trailing characters"),
+    ] {
+        std::fs::write(&path, content).unwrap();
+        let err = documents_of(&path, "text").unwrap_err().to_string();
+        assert!(
+            err.contains("corpus.json") && err.contains(expected),
+            "{content}: {err}"
+        );
+    }
+}

@@ -7,7 +7,11 @@
 //!   document per blank-line-separated paragraph (its lines joined by `\n`);
 //! - JSON Lines (`.jsonl`, `.json`, `.ndjson`): one JSON object per line, the document being
 //!   the string field [`CorpusOptions::text_field`] (`"text"` by default);
-//! - gzip (`.gz`) and zstd (`.zst`) versions of both, by extension.
+//! - a JSON array (a `.json` file starting with `[`): one document per element, an object's
+//!   text field or a string, read element by element;
+//! - Parquet (`.parquet`): the text column [`CorpusOptions::text_field`], read row group by
+//!   row group (only that column is decoded); errors name the row;
+//! - gzip (`.gz`) and zstd (`.zst`) versions of the text and JSON formats, by extension.
 //!
 //! A line that is not UTF-8 is skipped and counted ([`CorpusStats::skipped_non_utf8`]);
 //! with [`CorpusOptions::strict`] it is an error naming `file:line`.
@@ -19,6 +23,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::DataError;
+use crate::structured::Threaded;
 
 /// How to read the corpus.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -165,6 +170,9 @@ impl Walk {
 enum Format {
     Text,
     JsonLines,
+    /// `.json` that starts with `[` (decided when the file is opened).
+    JsonArray,
+    Parquet,
 }
 
 /// Format by the extension under any compression suffix.
@@ -180,6 +188,8 @@ fn format_of(path: &Path) -> Format {
         .unwrap_or(&name);
     if name.ends_with(".jsonl") || name.ends_with(".json") || name.ends_with(".ndjson") {
         Format::JsonLines
+    } else if name.ends_with(".parquet") {
+        Format::Parquet
     } else {
         Format::Text
     }
@@ -191,6 +201,11 @@ fn open(path: &Path) -> Result<Box<dyn BufRead + Send>, DataError> {
         line: None,
         source,
     })?;
+    decompressed(path, file)
+}
+
+/// `file`, decompressed by its extension (`.gz`, `.zst`), buffered.
+pub(crate) fn decompressed(path: &Path, file: File) -> Result<Box<dyn BufRead + Send>, DataError> {
     let name = path.to_string_lossy().to_ascii_lowercase();
     let reader: Box<dyn Read + Send> = if name.ends_with(".gz") {
         Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(file)))
@@ -208,11 +223,34 @@ fn open(path: &Path) -> Result<Box<dyn BufRead + Send>, DataError> {
     Ok(Box::new(BufReader::with_capacity(1 << 20, reader)))
 }
 
+/// Whether a `.json` file holds one array (its first non-blank byte is `[`) rather than JSON
+/// Lines; peeks without consuming anything but leading blanks.
+fn starts_array(path: &Path, reader: &mut Box<dyn BufRead + Send>) -> Result<bool, DataError> {
+    loop {
+        let buffer = reader.fill_buf().map_err(|source| DataError::Read {
+            path: path.to_path_buf(),
+            line: None,
+            source,
+        })?;
+        let Some(&first) = buffer.first() else {
+            return Ok(false);
+        };
+        match first {
+            b' ' | b'\t' | b'\r' | b'\n' => reader.consume(1),
+            // A UTF-8 byte-order mark.
+            0xEF if buffer.starts_with(&[0xEF, 0xBB, 0xBF]) => reader.consume(3),
+            byte => return Ok(byte == b'['),
+        }
+    }
+}
+
 /// A streaming iterator over the documents of a list of files.
 pub struct Documents {
     files: Vec<PathBuf>,
     next_file: usize,
     current: Option<(PathBuf, Format, Box<dyn BufRead + Send>)>,
+    /// The current file's records, for the formats read on a thread (Parquet, JSON arrays).
+    records: Option<Threaded>,
     line_number: u64,
     buffer: Vec<u8>,
     options: CorpusOptions,
@@ -227,6 +265,7 @@ impl Documents {
             files,
             next_file: 0,
             current: None,
+            records: None,
             line_number: 0,
             buffer: Vec::new(),
             options,
@@ -293,12 +332,31 @@ impl Documents {
                 self.next_file += 1;
                 self.stats.files += 1;
                 self.line_number = 0;
-                let format = format_of(&path);
-                self.current = Some((path.clone(), format, open(&path)?));
+                let mut format = format_of(&path);
+                let reader: Box<dyn BufRead + Send> = match format {
+                    Format::Parquet => {
+                        self.records =
+                            Some(crate::structured::parquet(&path, &self.options.text_field));
+                        Box::new(std::io::empty())
+                    }
+                    _ => {
+                        let mut reader = open(&path)?;
+                        if format == Format::JsonLines && starts_array(&path, &mut reader)? {
+                            format = Format::JsonArray;
+                            self.records = Some(crate::structured::json_array(
+                                &path,
+                                &self.options.text_field,
+                            ));
+                        }
+                        reader
+                    }
+                };
+                self.current = Some((path.clone(), format, reader));
             }
             let format = self.current.as_ref().map(|c| c.1).unwrap_or(Format::Text);
             let document = match format {
                 Format::JsonLines => self.next_json_document()?,
+                Format::JsonArray | Format::Parquet => self.next_record()?,
                 Format::Text if self.options.paragraphs => self.next_paragraph()?,
                 Format::Text => self.next_text_line()?,
             };
@@ -307,9 +365,29 @@ impl Documents {
                     self.stats.documents += 1;
                     return Ok(Some(text));
                 }
-                None => self.current = None,
+                None => {
+                    self.current = None;
+                    self.records = None;
+                }
             }
         }
+    }
+
+    /// The next non-empty record of a Parquet or JSON-array file.
+    fn next_record(&mut self) -> Result<Option<String>, DataError> {
+        let Some(records) = self.records.as_mut() else {
+            return Ok(None);
+        };
+        while let Some(record) = records.next()? {
+            self.stats.lines += 1;
+            if let Some(text) = record {
+                self.stats.bytes += text.len() as u64;
+                if !text.trim().is_empty() {
+                    return Ok(Some(text));
+                }
+            }
+        }
+        Ok(None)
     }
 
     fn next_text_line(&mut self) -> Result<Option<String>, DataError> {

@@ -18,6 +18,7 @@ pub mod corpus;
 pub mod lock;
 pub mod masking;
 pub mod sampler;
+mod structured;
 pub mod tokenizer;
 
 use std::path::PathBuf;
@@ -95,6 +96,15 @@ pub enum DataError {
         path: PathBuf,
         what: String,
         holder: String,
+    },
+    /// A Parquet or JSON-array record is malformed, lacks the text column, or the file is
+    /// damaged.
+    #[error("{}{}: {reason}", path.display(), record.map(|r| format!(": row {r}")).unwrap_or_default())]
+    Record {
+        path: PathBuf,
+        /// 1-based row (Parquet), when known.
+        record: Option<u64>,
+        reason: String,
     },
     /// A JSON Lines record is malformed or lacks the text field.
     #[error("{}:{line}: {reason}", path.display())]
