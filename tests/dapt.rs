@@ -318,3 +318,214 @@ fn bad_sources_are_refused_by_key() {
         assert!(err.to_string().contains(expected), "{sets:?}: {err}");
     }
 }
+
+/// A float32 tensor of a safetensors file, by name.
+fn tensor(path: &Path, name: &str) -> (Vec<usize>, Vec<f32>) {
+    let bytes = std::fs::read(path).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let view = file.tensor(name).unwrap();
+    let data = view
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    (view.shape().to_vec(), data)
+}
+
+#[test]
+fn vocabulary_extension_round_trips_through_transformers_and_trains_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let original = common::fixture("roberta-tiny");
+    let words = dir.path().join("words.txt");
+    std::fs::write(
+        &words,
+        "# domain words\nmitochondrial\ncascade\nmitochondria\nH2O\nthe\n",
+    )
+    .unwrap();
+    let out = dir.path().join("extended");
+    let printed = common::masklm_ok([
+        "vocab",
+        "extend",
+        "--model",
+        original.to_str().unwrap(),
+        "--words",
+        words.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(printed.contains("vocab_size 1000 -> 1008"), "{printed}");
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("vocab_extension.json")).unwrap())
+            .unwrap();
+    assert_eq!(report["already_single"], serde_json::json!(["the"]));
+    // H2O is three pre-tokens (H, 2, O): no single token can spell it.
+    assert_eq!(report["not_single"], serde_json::json!(["H2O"]));
+
+    // masklm's tokenizer reads each added word as its one new token.
+    let tokenizer = masklm_data::load_tokenizer(&out).unwrap();
+    let added = report["added"].as_array().unwrap();
+    for token in added.iter().filter(|t| !t["word"].is_null()) {
+        let word = token["word"].as_str().unwrap();
+        let ids = tokenizer
+            .encode(&format!("The {word} of the cell."))
+            .unwrap();
+        assert_eq!(ids.len(), 8, "{word}: {ids:?}");
+        assert_eq!(ids[2] as u64, token["id"].as_u64().unwrap(), "{word}");
+    }
+
+    // Old rows bit-identical; each new row the mean of its pieces' rows.
+    let key = "roberta.embeddings.word_embeddings.weight";
+    let (old_shape, old) = tensor(&original.join("model.safetensors"), key);
+    let (new_shape, new) = tensor(&out.join("model.safetensors"), key);
+    let (_, old_bias) = tensor(&original.join("model.safetensors"), "lm_head.bias");
+    let (_, new_bias) = tensor(&out.join("model.safetensors"), "lm_head.bias");
+    let hidden = old_shape[1];
+    assert_eq!(new_shape, [1008, hidden]);
+    assert!(
+        old.iter()
+            .zip(&new)
+            .all(|(a, b)| a.to_bits() == b.to_bits())
+    );
+    assert!(
+        old_bias
+            .iter()
+            .zip(&new_bias)
+            .all(|(a, b)| a.to_bits() == b.to_bits())
+    );
+    for token in added {
+        let id = token["id"].as_u64().unwrap() as usize;
+        let pieces: Vec<usize> = token["pieces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p.as_u64().unwrap() as usize)
+            .collect();
+        for h in 0..hidden {
+            let mean = pieces
+                .iter()
+                .map(|&p| old[p * hidden + h] as f64)
+                .sum::<f64>()
+                / pieces.len() as f64;
+            assert!(
+                (new[id * hidden + h] as f64 - mean).abs() < 1e-6,
+                "row {id}"
+            );
+        }
+        let mean = pieces.iter().map(|&p| old_bias[p] as f64).sum::<f64>() / pieces.len() as f64;
+        assert!((new_bias[id] as f64 - mean).abs() < 1e-6);
+    }
+
+    // [model] init_from continues training from the extended folder.
+    let config = format!(
+        r#"
+seed = 3
+[model]
+init_from = "{out}"
+[data]
+tokenizer = "{out}"
+inputs = ["{corpus}"]
+cache = "{cache}"
+max_seq_length = 64
+validation_split = 0.05
+[optimizer]
+lr = 1e-3
+[training]
+batch_size = 4
+max_steps = 3
+"#,
+        out = out.display(),
+        corpus = common::fixture("tokenizer-corpus.txt").display(),
+        cache = dir.path().join("cache").display(),
+    );
+    let path = dir.path().join("dapt.toml");
+    std::fs::write(&path, config).unwrap();
+    let config = TrainConfig::load(&path, &[]).unwrap();
+    let outcome = run_on_cpu(&config, &dir.path().join("run"), Start::New).unwrap();
+    assert!(outcome.losses.iter().all(|l| l.is_finite()));
+    let saved: Value = serde_json::from_str(
+        &std::fs::read_to_string(outcome.checkpoint.join("config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(saved["vocab_size"], 1008);
+
+    // transformers: AutoTokenizer/AutoModelForMaskedLM load it, and pipeline("fill-mask")
+    // gives masklm's top-k and scores.
+    let Some(python) = common::reference_python("transformers, torch") else {
+        return;
+    };
+    let scripts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts");
+    let run = |args: Vec<std::ffi::OsString>, expect: &str| {
+        let output = std::process::Command::new(&python)
+            .args(args)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success() && stdout.contains(expect),
+            "{stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    run(
+        vec![
+            scripts.join("check_vocab_extension.py").into(),
+            original.clone().into(),
+            out.clone().into(),
+        ],
+        "failed=0",
+    );
+    run(
+        vec![
+            scripts.join("check_hf_export.py").into(),
+            "--masklm".into(),
+            env!("CARGO_BIN_EXE_masklm").into(),
+            "--export".into(),
+            out.clone().into(),
+            "--checkpoint".into(),
+            out.clone().into(),
+            "The mitochondrial <mask> of the cell.".into(),
+            "A <mask> cascade in mitochondria.".into(),
+        ],
+        "EXPORT_CHECK passed=2 failed=0",
+    );
+}
+
+#[test]
+fn vocab_audit_counts_words_and_pieces() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("c.txt");
+    std::fs::write(
+        &corpus,
+        "The mitochondria, the mitochondria!\n(mitochondria) of 42 cells\n",
+    )
+    .unwrap();
+    let model = common::fixture("roberta-tiny");
+    let json = common::masklm_ok([
+        "vocab",
+        "audit",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        corpus.to_str().unwrap(),
+        "--json",
+    ]);
+    let audit: Value = serde_json::from_str(&json).unwrap();
+    // "42" has no letter and is not a word; punctuation is trimmed.
+    assert_eq!(audit["words"], 7);
+    assert_eq!(audit["unique_words"], 5);
+    let top = audit["top"].as_array().unwrap();
+    assert_eq!(top[0]["word"], "mitochondria");
+    assert_eq!(top[0]["count"], 3);
+    assert_eq!(
+        top[0]["pieces"],
+        serde_json::json!(["Ġmit", "och", "ond", "ri", "a"])
+    );
+    // the: 1 piece x1, The: 1 x1, mitochondria: 5 x3, of: 1, cells: pieces of " cells".
+    let cells = top.iter().find(|w| w["word"] == "cells").unwrap()["pieces"]
+        .as_array()
+        .unwrap()
+        .len();
+    let expected = (1 + 1 + 15 + 1 + cells) as f64 / 7.0;
+    assert!((audit["tokens_per_word"].as_f64().unwrap() - expected).abs() < 1e-12);
+    assert_eq!(audit["fragmented"][0]["word"], "mitochondria");
+}

@@ -20,6 +20,7 @@ pub mod masking;
 pub mod sampler;
 mod structured;
 pub mod tokenizer;
+pub mod vocab;
 
 use std::path::PathBuf;
 

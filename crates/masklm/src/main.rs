@@ -17,6 +17,7 @@ mod eval_cmd;
 mod fill_mask;
 mod progress;
 mod train_cmd;
+mod vocab_cmd;
 
 #[derive(Parser)]
 #[command(
@@ -59,6 +60,11 @@ enum Command {
     },
     /// Rank predictions at each mask of a text, like transformers' pipeline("fill-mask").
     FillMask(fill_mask::FillMaskArgs),
+    /// Audit how a tokenizer splits a domain's words, and extend a model's vocabulary.
+    Vocab {
+        #[command(subcommand)]
+        command: vocab_cmd::VocabCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -102,6 +108,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Export(args) => eval_cmd::export_cmd(args, &device),
         Command::Inspect { model } => inspect(&model, &device),
         Command::FillMask(args) => fill_mask::fill_mask(args, &device),
+        Command::Vocab { command } => vocab_cmd::vocab_cmd(command, &device),
     }
 }
 

@@ -473,6 +473,47 @@ impl RobertaForMaskedLM {
         self.lm_head.forward(picked, self.word_embeddings())
     }
 
+    /// Appends one vocabulary row per entry of `sources`, each initialised as the mean of the
+    /// existing rows `sources[i]` (word embedding and LM-head bias alike); the existing rows
+    /// are untouched. Mean-of-pieces initialisation starts a new word where the model already
+    /// "reads" it (the subword sequence it replaces), which is what makes vocabulary
+    /// extension work without a long re-warm-up (Hewitt 2021, "Initializing new word
+    /// embeddings for pretrained language models"; the approach of transformers'
+    /// `resize_token_embeddings(mean_resizing=True)`, applied per word instead of globally).
+    /// Every source id must be below the current vocabulary size.
+    ///
+    /// # Shapes
+    /// - word embeddings `[vocab, hidden]` -> `[vocab + sources.len(), hidden]`
+    pub fn with_new_rows(mut self, sources: &[Vec<u32>]) -> Self {
+        let embeddings = self.word_embeddings();
+        let device = embeddings.device();
+        let [vocab, _] = embeddings.dims();
+        let mean_rows = |table: Tensor<2>| -> Tensor<2> {
+            let rows: Vec<Tensor<2>> = sources
+                .iter()
+                .map(|ids| {
+                    let ids: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+                    let n = ids.len();
+                    let index = Tensor::<1, Int>::from_data(
+                        burn::tensor::TensorData::new(ids, [n]),
+                        &device,
+                    );
+                    // [pieces, hidden] -> [1, hidden]
+                    table.clone().select(0, index).mean_dim(0)
+                })
+                .collect();
+            Tensor::cat([vec![table], rows].concat(), 0)
+        };
+        let grown = mean_rows(embeddings);
+        debug_assert_eq!(grown.dims()[0], vocab + sources.len());
+        self.roberta.embeddings.word_embeddings.weight = Param::from_tensor(grown);
+        // The bias as a [vocab, 1] column, grown the same way.
+        let bias = self.lm_head.bias.val().unsqueeze_dim::<2>(1);
+        let bias = mean_rows(bias).squeeze_dim::<1>(1);
+        self.lm_head.bias = Param::from_tensor(bias);
+        self
+    }
+
     /// The word-embedding matrix, which is also the decoder weight.
     pub fn word_embeddings(&self) -> Tensor<2> {
         self.roberta.embeddings.word_embeddings.weight.val()

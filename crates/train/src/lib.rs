@@ -9,6 +9,7 @@
 //! - [`inference`]: loading any checkpoint or Hugging Face folder for fill-mask and eval;
 //! - [`fill`]: the vocabulary distribution at masked positions (fill-mask, probes);
 //! - [`probes`]: knowledge probes (cloze sentences ranked at every evaluation);
+//! - [`vocab`]: vocabulary extension of a model (new tokens, rows from their pieces);
 //! - [`trainer`]: the step-based loop with exact resume, metrics.jsonl and TensorBoard.
 
 pub mod checkpoint;
@@ -21,6 +22,7 @@ pub mod precision;
 pub mod probes;
 pub mod step;
 pub mod trainer;
+pub mod vocab;
 
 use std::path::PathBuf;
 
@@ -34,6 +36,7 @@ pub use precision::{LossScaler, Precision};
 pub use probes::{Probe, ProbeReport, ProbeResult, load_probes, run_probes};
 pub use step::{StepStats, train_step};
 pub use trainer::{EvalReport, Observer, RunInfo, RunOutcome, Silent, Start, StepLog, train};
+pub use vocab::{ExtendReport, extend_vocabulary};
 
 /// Probes in flight (see [`catch_backend_panic`]).
 static PROBING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);

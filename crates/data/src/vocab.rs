@@ -1,0 +1,417 @@
+//! How a tokenizer fragments a domain's words, and extending its vocabulary with them.
+//!
+//! A word is a whitespace-separated chunk of text with its leading and trailing punctuation
+//! removed, kept when it has a letter. Its pieces are the tokens the tokenizer gives it in
+//! running text (after a space: RoBERTa's `Ġword` form).
+//!
+//! Extension adds words as ordinary vocabulary entries, not as "added tokens": an added token
+//! is matched in the raw text before pre-tokenization, so RoBERTa's byte-level BPE would either
+//! leave a stray `Ġ` before it or, with `lstrip`, lose the space when decoding. Instead:
+//! - BPE (RoBERTa, GPT-2 style): `Ġword` and the merges that build it from its current pieces,
+//!   left to right (`Ġmit`+`och` -> `Ġmitoch`, ... -> `Ġmitochondria`). New merges rank after
+//!   every old one, so they act only where the old merges left off: old tokens keep their ids,
+//!   and a word's intermediate prefixes become tokens too (also listed as new tokens);
+//! - WordPiece (BERT): the word itself, normalized as the tokenizer normalizes (greedy
+//!   longest-match then takes it whole).
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::Serialize;
+use tokenizers::Tokenizer;
+
+use crate::{CorpusOptions, DataError, Documents, MlmTokenizer, resolve_inputs};
+
+/// A word of the corpus and how the tokenizer splits it.
+#[derive(Debug, Clone, Serialize)]
+pub struct WordPieces {
+    pub word: String,
+    pub count: u64,
+    pub pieces: Vec<String>,
+}
+
+/// Word frequencies of a corpus.
+#[derive(Debug, Clone, Default)]
+pub struct WordCounts {
+    pub documents: u64,
+    pub words: u64,
+    pub counts: HashMap<String, u64>,
+}
+
+/// The words of one text (see the module docs).
+pub fn words(text: &str) -> impl Iterator<Item = &str> {
+    text.split_whitespace()
+        .map(|w| w.trim_matches(|c: char| !c.is_alphanumeric()))
+        .filter(|w| w.chars().any(char::is_alphabetic))
+}
+
+/// Counts the words of the documents of `inputs`.
+pub fn count_words(inputs: &[String], options: &CorpusOptions) -> Result<WordCounts, DataError> {
+    let files = resolve_inputs(inputs)?;
+    let mut counts = WordCounts::default();
+    for document in Documents::new(files, options.clone()) {
+        let document = document?;
+        counts.documents += 1;
+        for word in words(&document) {
+            counts.words += 1;
+            *counts.counts.entry(word.to_string()).or_default() += 1;
+        }
+    }
+    if counts.words == 0 {
+        return Err(DataError::Input(format!(
+            "no words in {}: check the paths (and --text-field for JSON/Parquet)",
+            inputs.join(", ")
+        )));
+    }
+    Ok(counts)
+}
+
+/// The pieces of each word in running text.
+fn pieces_of(tokenizer: &Tokenizer, words: &[&str]) -> Result<Vec<Vec<String>>, DataError> {
+    let texts: Vec<String> = words.iter().map(|w| format!(" {w}")).collect();
+    tokenizer
+        .encode_batch(texts, false)
+        .map(|encodings| {
+            encodings
+                .into_iter()
+                .map(|e| e.get_tokens().to_vec())
+                .collect()
+        })
+        .map_err(|e| DataError::Tokenizer(e.to_string()))
+}
+
+/// Whether the pre-tokenizer keeps `word` (after a space) in one piece. Only then can it become
+/// one token: BPE never merges across pre-tokens, and RoBERTa's and BERT's pre-tokenizers split
+/// digits and punctuation off (`H2O` -> `H`, `2`, `O`).
+fn one_pretoken(tokenizer: &Tokenizer, word: &str) -> bool {
+    use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
+    let Some(pre) = tokenizer.get_pre_tokenizer() else {
+        return true;
+    };
+    let mut text = PreTokenizedString::from(format!(" {word}"));
+    pre.pre_tokenize(&mut text).is_ok()
+        && text
+            .get_splits(OffsetReferential::Original, OffsetType::Char)
+            .len()
+            == 1
+}
+
+/// How a tokenizer fragments a corpus.
+#[derive(Debug, Clone, Serialize)]
+pub struct Audit {
+    pub documents: u64,
+    pub words: u64,
+    pub unique_words: usize,
+    /// Tokens per word over every word of the corpus.
+    pub tokens_per_word: f64,
+    /// Tokens per word over the occurrences of the `top` most frequent words.
+    pub top_tokens_per_word: f64,
+    /// The most frequent words.
+    pub top: Vec<WordPieces>,
+    /// The most frequent words split into 3 or more pieces.
+    pub fragmented: Vec<WordPieces>,
+}
+
+/// Audits `tokenizer` on `counts`, listing `top` words in each table.
+pub fn audit(
+    tokenizer: &MlmTokenizer,
+    counts: &WordCounts,
+    top: usize,
+) -> Result<Audit, DataError> {
+    let mut ranked: Vec<(&String, u64)> = counts.counts.iter().map(|(w, &c)| (w, c)).collect();
+    // Most frequent first; ties alphabetically, so the tables are reproducible.
+    ranked.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+    let words: Vec<&str> = ranked.iter().map(|(w, _)| w.as_str()).collect();
+    let pieces = pieces_of(&tokenizer.tokenizer, &words)?;
+    let tokens: u64 = ranked
+        .iter()
+        .zip(&pieces)
+        .map(|((_, c), p)| c * p.len() as u64)
+        .sum();
+    let head = ranked.len().min(top);
+    let head_words: u64 = ranked[..head].iter().map(|(_, c)| c).sum();
+    let head_tokens: u64 = ranked[..head]
+        .iter()
+        .zip(&pieces)
+        .map(|((_, c), p)| c * p.len() as u64)
+        .sum();
+    let entry = |i: usize| WordPieces {
+        word: ranked[i].0.clone(),
+        count: ranked[i].1,
+        pieces: pieces[i].clone(),
+    };
+    Ok(Audit {
+        documents: counts.documents,
+        words: counts.words,
+        unique_words: ranked.len(),
+        tokens_per_word: tokens as f64 / counts.words.max(1) as f64,
+        top_tokens_per_word: head_tokens as f64 / head_words.max(1) as f64,
+        top: (0..head).map(entry).collect(),
+        fragmented: (0..ranked.len())
+            .filter(|&i| pieces[i].len() >= 3)
+            .take(top)
+            .map(entry)
+            .collect(),
+    })
+}
+
+/// The `n` words worth adding: those seen at least `min_count` times, split into 2+ pieces and
+/// one pre-token (so one token can spell them), ranked by the tokens they would save,
+/// `count * (pieces - 1)` (frequent *and* fragmented; ties by count, then alphabetically).
+pub fn candidates(
+    tokenizer: &MlmTokenizer,
+    counts: &WordCounts,
+    n: usize,
+    min_count: u64,
+) -> Result<Vec<WordPieces>, DataError> {
+    let frequent: Vec<(&String, u64)> = counts
+        .counts
+        .iter()
+        .filter(|(w, c)| **c >= min_count && one_pretoken(&tokenizer.tokenizer, w))
+        .map(|(w, &c)| (w, c))
+        .collect();
+    let words: Vec<&str> = frequent.iter().map(|(w, _)| w.as_str()).collect();
+    let pieces = pieces_of(&tokenizer.tokenizer, &words)?;
+    let mut ranked: Vec<WordPieces> = frequent
+        .iter()
+        .zip(pieces)
+        .filter(|(_, p)| p.len() >= 2)
+        .map(|((w, c), pieces)| WordPieces {
+            word: w.to_string(),
+            count: *c,
+            pieces,
+        })
+        .collect();
+    let saved = |w: &WordPieces| w.count * (w.pieces.len() as u64 - 1);
+    ranked.sort_by(|a, b| {
+        saved(b)
+            .cmp(&saved(a))
+            .then_with(|| b.count.cmp(&a.count))
+            .then_with(|| a.word.cmp(&b.word))
+    });
+    ranked.truncate(n);
+    Ok(ranked)
+}
+
+/// A token the extension added.
+#[derive(Debug, Clone, Serialize)]
+pub struct NewToken {
+    pub id: u32,
+    pub token: String,
+    /// The word it spells, when it is a whole requested word (not a BPE prefix of one).
+    pub word: Option<String>,
+    /// The ids of the old tokenizer's pieces it stands for: its embedding starts as their mean.
+    pub pieces: Vec<u32>,
+}
+
+/// A tokenizer with added words.
+#[derive(Debug, Clone)]
+pub struct Extension {
+    /// The new tokenizer.json.
+    pub tokenizer_json: String,
+    pub tokenizer: Tokenizer,
+    /// New tokens, by id (ids `first_id..`).
+    pub added: Vec<NewToken>,
+    /// Requested words that were already one token, and words that could not be made one.
+    pub already_single: Vec<String>,
+    pub not_single: Vec<String>,
+}
+
+fn ext_error(reason: String) -> DataError {
+    DataError::Tokenizer(format!("vocabulary extension: {reason}"))
+}
+
+/// Adds `words` to the vocabulary of `tokenizer`, new ids from `first_id` on (the model's
+/// vocab_size, which may exceed the tokenizer's id space).
+pub fn extend_tokenizer(
+    tokenizer: &MlmTokenizer,
+    words: &[String],
+    first_id: u32,
+) -> Result<Extension, DataError> {
+    let path = tokenizer.dir.join("tokenizer.json");
+    let text = std::fs::read_to_string(&path).map_err(|source| DataError::Read {
+        path: path.clone(),
+        line: None,
+        source,
+    })?;
+    let mut json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| ext_error(format!("{}: {e}", path.display())))?;
+    let kind = json["model"]["type"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let old = &tokenizer.tokenizer;
+    let first_id = first_id.max(tokenizer.vocab_size() as u32);
+    let mut next_id = first_id;
+    let mut added: Vec<NewToken> = Vec::new();
+    // New token -> the old pieces it stands for.
+    let mut expansion: HashMap<String, Vec<u32>> = HashMap::new();
+    let mut already_single = Vec::new();
+    let mut wanted: Vec<String> = Vec::new();
+    for word in words {
+        let word = word.trim();
+        if word.is_empty() || word.chars().any(char::is_whitespace) {
+            return Err(ext_error(format!(
+                "{word:?} is not a word (empty or with spaces)"
+            )));
+        }
+        if !wanted.iter().any(|w| w == word) {
+            wanted.push(word.to_string());
+        }
+    }
+    let old_pieces = pieces_of(old, &wanted.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let old_ids = |pieces: &[String]| -> Vec<u32> {
+        pieces.iter().filter_map(|p| old.token_to_id(p)).collect()
+    };
+    match kind.as_str() {
+        "BPE" => {
+            let string_merges = json["model"]["merges"]
+                .as_array()
+                .and_then(|m| m.first())
+                .is_none_or(|m| m.is_string());
+            let mut current = old_pieces.clone();
+            let mut tokenizer_now = old.clone();
+            let mut pending: Vec<usize> = Vec::new();
+            for (i, pieces) in current.iter().enumerate() {
+                if pieces.len() <= 1 {
+                    already_single.push(wanted[i].clone());
+                } else if one_pretoken(old, &wanted[i]) {
+                    pending.push(i);
+                }
+            }
+            // Chains for words still split; a later word's merges can pre-empt an earlier
+            // word's pair, so check and chain the new pieces again, a few rounds at most.
+            for _round in 0..4 {
+                if pending.is_empty() {
+                    break;
+                }
+                for &i in &pending {
+                    let pieces = &current[i];
+                    let mut acc = pieces[0].clone();
+                    for piece in &pieces[1..] {
+                        let merged = format!("{acc}{piece}");
+                        let model = &mut json["model"];
+                        if model["vocab"].get(&merged).is_none() {
+                            let expand = |t: &String| {
+                                expansion
+                                    .get(t)
+                                    .cloned()
+                                    .unwrap_or_else(|| old_ids(std::slice::from_ref(t)))
+                            };
+                            let mut sources = expand(&acc);
+                            sources.extend(expand(piece));
+                            model["vocab"][&merged] = serde_json::json!(next_id);
+                            expansion.insert(merged.clone(), sources.clone());
+                            added.push(NewToken {
+                                id: next_id,
+                                token: merged.clone(),
+                                word: None,
+                                pieces: sources,
+                            });
+                            next_id += 1;
+                        }
+                        let merge = if string_merges {
+                            serde_json::json!(format!("{acc} {piece}"))
+                        } else {
+                            serde_json::json!([acc, piece])
+                        };
+                        if let Some(merges) = model["merges"].as_array_mut() {
+                            merges.push(merge);
+                        }
+                        acc = merged;
+                    }
+                }
+                tokenizer_now = Tokenizer::from_bytes(json.to_string().as_bytes())
+                    .map_err(|e| ext_error(e.to_string()))?;
+                let left: Vec<&str> = pending.iter().map(|&i| wanted[i].as_str()).collect();
+                let now = pieces_of(&tokenizer_now, &left)?;
+                let mut still = Vec::new();
+                for (&i, pieces) in pending.iter().zip(now) {
+                    if pieces.len() > 1 {
+                        still.push(i);
+                    }
+                    current[i] = pieces;
+                }
+                pending = still;
+            }
+            let _ = tokenizer_now;
+        }
+        "WordPiece" => {
+            for (i, word) in wanted.iter().enumerate() {
+                if old_pieces[i].len() <= 1 {
+                    already_single.push(word.clone());
+                    continue;
+                }
+                if !one_pretoken(old, word) {
+                    continue;
+                }
+                let normalized = match old.get_normalizer() {
+                    Some(normalizer) => {
+                        use tokenizers::tokenizer::Normalizer;
+                        let mut s = tokenizers::NormalizedString::from(word.as_str());
+                        normalizer
+                            .normalize(&mut s)
+                            .map_err(|e| ext_error(e.to_string()))?;
+                        s.get().to_string()
+                    }
+                    None => word.clone(),
+                };
+                if json["model"]["vocab"].get(&normalized).is_some() {
+                    continue;
+                }
+                json["model"]["vocab"][&normalized] = serde_json::json!(next_id);
+                added.push(NewToken {
+                    id: next_id,
+                    token: normalized.clone(),
+                    word: None,
+                    pieces: old_ids(&old_pieces[i]),
+                });
+                next_id += 1;
+            }
+        }
+        other => {
+            return Err(ext_error(format!(
+                "{} has a {other:?} model; only BPE (RoBERTa) and WordPiece (BERT) \
+                 vocabularies can be extended",
+                path.display()
+            )));
+        }
+    }
+    let tokenizer_json =
+        serde_json::to_string_pretty(&json).map_err(|e| ext_error(e.to_string()))?;
+    let new =
+        Tokenizer::from_bytes(tokenizer_json.as_bytes()).map_err(|e| ext_error(e.to_string()))?;
+    // Which requested words are now one token, and which new token spells each.
+    let check = pieces_of(&new, &wanted.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let by_token: BTreeMap<&str, usize> = added
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.token.as_str(), i))
+        .collect();
+    let mut words_of: Vec<(usize, String)> = Vec::new();
+    let mut not_single = Vec::new();
+    for (word, pieces) in wanted.iter().zip(&check) {
+        match pieces.as_slice() {
+            [one] => {
+                if let Some(&i) = by_token.get(one.as_str()) {
+                    words_of.push((i, word.clone()));
+                }
+            }
+            _ => not_single.push(word.clone()),
+        }
+    }
+    for (i, word) in words_of {
+        added[i].word = Some(word);
+    }
+    if added.iter().any(|t| t.pieces.is_empty()) {
+        return Err(ext_error(
+            "a new token has no known pieces in the old vocabulary".to_string(),
+        ));
+    }
+    Ok(Extension {
+        tokenizer_json,
+        tokenizer: new,
+        added,
+        already_single,
+        not_single,
+    })
+}

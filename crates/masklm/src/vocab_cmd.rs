@@ -1,0 +1,215 @@
+//! `masklm vocab audit` and `masklm vocab extend`.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::Device;
+use clap::{Args, Subcommand};
+use masklm_data::vocab::{WordPieces, audit, candidates, count_words};
+use masklm_data::{CorpusOptions, load_tokenizer};
+
+#[derive(Subcommand)]
+pub enum VocabCommand {
+    /// How the model's tokenizer splits the words of a domain corpus.
+    Audit(AuditArgs),
+    /// Add domain words to a model's vocabulary; writes a Hugging Face folder.
+    Extend(ExtendArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct CorpusArgs {
+    /// Corpus files, folders or globs (text, JSON Lines, JSON arrays, Parquet; .gz/.zst).
+    #[arg(long, required = true, num_args = 1..)]
+    pub input: Vec<String>,
+    /// JSON/Parquet field holding the text.
+    #[arg(long, default_value = "text")]
+    pub text_field: String,
+}
+
+#[derive(Args, Debug)]
+pub struct AuditArgs {
+    /// A Hugging Face folder or masklm checkpoint (its tokenizer is audited).
+    #[arg(long)]
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub corpus: CorpusArgs,
+    /// Rows in each table.
+    #[arg(long, default_value_t = 20)]
+    pub top: usize,
+    /// Print the audit as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ExtendArgs {
+    /// A Hugging Face folder or masklm checkpoint, with its tokenizer.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The corpus to pick words from (with --add).
+    #[arg(long, num_args = 1.., required_unless_present = "words")]
+    pub input: Vec<String>,
+    #[arg(long, default_value = "text")]
+    pub text_field: String,
+    /// How many words to add: the most frequent and most fragmented, by tokens saved
+    /// (count x (pieces - 1)).
+    #[arg(long, requires = "input")]
+    pub add: Option<usize>,
+    /// Only words seen at least this many times are candidates.
+    #[arg(long, default_value_t = 10)]
+    pub min_count: u64,
+    /// Add these words instead (one per line; `#` comments).
+    #[arg(long, conflicts_with = "add")]
+    pub words: Option<PathBuf>,
+    /// The Hugging Face folder to write.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Overwrite files in a non-empty --out.
+    #[arg(long)]
+    pub force: bool,
+}
+
+pub fn vocab_cmd(command: VocabCommand, device: &Device) -> Result<()> {
+    match command {
+        VocabCommand::Audit(args) => audit_cmd(args),
+        VocabCommand::Extend(args) => extend_cmd(args, device),
+    }
+}
+
+fn options(text_field: &str) -> CorpusOptions {
+    CorpusOptions {
+        text_field: text_field.to_string(),
+        ..CorpusOptions::default()
+    }
+}
+
+/// The tokenizer folder of a model path (a checkpoint's `best`/`latest`/run folder resolved).
+fn tokenizer_of(model: &std::path::Path) -> Result<masklm_data::MlmTokenizer> {
+    let dir = masklm_train::checkpoint::resolve_checkpoint(model);
+    load_tokenizer(&dir).with_context(|| format!("loading the tokenizer of {}", model.display()))
+}
+
+fn print_table(title: &str, rows: &[WordPieces]) {
+    println!("\n{title}");
+    println!("  {:>9}  {:>6}  {:<24} pieces", "count", "tokens", "word");
+    for row in rows {
+        println!(
+            "  {:>9}  {:>6}  {:<24} {}",
+            row.count,
+            row.pieces.len(),
+            row.word,
+            row.pieces.join(" ")
+        );
+    }
+}
+
+fn audit_cmd(args: AuditArgs) -> Result<()> {
+    let tokenizer = tokenizer_of(&args.model)?;
+    let counts = count_words(&args.corpus.input, &options(&args.corpus.text_field))?;
+    let audit = audit(&tokenizer, &counts, args.top.max(1))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&audit)?);
+        return Ok(());
+    }
+    println!(
+        "{} documents, {} words ({} distinct): {:.3} tokens per word; {:.3} over the {} most \
+         frequent words",
+        audit.documents,
+        audit.words,
+        audit.unique_words,
+        audit.tokens_per_word,
+        audit.top_tokens_per_word,
+        audit.top.len()
+    );
+    print_table("most frequent words", &audit.top);
+    print_table(
+        "most frequent words split into 3+ tokens",
+        &audit.fragmented,
+    );
+    Ok(())
+}
+
+fn read_words(path: &std::path::Path) -> Result<Vec<String>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let words: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_string)
+        .collect();
+    if let Some((n, line)) = text
+        .lines()
+        .enumerate()
+        .find(|(_, l)| !l.trim().starts_with('#') && l.trim().contains(char::is_whitespace))
+    {
+        bail!(
+            "{}:{}: {:?} holds a space; give one word per line",
+            path.display(),
+            n + 1,
+            line.trim()
+        );
+    }
+    if words.is_empty() {
+        bail!("{} lists no word", path.display());
+    }
+    Ok(words)
+}
+
+fn extend_cmd(args: ExtendArgs, device: &Device) -> Result<()> {
+    if args.out.is_file() {
+        bail!("--out {} is a file; give a folder", args.out.display());
+    }
+    let occupied = std::fs::read_dir(&args.out).is_ok_and(|mut e| e.next().is_some());
+    if occupied && !args.force {
+        bail!(
+            "--out {} is not empty; choose an empty folder, or add --force to overwrite its files",
+            args.out.display()
+        );
+    }
+    let words: Vec<String> = match (&args.words, args.add) {
+        (Some(path), _) => read_words(path)?,
+        (None, Some(n)) => {
+            let tokenizer = tokenizer_of(&args.model)?;
+            let counts = count_words(&args.input, &options(&args.text_field))?;
+            let chosen = candidates(&tokenizer, &counts, n, args.min_count)?;
+            if chosen.is_empty() {
+                bail!(
+                    "no word is seen {} times and split into 2+ tokens; lower --min-count",
+                    args.min_count
+                );
+            }
+            print_table(
+                "words to add (ranked by tokens saved = count x (pieces - 1))",
+                &chosen,
+            );
+            chosen.into_iter().map(|w| w.word).collect()
+        }
+        (None, None) => bail!("give --add N (with --input) or --words FILE"),
+    };
+    let report = masklm_train::extend_vocabulary(&args.model, &words, &args.out, device)
+        .with_context(|| format!("extending the vocabulary of {}", args.model.display()))?;
+    let whole = report.added.iter().filter(|t| t.word.is_some()).count();
+    println!(
+        "\nvocab_size {} -> {}: {whole} words, {} BPE prefixes; rows initialised as the mean of \
+         each word's old pieces",
+        report.old_vocab_size,
+        report.new_vocab_size,
+        report.added.len() - whole
+    );
+    if !report.already_single.is_empty() {
+        println!("already one token: {}", report.already_single.join(", "));
+    }
+    if !report.not_single.is_empty() {
+        eprintln!(
+            "warning: still split after extension: {}",
+            report.not_single.join(", ")
+        );
+    }
+    println!(
+        "wrote {} (Hugging Face folder; continue training with [model] init_from = {:?})",
+        report.out.display(),
+        report.out.display().to_string()
+    );
+    Ok(())
+}
