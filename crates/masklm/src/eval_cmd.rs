@@ -167,3 +167,53 @@ pub fn export_cmd(args: ExportArgs, device: &Device) -> Result<()> {
     );
     Ok(())
 }
+
+#[derive(Args, Debug)]
+pub struct ProbeArgs {
+    /// A masklm checkpoint or a Hugging Face folder (with its tokenizer files).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Tab-separated probes: a sentence with one <mask>, then its accepted answers.
+    #[arg(long)]
+    pub probes: PathBuf,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `masklm probe`: the knowledge probes of `[eval] probes`, on any model.
+pub fn probe_cmd(args: ProbeArgs, device: &Device) -> Result<()> {
+    let loaded = load_model(&args.model, device)
+        .with_context(|| format!("loading {}", args.model.display()))?;
+    let tokenizer = load_tokenizer(&loaded.dir)
+        .with_context(|| format!("{} needs its tokenizer files", loaded.dir.display()))?;
+    masklm_train::check_tokenizer_fits(&tokenizer, &loaded.config)?;
+    let (probes, notices) = masklm_train::load_probes(
+        &args.probes,
+        &tokenizer,
+        loaded.config.max_sequence_length(),
+    )?;
+    for notice in notices {
+        eprintln!("warning: {notice}");
+    }
+    let report = masklm_train::run_probes(&loaded.model, &probes, &tokenizer, device)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!("{:>5}  {:>6}  {:>8}  {:<16} {:<16} sentence", "line", "rank", "prob", "answer", "top");
+    for (result, probe) in report.probes.iter().zip(&probes) {
+        println!(
+            "{:>5}  {:>6}  {:>8.4}  {:<16} {:<16} {}",
+            result.line, result.rank, result.probability, result.answer, result.top, probe.text
+        );
+    }
+    println!(
+        "MRR {:.3}  top-1 {:.2}  top-5 {:.2}  ({} probes)",
+        report.mrr,
+        report.top1,
+        report.top5,
+        report.probes.len()
+    );
+    Ok(())
+}

@@ -60,6 +60,8 @@ enum Command {
     },
     /// Rank predictions at each mask of a text, like transformers' pipeline("fill-mask").
     FillMask(fill_mask::FillMaskArgs),
+    /// Rank the expected answers of knowledge probes (cloze sentences) under a model.
+    Probe(eval_cmd::ProbeArgs),
     /// Audit how a tokenizer splits a domain's words, and extend a model's vocabulary.
     Vocab {
         #[command(subcommand)]
@@ -108,6 +110,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Export(args) => eval_cmd::export_cmd(args, &device),
         Command::Inspect { model } => inspect(&model, &device),
         Command::FillMask(args) => fill_mask::fill_mask(args, &device),
+        Command::Probe(args) => eval_cmd::probe_cmd(args, &device),
         Command::Vocab { command } => vocab_cmd::vocab_cmd(command, &device),
     }
 }
