@@ -487,12 +487,17 @@ fn missing_data_path_is_a_clear_error() {
 #[test]
 fn shipped_configs_parse() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    for name in ["quickstart", "roberta-base", "dapt"] {
+    for name in ["quickstart", "roberta-base", "dapt", "dapt-pubmed"] {
         let path = root.join("configs").join(format!("{name}.toml"));
         let mut overrides = Vec::new();
-        if name == "dapt" {
+        if name.starts_with("dapt") {
             let fixture = common::fixture("roberta-tiny").display().to_string();
             overrides.push(format!("model.init_from=\"{fixture}\""));
+        }
+        if name == "dapt-pubmed" {
+            // Relative paths are relative to the working directory: the repository root.
+            let probes = root.join("configs/probes-pubmed.tsv").display().to_string();
+            overrides.push(format!("eval.probes=\"{probes}\""));
         }
         let config = TrainConfig::load(&path, &overrides).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert!(config.optimizer.lr > 0.0);

@@ -201,7 +201,10 @@ pub fn probe_cmd(args: ProbeArgs, device: &Device) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
-    println!("{:>5}  {:>6}  {:>8}  {:<16} {:<16} sentence", "line", "rank", "prob", "answer", "top");
+    println!(
+        "{:>5}  {:>6}  {:>8}  {:<16} {:<16} sentence",
+        "line", "rank", "prob", "answer", "top"
+    );
     for (result, probe) in report.probes.iter().zip(&probes) {
         println!(
             "{:>5}  {:>6}  {:>8.4}  {:<16} {:<16} {}",

@@ -7,8 +7,8 @@
 //! with `#` are skipped.
 //!
 //! ```text
-//! Catalysis of the reaction: ATP + H2O = ADP + <mask>.	phosphate
-//! The <mask> is the powerhouse of the cell.	mitochondrion	mitochondria
+//! Catalysis of the reaction: ATP + H2O = ADP + <mask>.<TAB>phosphate
+//! The <mask> is the powerhouse of the cell.<TAB>mitochondrion<TAB>mitochondria
 //! ```
 
 use std::path::{Path, PathBuf};

@@ -490,7 +490,7 @@ struct Run<'a> {
     train_splits: Vec<SplitReader>,
     source_names: Vec<String>,
     /// The held-out sets: "validation" (when the data has one), then `[eval] sets`.
-    eval_sets: Vec<(String, Vec<SplitReader>)>,
+    eval_sets: Vec<EvalSet>,
     /// The eval set that picks `best` and drives early stopping.
     tracked: String,
     probes: Option<(Vec<Probe>, MlmTokenizer)>,
@@ -1086,6 +1086,10 @@ fn improves(best: Option<f64>, p: f64) -> bool {
     p.is_finite() && best.is_none_or(|b| !b.is_finite() || p < b)
 }
 
+/// A held-out set: its name and its splits (several for the validation splits of several
+/// sources), evaluated as one.
+type EvalSet = (String, Vec<SplitReader>);
+
 /// The held-out sets of a run: the data's validation split (when it has examples) and each
 /// `[eval] sets` entry, prepared into RUN_DIR/eval-cache/NAME (reused while its inputs and the
 /// tokenizer are unchanged) with the training cache's sequence length and packing; and the
@@ -1096,7 +1100,7 @@ fn open_eval_sets(
     manifest: &masklm_data::Manifest,
     validations: Vec<SplitReader>,
     run_dir: &Path,
-) -> Result<(Vec<(String, Vec<SplitReader>)>, String), TrainError> {
+) -> Result<(Vec<EvalSet>, String), TrainError> {
     let mut sets = Vec::new();
     if validations.iter().any(|v| !v.is_empty()) {
         sets.push((VALIDATION.to_string(), validations));
