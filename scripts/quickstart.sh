@@ -28,3 +28,4 @@ checkpoint="runs/quickstart/checkpoints/$(cat runs/quickstart/checkpoints/latest
   "Catalysis of the reaction: ATP + H2O = ADP + <mask>." \
   "The chemical reactions and pathways resulting in the formation of <mask>, a nucleoside." \
   "Any process that activates or increases the frequency, rate or extent of cell <mask>."
+"$masklm" probe --model "$checkpoint" --probes configs/probes-go.tsv
