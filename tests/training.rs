@@ -494,9 +494,14 @@ fn shipped_configs_parse() {
             let fixture = common::fixture("roberta-tiny").display().to_string();
             overrides.push(format!("model.init_from=\"{fixture}\""));
         }
-        if name == "dapt-pubmed" {
-            // Relative paths are relative to the working directory: the repository root.
-            let probes = root.join("configs/probes-pubmed.tsv").display().to_string();
+        // Relative paths are relative to the working directory: the repository root.
+        let probes = match name {
+            "quickstart" => Some("configs/probes-go.tsv"),
+            "dapt-pubmed" => Some("configs/probes-pubmed.tsv"),
+            _ => None,
+        };
+        if let Some(probes) = probes {
+            let probes = root.join(probes).display().to_string();
             overrides.push(format!("eval.probes=\"{probes}\""));
         }
         let config = TrainConfig::load(&path, &overrides).unwrap_or_else(|e| panic!("{name}: {e}"));
