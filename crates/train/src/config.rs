@@ -4,12 +4,13 @@
 //! seed = 42
 //! [model]          # HF config.json keys (vocab_size defaults to the tokenizer's), or
 //! init_from = "..." # a Hugging Face folder or a masklm checkpoint to continue from
-//! [data]           # a prepared cache, or tokenizer + inputs to prepare one
+//! [data]           # a prepared cache, or tokenizer + inputs (or weighted sources) to prepare
 //! [masking]        # probability, mask_fraction, random_fraction, whole_word
 //! [optimizer]      # lr, betas, eps, weight_decay, max_grad_norm
 //! [schedule]       # decay = linear|cosine|constant, warmup_steps | warmup_ratio
 //! [training]       # batch_size, grad_accum_steps, max_steps | epochs
-//! [eval]           # eval_steps, batch_size, max_batches, seed
+//! [eval]           # eval_steps, batch_size, max_batches, seed, on_start, sets, best,
+//!                  # patience, min_delta, probes
 //! [checkpoint]     # save_steps, keep_last
 //! [logging]        # log_steps, tensorboard
 //! ```
