@@ -208,7 +208,6 @@ pub struct NewToken {
 pub struct Extension {
     /// The new tokenizer.json.
     pub tokenizer_json: String,
-    pub tokenizer: Tokenizer,
     /// New tokens, by id (ids `first_id..`).
     pub added: Vec<NewToken>,
     /// Requested words that were already one token, and words that could not be made one.
@@ -269,7 +268,6 @@ pub fn extend_tokenizer(
                 .and_then(|m| m.first())
                 .is_none_or(|m| m.is_string());
             let mut current = old_pieces.clone();
-            let mut tokenizer_now = old.clone();
             let mut pending: Vec<usize> = Vec::new();
             for (i, pieces) in current.iter().enumerate() {
                 if pieces.len() <= 1 {
@@ -320,7 +318,7 @@ pub fn extend_tokenizer(
                         acc = merged;
                     }
                 }
-                tokenizer_now = Tokenizer::from_bytes(json.to_string().as_bytes())
+                let tokenizer_now = Tokenizer::from_bytes(json.to_string().as_bytes())
                     .map_err(|e| ext_error(e.to_string()))?;
                 let left: Vec<&str> = pending.iter().map(|&i| wanted[i].as_str()).collect();
                 let now = pieces_of(&tokenizer_now, &left)?;
@@ -333,7 +331,6 @@ pub fn extend_tokenizer(
                 }
                 pending = still;
             }
-            let _ = tokenizer_now;
         }
         "WordPiece" => {
             for (i, word) in wanted.iter().enumerate() {
@@ -409,7 +406,6 @@ pub fn extend_tokenizer(
     }
     Ok(Extension {
         tokenizer_json,
-        tokenizer: new,
         added,
         already_single,
         not_single,

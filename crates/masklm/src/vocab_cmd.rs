@@ -169,6 +169,7 @@ fn extend_cmd(args: ExtendArgs, device: &Device) -> Result<()> {
     }
     let words: Vec<String> = match (&args.words, args.add) {
         (Some(path), _) => read_words(path)?,
+        (None, Some(0)) => bail!("--add 0 adds nothing; give the number of words to add"),
         (None, Some(n)) => {
             let tokenizer = tokenizer_of(&args.model)?;
             let counts = count_words(&args.input, &options(&args.text_field))?;
