@@ -7,9 +7,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
 use clap::Args;
-use masklm_data::{MlmTokenizer, load_tokenizer};
+use masklm_data::load_tokenizer;
 use masklm_model::{RobertaConfig, RobertaForMaskedLM};
-use serde_json::json;
+use masklm_train::fill::{
+    FillText, encode_for_fill, pipeline_output, target_ids, top_candidates,
+};
 
 #[derive(Args, Debug)]
 pub struct FillMaskArgs {
@@ -45,81 +47,15 @@ pub fn load_model(path: &Path, device: &Device) -> Result<masklm_train::Loaded> 
     Ok(loaded)
 }
 
-/// `text` quoted for a message, cut to its first 60 characters: a 1 MB input must not be
-/// echoed whole.
-pub fn excerpt(text: &str) -> String {
-    const MAX: usize = 60;
-    match text.char_indices().nth(MAX) {
-        Some((cut, _)) => format!("{:?}... ({} bytes)", &text[..cut], text.len()),
-        None => format!("{text:?}"),
-    }
-}
-
-struct Candidate {
-    id: u32,
-    score: f32,
-}
-
 /// Ranks the vocabulary (or `targets`) at each mask of `ids`; one list per mask.
 fn predict(
     model: &RobertaForMaskedLM,
-    ids: &[u32],
-    masks: &[usize],
-    top_k: usize,
-    targets: Option<&[u32]>,
+    text: &FillText,
     device: &Device,
-) -> Result<Vec<Vec<Candidate>>> {
-    let rows = masklm_train::fill::mask_probabilities(model, &[ids], &[masks.to_vec()], 0, device)?
-        .pop()
-        .unwrap_or_default();
-    Ok(rows
-        .iter()
-        .map(|row| {
-            let mut order: Vec<u32> = match targets {
-                Some(t) => t.to_vec(),
-                None => (0..row.len() as u32).collect(),
-            };
-            order.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]));
-            order
-                .into_iter()
-                .take(top_k)
-                .map(|id| Candidate {
-                    id,
-                    score: row[id as usize],
-                })
-                .collect()
-        })
-        .collect())
-}
-
-/// The pipeline's `targets` handling (`FillMaskPipeline.get_target_ids`): a word that is a
-/// vocabulary entry is that token; otherwise the first token of its encoding (without
-/// specials), with a warning as the pipeline gives. Duplicates collapse.
-fn target_ids(tokenizer: &MlmTokenizer, words: &[String]) -> Result<Vec<u32>> {
-    let mut ids = Vec::new();
-    for word in words {
-        let id = match tokenizer.tokenizer.token_to_id(word) {
-            Some(id) => id,
-            None => {
-                let id = tokenizer
-                    .tokenizer
-                    .encode(word.as_str(), false)
-                    .ok()
-                    .and_then(|enc| enc.get_ids().first().copied())
-                    .with_context(|| format!("--targets: {word:?} does not map to any token"))?;
-                eprintln!(
-                    "warning: --targets {word:?} is not a single token of the vocabulary; \
-                     using its first piece {:?} (as transformers' pipeline does)",
-                    tokenizer.id_to_token(id).unwrap_or_default()
-                );
-                id
-            }
-        };
-        if !ids.contains(&id) {
-            ids.push(id);
-        }
-    }
-    Ok(ids)
+) -> Result<Vec<Vec<f32>>> {
+    let mut rows =
+        masklm_train::fill::mask_probabilities(model, &[&text.ids], &[text.masks.clone()], 0, device)?;
+    rows.pop().context("the model returned no distribution")
 }
 
 pub fn fill_mask(args: FillMaskArgs, device: &Device) -> Result<()> {
@@ -140,7 +76,13 @@ pub fn fill_mask(args: FillMaskArgs, device: &Device) -> Result<()> {
     })?;
     masklm_train::check_tokenizer_fits(&tokenizer, &config)?;
     let targets = match &args.targets {
-        Some(words) => Some(target_ids(&tokenizer, words)?),
+        Some(words) => {
+            let (ids, notices) = target_ids(&tokenizer, words).context("--targets")?;
+            for notice in notices {
+                eprintln!("warning: --targets: {notice}");
+            }
+            Some(ids)
+        }
         None => None,
     };
     let texts: Vec<String> = if args.text.is_empty() {
@@ -159,71 +101,31 @@ pub fn fill_mask(args: FillMaskArgs, device: &Device) -> Result<()> {
         );
     }
     for text in &texts {
-        if text.trim().is_empty() {
-            bail!("empty text: give a sentence with {}", tokenizer.mask_token);
-        }
-        let ids = tokenizer.encode(text)?;
-        let masks: Vec<usize> = (0..ids.len())
-            .filter(|&i| ids[i] == tokenizer.mask_id)
-            .collect();
-        if masks.is_empty() {
-            bail!(
-                "no mask token in {}: write {} where a word should be predicted",
-                excerpt(text),
-                tokenizer.mask_token
-            );
-        }
-        if ids.len() > config.max_sequence_length() {
-            bail!(
-                "{} is {} tokens long; this model takes at most {}",
-                excerpt(text),
-                ids.len(),
-                config.max_sequence_length()
-            );
-        }
-        let ranked = predict(&model, &ids, &masks, args.top_k, targets.as_deref(), device)?;
-        let lists: Vec<serde_json::Value> = ranked
-            .iter()
-            .zip(&masks)
-            .map(|(candidates, &position)| {
-                let items: Vec<serde_json::Value> = candidates
-                    .iter()
-                    .map(|c| {
-                        let mut filled = ids.clone();
-                        filled[position] = c.id;
-                        // As the pipeline: specials are dropped only when there is one mask;
-                        // with several, the other masks (and <s>, </s>) stay in the text.
-                        let single = masks.len() == 1;
-                        let sequence = tokenizer.tokenizer.decode(&filled, single).unwrap_or_default();
-                        let token_str = tokenizer.tokenizer.decode(&[c.id], false).unwrap_or_default();
-                        json!({"score": c.score, "token": c.id, "token_str": token_str, "sequence": sequence})
-                    })
-                    .collect();
-                serde_json::Value::Array(items)
-            })
-            .collect();
+        let encoded = encode_for_fill(&tokenizer, text, config.max_sequence_length())?;
+        let rows = predict(&model, &encoded, device)?;
+        let doc = pipeline_output(&tokenizer, &encoded, &rows, args.top_k, targets.as_deref());
         if args.json {
-            // The pipeline returns a flat list for one mask, a list of lists for several.
-            let doc = if lists.len() == 1 {
-                lists[0].clone()
-            } else {
-                serde_json::Value::Array(lists)
-            };
             println!("{doc}");
+            continue;
+        }
+        println!("{text}");
+        // One mask: a flat list; several: a list per mask.
+        let lists: Vec<&serde_json::Value> = if encoded.masks.len() == 1 {
+            vec![&doc]
         } else {
-            println!("{text}");
-            for (m, list) in lists.iter().enumerate() {
-                if lists.len() > 1 {
-                    println!("  mask {}:", m + 1);
-                }
-                for item in list.as_array().into_iter().flatten() {
-                    println!(
-                        "  {:>7.4}  {:<16} {}",
-                        item["score"].as_f64().unwrap_or(0.0),
-                        item["token_str"].as_str().unwrap_or(""),
-                        item["sequence"].as_str().unwrap_or("")
-                    );
-                }
+            doc.as_array().into_iter().flatten().collect()
+        };
+        for (m, list) in lists.iter().enumerate() {
+            if lists.len() > 1 {
+                println!("  mask {}:", m + 1);
+            }
+            for item in list.as_array().into_iter().flatten() {
+                println!(
+                    "  {:>7.4}  {:<16} {}",
+                    item["score"].as_f64().unwrap_or(0.0),
+                    item["token_str"].as_str().unwrap_or(""),
+                    item["sequence"].as_str().unwrap_or("")
+                );
             }
         }
     }
@@ -267,13 +169,11 @@ fn fill_ids(
             "--ids has no mask token (id {mask_id}); put {mask_id} where a token should be predicted"
         );
     }
-    for (candidates, position) in predict(model, &ids, &masks, top_k, None, device)?
-        .iter()
-        .zip(&masks)
-    {
+    let text = FillText { ids, masks };
+    for (row, position) in predict(model, &text, device)?.iter().zip(&text.masks) {
         println!("mask at position {position}:");
-        for c in candidates {
-            println!("  {:>6}  {:.4}", c.id, c.score);
+        for (id, score) in top_candidates(row, top_k, None) {
+            println!("  {id:>6}  {score:.4}");
         }
     }
     Ok(())

@@ -16,6 +16,7 @@ mod data_cmd;
 mod eval_cmd;
 mod fill_mask;
 mod progress;
+mod serve_cmd;
 mod train_cmd;
 mod vocab_cmd;
 
@@ -67,6 +68,10 @@ enum Command {
         #[command(subcommand)]
         command: vocab_cmd::VocabCommand,
     },
+    /// Serve fill-mask and scoring over HTTP, with a web page to compare models and watch runs.
+    Serve(serve_cmd::ServeArgs),
+    /// Write a run's curves, last evaluation and config as one static HTML file.
+    Report(serve_cmd::ReportArgs),
 }
 
 #[derive(Subcommand)]
@@ -112,6 +117,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::FillMask(args) => fill_mask::fill_mask(args, &device),
         Command::Probe(args) => eval_cmd::probe_cmd(args, &device),
         Command::Vocab { command } => vocab_cmd::vocab_cmd(command, &device),
+        Command::Serve(args) => serve_cmd::serve_cmd(args, &device),
+        Command::Report(args) => serve_cmd::report_cmd(args),
     }
 }
 

@@ -134,34 +134,50 @@ pub fn pseudo_perplexity(
     let mut count = 0u64;
     for i in 0..split.len() {
         let Some(tokens) = split.get(i) else { continue };
-        let seq = tokens.len();
-        let targets: Vec<usize> = (0..seq).filter(|&p| !vocab.is_special(tokens[p])).collect();
-        for chunk in targets.chunks(batch_size.max(1)) {
-            let rows = chunk.len();
-            let mut ids = Vec::with_capacity(rows * seq);
-            for &p in chunk {
-                ids.extend(tokens.iter().enumerate().map(|(j, &t)| {
-                    if j == p {
-                        vocab.mask_id as i64
-                    } else {
-                        t as i64
-                    }
-                }));
-            }
-            let positions: Vec<i64> = chunk
-                .iter()
-                .enumerate()
-                .map(|(r, &p)| (r * seq + p) as i64)
-                .collect();
-            let labels: Vec<i64> = chunk.iter().map(|&p| tokens[p] as i64).collect();
-            let input = Tensor::<2, Int>::from_data(TensorData::new(ids, [rows, seq]), device);
-            let attention = Tensor::<2, Int>::ones([rows, seq], device);
-            let positions = Tensor::<1, Int>::from_data(TensorData::new(positions, [rows]), device);
-            let labels = Tensor::<2, Int>::from_data(TensorData::new(labels, [rows, 1]), device);
-            let log_probs = log_softmax(model.forward_at(input, attention, positions), 1);
-            nll -= log_probs.gather(1, labels).sum().into_scalar::<f32>() as f64;
-            count += rows as u64;
-        }
+        let (log_likelihood, n) = pseudo_log_likelihood(model, &tokens, vocab, batch_size, device);
+        nll -= log_likelihood;
+        count += n;
     }
     (count > 0).then(|| (nll / count as f64).exp())
+}
+
+/// Pseudo-log-likelihood of one sequence (with its specials): the sum of log p(token | all
+/// other tokens) over its non-special tokens, each masked once, `batch_size` masked copies per
+/// forward; and how many tokens were scored.
+pub fn pseudo_log_likelihood(
+    model: &RobertaForMaskedLM,
+    tokens: &[u32],
+    vocab: &MaskVocab,
+    batch_size: usize,
+    device: &Device,
+) -> (f64, u64) {
+    let seq = tokens.len();
+    let targets: Vec<usize> = (0..seq).filter(|&p| !vocab.is_special(tokens[p])).collect();
+    let mut log_likelihood = 0.0f64;
+    for chunk in targets.chunks(batch_size.max(1)) {
+        let rows = chunk.len();
+        let mut ids = Vec::with_capacity(rows * seq);
+        for &p in chunk {
+            ids.extend(tokens.iter().enumerate().map(|(j, &t)| {
+                if j == p {
+                    vocab.mask_id as i64
+                } else {
+                    t as i64
+                }
+            }));
+        }
+        let positions: Vec<i64> = chunk
+            .iter()
+            .enumerate()
+            .map(|(r, &p)| (r * seq + p) as i64)
+            .collect();
+        let labels: Vec<i64> = chunk.iter().map(|&p| tokens[p] as i64).collect();
+        let input = Tensor::<2, Int>::from_data(TensorData::new(ids, [rows, seq]), device);
+        let attention = Tensor::<2, Int>::ones([rows, seq], device);
+        let positions = Tensor::<1, Int>::from_data(TensorData::new(positions, [rows]), device);
+        let labels = Tensor::<2, Int>::from_data(TensorData::new(labels, [rows, 1]), device);
+        let log_probs = log_softmax(model.forward_at(input, attention, positions), 1);
+        log_likelihood += log_probs.gather(1, labels).sum().into_scalar::<f32>() as f64;
+    }
+    (log_likelihood, targets.len() as u64)
 }

@@ -95,3 +95,160 @@ pub fn token_in_context(
     }
     Ok(Some(filled[at]))
 }
+
+/// Why a text cannot be filled. Each names what to change; the server answers them as 4xx.
+#[derive(Debug, thiserror::Error)]
+pub enum FillError {
+    /// The text is empty or blank.
+    #[error("empty text: give a sentence with {mask}")]
+    Empty { mask: String },
+    /// The text has no mask token.
+    #[error("no mask token in {text}: write {mask} where a word should be predicted")]
+    NoMask { text: String, mask: String },
+    /// The text is longer than the model's position embeddings.
+    #[error("{text} is {tokens} tokens long; this model takes at most {max}")]
+    TooLong {
+        text: String,
+        tokens: usize,
+        max: usize,
+    },
+    /// A `targets` word has no token at all.
+    #[error("target {word:?} does not map to any token")]
+    Target { word: String },
+    /// The tokenizer failed on the text.
+    #[error(transparent)]
+    Data(#[from] masklm_data::DataError),
+}
+
+/// `text` quoted for a message, cut to its first 60 characters: a 1 MB input must not be
+/// echoed whole.
+pub fn excerpt(text: &str) -> String {
+    const MAX: usize = 60;
+    match text.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{:?}... ({} bytes)", &text[..cut], text.len()),
+        None => format!("{text:?}"),
+    }
+}
+
+/// A text encoded for fill-mask: its token ids (with `<s>`/`</s>`) and where its masks are.
+#[derive(Debug, Clone)]
+pub struct FillText {
+    pub ids: Vec<u32>,
+    pub masks: Vec<usize>,
+}
+
+/// Encodes `text` and checks it can be filled: not blank, at least one mask token, at most
+/// `max_len` tokens.
+pub fn encode_for_fill(
+    tokenizer: &MlmTokenizer,
+    text: &str,
+    max_len: usize,
+) -> Result<FillText, FillError> {
+    if text.trim().is_empty() {
+        return Err(FillError::Empty {
+            mask: tokenizer.mask_token.clone(),
+        });
+    }
+    let ids = tokenizer.encode(text)?;
+    let masks: Vec<usize> = (0..ids.len())
+        .filter(|&i| ids[i] == tokenizer.mask_id)
+        .collect();
+    if masks.is_empty() {
+        return Err(FillError::NoMask {
+            text: excerpt(text),
+            mask: tokenizer.mask_token.clone(),
+        });
+    }
+    if ids.len() > max_len {
+        return Err(FillError::TooLong {
+            text: excerpt(text),
+            tokens: ids.len(),
+            max: max_len,
+        });
+    }
+    Ok(FillText { ids, masks })
+}
+
+/// The pipeline's `targets` handling (`FillMaskPipeline.get_target_ids`): a word that is a
+/// vocabulary entry is that token; otherwise the first token of its encoding (without
+/// specials), with a notice like the pipeline's warning. Duplicates collapse.
+pub fn target_ids(
+    tokenizer: &MlmTokenizer,
+    words: &[String],
+) -> Result<(Vec<u32>, Vec<String>), FillError> {
+    let mut ids = Vec::new();
+    let mut notices = Vec::new();
+    for word in words {
+        let id = match tokenizer.tokenizer.token_to_id(word) {
+            Some(id) => id,
+            None => {
+                let id = tokenizer
+                    .tokenizer
+                    .encode(word.as_str(), false)
+                    .ok()
+                    .and_then(|enc| enc.get_ids().first().copied())
+                    .ok_or_else(|| FillError::Target { word: word.clone() })?;
+                notices.push(format!(
+                    "target {word:?} is not a single token of the vocabulary; using its first \
+                     piece {:?} (as transformers' pipeline does)",
+                    tokenizer.id_to_token(id).unwrap_or_default()
+                ));
+                id
+            }
+        };
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+    Ok((ids, notices))
+}
+
+/// The `top_k` most probable tokens of `row` (or of `targets` only), best first.
+pub fn top_candidates(row: &[f32], top_k: usize, targets: Option<&[u32]>) -> Vec<(u32, f32)> {
+    let mut order: Vec<u32> = match targets {
+        Some(t) => t.to_vec(),
+        None => (0..row.len() as u32).collect(),
+    };
+    order.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]));
+    order
+        .into_iter()
+        .take(top_k)
+        .map(|id| (id, row[id as usize]))
+        .collect()
+}
+
+/// What `pipeline("fill-mask")` returns for one text, from the distributions at its masks:
+/// `[{score, token, token_str, sequence}, ...]` for one mask, a list of such lists for several.
+pub fn pipeline_output(
+    tokenizer: &MlmTokenizer,
+    text: &FillText,
+    rows: &[Vec<f32>],
+    top_k: usize,
+    targets: Option<&[u32]>,
+) -> serde_json::Value {
+    use serde_json::{Value, json};
+    let single = text.masks.len() == 1;
+    let lists: Vec<Value> = rows
+        .iter()
+        .zip(&text.masks)
+        .map(|(row, &position)| {
+            let items = top_candidates(row, top_k, targets)
+                .into_iter()
+                .map(|(id, score)| {
+                    let mut filled = text.ids.clone();
+                    filled[position] = id;
+                    // As the pipeline: specials are dropped only when there is one mask; with
+                    // several, the other masks (and <s>, </s>) stay in the text.
+                    let sequence = tokenizer.tokenizer.decode(&filled, single).unwrap_or_default();
+                    let token_str = tokenizer.tokenizer.decode(&[id], false).unwrap_or_default();
+                    json!({"score": score, "token": id, "token_str": token_str, "sequence": sequence})
+                })
+                .collect();
+            Value::Array(items)
+        })
+        .collect();
+    match <[Value; 1]>::try_from(lists) {
+        Ok([one]) => one,
+        Err(lists) => Value::Array(lists),
+    }
+}
