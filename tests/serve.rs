@@ -451,3 +451,50 @@ fn run_charts_and_the_report_show_every_curve() {
     assert_eq!(status, 500);
     assert!(doc["error"].as_str().unwrap().contains("metrics.jsonl:2: not a metrics record"), "{doc}");
 }
+
+/// The web page in a real browser: scripts/check_browser.py drives Debian's chromium through
+/// Selenium, compares the rendered top-k of each model with the API and checks the run tab
+/// draws its charts; screenshots land in CARGO_TARGET_TMPDIR/serve-browser (a CI artefact).
+#[test]
+fn the_page_works_in_a_real_browser() {
+    let Some(python) = common::reference_python("selenium") else {
+        return;
+    };
+    let missing: Vec<&str> = ["/usr/bin/chromium", "/usr/bin/chromedriver"]
+        .into_iter()
+        .filter(|p| !std::path::Path::new(p).exists())
+        .collect();
+    if !missing.is_empty() {
+        let message = format!("{missing:?} not installed (apt-get install chromium chromium-driver; .ci/run does)");
+        assert!(std::env::var("CI").map_or(true, |ci| ci != "true"), "{message}");
+        println!("skipped: {message}");
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let run = work.path().join("demo");
+    std::fs::create_dir(&run).unwrap();
+    write_run(&run);
+    // A RoBERTa (<mask>) and a BERT ([MASK]) side by side: the page writes each one's token.
+    let mut opts = options(&[("roberta", common::fixture("roberta-tiny")), ("bert", common::fixture("bert-tiny"))]);
+    opts.runs = vec![("demo".to_string(), run)];
+    let server = start(opts);
+    let screenshots = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("serve-browser");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/check_browser.py");
+    let out = std::process::Command::new(python)
+        .arg(script)
+        .args(["--url", &format!("http://{}", server.addr), "--run", "demo"])
+        .args(["--text", "Catalysis of the reaction: ATP + H2O = ADP + <mask>."])
+        .arg("--screenshots")
+        .arg(&screenshots)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("roberta: page top-5 = API") && stdout.contains("bert: page top-5 = API"), "{stdout}");
+    assert!(stdout.contains("run tab: 7 charts"), "{stdout}");
+    for shot in ["fill-mask.png", "run.png"] {
+        let bytes = std::fs::read(screenshots.join(shot)).unwrap();
+        assert!(bytes.starts_with(b"\x89PNG") && bytes.len() > 10_000, "{shot}: {} bytes", bytes.len());
+    }
+    println!("screenshots: {}", screenshots.display());
+}

@@ -258,7 +258,7 @@ pub fn chart(title: &str, series: &BTreeMap<String, BTreeMap<u64, f64>>, log_y: 
         let _ = write!(
             svg,
             r##"<line x1="{px:.1}" y1="{TOP}" x2="{px:.1}" y2="{b}" stroke="#eee"/><text x="{px:.1}" y="{ty}" text-anchor="middle">{}</text>"##,
-            label(x.round()),
+            x.round() as i64,
             b = TOP + ph,
             ty = TOP + ph + 14.0
         );
