@@ -209,7 +209,19 @@ pub fn top_candidates(row: &[f32], top_k: usize, targets: Option<&[u32]>) -> Vec
         Some(t) => t.to_vec(),
         None => (0..row.len() as u32).collect(),
     };
-    order.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]));
+    // Best first; ties keep the lower id first, as a stable sort of the ids would.
+    let better = |a: &u32, b: &u32| {
+        row[*b as usize]
+            .total_cmp(&row[*a as usize])
+            .then(a.cmp(b))
+    };
+    // Partition out the top k in linear time, then sort only those: the server ranks a
+    // 50k-entry vocabulary per mask.
+    if top_k < order.len() {
+        order.select_nth_unstable_by(top_k, better);
+        order.truncate(top_k);
+    }
+    order.sort_by(better);
     order
         .into_iter()
         .take(top_k)
