@@ -76,7 +76,9 @@ for round in 1 2 3; do
       "$load" "http://127.0.0.1:$port" "$work/inputs.txt" "$clients" 2 >/dev/null  # warm-up
       line=$("$load" "http://127.0.0.1:$port" "$work/inputs.txt" "$clients" "$seconds")
       rss=$(awk '/VmHWM/ {print $2}' /proc/$pid/status)
-      kill -INT $pid; wait $pid 2>/dev/null || true
+      # masklm drains on SIGINT; Python's SIGINT handler can hang in torch's threads at exit.
+      if [[ $side == transformers ]]; then kill $pid; else kill -INT $pid; fi
+      wait $pid 2>/dev/null || true
       echo "{\"round\": $round, \"model\": \"$name\", \"side\": \"$side\", \"peak_rss_kb\": $rss, \"load\": $line}" | tee -a "$results" >&2
     done
   done

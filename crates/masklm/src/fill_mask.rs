@@ -9,9 +9,7 @@ use burn::tensor::Device;
 use clap::Args;
 use masklm_data::load_tokenizer;
 use masklm_model::{RobertaConfig, RobertaForMaskedLM};
-use masklm_train::fill::{
-    FillText, encode_for_fill, pipeline_output, target_ids, top_candidates,
-};
+use masklm_train::fill::{FillText, encode_for_fill, pipeline_output, target_ids, top_candidates};
 
 #[derive(Args, Debug)]
 pub struct FillMaskArgs {
@@ -48,13 +46,14 @@ pub fn load_model(path: &Path, device: &Device) -> Result<masklm_train::Loaded> 
 }
 
 /// Ranks the vocabulary (or `targets`) at each mask of `ids`; one list per mask.
-fn predict(
-    model: &RobertaForMaskedLM,
-    text: &FillText,
-    device: &Device,
-) -> Result<Vec<Vec<f32>>> {
-    let mut rows =
-        masklm_train::fill::mask_probabilities(model, &[&text.ids], &[text.masks.clone()], 0, device)?;
+fn predict(model: &RobertaForMaskedLM, text: &FillText, device: &Device) -> Result<Vec<Vec<f32>>> {
+    let mut rows = masklm_train::fill::mask_probabilities(
+        model,
+        &[&text.ids],
+        &[text.masks.clone()],
+        0,
+        device,
+    )?;
     rows.pop().context("the model returned no distribution")
 }
 

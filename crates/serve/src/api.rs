@@ -228,9 +228,10 @@ impl AppState {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the server's queue is full; retry shortly",
             ),
-            Submit::Stopped => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the server is shutting down")
-            }
+            Submit::Stopped => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the server is shutting down",
+            ),
         })
     }
 }
@@ -264,6 +265,7 @@ async fn fill_mask(
     request: Result<Json<FillRequest>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Json(request) = request?;
+    let arriving = state.engine.arriving();
     let model = state.model(request.model.as_deref())?;
     let info = &state.models[model];
     let top_k = request.top_k.unwrap_or(5);
@@ -291,7 +293,9 @@ async fn fill_mask(
     let encoded = texts
         .iter()
         .enumerate()
-        .map(|(i, text)| encode_for_fill(&info.tokenizer, text, max_len).map_err(|e| fill_error(i, single, e)))
+        .map(|(i, text)| {
+            encode_for_fill(&info.tokenizer, text, max_len).map_err(|e| fill_error(i, single, e))
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let (reply, receiver) = oneshot::channel();
     state.submit(Job::Fill {
@@ -301,6 +305,7 @@ async fn fill_mask(
         targets,
         reply,
     })?;
+    drop(arriving);
     let mut docs = answer(receiver).await?;
     Ok(Json(match (single, docs.pop()) {
         (true, Some(doc)) => doc,
@@ -313,13 +318,18 @@ async fn score(
     request: Result<Json<ScoreRequest>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Json(request) = request?;
+    let arriving = state.engine.arriving();
     let model = state.model(request.model.as_deref())?;
     let info = &state.models[model];
     let (texts, single) = state.texts(request.inputs)?;
     let max_len = info.config.max_sequence_length();
     let mut sequences = Vec::with_capacity(texts.len());
     for (i, text) in texts.iter().enumerate() {
-        let at = if single { String::new() } else { format!("inputs[{i}]: ") };
+        let at = if single {
+            String::new()
+        } else {
+            format!("inputs[{i}]: ")
+        };
         let ids = info
             .tokenizer
             .encode(text)
@@ -345,6 +355,7 @@ async fn score(
         texts: sequences,
         reply,
     })?;
+    drop(arriving);
     let scored = answer(receiver).await?;
     let (mut total_ll, mut total_tokens) = (0.0, 0u64);
     let results: Vec<Value> = scored

@@ -2,7 +2,10 @@
 //! maximum batch) runs as one padded forward per model, off the async runtime's threads.
 
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{
+    Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError, sync_channel,
+};
 use std::time::{Duration, Instant};
 
 use burn::tensor::Device;
@@ -54,7 +57,9 @@ impl Job {
 pub struct Batching {
     /// Most sequences in one forward; 1 turns batching off.
     pub max_batch: usize,
-    /// How long the first request of a batch waits for company.
+    /// How long the first request of a batch may wait for requests that are on their way (read
+    /// and being tokenized by the HTTP side). With none on their way it does not wait, so a
+    /// lone client pays no window.
     pub window: Duration,
     /// Requests waiting beyond the one running; more are refused (503).
     pub queue: usize,
@@ -64,6 +69,16 @@ pub struct Batching {
 #[derive(Clone)]
 pub struct Engine {
     sender: SyncSender<Job>,
+    arriving: Arc<AtomicUsize>,
+}
+
+/// Marks a request as on its way to the model thread until dropped (see [`Batching::window`]).
+pub struct Arriving(Arc<AtomicUsize>);
+
+impl Drop for Arriving {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Why a job was not accepted.
@@ -84,10 +99,18 @@ impl Engine {
         device: Device,
     ) -> std::io::Result<(Engine, std::thread::JoinHandle<()>)> {
         let (sender, receiver) = sync_channel(batching.queue.max(1));
+        let arriving = Arc::new(AtomicUsize::new(0));
+        let waiting_for = arriving.clone();
         let handle = std::thread::Builder::new()
             .name("masklm-model".to_string())
-            .spawn(move || run(models, infos, batching, device, receiver))?;
-        Ok((Engine { sender }, handle))
+            .spawn(move || run(models, infos, batching, device, receiver, waiting_for))?;
+        Ok((Engine { sender, arriving }, handle))
+    }
+
+    /// Announces a request that will submit a job soon.
+    pub fn arriving(&self) -> Arriving {
+        self.arriving.fetch_add(1, Ordering::SeqCst);
+        Arriving(self.arriving.clone())
     }
 
     pub fn submit(&self, job: Job) -> Result<(), Submit> {
@@ -104,24 +127,32 @@ fn run(
     batching: Batching,
     device: Device,
     receiver: Receiver<Job>,
+    arriving: Arc<AtomicUsize>,
 ) {
     while let Ok(first) = receiver.recv() {
         let mut jobs = vec![first];
         let mut sequences = jobs[0].sequences();
         let deadline = Instant::now() + batching.window;
         while sequences < batching.max_batch {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let next = if left.is_zero() {
-                receiver.try_recv().map_err(|_| RecvTimeoutError::Timeout)
-            } else {
-                receiver.recv_timeout(left)
+            let next = match receiver.try_recv() {
+                Ok(job) => Ok(job),
+                Err(TryRecvError::Disconnected) => break,
+                // Wait only for requests already on their way, and only within the window.
+                Err(TryRecvError::Empty) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if arriving.load(Ordering::SeqCst) == 0 || left.is_zero() {
+                        break;
+                    }
+                    receiver.recv_timeout(left.min(Duration::from_micros(200)))
+                }
             };
             match next {
                 Ok(job) => {
                     sequences += job.sequences();
                     jobs.push(job);
                 }
-                Err(_) => break,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => break,
             }
         }
         for (index, model) in models.iter().enumerate() {

@@ -210,7 +210,13 @@ pub fn chart(title: &str, series: &BTreeMap<String, BTreeMap<u64, f64>>, log_y: 
     const RIGHT: f64 = 16.0;
     const TOP: f64 = 28.0;
     const BOTTOM: f64 = 36.0;
-    let y_of = |v: f64| if log_y { v.max(f64::MIN_POSITIVE).log10() } else { v };
+    let y_of = |v: f64| {
+        if log_y {
+            v.max(f64::MIN_POSITIVE).log10()
+        } else {
+            v
+        }
+    };
     let points = series.values().flat_map(|s| s.iter());
     let (mut x0, mut x1, mut y0, mut y1) = (u64::MAX, 0u64, f64::INFINITY, f64::NEG_INFINITY);
     for (&x, &v) in points {
@@ -223,7 +229,11 @@ pub fn chart(title: &str, series: &BTreeMap<String, BTreeMap<u64, f64>>, log_y: 
     let _ = write!(
         svg,
         r#"<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {W} {H}" width="{W}" height="{H}" class="chart" role="img" aria-label="{t}"><rect width="{W}" height="{H}" fill="white"/><text x="{LEFT}" y="18" font-size="14" font-family="sans-serif" font-weight="bold">{t}</text>"#,
-        t = escape(title)
+        t = if log_y {
+            format!("{} (log scale)", escape(title))
+        } else {
+            escape(title)
+        }
     );
     if x0 > x1 {
         let _ = write!(
@@ -275,10 +285,9 @@ pub fn chart(title: &str, series: &BTreeMap<String, BTreeMap<u64, f64>>, log_y: 
     }
     let _ = write!(
         svg,
-        r#"<text x="{}" y="{}" text-anchor="middle">step{}</text></g>"#,
+        r#"<text x="{}" y="{}" text-anchor="middle">step</text></g>"#,
         LEFT + pw / 2.0,
         H - 4.0,
-        if log_y { " (log scale)" } else { "" }
     );
     for (i, (name, points)) in series.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
@@ -296,7 +305,10 @@ pub fn chart(title: &str, series: &BTreeMap<String, BTreeMap<u64, f64>>, log_y: 
         if points.len() <= 40 {
             for c in &coords {
                 let (cx, cy) = c.split_once(',').unwrap_or(("0", "0"));
-                let _ = write!(svg, r#"<circle cx="{cx}" cy="{cy}" r="2.5" fill="{color}"/>"#);
+                let _ = write!(
+                    svg,
+                    r#"<circle cx="{cx}" cy="{cy}" r="2.5" fill="{color}"/>"#
+                );
             }
         }
         let ly = TOP + 4.0 + 14.0 * i as f64;

@@ -210,11 +210,7 @@ pub fn top_candidates(row: &[f32], top_k: usize, targets: Option<&[u32]>) -> Vec
         None => (0..row.len() as u32).collect(),
     };
     // Best first; ties keep the lower id first, as a stable sort of the ids would.
-    let better = |a: &u32, b: &u32| {
-        row[*b as usize]
-            .total_cmp(&row[*a as usize])
-            .then(a.cmp(b))
-    };
+    let better = |a: &u32, b: &u32| row[*b as usize].total_cmp(&row[*a as usize]).then(a.cmp(b));
     // Partition out the top k in linear time, then sort only those: the server ranks a
     // 50k-entry vocabulary per mask.
     if top_k < order.len() {

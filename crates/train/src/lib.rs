@@ -27,7 +27,8 @@ pub mod vocab;
 use std::path::PathBuf;
 
 pub use config::TrainConfig;
-pub use eval::{EvalResult, EvalSettings, evaluate, evaluate_splits, pseudo_log_likelihood, pseudo_perplexity,
+pub use eval::{
+    EvalResult, EvalSettings, evaluate, evaluate_splits, pseudo_log_likelihood, pseudo_perplexity,
 };
 pub use inference::{Loaded, check_tokenizer_fits, load_for_inference};
 pub use optim::{
