@@ -50,7 +50,7 @@ fn predict(model: &RobertaForMaskedLM, text: &FillText, device: &Device) -> Resu
     let mut rows = masklm_train::fill::mask_probabilities(
         model,
         &[&text.ids],
-        &[text.masks.clone()],
+        std::slice::from_ref(&text.masks),
         0,
         device,
     )?;

@@ -44,8 +44,9 @@ pub enum ServeError {
     Load {
         name: String,
         path: PathBuf,
+        // Boxed: TrainError is large, and every Result of this crate would carry its size.
         #[source]
-        source: masklm_train::TrainError,
+        source: Box<masklm_train::TrainError>,
     },
     /// A `--model` folder has no usable tokenizer.
     #[error("model {name:?} ({}): the server needs the tokenizer files beside the weights: {source}", path.display())]
@@ -154,7 +155,7 @@ impl Server {
             let load_error = |source| ServeError::Load {
                 name: name.clone(),
                 path: path.clone(),
-                source,
+                source: Box::new(source),
             };
             let loaded = masklm_train::load_for_inference(path, &device).map_err(load_error)?;
             let tokenizer_error = |source| ServeError::Tokenizer {
