@@ -425,17 +425,6 @@ fn every_limit_answers_its_status_and_the_server_survives() {
             "tokens long; this model takes at most 128",
         ),
     ];
-    for (body, status, message) in &cases {
-        let (got, doc) = post(addr, "/v1/fill-mask", body);
-        assert_eq!(got, *status, "{body}: {doc}");
-        let error = doc["error"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no error field: {doc}"));
-        assert!(
-            error.contains(message),
-            "{body}: {error:?} lacks {message:?}"
-        );
-    }
     let score_cases: Vec<(Value, u16, &str)> = vec![
         (json!({"inputs": ""}), 422, "has no token to score"),
         (
@@ -449,13 +438,18 @@ fn every_limit_answers_its_status_and_the_server_survives() {
             "this model takes at most 128",
         ),
     ];
-    for (body, status, message) in &score_cases {
-        let (got, doc) = post(addr, "/v1/score", body);
-        assert_eq!(got, *status, "{body}: {doc}");
-        assert!(
-            doc["error"].as_str().unwrap().contains(message),
-            "{body}: {doc}"
-        );
+    for (route, cases) in [("/v1/fill-mask", &cases), ("/v1/score", &score_cases)] {
+        for (body, status, message) in cases {
+            let (got, doc) = post(addr, route, body);
+            assert_eq!(got, *status, "{route} {body}: {doc}");
+            let error = doc["error"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{route}: no error field: {doc}"));
+            assert!(
+                error.contains(message),
+                "{route} {body}: {error:?} lacks {message:?}"
+            );
+        }
     }
 
     let check = |(status, body): (u16, String), want: u16, message: &str| {
