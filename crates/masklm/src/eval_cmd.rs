@@ -6,14 +6,14 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
 use clap::Args;
 use masklm_data::{
-    MaskingConfig, NoProgress, Packing, PrepareOptions, SplitReader, Validation, load_tokenizer,
-    prepare, read_manifest,
+    MaskingConfig, NoProgress, Packing, PrepareOptions, SplitReader, Validation, prepare,
+    read_manifest,
 };
 use masklm_train::{EvalSettings, evaluate};
 use serde_json::json;
 
 use crate::data_cmd::CorpusArgs;
-use crate::fill_mask::load_model;
+use crate::fill_mask::load_model_and_tokenizer;
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
@@ -43,16 +43,8 @@ pub struct EvalArgs {
 }
 
 pub fn eval_cmd(args: EvalArgs, device: &Device) -> Result<()> {
-    let loaded = load_model(&args.model, device)
-        .with_context(|| format!("loading {}", args.model.display()))?;
+    let (loaded, tokenizer) = load_model_and_tokenizer(&args.model, device, "to evaluate text")?;
     let (config, model) = (loaded.config, loaded.model);
-    let tokenizer = load_tokenizer(&loaded.dir).with_context(|| {
-        format!(
-            "{} needs its tokenizer files to evaluate text",
-            loaded.dir.display()
-        )
-    })?;
-    masklm_train::check_tokenizer_fits(&tokenizer, &config)?;
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
@@ -183,11 +175,8 @@ pub struct ProbeArgs {
 
 /// `masklm probe`: the knowledge probes of `[eval] probes`, on any model.
 pub fn probe_cmd(args: ProbeArgs, device: &Device) -> Result<()> {
-    let loaded = load_model(&args.model, device)
-        .with_context(|| format!("loading {}", args.model.display()))?;
-    let tokenizer = load_tokenizer(&loaded.dir)
-        .with_context(|| format!("{} needs its tokenizer files", loaded.dir.display()))?;
-    masklm_train::check_tokenizer_fits(&tokenizer, &loaded.config)?;
+    let (loaded, tokenizer) =
+        load_model_and_tokenizer(&args.model, device, "to rank the probes' answers")?;
     let (probes, notices) = masklm_train::load_probes(
         &args.probes,
         &tokenizer,

@@ -45,6 +45,24 @@ pub fn load_model(path: &Path, device: &Device) -> Result<masklm_train::Loaded> 
     Ok(loaded)
 }
 
+/// Loads a model and the tokenizer beside its weights (checked to fit it), for a command that
+/// reads text; `purpose` completes "DIR needs its tokenizer files ..." when there is none.
+pub fn load_model_and_tokenizer(
+    path: &Path,
+    device: &Device,
+    purpose: &str,
+) -> Result<(masklm_train::Loaded, masklm_data::MlmTokenizer)> {
+    let loaded = load_model(path, device).with_context(|| format!("loading {}", path.display()))?;
+    let tokenizer = load_tokenizer(&loaded.dir).with_context(|| {
+        format!(
+            "{} needs its tokenizer files {purpose}",
+            loaded.dir.display()
+        )
+    })?;
+    masklm_train::check_tokenizer_fits(&tokenizer, &loaded.config)?;
+    Ok((loaded, tokenizer))
+}
+
 /// Ranks the vocabulary (or `targets`) at each mask of `ids`; one list per mask.
 fn predict(model: &RobertaForMaskedLM, text: &FillText, device: &Device) -> Result<Vec<Vec<f32>>> {
     let mut rows = masklm_train::fill::mask_probabilities(
