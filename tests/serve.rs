@@ -13,7 +13,9 @@ use std::time::Duration;
 use masklm_serve::{Batching, Limits, ServeOptions, Server};
 use serde_json::{Value, json};
 
-/// A server on a free loopback port, stopped (gracefully) when dropped.
+/// A server on a free loopback port, stopped (gracefully) when dropped. It runs on the CPU
+/// (flex) device, as the CLI does by default: `Device::default()` picks another backend when
+/// the build has wgpu/tch compiled in (CI).
 struct Running {
     addr: SocketAddr,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -48,7 +50,7 @@ fn start(options: ServeOptions) -> Running {
     let thread = std::thread::spawn(move || {
         let runtime = tokio::runtime::Runtime::new().unwrap();
         runtime.block_on(async move {
-            let server = Server::load(options, Default::default()).unwrap();
+            let server = Server::load(options, burn::tensor::Device::flex()).unwrap();
             addr_tx.send(server.local_addr().unwrap()).unwrap();
             server
                 .run(async {
@@ -586,7 +588,7 @@ fn bad_models_and_names_are_refused_at_start() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let _guard = runtime.enter();
     let work = tempfile::tempdir().unwrap();
-    let error = |options: ServeOptions| match Server::load(options, Default::default()) {
+    let error = |options: ServeOptions| match Server::load(options, burn::tensor::Device::flex()) {
         Ok(_) => panic!("started"),
         Err(e) => e.to_string(),
     };

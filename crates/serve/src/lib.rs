@@ -9,7 +9,7 @@
 //! ```no_run
 //! # async fn f() -> Result<(), masklm_serve::ServeError> {
 //! let options = masklm_serve::ServeOptions::new(vec![("tiny".into(), "runs/quickstart".into())]);
-//! let server = masklm_serve::Server::load(options, burn::tensor::Device::default())?;
+//! let server = masklm_serve::Server::load(options, burn::tensor::Device::flex())?;
 //! println!("listening on http://{}", server.local_addr()?);
 //! server.run(async { let _ = tokio::signal::ctrl_c().await; }).await
 //! # }
