@@ -187,7 +187,7 @@ fn run_fills(
             Job::Score { .. } => Vec::new(),
         })
         .collect();
-    let computed = masklm_train::catch_backend_panic(|| {
+    let computed = catch_panic(|| {
         let mut rows = Vec::with_capacity(texts.len());
         for chunk in texts.chunks(max_batch.max(1)) {
             let ids: Vec<&[u32]> = chunk.iter().map(|t| t.ids.as_slice()).collect();
@@ -246,7 +246,7 @@ fn run_score(
     let Job::Score { texts, reply, .. } = job else {
         return;
     };
-    let computed = masklm_train::catch_backend_panic(|| {
+    let computed = catch_panic(|| {
         texts
             .iter()
             .map(|ids| {
@@ -268,4 +268,17 @@ fn reply_all(jobs: Vec<Job>, message: &str) {
             }
         }
     }
+}
+
+/// Runs `f`, turning a panic (a backend failure) into its message for a 500. Not
+/// `masklm_train::catch_backend_panic`: its quiet hook silences every thread's panic message
+/// while inside it, and the model thread is inside for every batch.
+fn catch_panic<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|panic| {
+        panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "the backend panicked".to_string())
+    })
 }
