@@ -18,6 +18,7 @@ use std::path::Path;
 
 use burn::tensor::Device;
 use common::{Reference, max_abs_diff, transpose, values};
+use masklm_model::AttentionImpl;
 
 // The CLI's backend selection, so that these tests pick devices exactly as `masklm` does.
 #[path = "../crates/masklm/src/backend.rs"]
@@ -47,9 +48,15 @@ fn backends() -> Vec<(&'static str, Device)> {
 #[test]
 fn fixture_models_match_transformers_on_every_backend() {
     for (backend, device) in backends() {
-        for name in ["roberta-tiny", "bert-tiny"] {
+        let attention = [AttentionImpl::Auto, AttentionImpl::Eager];
+        for (name, attention) in ["roberta-tiny", "bert-tiny"]
+            .into_iter()
+            .flat_map(|n| attention.map(|a| (n, a)))
+        {
+            let backend = format!("{backend} {attention:?}");
             let reference = Reference::load(name);
             let (_, model, _) = masklm_hub::load_roberta(&common::fixture(name), &device).unwrap();
+            let model = model.with_attention(attention);
             let logits = model.forward(
                 reference.int2("input_ids", &device),
                 reference.int2("attention_mask", &device),
@@ -61,7 +68,7 @@ fn fixture_models_match_transformers_on_every_backend() {
             // Loss and the gradient of the tied word embeddings on the autodiff device,
             // dropout off as in the reference.
             let device = device.clone().autodiff();
-            let (model, loss) = common::fixture_loss(name, &device);
+            let (model, loss) = common::fixture_loss_using(name, &device, attention);
             let grads = loss.backward();
             let loss = values(loss)[0];
             let expected = reference.f32("loss").data[0];
@@ -181,17 +188,25 @@ fn perplexity(backend: &str, model: &Path) -> f64 {
     v["perplexity"].as_f64().unwrap()
 }
 
+/// Dropout off: each backend draws its masks from its own generator (crates/model/src/
+/// dropout.rs), so only dropout-free runs agree step for step across backends.
+const NO_DROPOUT: &[&str] = &[
+    "model.hidden_dropout_prob=0.0",
+    "model.attention_probs_dropout_prob=0.0",
+];
+
 #[test]
 fn training_and_checkpoints_agree_across_backends() {
     let dir = tempfile::tempdir().unwrap();
     let config = common::write_tiny_config(dir.path(), "");
     // Runs one after another: they share the token cache the first one writes.
-    let cpu = common::train_run(&config, &dir.path().join("cpu"), "cpu", 20, &[]);
+    let cpu = common::train_run(&config, &dir.path().join("cpu"), "cpu", 20, NO_DROPOUT);
     let cpu_losses = common::losses(&dir.path().join("cpu"));
     assert_eq!(cpu_losses.len(), 20);
     let mut checkpoints = vec![("cpu", cpu)];
     for (backend, _) in backends() {
-        let checkpoint = common::train_run(&config, &dir.path().join(backend), backend, 20, &[]);
+        let checkpoint =
+            common::train_run(&config, &dir.path().join(backend), backend, 20, NO_DROPOUT);
         let losses = common::losses(&dir.path().join(backend));
         assert_eq!(losses.len(), 20, "{backend}");
         let worst = common::worst_loss_diff(&cpu_losses, &losses);
@@ -222,10 +237,77 @@ fn training_and_checkpoints_agree_across_backends() {
 }
 
 #[test]
+fn dropout_is_drawn_on_the_device_at_its_rate_and_resumes_exactly() {
+    use burn::tensor::Tensor;
+    use masklm_model::{MlmDropout, seed_dropout};
+    for (backend, device) in backends() {
+        let device = device.autodiff();
+        let dropout = MlmDropout::new(0.1);
+        let x = Tensor::<2>::ones([200, 500], &device);
+        let draw = || -> Vec<f32> { values(dropout.forward(x.clone())) };
+        seed_dropout(11, &device);
+        let a = draw();
+        let dropped = a.iter().filter(|&&v| v == 0.0).count() as f64 / a.len() as f64;
+        println!("{backend}: dropout rate {dropped} (0.1 asked)");
+        // 100,000 draws: the standard deviation of the rate is 0.00095.
+        assert!(
+            (dropped - 0.1).abs() < 0.005,
+            "{backend}: dropped {dropped}"
+        );
+        assert!(
+            a.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.9).abs() < 1e-6),
+            "{backend}: kept values are not 1/0.9"
+        );
+        let b = draw();
+        assert_ne!(a, b, "{backend}: the next call draws a new mask");
+        let both = a
+            .iter()
+            .zip(&b)
+            .filter(|(x, y)| **x == 0.0 && **y == 0.0)
+            .count();
+        let both = both as f64 / a.len() as f64;
+        assert!(
+            (both - 0.01).abs() < 0.002,
+            "{backend}: dropped twice {both}"
+        );
+        seed_dropout(11, &device);
+        assert_eq!(a, draw(), "{backend}: the same seed draws the same mask");
+    }
+
+    // A run with dropout stopped at step 3 and resumed gives the uninterrupted run's losses.
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::write_tiny_config(dir.path(), "");
+    for (backend, _) in backends() {
+        let whole = dir.path().join(format!("{backend}-whole"));
+        common::train_run(&config, &whole, backend, 6, &[]);
+        let part = dir.path().join(format!("{backend}-part"));
+        common::train_run(&config, &part, backend, 3, &[]);
+        let mut args = common::backend_args(backend);
+        args.extend(
+            [
+                "train",
+                "--resume",
+                &part.display().to_string(),
+                "--set",
+                "training.max_steps=6",
+            ]
+            .map(String::from),
+        );
+        common::masklm_ok(args);
+        let (whole, part) = (common::losses(&whole), common::losses(&part));
+        assert_eq!(part.len(), 6, "{backend}: {part:?}");
+        let worst = common::worst_loss_diff(&whole, &part);
+        println!("{backend}: resumed losses within {worst:e} of the uninterrupted run");
+        // Another mask moves a loss by ~1e-2; float reordering, by ~1e-7.
+        assert!(worst <= 1e-5, "{backend}: resumed losses differ by {worst}");
+    }
+}
+
+#[test]
 fn mixed_precision_follows_f32_on_every_backend() {
     let dir = tempfile::tempdir().unwrap();
     let config = common::write_tiny_config(dir.path(), "");
-    common::train_run(&config, &dir.path().join("f32"), "cpu", 20, &[]);
+    common::train_run(&config, &dir.path().join("f32"), "cpu", 20, NO_DROPOUT);
     let f32_losses = common::losses(&dir.path().join("f32"));
     for (backend, _) in backends() {
         // lavapipe's Vulkan has f16 but no bf16 (the trainer refuses bf16 there).
@@ -237,7 +319,8 @@ fn mixed_precision_follows_f32_on_every_backend() {
         for precision in precisions {
             let out = dir.path().join(format!("{backend}-{precision}"));
             let set = format!("training.precision=\"{precision}\"");
-            common::train_run(&config, &out, backend, 20, &[&set]);
+            let sets: Vec<&str> = NO_DROPOUT.iter().copied().chain([set.as_str()]).collect();
+            common::train_run(&config, &out, backend, 20, &sets);
             let losses = common::losses(&out);
             let worst = common::worst_loss_diff(&f32_losses, &losses);
             println!("{backend} {precision}: 20 losses within {worst:e} of f32");

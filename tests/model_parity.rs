@@ -9,9 +9,12 @@ mod common;
 
 use burn::tensor::{Device, Tensor};
 use common::{Reference, max_abs_diff, transpose, values};
-use masklm_model::{RobertaForMaskedLM, mlm_loss};
+use masklm_model::{AttentionImpl, RobertaForMaskedLM, mlm_loss};
 
 const FIXTURES: [&str; 4] = ["roberta-tiny", "roberta-tiny-b", "xlmr-tiny", "bert-tiny"];
+
+/// Both attention paths: fused (`Auto` without live dropout) and eager.
+const ATTENTION: [AttentionImpl; 2] = [AttentionImpl::Auto, AttentionImpl::Eager];
 
 fn load(name: &str, device: &Device) -> RobertaForMaskedLM {
     let (_, model, report) =
@@ -23,9 +26,9 @@ fn load(name: &str, device: &Device) -> RobertaForMaskedLM {
 #[test]
 fn logits_match_transformers() {
     let device = Device::flex();
-    for name in FIXTURES {
+    for (name, attention) in FIXTURES.into_iter().flat_map(|n| ATTENTION.map(|a| (n, a))) {
         let reference = Reference::load(name);
-        let model = load(name, &device);
+        let model = load(name, &device).with_attention(attention);
         let logits = model.forward(
             reference.int2("input_ids", &device),
             reference.int2("attention_mask", &device),
@@ -33,10 +36,10 @@ fn logits_match_transformers() {
         let expected = reference.f32("logits");
         assert_eq!(logits.dims().to_vec(), expected.shape, "{name}");
         let diff = max_abs_diff(&values(logits), &expected.data);
-        println!("{name}: logits max abs diff {diff:e}");
+        println!("{name} {attention:?}: logits max abs diff {diff:e}");
         assert!(
             diff <= 1e-4,
-            "{name}: logits differ from transformers by {diff}"
+            "{name} {attention:?}: logits differ from transformers by {diff}"
         );
     }
 }
@@ -82,9 +85,9 @@ fn gradients_match_transformers() {
     // The reference gradients were taken in eval mode; on an autodiff device burn's dropout
     // is live, so build the model with dropout 0 and load the same weights.
     let device = Device::flex().autodiff();
-    for name in FIXTURES {
+    for (name, attention) in FIXTURES.into_iter().flat_map(|n| ATTENTION.map(|a| (n, a))) {
         let reference = Reference::load(name);
-        let (model, loss) = common::fixture_loss(name, &device);
+        let (model, loss) = common::fixture_loss_using(name, &device, attention);
         let grads = loss.backward();
 
         let check = |hf_name: &str, ours: Tensor<2>, hf_layout_transposed: bool| {
@@ -105,10 +108,10 @@ fn gradients_match_transformers() {
             };
             let expected = reference.f32(&format!("grad.{key}"));
             let diff = max_abs_diff(&got, &expected.data);
-            println!("{name}: gradient of {hf_name} max abs diff {diff:e}");
+            println!("{name} {attention:?}: gradient of {hf_name} max abs diff {diff:e}");
             assert!(
                 diff <= 1e-4,
-                "{name}: gradient of {hf_name} differs by {diff}"
+                "{name} {attention:?}: gradient of {hf_name} differs by {diff}"
             );
         };
         // The word-embedding gradient includes the decoder's share: the tie is structural.

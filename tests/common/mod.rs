@@ -119,8 +119,17 @@ pub fn fixture_model(name: &str, device: &Device) -> masklm_model::RobertaForMas
 
 /// [`fixture_model`] and its masked-LM loss on the reference batch.
 pub fn fixture_loss(name: &str, device: &Device) -> (masklm_model::RobertaForMaskedLM, Tensor<1>) {
+    fixture_loss_using(name, device, masklm_model::AttentionImpl::Auto)
+}
+
+/// [`fixture_loss`] with self-attention computed by `implementation`.
+pub fn fixture_loss_using(
+    name: &str,
+    device: &Device,
+    implementation: masklm_model::AttentionImpl,
+) -> (masklm_model::RobertaForMaskedLM, Tensor<1>) {
     let reference = Reference::load(name);
-    let model = fixture_model(name, device);
+    let model = fixture_model(name, device).with_attention(implementation);
     let (positions, labels) = masked(&reference, device);
     let logits = model.forward_at(
         reference.int2("input_ids", device),

@@ -9,7 +9,9 @@
 //!     --hidden 256 --layers 4 --heads 4 --ffn 1024 --vocab 8192 --seq 128 --batch 16 --steps 20
 //! ```
 //! Prints `MASKLM_BENCH train_tps=... eval_tps=... rss_mb=... params=...`. `--backend wgpu|tch`
-//! (and `--device`) run it on an optional backend, in a build with that feature.
+//! (and `--device`) run it on an optional backend, in a build with that feature;
+//! `--attention eager` turns the fused attention kernel off (it runs wherever attention
+//! dropout is inactive: here, evaluation).
 
 use std::time::Instant;
 
@@ -20,7 +22,7 @@ mod backend;
 use burn::module::Module;
 use burn::tensor::Device;
 use masklm_data::{MaskVocab, MaskingConfig, collate, mask_tokens};
-use masklm_model::{RobertaConfig, RobertaForMaskedLM};
+use masklm_model::{AttentionImpl, RobertaConfig, RobertaForMaskedLM};
 use masklm_train::{LossScaler, OptimizerConfig, Precision, train_step};
 
 fn arg(name: &str, default: usize) -> usize {
@@ -88,7 +90,17 @@ fn main() {
     };
     let ad = device.clone().autodiff();
     ad.seed(0);
-    let mut model = RobertaForMaskedLM::new(&config, &ad).expect("valid shape");
+    let attention = match text_arg("--attention").as_deref() {
+        None | Some("auto") => AttentionImpl::Auto,
+        Some("eager") => AttentionImpl::Eager,
+        Some(other) => {
+            eprintln!("bench: --attention {other}: expected auto or eager");
+            std::process::exit(2);
+        }
+    };
+    let mut model = RobertaForMaskedLM::new(&config, &ad)
+        .expect("valid shape")
+        .with_attention(attention);
     let params = model.num_params();
     let optim_config = OptimizerConfig {
         lr: 1e-4,

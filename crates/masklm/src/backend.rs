@@ -1,4 +1,4 @@
-//! The one place that chooses a backend: `--backend cpu|wgpu|tch` and `--device` become a burn
+//! The one place that chooses a backend: `--backend cpu|wgpu|cuda|tch` and `--device` become a burn
 //! `Device`. burn 0.22's tensors carry no backend type, so nothing below the CLI knows or cares
 //! which backend runs it.
 
@@ -12,13 +12,16 @@ use anyhow::{Result, bail};
 use burn::tensor::Device;
 use clap::ValueEnum;
 
-/// Compute backends; `wgpu` and `tch` exist in builds with the matching Cargo feature.
+/// Compute backends; `wgpu`, `cuda` and `tch` exist in builds with the matching Cargo feature.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Backend {
     /// burn's pure-Rust flex CPU backend (always built).
     Cpu,
     /// wgpu: Vulkan, Metal or DX12 (`cargo build --features wgpu`).
     Wgpu,
+    /// NVIDIA GPUs through CubeCL's CUDA runtime (`cargo build --features cuda`; needs the
+    /// driver and NVRTC at run time, no CUDA toolkit to build).
+    Cuda,
     /// libtorch on CPU or CUDA (`cargo build --features tch`, see scripts/setup-libtorch.sh).
     Tch,
 }
@@ -29,6 +32,7 @@ impl Backend {
         match self {
             Backend::Cpu => "cpu",
             Backend::Wgpu => "wgpu",
+            Backend::Cuda => "cuda",
             Backend::Tch => "tch",
         }
     }
@@ -82,6 +86,12 @@ fn probe(device: &Device, backend: Backend, spec: Option<&str>) -> Result<()> {
                      (libvulkan1) and a driver (the GPU vendor's, or mesa-vulkan-drivers for \
                      the CPU-only lavapipe); `vulkaninfo --summary` lists what is visible"
                 }
+                Backend::Cuda => {
+                    "the cuda backend needs the NVIDIA driver (libcuda.so.1, `nvidia-smi` \
+                     lists the GPUs) and NVRTC (libnvrtc.so from a CUDA toolkit, or `pip \
+                     install nvidia-cuda-nvrtc-cu12` with its lib folder on LD_LIBRARY_PATH); \
+                     without an NVIDIA GPU use --backend wgpu or cpu"
+                }
                 Backend::Tch => {
                     "libtorch could not use that device: for CUDA, install the CUDA build of \
                      torch (scripts/setup-libtorch.sh) on a machine with an NVIDIA driver; \
@@ -104,6 +114,7 @@ fn device_unchecked(backend: Backend, spec: Option<&str>) -> Result<Device> {
             Some(other) => bail!("--device {other}: the cpu backend has one device, \"cpu\""),
         },
         Backend::Wgpu => wgpu_device(spec),
+        Backend::Cuda => cuda_device(spec),
         Backend::Tch => tch_device(spec),
     }
 }
@@ -132,6 +143,27 @@ fn wgpu_device(_: Option<&str>) -> Result<Device> {
     bail!(
         "this masklm was built without the wgpu backend; rebuild with \
          `cargo build --release -p masklm --features wgpu` (needs a Vulkan, Metal or DX12 driver)"
+    )
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device(spec: Option<&str>) -> Result<Device> {
+    match spec {
+        None => Ok(Device::cuda(0)),
+        Some(s) if s.starts_with("cuda") => Ok(Device::cuda(index(s, "cuda")?)),
+        Some(s) => match s.parse::<usize>() {
+            Ok(i) => Ok(Device::cuda(i)),
+            Err(_) => bail!("--device {s}: cuda devices are cuda[:N] or N"),
+        },
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device(_: Option<&str>) -> Result<Device> {
+    bail!(
+        "this masklm was built without the cuda backend; rebuild with \
+         `cargo build --release -p masklm --features cuda` (no CUDA toolkit needed to build; \
+         running needs the NVIDIA driver and NVRTC)"
     )
 }
 
@@ -206,6 +238,11 @@ mod tests {
         {
             let msg = device(Backend::Wgpu, None).unwrap_err().to_string();
             assert!(msg.contains("--features wgpu"), "{msg}");
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let msg = device(Backend::Cuda, None).unwrap_err().to_string();
+            assert!(msg.contains("--features cuda"), "{msg}");
         }
         #[cfg(not(feature = "tch"))]
         {

@@ -1,24 +1,44 @@
-//! Dropout with a counter-based random stream.
+//! Dropout whose masks are drawn where the activations live.
 //!
-//! burn's `Dropout` draws its Bernoulli mask from the device RNG (ChaCha, one element at a
-//! time); on the CPU backend that took ~14% of a training step of the benchmarks' small model.
-//! This one draws the mask from a splitmix64 hash of (stream seed, call number, element index):
-//! several times cheaper, and still a pure function of the seed that the trainer sets each step
-//! ([`seed_dropout`]), so resumed runs see the same masks. Active only on autodiff devices, as
-//! burn's is; evaluation (`Module::valid`) has none.
+//! - On the CPU backend (flex), whose activations are in host memory, the mask comes from a
+//!   splitmix64 hash of (stream seed, call number, element index) in a host loop: several times
+//!   cheaper than burn's `Dropout` there (ChaCha one element at a time, ~14% of a CPU step).
+//! - On every other device (wgpu, CUDA, libtorch) it is the device's own Bernoulli generator
+//!   (`Tensor::random`, one kernel), seeded by [`seed_dropout`]: nothing is built on the host
+//!   and uploaded per call. A host-built mask was ~80% of a GPU training step; an integer hash
+//!   in int tensor ops (~15 elementwise passes per call) was tried and was far slower on
+//!   lavapipe (session 3, commit c0bc080).
+//!
+//! Either way a mask is a pure function of the seed the trainer sets each step and of the
+//! order of the calls after it, so a resumed run sees the masks the uninterrupted run saw. The
+//! price of the device generator: the same seed draws *different* masks on different backends
+//! (each has its own generator), so runs with dropout agree across backends in distribution,
+//! not bit for bit; with dropout 0 they agree to float rounding (tests/backends.rs).
+//!
+//! Active only on autodiff devices, as burn's is; evaluation (`Module::valid`) has none.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use burn::module::Module;
-use burn::tensor::{FloatDType, Tensor, TensorData};
+use burn::tensor::{Device, Distribution, FloatDType, Tensor, TensorData};
 
 static STREAM_SEED: AtomicU64 = AtomicU64::new(0x5EED);
 static CALLS: AtomicU64 = AtomicU64::new(0);
 
-/// Starts a new dropout stream: the masks that follow depend only on `seed` and their order.
-pub fn seed_dropout(seed: u64) {
+/// Starts a new dropout stream on `device`: the masks that follow depend only on `seed` and
+/// their order. Seeds the device's generator too, which on some backends is process-wide.
+pub fn seed_dropout(seed: u64, device: &Device) {
     STREAM_SEED.store(seed, Ordering::SeqCst);
     CALLS.store(0, Ordering::SeqCst);
+    if !host_resident(device) {
+        device.seed(seed);
+    }
+}
+
+/// Whether `device` keeps its tensors in host memory (the flex CPU backend), where a mask
+/// written by a host loop costs no transfer.
+fn host_resident(device: &Device) -> bool {
+    device.clone().without_autodiff() == Device::flex()
 }
 
 fn splitmix64(mut z: u64) -> u64 {
@@ -26,6 +46,24 @@ fn splitmix64(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
+}
+
+/// The 0 / `1 / keep` mask of `n` elements for dropout call `call`, from the host hash.
+fn host_mask(n: usize, call: u64, keep: f64) -> Vec<f32> {
+    let key = splitmix64(STREAM_SEED.load(Ordering::SeqCst) ^ splitmix64(call));
+    let threshold = (keep * (1u64 << 32) as f64) as u64;
+    let scale = (1.0 / keep) as f32;
+    // Two 32-bit draws per hash.
+    let mut mask = Vec::with_capacity(n);
+    for i in 0..n.div_ceil(2) {
+        let h = splitmix64(key ^ (i as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93));
+        for half in [h & 0xFFFF_FFFF, h >> 32] {
+            if mask.len() < n {
+                mask.push(if half < threshold { scale } else { 0.0 });
+            }
+        }
+    }
+    mask
 }
 
 /// Inverted dropout: zeroes each element with probability `prob` and scales the rest by
@@ -40,29 +78,29 @@ impl MlmDropout {
         Self { prob }
     }
 
+    /// Whether this dropout changes its input: a non-zero rate on an autodiff device.
+    pub fn active(&self, device: &Device) -> bool {
+        self.prob > 0.0 && device.is_autodiff()
+    }
+
     pub fn forward<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
-        if self.prob == 0.0 || !input.device().is_autodiff() {
+        let device = input.device();
+        if !self.active(&device) {
             return input;
         }
         let shape = input.shape();
-        let n = shape.num_elements();
-        let call = CALLS.fetch_add(1, Ordering::SeqCst);
-        let key = splitmix64(STREAM_SEED.load(Ordering::SeqCst) ^ splitmix64(call));
         let keep = 1.0 - self.prob;
-        let threshold = (keep * (1u64 << 32) as f64) as u64;
-        let scale = (1.0 / keep) as f32;
-        // Two 32-bit draws per hash.
-        let mut mask = Vec::with_capacity(n);
-        for i in 0..n.div_ceil(2) {
-            let h = splitmix64(key ^ (i as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93));
-            for half in [h & 0xFFFF_FFFF, h >> 32] {
-                if mask.len() < n {
-                    mask.push(if half < threshold { scale } else { 0.0 });
-                }
-            }
-        }
-        let mask = Tensor::<D>::from_data(TensorData::new(mask, shape), &input.device());
-        // In the input's dtype under mixed precision (a no-op cast otherwise).
+        let call = CALLS.fetch_add(1, Ordering::SeqCst);
+        // The mask needs no gradient: draw it off the autodiff graph.
+        let plain = device.clone().without_autodiff();
+        let mask = if host_resident(&device) {
+            let data = TensorData::new(host_mask(shape.num_elements(), call, keep), shape);
+            Tensor::<D>::from_data(data, &plain)
+        } else {
+            Tensor::<D>::random(shape, Distribution::Bernoulli(keep), &plain) * (1.0 / keep)
+        };
+        // A plain tensor times an autodiff one is a constant factor in the graph; in the
+        // input's dtype under mixed precision (a no-op cast otherwise).
         let dtype = FloatDType::from(input.dtype());
         input * mask.cast(dtype)
     }
@@ -78,12 +116,12 @@ mod tests {
         let device = Device::flex().autodiff();
         let dropout = MlmDropout::new(0.1);
         let x = Tensor::<2>::ones([200, 500], &device);
-        seed_dropout(3);
+        seed_dropout(3, &device);
         let a: Vec<f32> = dropout.forward(x.clone()).into_data().try_to_vec().unwrap();
         let dropped = a.iter().filter(|&&v| v == 0.0).count() as f64 / a.len() as f64;
         assert!((dropped - 0.1).abs() < 0.005, "dropped {dropped}");
         assert!(a.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.9).abs() < 1e-6));
-        seed_dropout(3);
+        seed_dropout(3, &device);
         let b: Vec<f32> = dropout.forward(x.clone()).into_data().try_to_vec().unwrap();
         assert_eq!(a, b);
         let c: Vec<f32> = dropout.forward(x).into_data().try_to_vec().unwrap();

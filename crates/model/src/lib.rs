@@ -37,9 +37,9 @@ use std::path::PathBuf;
 pub use config::{HiddenAct, RobertaConfig};
 pub use dropout::{MlmDropout, seed_dropout};
 pub use model::{
-    RobertaAttention, RobertaEmbeddings, RobertaEncoder, RobertaForMaskedLM, RobertaIntermediate,
-    RobertaLMHead, RobertaLayer, RobertaModel, RobertaOutput, RobertaSelfAttention, attention_bias,
-    mlm_loss, position_ids,
+    AttentionImpl, KeyMask, RobertaAttention, RobertaEmbeddings, RobertaEncoder,
+    RobertaForMaskedLM, RobertaIntermediate, RobertaLMHead, RobertaLayer, RobertaModel,
+    RobertaOutput, RobertaSelfAttention, attention_bias, mlm_loss, position_ids,
 };
 
 /// Why a model configuration could not be used.

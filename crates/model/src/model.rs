@@ -12,6 +12,8 @@
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, LayerNorm, LayerNormConfig, Linear};
 use burn::tensor::activation::{gelu, gelu_approximate, log_softmax, relu, softmax};
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, DType, Device, Distribution, FloatDType, Int, Tensor};
 
 use crate::dropout::MlmDropout;
@@ -189,7 +191,46 @@ impl RobertaEmbeddings {
     }
 }
 
-/// Multi-head scaled dot-product attention (`RobertaSelfAttention`, eager path).
+/// How self-attention is computed: HF's `attn_implementation`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AttentionImpl {
+    /// The backend's fused kernel (burn's `attention`: flash attention in CubeCL, SDPA in
+    /// libtorch, a blocked kernel on flex) wherever attention dropout is inactive (evaluation,
+    /// fill-mask, training with `attention_probs_dropout_prob = 0`), eager otherwise: HF's
+    /// "sdpa", which also falls back to eager for attention dropout it cannot fuse.
+    #[default]
+    Auto,
+    /// Always matmul -> mask -> softmax -> dropout -> matmul (HF's "eager").
+    Eager,
+}
+
+/// Which keys each query may see, in the two forms the attention paths take. Built once per
+/// forward from the `[batch, seq]` attention mask.
+#[derive(Debug, Clone)]
+pub struct KeyMask {
+    /// 0 for real keys, the most negative f32 for pads: `[batch, 1, 1, seq]` (eager path).
+    pub bias: Tensor<4>,
+    /// `true` for pads: `[batch, 1, 1, seq]` (fused path).
+    pub pad: Tensor<4, Bool>,
+}
+
+impl KeyMask {
+    /// # Shapes
+    /// - `attention_mask` (1 = token, 0 = pad): `[batch, seq]`
+    pub fn new(attention_mask: Tensor<2, Int>) -> Self {
+        let [batch, seq] = attention_mask.dims();
+        let pad = attention_mask
+            .clone()
+            .equal_elem(0)
+            .reshape([batch, 1, 1, seq]);
+        Self {
+            bias: attention_bias(attention_mask),
+            pad,
+        }
+    }
+}
+
+/// Multi-head scaled dot-product attention (`RobertaSelfAttention`).
 #[derive(Module, Debug)]
 pub struct RobertaSelfAttention {
     pub query: Linear,
@@ -197,6 +238,8 @@ pub struct RobertaSelfAttention {
     pub value: Linear,
     pub dropout: MlmDropout,
     pub num_heads: usize,
+    #[module(skip)]
+    pub implementation: AttentionImpl,
 }
 
 impl RobertaSelfAttention {
@@ -208,14 +251,14 @@ impl RobertaSelfAttention {
             value: linear(h, h, config, device),
             dropout: MlmDropout::new(config.attention_probs_dropout_prob),
             num_heads: config.num_attention_heads,
+            implementation: AttentionImpl::Auto,
         }
     }
 
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]`
-    /// - `mask_bias`: `[batch, 1, 1, seq]`, 0 for real keys and a large negative for pads
     /// - output: `[batch, seq, hidden]`
-    pub fn forward(&self, x: Tensor<3>, mask_bias: Tensor<4>) -> Tensor<3> {
+    pub fn forward(&self, x: Tensor<3>, mask: &KeyMask) -> Tensor<3> {
         let [batch, seq, hidden] = x.dims();
         let head_dim = hidden / self.num_heads;
         let heads = |t: Tensor<3>| {
@@ -226,17 +269,32 @@ impl RobertaSelfAttention {
         let q = heads(dense(&self.query, x.clone()));
         let k = heads(dense(&self.key, x.clone()));
         let v = heads(dense(&self.value, x));
+        let fused = self.implementation == AttentionImpl::Auto && !self.dropout.active(&q.device());
+        let context = if fused {
+            // Pads masked to -inf rather than finfo.min: the same probabilities, as every
+            // query row has at least one real key.
+            let pad = mask.pad.clone().expand([batch, self.num_heads, seq, seq]);
+            attention(q, k, v, Some(pad), None, AttentionModuleOptions::default())
+        } else {
+            self.eager(q, k, v, mask.bias.clone())
+        };
+        // [batch, heads, seq, head_dim] -> [batch, seq, hidden]
+        context.swap_dims(1, 2).reshape([batch, seq, hidden])
+    }
 
+    /// softmax(q k^T / sqrt(d) + bias) v with dropout on the probabilities, HF's eager path.
+    ///
+    /// # Shapes
+    /// - `q`, `k`, `v`: `[batch, heads, seq, head_dim]`, `bias`: `[batch, 1, 1, seq]`
+    /// - output: `[batch, heads, seq, head_dim]`
+    fn eager(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, bias: Tensor<4>) -> Tensor<4> {
+        let [.., head_dim] = q.dims();
         // [batch, heads, seq, seq]; the mask and softmax in f32 (mixed precision: the scores
         // may be half precision).
         let scores = q.matmul(k.swap_dims(2, 3)) / (head_dim as f64).sqrt();
-        let probs = softmax(cast(scores, mask_bias.dtype()) + mask_bias, 3);
+        let probs = softmax(cast(scores, bias.dtype()) + bias, 3);
         let probs = self.dropout.forward(cast(probs, v.dtype()));
-        // [batch, heads, seq, head_dim] -> [batch, seq, hidden]
-        probs
-            .matmul(v)
-            .swap_dims(1, 2)
-            .reshape([batch, seq, hidden])
+        probs.matmul(v)
     }
 }
 
@@ -307,10 +365,10 @@ impl RobertaLayer {
     }
 
     /// # Shapes
-    /// - `x`: `[batch, seq, hidden]`, `mask_bias`: `[batch, 1, 1, seq]`
+    /// - `x`: `[batch, seq, hidden]`
     /// - output: `[batch, seq, hidden]`
-    pub fn forward(&self, x: Tensor<3>, mask_bias: Tensor<4>) -> Tensor<3> {
-        let attn = self.attention.self_attn.forward(x.clone(), mask_bias);
+    pub fn forward(&self, x: Tensor<3>, mask: &KeyMask) -> Tensor<3> {
+        let attn = self.attention.self_attn.forward(x.clone(), mask);
         let x = self.attention.output.forward(attn, x);
         let ffn = activate(
             self.intermediate.act,
@@ -342,9 +400,9 @@ impl RobertaModel {
         let device = input_ids.device();
         let token_type_ids = Tensor::<2, Int>::zeros([batch, seq], &device);
         let mut x = self.embeddings.forward(input_ids, token_type_ids);
-        let mask_bias = attention_bias(attention_mask);
+        let mask = KeyMask::new(attention_mask);
         for layer in &self.encoder.layer {
-            x = layer.forward(x, mask_bias.clone());
+            x = layer.forward(x, &mask);
         }
         x
     }
@@ -511,6 +569,14 @@ impl RobertaForMaskedLM {
         let bias = self.lm_head.bias.val().unsqueeze_dim::<2>(1);
         let bias = mean_rows(bias).squeeze_dim::<1>(1);
         self.lm_head.bias = Param::from_tensor(bias);
+        self
+    }
+
+    /// The same model with every self-attention computed by `implementation`.
+    pub fn with_attention(mut self, implementation: AttentionImpl) -> Self {
+        for layer in &mut self.roberta.encoder.layer {
+            layer.attention.self_attn.implementation = implementation;
+        }
         self
     }
 

@@ -153,6 +153,18 @@ pub fn clip_grad_norm_scaled<M: Module>(
     max_norm: f64,
     loss_scale: f64,
 ) -> (GradientsParams, f64) {
+    let sum_squares = grad_sum_squares(model, &grads)
+        .map(|t| t.into_scalar::<f32>() as f64)
+        .unwrap_or(0.0);
+    clip_by_sum_squares(model, grads, sum_squares, max_norm, loss_scale)
+}
+
+/// The sum of the squares of every gradient of `model`'s parameters, on the device (`None`
+/// without gradients): read it when convenient (the training step reads it with the loss).
+///
+/// # Shapes
+/// - output: `[1]`
+pub fn grad_sum_squares<M: Module>(model: &M, grads: &GradientsParams) -> Option<Tensor<1>> {
     struct SumSquares<'a> {
         grads: &'a GradientsParams,
         total: Option<Tensor<1>>,
@@ -168,6 +180,20 @@ pub fn clip_grad_norm_scaled<M: Module>(
             }
         }
     }
+    let mut sum = SumSquares { grads, total: None };
+    model.visit(&mut sum);
+    sum.total
+}
+
+/// The clipping of [`clip_grad_norm_scaled`] given the (loss-scaled) gradients' sum of
+/// squares, already read from the device.
+pub fn clip_by_sum_squares<M: Module>(
+    model: &M,
+    grads: GradientsParams,
+    sum_squares: f64,
+    max_norm: f64,
+    loss_scale: f64,
+) -> (GradientsParams, f64) {
     struct Scale {
         grads: GradientsParams,
         factor: f64,
@@ -180,16 +206,7 @@ pub fn clip_grad_norm_scaled<M: Module>(
             }
         }
     }
-    let mut sum = SumSquares {
-        grads: &grads,
-        total: None,
-    };
-    model.visit(&mut sum);
-    let norm = sum
-        .total
-        .map(|t| (t.into_scalar::<f32>() as f64).sqrt())
-        .unwrap_or(0.0)
-        / loss_scale;
+    let norm = sum_squares.sqrt() / loss_scale;
     if norm.is_finite() {
         let clip = if max_norm > 0.0 {
             (max_norm / (norm + 1e-6)).min(1.0)

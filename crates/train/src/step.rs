@@ -1,6 +1,7 @@
 //! One optimizer step: forward/backward over micro-batches, clipping, AdamW.
 
 use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
+use burn::tensor::Tensor;
 use masklm_data::MlmBatch;
 use masklm_model::{RobertaForMaskedLM, mlm_loss};
 
@@ -58,7 +59,10 @@ pub fn train_step(
         1.0
     };
     let mut accumulator = GradientsAccumulator::<RobertaForMaskedLM>::new();
-    let mut loss_sum = 0.0;
+    // The loss stays on the device until the end of the step: reading it per micro-batch
+    // would make the host wait for each forward before it can queue the backward.
+    let plain = model.word_embeddings().device().without_autodiff();
+    let mut loss_sum = Tensor::<1>::zeros([1], &plain);
     for batch in batches.iter().filter(|b| b.masked > 0) {
         let logits = compute.forward_at(
             batch.input_ids.clone(),
@@ -68,14 +72,16 @@ pub fn train_step(
         let loss = mlm_loss(logits, batch.labels.clone());
         let weight = batch.masked as f64 / total as f64;
         let weighted = loss.mul_scalar(weight);
-        loss_sum += weighted.clone().into_scalar::<f32>() as f64;
+        loss_sum = loss_sum + weighted.clone().without_autodiff();
         // Gradients are taken for the f32 parameters of `model`: under autocast they flow
         // back through the casts.
         let grads = GradientsParams::from_grads(weighted.mul_scalar(loss_scale).backward(), &model);
         accumulator.accumulate(&model, grads);
     }
+    let grads = accumulator.grads();
+    let (loss_sum, sum_squares) = read_loss_and_sum_squares(&model, &grads, loss_sum);
     let (grads, grad_norm) =
-        crate::optim::clip_grad_norm_scaled(&model, accumulator.grads(), max_grad_norm, loss_scale);
+        crate::optim::clip_by_sum_squares(&model, grads, sum_squares, max_grad_norm, loss_scale);
     let skipped = !(grad_norm.is_finite() && loss_sum.is_finite());
     if precision == Precision::F16 {
         scaler.update(skipped);
@@ -92,4 +98,23 @@ pub fn train_step(
         skipped,
     };
     (model, stats)
+}
+
+/// The step's loss and its gradients' sum of squares, in one device-to-host transfer: the
+/// step's only read (the skip decision needs both before the update).
+fn read_loss_and_sum_squares(
+    model: &RobertaForMaskedLM,
+    grads: &GradientsParams,
+    loss: Tensor<1>,
+) -> (f64, f64) {
+    let device = loss.device();
+    let sum_squares =
+        crate::optim::grad_sum_squares(model, grads).unwrap_or_else(|| Tensor::zeros([1], &device));
+    let both = Tensor::cat(vec![loss, sum_squares], 0)
+        .into_data()
+        .convert::<f32>();
+    match both.as_slice::<f32>() {
+        Ok(&[loss, sum_squares]) => (loss as f64, sum_squares as f64),
+        _ => (f64::NAN, f64::NAN),
+    }
 }

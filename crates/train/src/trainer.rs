@@ -812,7 +812,7 @@ impl<'a> Run<'a> {
         let lr = config
             .schedule
             .lr(config.optimizer.lr, step, self.total_steps);
-        masklm_model::seed_dropout(dropout_seed(config.seed, step));
+        masklm_model::seed_dropout(dropout_seed(config.seed, step), &self.ad_device);
         let precision = config.training.precision;
         let mut scaler = self.state.loss_scaler.unwrap_or_default();
         let model = self
