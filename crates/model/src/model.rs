@@ -230,6 +230,51 @@ impl KeyMask {
     }
 }
 
+/// What `true` in the boolean mask of burn's fused `attention` means on a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MaskMeaning {
+    /// burn's documented meaning: the key is masked out.
+    TrueMasks,
+    /// PyTorch's SDPA meaning: the key takes part. burn-tch 0.22.1 hands burn's mask to
+    /// `scaled_dot_product_attention` as is, so on libtorch (outside autodiff) `true` attends.
+    TrueAttends,
+}
+
+/// How `device`'s fused attention reads a boolean mask, or `None` when it ignores it (then
+/// the eager path runs). Probed once per device rather than by backend name, as
+/// [`needs_composite_gelu`]: one query, two equal-scoring keys with values 1 and 3, key 1
+/// masked. The answer is 1 if `true` masks, 3 if it attends.
+fn fused_mask_meaning(device: &Device) -> Option<MaskMeaning> {
+    // Keyed by autodiff too: `Device` equality ignores it, and autodiff runs burn's own
+    // (composite) attention while the plain device runs the backend's kernel.
+    static PROBED: std::sync::Mutex<Vec<(Device, bool, Option<MaskMeaning>)>> =
+        std::sync::Mutex::new(Vec::new());
+    let mut probed = PROBED.lock().unwrap_or_else(|e| e.into_inner());
+    let autodiff = device.is_autodiff();
+    if let Some((.., meaning)) = probed
+        .iter()
+        .find(|(d, ad, _)| d == device && *ad == autodiff)
+    {
+        return *meaning;
+    }
+    let q = Tensor::<4>::zeros([1, 1, 1, 1], device);
+    let k = Tensor::<4>::zeros([1, 1, 2, 1], device);
+    let v = Tensor::<1>::from_floats([1.0, 3.0], device).reshape([1, 1, 2, 1]);
+    let mask = Tensor::<1, Bool>::from_bool(burn::tensor::TensorData::from([false, true]), device)
+        .reshape([1, 1, 1, 2]);
+    let out = attention(q, k, v, Some(mask), None, AttentionModuleOptions::default())
+        .into_scalar::<f32>();
+    let meaning = if (out - 1.0).abs() < 1e-4 {
+        Some(MaskMeaning::TrueMasks)
+    } else if (out - 3.0).abs() < 1e-4 {
+        Some(MaskMeaning::TrueAttends)
+    } else {
+        None
+    };
+    probed.push((device.clone(), autodiff, meaning));
+    meaning
+}
+
 /// Multi-head scaled dot-product attention (`RobertaSelfAttention`).
 #[derive(Module, Debug)]
 pub struct RobertaSelfAttention {
@@ -269,14 +314,23 @@ impl RobertaSelfAttention {
         let q = heads(dense(&self.query, x.clone()));
         let k = heads(dense(&self.key, x.clone()));
         let v = heads(dense(&self.value, x));
-        let fused = self.implementation == AttentionImpl::Auto && !self.dropout.active(&q.device());
-        let context = if fused {
-            // Pads masked to -inf rather than finfo.min: the same probabilities, as every
-            // query row has at least one real key.
-            let pad = mask.pad.clone().expand([batch, self.num_heads, seq, seq]);
-            attention(q, k, v, Some(pad), None, AttentionModuleOptions::default())
-        } else {
-            self.eager(q, k, v, mask.bias.clone())
+        let device = q.device();
+        let fused = match self.implementation {
+            AttentionImpl::Auto if !self.dropout.active(&device) => fused_mask_meaning(&device),
+            _ => None,
+        };
+        let context = match fused {
+            Some(meaning) => {
+                // Pads masked to -inf rather than finfo.min: the same probabilities, as every
+                // query row has at least one real key.
+                let pad = mask.pad.clone().expand([batch, self.num_heads, seq, seq]);
+                let mask = match meaning {
+                    MaskMeaning::TrueMasks => pad,
+                    MaskMeaning::TrueAttends => pad.bool_not(),
+                };
+                attention(q, k, v, Some(mask), None, AttentionModuleOptions::default())
+            }
+            None => self.eager(q, k, v, mask.bias.clone()),
         };
         // [batch, heads, seq, head_dim] -> [batch, seq, hidden]
         context.swap_dims(1, 2).reshape([batch, seq, hidden])
