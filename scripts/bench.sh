@@ -11,6 +11,7 @@
 #   ROUNDS=5 ...                               # rounds per side (default 3; medians printed)
 #   ATTENTION=eager ...                        # masklm without the fused attention kernel
 #   BENCH=path/to/bench ...                    # a prebuilt benchmark binary (no cargo)
+#   SIDE_TIMEOUT=300 ...                       # seconds per measurement (a slow side fails alone)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-/var/tmp/masklm-venv}
@@ -53,6 +54,9 @@ base="--hidden 768 --layers 12 --heads 12 --ffn 3072 --vocab 50265 --seq 128 --b
 b128="--hidden 768 --layers 12 --heads 12 --ffn 3072 --vocab 50265 --seq 128 --batch 64 --steps 10 --warmup 3"
 b512="--hidden 768 --layers 12 --heads 12 --ffn 3072 --vocab 50265 --seq 512 --batch 16 --steps 10 --warmup 3"
 GPU_MEM=${GPU_MEM:-0}
+# SIDE_TIMEOUT=S: each measurement gets S seconds; one that runs over is a "failed" row and the
+# other rows still print (scripts/gpu-check.sh sets it).
+guard=${SIDE_TIMEOUT:+timeout --kill-after=10 $SIDE_TIMEOUT}
 
 field() { sed -E "s/.*$1=([0-9.]+).*/\1/" <<<"$2"; }
 median() { sort -g | awk '{v[NR]=$1} END{print (NR%2 ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2)}'; }
@@ -78,12 +82,12 @@ measure_once() {
   local b=$1 args=${!2}
   if [[ $b == hf ]]; then
     # shellcheck disable=SC2086
-    "$PYTHON" scripts/bench_hf.py $args --threads "$THREADS" --device "$HF_DEVICE" \
+    $guard "$PYTHON" scripts/bench_hf.py $args --threads "$THREADS" --device "$HF_DEVICE" \
       --precision "$PRECISION" 2>/dev/null
   else
     local dev_var=DEVICE_$b
     # shellcheck disable=SC2086
-    "$bench" $args --backend "$b" ${!dev_var:+--device "${!dev_var}"} --precision "$PRECISION" \
+    $guard "$bench" $args --backend "$b" ${!dev_var:+--device "${!dev_var}"} --precision "$PRECISION" \
       ${ATTENTION:+--attention "$ATTENTION"}
   fi
 }
@@ -111,13 +115,13 @@ for name in $CONFIGS; do
   med() { grep -o "$1=[0-9.]*" <<<"${lines[$name.$2]:-}" | cut -d= -f2 | median; }
   hf_train=$(med train_tps hf); hf_eval=$(med eval_tps hf); hf_rss=$(med rss_mb hf)
   gflops=$(med matmul_gflops hf)
+  params=$(med params hf)  # the same model on both sides
   for b in $BACKENDS hf; do
     if [[ -z ${lines[$name.$b]:-} ]]; then
       rows+=("| $name | $(label "$b") | failed (see above) | | | |")
       continue
     fi
     t=$(med train_tps "$b"); e=$(med eval_tps "$b"); r=$(med rss_mb "$b")
-    [[ $b != hf ]] && params=$(med params "$b")
     if [[ $b != hf ]]; then
       results+=("$(awk -v a="$t" -v b="$hf_train" -v c="$e" -v d="$hf_eval" -v e="$r" -v f="$hf_rss" \
         -v n="$name" -v k="$b" -v p="$PRECISION" -v rounds="$ROUNDS" \
