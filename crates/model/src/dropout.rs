@@ -20,7 +20,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use burn::module::Module;
-use burn::tensor::{Device, Distribution, FloatDType, Tensor, TensorData};
+use burn::tensor::{Device, Distribution, FloatDType, Tensor};
+use rayon::prelude::*;
 
 static STREAM_SEED: AtomicU64 = AtomicU64::new(0x5EED);
 static CALLS: AtomicU64 = AtomicU64::new(0);
@@ -48,21 +49,27 @@ fn splitmix64(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// The 0 / `1 / keep` mask of `n` elements for dropout call `call`, from the host hash.
+/// The 0 / `1 / keep` mask of `n` elements for dropout call `call`, from the host hash, drawn
+/// in chunks across rayon's workers (each element depends only on its index).
 fn host_mask(n: usize, call: u64, keep: f64) -> Vec<f32> {
+    // Two 32-bit draws per hash: element i is half (i % 2) of hash i / 2.
+    const CHUNK: usize = 1 << 14;
     let key = splitmix64(STREAM_SEED.load(Ordering::SeqCst) ^ splitmix64(call));
     let threshold = (keep * (1u64 << 32) as f64) as u64;
     let scale = (1.0 / keep) as f32;
-    // Two 32-bit draws per hash.
-    let mut mask = Vec::with_capacity(n);
-    for i in 0..n.div_ceil(2) {
-        let h = splitmix64(key ^ (i as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93));
-        for half in [h & 0xFFFF_FFFF, h >> 32] {
-            if mask.len() < n {
-                mask.push(if half < threshold { scale } else { 0.0 });
+    let mut mask = vec![0.0f32; n];
+    mask.par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            let first_pair = c * CHUNK / 2;
+            for (j, pair) in chunk.chunks_mut(2).enumerate() {
+                let i = (first_pair + j) as u64;
+                let h = splitmix64(key ^ i.wrapping_mul(0xD6E8_FEB8_6659_FD93));
+                for (m, half) in pair.iter_mut().zip([h & 0xFFFF_FFFF, h >> 32]) {
+                    *m = if half < threshold { scale } else { 0.0 };
+                }
             }
-        }
-    }
+        });
     mask
 }
 
@@ -91,14 +98,15 @@ impl MlmDropout {
         let shape = input.shape();
         let keep = 1.0 - self.prob;
         let call = CALLS.fetch_add(1, Ordering::SeqCst);
+        if host_resident(&device) {
+            return crate::cpu_ops::mul_constant(
+                input,
+                host_mask(shape.num_elements(), call, keep),
+            );
+        }
         // The mask needs no gradient: draw it off the autodiff graph.
         let plain = device.clone().without_autodiff();
-        let mask = if host_resident(&device) {
-            let data = TensorData::new(host_mask(shape.num_elements(), call, keep), shape);
-            Tensor::<D>::from_data(data, &plain)
-        } else {
-            Tensor::<D>::random(shape, Distribution::Bernoulli(keep), &plain) * (1.0 / keep)
-        };
+        let mask = Tensor::<D>::random(shape, Distribution::Bernoulli(keep), &plain) * (1.0 / keep);
         // A plain tensor times an autodiff one is a constant factor in the graph; in the
         // input's dtype under mixed precision (a no-op cast otherwise).
         let dtype = FloatDType::from(input.dtype());
@@ -110,6 +118,31 @@ impl MlmDropout {
 mod tests {
     use super::*;
     use burn::tensor::Device;
+
+    /// The mask's definition, one element at a time: element i is half (i % 2) of
+    /// splitmix64(key ^ (i / 2) * odd constant). The chunked, parallel `host_mask` must equal it
+    /// bit for bit (runs resumed across versions see the same masks), including odd lengths
+    /// and lengths that end mid-chunk.
+    #[test]
+    fn parallel_mask_equals_its_serial_definition() {
+        seed_dropout(11, &Device::flex());
+        for n in [1, 2, 3, 16_383, 16_384, 16_385, 100_001] {
+            let key = splitmix64(STREAM_SEED.load(Ordering::SeqCst) ^ splitmix64(5));
+            let threshold = (0.9 * (1u64 << 32) as f64) as u64;
+            let serial: Vec<f32> = (0..n)
+                .map(|i| {
+                    let h = splitmix64(key ^ ((i / 2) as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93));
+                    let half = if i % 2 == 0 { h & 0xFFFF_FFFF } else { h >> 32 };
+                    if half < threshold {
+                        (1.0 / 0.9f64) as f32
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            assert_eq!(host_mask(n, 5, 0.9), serial, "n = {n}");
+        }
+    }
 
     #[test]
     fn rate_scale_determinism_and_eval_passthrough() {

@@ -29,6 +29,7 @@
 //! ```
 
 mod config;
+mod cpu_ops;
 mod dropout;
 mod model;
 

@@ -11,7 +11,7 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, LayerNorm, LayerNormConfig, Linear};
-use burn::tensor::activation::{gelu, gelu_approximate, log_softmax, relu, softmax};
+use burn::tensor::activation::{gelu, gelu_approximate, log_softmax, relu};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, DType, Device, Distribution, FloatDType, Int, Tensor};
@@ -80,7 +80,7 @@ fn activate<const D: usize>(act: HiddenAct, x: Tensor<D>) -> Tensor<D> {
             // 0.5 x (1 + erf(x / sqrt 2)), differentiated op by op: exact both ways.
             (x.clone().mul_scalar(std::f64::consts::FRAC_1_SQRT_2).erf() + 1.0) * x * 0.5
         }
-        HiddenAct::Gelu => gelu(x),
+        HiddenAct::Gelu => crate::cpu_ops::gelu(x),
         HiddenAct::GeluNew | HiddenAct::GeluPytorchTanh => gelu_approximate(x),
         HiddenAct::Relu => relu(x),
     }
@@ -142,6 +142,9 @@ pub struct RobertaEmbeddings {
     pub LayerNorm: LayerNorm,
     pub dropout: MlmDropout,
     pub padding_idx: usize,
+    /// `LayerNorm`'s epsilon (burn keeps its own private; the fused CPU kernel needs it).
+    #[module(skip)]
+    pub layer_norm_eps: f64,
     /// BERT: positions `0..seq`; RoBERTa: [`position_ids`] from `padding_idx + 1`.
     pub absolute_positions: bool,
 }
@@ -171,6 +174,7 @@ impl RobertaEmbeddings {
             dropout: MlmDropout::new(config.hidden_dropout_prob),
             padding_idx: config.pad_token_id,
             absolute_positions: config.is_bert(),
+            layer_norm_eps: config.layer_norm_eps,
         }
     }
 
@@ -187,7 +191,11 @@ impl RobertaEmbeddings {
         let x = self.word_embeddings.forward(input_ids)
             + self.token_type_embeddings.forward(token_type_ids)
             + self.position_embeddings.forward(positions);
-        self.dropout.forward(self.LayerNorm.forward(x))
+        self.dropout.forward(crate::cpu_ops::layer_norm(
+            &self.LayerNorm,
+            self.layer_norm_eps,
+            x,
+        ))
     }
 }
 
@@ -346,7 +354,7 @@ impl RobertaSelfAttention {
         // [batch, heads, seq, seq]; the mask and softmax in f32 (mixed precision: the scores
         // may be half precision).
         let scores = q.matmul(k.swap_dims(2, 3)) / (head_dim as f64).sqrt();
-        let probs = softmax(cast(scores, bias.dtype()) + bias, 3);
+        let probs = crate::cpu_ops::softmax_last(cast(scores, bias.dtype()) + bias);
         let probs = self.dropout.forward(cast(probs, v.dtype()));
         probs.matmul(v)
     }
@@ -359,6 +367,8 @@ pub struct RobertaOutput {
     pub dense: Linear,
     pub LayerNorm: LayerNorm,
     pub dropout: MlmDropout,
+    #[module(skip)]
+    pub layer_norm_eps: f64,
 }
 
 impl RobertaOutput {
@@ -367,6 +377,7 @@ impl RobertaOutput {
             dense: linear(d_input, config.hidden_size, config, device),
             LayerNorm: layer_norm(config, device),
             dropout: MlmDropout::new(config.hidden_dropout_prob),
+            layer_norm_eps: config.layer_norm_eps,
         }
     }
 
@@ -375,7 +386,11 @@ impl RobertaOutput {
     /// - output: `[batch, seq, hidden]`
     pub fn forward(&self, x: Tensor<3>, residual: Tensor<3>) -> Tensor<3> {
         let x = self.dropout.forward(dense(&self.dense, x));
-        self.LayerNorm.forward(cast(x, residual.dtype()) + residual)
+        crate::cpu_ops::layer_norm(
+            &self.LayerNorm,
+            self.layer_norm_eps,
+            cast(x, residual.dtype()) + residual,
+        )
     }
 }
 
@@ -489,6 +504,8 @@ pub struct RobertaLMHead {
     pub bias: Param<Tensor<1>>,
     #[module(skip)]
     pub act: HiddenAct,
+    #[module(skip)]
+    pub layer_norm_eps: f64,
 }
 
 impl RobertaLMHead {
@@ -498,6 +515,7 @@ impl RobertaLMHead {
             layer_norm: layer_norm(config, device),
             bias: Param::from_tensor(Tensor::zeros([config.vocab_size], device)),
             act: HiddenAct::Gelu,
+            layer_norm_eps: config.layer_norm_eps,
         }
     }
 
@@ -510,7 +528,8 @@ impl RobertaLMHead {
         word_embeddings: Tensor<2>,
     ) -> Tensor<D> {
         let x = activate(self.act, dense(&self.dense, features));
-        let x = self.layer_norm.forward(cast(x, DType::F32));
+        let x =
+            crate::cpu_ops::layer_norm(&self.layer_norm, self.layer_norm_eps, cast(x, DType::F32));
         // The decoder runs in the dense layer's dtype too (the largest matmul at big vocabularies).
         let dtype = self.dense.weight.val().dtype();
         burn::tensor::module::linear(

@@ -1,0 +1,786 @@
+//! Fused, multi-threaded f32 kernels for the CPU backend (burn's flex), with their own
+//! backward passes.
+//!
+//! Why: a flex training step runs its matmuls on every core (gemm + rayon) but each
+//! elementwise op on the calling thread, one scalar at a time. On 2 cores `perf` showed the
+//! calling thread busy ~50% of a step while the rayon workers waited, and exact GELU alone
+//! (scalar libm `erff` forward, `erff` + `expf` backward) was a third of that serial time.
+//! Here the hot elementwise ops of the encoder each run as one pass over the tensor, split
+//! across rayon's workers, in loops the compiler vectorises (AVX2 + FMA where the CPU has
+//! them, picked at run time).
+//!
+//! Each op routes by where its input lives: flex tensors (plain or autodiff) take the kernels
+//! below; every other backend, and any dtype but f32, gets burn's own op unchanged. Under
+//! autodiff the op is one node in burn's graph (`burn_autodiff::ops::Backward`), whose
+//! backward is a fused kernel too, instead of burn's chain of primitive ops.
+//!
+//! Accuracy: `erf` is Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7), the formula
+//! PyTorch's own vectorised CPU `erf` (ATen `Vectorized<float>::erf`) uses, so GELU here
+//! agrees with transformers on the CPU to ~1e-7; `exp` is Cephes' `expf` polynomial
+//! (~2 ulp). Tests below bound both against libm.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
+use burn::backend::flex::FlexTensor;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Autodiff, Flex};
+use burn::nn::LayerNorm;
+use burn::tensor::{DType, Tensor, TensorData};
+use rayon::prelude::*;
+
+type FlexAd = Autodiff<Flex>;
+
+/// Elements per rayon task: large enough that scheduling is noise, small enough that two
+/// workers share an FFN activation ([16 x 128 x 1024] = 2M elements) evenly.
+const CHUNK: usize = 1 << 14;
+
+/// Exact (erf) GELU, `0.5 x (1 + erf(x / sqrt 2))`, as `torch.nn.functional.gelu`.
+pub(crate) fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    if x.dtype() != DType::F32 {
+        return burn::tensor::activation::gelu(x);
+    }
+    if let Ok(t) = x.clone().try_into_primitive::<FlexAd>() {
+        drop(x);
+        return Tensor::from_primitive::<FlexAd>(gelu_autodiff(t));
+    }
+    if let Ok(t) = x.clone().try_into_primitive::<Flex>() {
+        drop(x);
+        return Tensor::from_primitive::<Flex>(map_unary(&t, gelu_f));
+    }
+    burn::tensor::activation::gelu(x)
+}
+
+#[derive(Debug)]
+struct GeluBackward;
+
+impl Backward<Flex, 1> for GeluBackward {
+    /// The op's input.
+    type State = FlexTensor;
+
+    fn backward(self, ops: Ops<FlexTensor, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let x = ops.state;
+        unary::<Flex, _>(ops.parents, ops.node, grads, |grad| {
+            map_binary(&x, grad, gelu_grad_f)
+        });
+    }
+}
+
+fn gelu_autodiff(t: FloatTensor<FlexAd>) -> FloatTensor<FlexAd> {
+    let input = t.primitive().clone();
+    let output = map_unary(&input, gelu_f);
+    match GeluBackward
+        .prepare::<NoCheckpointing>([t.node()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(input, output),
+        OpsKind::UnTracked(prep) => prep.finish(output),
+    }
+}
+
+/// `x * factor` elementwise for a factor that needs no gradient (a dropout mask), with
+/// `factor` in `x`'s shape, row-major.
+pub(crate) fn mul_constant<const D: usize>(x: Tensor<D>, factor: Vec<f32>) -> Tensor<D> {
+    if x.dtype() == DType::F32
+        && let Ok(t) = x.clone().try_into_primitive::<FlexAd>()
+    {
+        drop(x);
+        let factor = FlexTensor::from_data(TensorData::new(
+            factor,
+            t.primitive().layout().shape().clone(),
+        ));
+        let output = map_binary(&factor, t.primitive().clone(), |f, x| x * f);
+        let out = match MulConstantBackward
+            .prepare::<NoCheckpointing>([t.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(factor, output),
+            OpsKind::UnTracked(prep) => prep.finish(output),
+        };
+        return Tensor::from_primitive::<FlexAd>(out);
+    }
+    let shape = x.shape();
+    let plain = x.device().without_autodiff();
+    let factor = Tensor::<D>::from_data(TensorData::new(factor, shape), &plain);
+    let dtype = burn::tensor::FloatDType::from(x.dtype());
+    // A plain tensor times an autodiff one is a constant factor in the graph; in the input's
+    // dtype under mixed precision (a no-op cast otherwise).
+    x * factor.cast(dtype)
+}
+
+#[derive(Debug)]
+struct MulConstantBackward;
+
+impl Backward<Flex, 1> for MulConstantBackward {
+    /// The factor.
+    type State = FlexTensor;
+
+    fn backward(self, ops: Ops<FlexTensor, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let factor = ops.state;
+        unary::<Flex, _>(ops.parents, ops.node, grads, |grad| {
+            map_binary(&factor, grad, |f, g| g * f)
+        });
+    }
+}
+
+/// LayerNorm over the last dimension, `(x - mean) / sqrt(var + eps) * gamma + beta` with the
+/// biased variance, as `torch.nn.LayerNorm`.
+///
+/// burn 0.22's autodiff has no LayerNorm node: it differentiates the composite (mean, sub, mul,
+/// mean, add, sqrt, div, mul, add), ~20 single-threaded passes over the activations per call
+/// in training. Here it is one pass forward and one backward.
+pub(crate) fn layer_norm<const D: usize>(
+    norm: &LayerNorm,
+    epsilon: f64,
+    x: Tensor<D>,
+) -> Tensor<D> {
+    let gamma = norm.gamma.val();
+    let beta = norm.beta.as_ref().map(|b| b.val());
+    let all_f32 = x.dtype() == DType::F32
+        && gamma.dtype() == DType::F32
+        && beta.as_ref().is_none_or(|b| b.dtype() == DType::F32);
+    if all_f32
+        && let Some(beta) = beta
+        && let Ok(t) = x.clone().try_into_primitive::<FlexAd>()
+        && let Ok(g) = gamma.clone().try_into_primitive::<FlexAd>()
+        && let Ok(b) = beta.clone().try_into_primitive::<FlexAd>()
+    {
+        drop((x, gamma, beta));
+        return Tensor::from_primitive::<FlexAd>(layer_norm_autodiff(t, g, b, epsilon));
+    }
+    norm.forward(x)
+}
+
+#[derive(Debug, Clone)]
+struct LayerNormState {
+    x: FlexTensor,
+    gamma: FlexTensor,
+    /// Per row: mean and 1 / sqrt(var + eps).
+    stats: std::sync::Arc<Vec<(f32, f32)>>,
+}
+
+#[derive(Debug)]
+struct LayerNormBackward;
+
+impl Backward<Flex, 3> for LayerNormBackward {
+    type State = LayerNormState;
+
+    fn backward(self, ops: Ops<LayerNormState, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_gamma, node_beta] = ops.parents;
+        let grad = grads.consume::<Flex>(&ops.node);
+        let LayerNormState { x, gamma, stats } = ops.state;
+        let (dx, dgamma, dbeta) = layer_norm_grad(&x, &gamma, &stats, &grad);
+        if let Some(node) = node_x {
+            grads.register::<Flex>(node.id, dx);
+        }
+        if let Some(node) = node_gamma {
+            grads.register::<Flex>(node.id, dgamma);
+        }
+        if let Some(node) = node_beta {
+            grads.register::<Flex>(node.id, dbeta);
+        }
+    }
+}
+
+fn layer_norm_autodiff(
+    x: FloatTensor<FlexAd>,
+    gamma: FloatTensor<FlexAd>,
+    beta: FloatTensor<FlexAd>,
+    epsilon: f64,
+) -> FloatTensor<FlexAd> {
+    let input = contiguous(x.primitive());
+    let (output, stats) = layer_norm_forward(&input, gamma.primitive(), beta.primitive(), epsilon);
+    match LayerNormBackward
+        .prepare::<NoCheckpointing>([x.node(), gamma.node(), beta.node()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let state = LayerNormState {
+                x: input,
+                gamma: contiguous(gamma.primitive()),
+                stats: std::sync::Arc::new(stats),
+            };
+            prep.finish(state, output)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(output),
+    }
+}
+
+fn layer_norm_forward(
+    x: &FlexTensor,
+    gamma: &FlexTensor,
+    beta: &FlexTensor,
+    epsilon: f64,
+) -> (FlexTensor, Vec<(f32, f32)>) {
+    let (gamma, beta) = (contiguous(gamma), contiguous(beta));
+    let (gamma, beta) = (f32_slice(&gamma), f32_slice(&beta));
+    let width = gamma.len();
+    let input = f32_slice(x);
+    let rows = input.len() / width.max(1);
+    let mut out = vec![0.0f32; input.len()];
+    let mut stats = vec![(0.0f32, 0.0f32); rows];
+    let per_task = rows_per_task(width);
+    out.par_chunks_mut(per_task * width)
+        .zip(input.par_chunks(per_task * width))
+        .zip(stats.par_chunks_mut(per_task))
+        .for_each(|((out, input), stats)| {
+            simd(|| {
+                for ((y, x), stat) in out.chunks_mut(width).zip(input.chunks(width)).zip(stats) {
+                    // Two passes (mean, then squared deviations), as torch's CPU kernel.
+                    let mean = x.iter().sum::<f32>() / width as f32;
+                    let var =
+                        x.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / width as f32;
+                    let rstd = 1.0 / (var + epsilon as f32).sqrt();
+                    for (((y, &x), &g), &b) in y.iter_mut().zip(x).zip(gamma).zip(beta) {
+                        *y = (x - mean) * rstd * g + b;
+                    }
+                    *stat = (mean, rstd);
+                }
+            })
+        });
+    (from_vec(out, x.layout().shape()), stats)
+}
+
+/// `(dx, dgamma, dbeta)`: with xhat = (x - mean) * rstd and dxhat = g * gamma,
+/// dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dgamma = sum over rows of
+/// g * xhat, dbeta = sum over rows of g.
+fn layer_norm_grad(
+    x: &FlexTensor,
+    gamma: &FlexTensor,
+    stats: &[(f32, f32)],
+    grad: &FlexTensor,
+) -> (FlexTensor, FlexTensor, FlexTensor) {
+    let grad = contiguous(grad);
+    let (input, gamma_s, g) = (f32_slice(x), f32_slice(gamma), f32_slice(&grad));
+    let width = gamma_s.len();
+    let mut dx = vec![0.0f32; input.len()];
+    let per_task = rows_per_task(width);
+    // Each task returns its rows' partial sums for dgamma and dbeta.
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
+        .par_chunks_mut(per_task * width)
+        .zip(input.par_chunks(per_task * width))
+        .zip(g.par_chunks(per_task * width))
+        .zip(stats.par_chunks(per_task))
+        .map(|(((dx, x), g), stats)| {
+            let mut dgamma = vec![0.0f32; width];
+            let mut dbeta = vec![0.0f32; width];
+            simd(|| {
+                for (((dx, x), g), &(mean, rstd)) in dx
+                    .chunks_mut(width)
+                    .zip(x.chunks(width))
+                    .zip(g.chunks(width))
+                    .zip(stats)
+                {
+                    let mut sum_dxhat = 0.0f32;
+                    let mut sum_dxhat_xhat = 0.0f32;
+                    for (((&x, &g), &gm), (dg, db)) in x
+                        .iter()
+                        .zip(g)
+                        .zip(gamma_s)
+                        .zip(dgamma.iter_mut().zip(dbeta.iter_mut()))
+                    {
+                        let xhat = (x - mean) * rstd;
+                        let dxhat = g * gm;
+                        sum_dxhat += dxhat;
+                        sum_dxhat_xhat += dxhat * xhat;
+                        *dg += g * xhat;
+                        *db += g;
+                    }
+                    let a = sum_dxhat / width as f32;
+                    let b = sum_dxhat_xhat / width as f32;
+                    for (((dx, &x), &g), &gm) in dx.iter_mut().zip(x).zip(g).zip(gamma_s) {
+                        let xhat = (x - mean) * rstd;
+                        *dx = rstd * (g * gm - a - xhat * b);
+                    }
+                }
+            });
+            (dgamma, dbeta)
+        })
+        .collect();
+    let mut dgamma = vec![0.0f32; width];
+    let mut dbeta = vec![0.0f32; width];
+    for (pg, pb) in &partials {
+        for (d, p) in dgamma.iter_mut().zip(pg) {
+            *d += p;
+        }
+        for (d, p) in dbeta.iter_mut().zip(pb) {
+            *d += p;
+        }
+    }
+    let param_shape = gamma.layout().shape();
+    (
+        from_vec(dx, x.layout().shape()),
+        from_vec(dgamma, param_shape),
+        from_vec(dbeta, param_shape),
+    )
+}
+
+/// Softmax over the last dimension, as `torch.softmax(x, -1)`.
+///
+/// burn 0.22's autodiff differentiates softmax as exp / sum / div nodes (each a
+/// single-threaded pass and a stored intermediate); here it is one node whose backward is
+/// `p * (g - sum(g * p))` per row.
+pub(crate) fn softmax_last<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    if x.dtype() == DType::F32
+        && let Ok(t) = x.clone().try_into_primitive::<FlexAd>()
+    {
+        drop(x);
+        let width = t.primitive().layout().shape()[D - 1];
+        let output = map_rows(t.primitive(), width, softmax_row);
+        let out = match SoftmaxBackward
+            .prepare::<NoCheckpointing>([t.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(output.clone(), output),
+            OpsKind::UnTracked(prep) => prep.finish(output),
+        };
+        return Tensor::from_primitive::<FlexAd>(out);
+    }
+    burn::tensor::activation::softmax(x, D - 1)
+}
+
+#[derive(Debug)]
+struct SoftmaxBackward;
+
+impl Backward<Flex, 1> for SoftmaxBackward {
+    /// The op's output, p.
+    type State = FlexTensor;
+
+    fn backward(self, ops: Ops<FlexTensor, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let p = ops.state;
+        unary::<Flex, _>(ops.parents, ops.node, grads, |grad| {
+            let width = p.layout().shape()[p.layout().shape().num_dims() - 1];
+            let grad = contiguous(&grad);
+            let (probs, g) = (f32_slice(&p), f32_slice(&grad));
+            let mut dx = vec![0.0f32; probs.len()];
+            let per_task = rows_per_task(width) * width;
+            dx.par_chunks_mut(per_task)
+                .zip(probs.par_chunks(per_task).zip(g.par_chunks(per_task)))
+                .for_each(|(dx, (p, g))| {
+                    simd(|| {
+                        for ((dx, p), g) in dx
+                            .chunks_mut(width)
+                            .zip(p.chunks(width))
+                            .zip(g.chunks(width))
+                        {
+                            let dot: f32 = p.iter().zip(g).map(|(&p, &g)| p * g).sum();
+                            for ((dx, &p), &g) in dx.iter_mut().zip(p).zip(g) {
+                                *dx = p * (g - dot);
+                            }
+                        }
+                    })
+                });
+            from_vec(dx, p.layout().shape())
+        });
+    }
+}
+
+#[inline(always)]
+fn softmax_row(x: &[f32], y: &mut [f32]) {
+    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let mut sum = 0.0f32;
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y = exp(x - max);
+        sum += *y;
+    }
+    let inv = 1.0 / sum;
+    for y in y.iter_mut() {
+        *y *= inv;
+    }
+}
+
+/// `f(row, out_row)` for each row of `width`, rows split across rayon's workers.
+fn map_rows(x: &FlexTensor, width: usize, f: fn(&[f32], &mut [f32])) -> FlexTensor {
+    let x = contiguous(x);
+    let input = f32_slice(&x);
+    let mut out = vec![0.0f32; input.len()];
+    let per_task = rows_per_task(width) * width;
+    out.par_chunks_mut(per_task)
+        .zip(input.par_chunks(per_task))
+        .for_each(|(o, i)| {
+            simd(|| {
+                for (o, i) in o.chunks_mut(width).zip(i.chunks(width)) {
+                    f(i, o);
+                }
+            })
+        });
+    from_vec(out, x.layout().shape())
+}
+
+// ---- plumbing: contiguous f32 views, parallel maps, SIMD dispatch ----
+
+/// The tensor's elements in row-major order (a copy only when its layout is strided).
+fn contiguous(t: &FlexTensor) -> FlexTensor {
+    match t.layout().contiguous_offsets() {
+        Some(_) => t.clone(),
+        None => t.to_contiguous(),
+    }
+}
+
+fn f32_slice(t: &FlexTensor) -> &[f32] {
+    let (start, end) = t
+        .layout()
+        .contiguous_offsets()
+        .unwrap_or((0, t.layout().num_elements()));
+    &t.storage::<f32>()[start..end]
+}
+
+fn from_vec(values: Vec<f32>, shape: &burn::tensor::Shape) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(values, shape.clone()))
+}
+
+/// Runs `f` compiled for AVX2 + FMA when the CPU has them (checked once), else as built.
+/// `f` is inlined into the wide copy, so the loops inside it vectorise 8 lanes wide.
+#[inline(always)]
+fn simd<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static WIDE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        #[target_feature(enable = "avx2,fma")]
+        fn wide<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        if *WIDE.get_or_init(|| {
+            std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+        }) {
+            // SAFETY: the CPU has the features `wide` is compiled for.
+            return unsafe { wide(f) };
+        }
+    }
+    f()
+}
+
+/// `f(x)` elementwise into a new tensor, chunked across rayon's workers.
+fn map_unary(x: &FlexTensor, f: impl Fn(f32) -> f32 + Copy + Send + Sync) -> FlexTensor {
+    let x = contiguous(x);
+    let input = f32_slice(&x);
+    let mut out = vec![0.0f32; input.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(input.par_chunks(CHUNK))
+        .for_each(|(o, i)| {
+            simd(|| {
+                for (o, &i) in o.iter_mut().zip(i) {
+                    *o = f(i);
+                }
+            })
+        });
+    from_vec(out, x.layout().shape())
+}
+
+/// `f(a, b)` elementwise, written over `b` when nothing else holds it, else into a new tensor.
+fn map_binary(
+    a: &FlexTensor,
+    b: FlexTensor,
+    f: impl Fn(f32, f32) -> f32 + Copy + Send + Sync,
+) -> FlexTensor {
+    let a = contiguous(a);
+    let lhs = f32_slice(&a);
+    let mut b = b;
+    let in_place = b.is_unique()
+        && b.layout().start_offset() == 0
+        && b.layout().is_contiguous()
+        && b.layout().shape() == a.layout().shape();
+    if in_place && let Some(rhs) = b.try_storage_mut::<f32>() {
+        rhs[..lhs.len()]
+            .par_chunks_mut(CHUNK)
+            .zip(lhs.par_chunks(CHUNK))
+            .for_each(|(r, l)| {
+                simd(|| {
+                    for (r, &l) in r.iter_mut().zip(l) {
+                        *r = f(l, *r);
+                    }
+                })
+            });
+        return b;
+    }
+    let b = contiguous(&b);
+    let rhs = f32_slice(&b);
+    let mut out = vec![0.0f32; lhs.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(lhs.par_chunks(CHUNK).zip(rhs.par_chunks(CHUNK)))
+        .for_each(|(o, (l, r))| {
+            simd(|| {
+                for ((o, &l), &r) in o.iter_mut().zip(l).zip(r) {
+                    *o = f(l, r);
+                }
+            })
+        });
+    from_vec(out, a.layout().shape())
+}
+
+/// Rows of `width` per rayon task: about `CHUNK` elements.
+fn rows_per_task(width: usize) -> usize {
+    (CHUNK / width.max(1)).max(1)
+}
+
+#[inline(always)]
+fn gelu_f(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf_with_exp(x * std::f32::consts::FRAC_1_SQRT_2).0)
+}
+
+/// `g * d/dx gelu(x)`: d/dx [x Phi(x)] = Phi(x) + x phi(x), phi(x) = exp(-x^2 / 2) / sqrt(2 pi),
+/// whose exponential is the one erf already computed.
+#[inline(always)]
+fn gelu_grad_f(x: f32, g: f32) -> f32 {
+    const INV_SQRT_2PI: f32 = 0.398_942_3;
+    let (erf, e) = erf_with_exp(x * std::f32::consts::FRAC_1_SQRT_2);
+    g * (0.5 * (1.0 + erf) + x * INV_SQRT_2PI * e)
+}
+
+/// `(erf(z), exp(-z^2))`: Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7), and below
+/// |z| = 0.5, where `1 - poly * e` would cancel to a few f32 ulps of 1, erf's Maclaurin series
+/// to z^11 (remainder < 1.3e-8 there). Both are computed and one selected, so loops over this
+/// stay branch-free and vectorise.
+#[inline(always)]
+fn erf_with_exp(z: f32) -> (f32, f32) {
+    const P: f32 = 0.327_591_1;
+    const A: [f32; 5] = [
+        0.254_829_6,
+        -0.284_496_74,
+        1.421_413_7,
+        -1.453_152_1,
+        1.061_405_4,
+    ];
+    // 2/sqrt(pi) * (-1)^n / (n! (2n + 1)), n = 0..=5.
+    const S: [f32; 6] = [
+        1.128_379_2,
+        -0.376_126_4,
+        0.112_837_92,
+        -0.026_866_17,
+        0.005_223_977,
+        -8.548_327e-4,
+    ];
+    let a = z.abs();
+    let e = exp(-a * a);
+    let t = 1.0 / (1.0 + P * a);
+    let poly = ((((A[4] * t + A[3]) * t + A[2]) * t + A[1]) * t + A[0]) * t;
+    let tail = 1.0 - poly * e;
+    let s = a * a;
+    let series = a * (((((S[5] * s + S[4]) * s + S[3]) * s + S[2]) * s + S[1]) * s + S[0]);
+    let erf = if a < 0.5 { series } else { tail };
+    (erf.copysign(z), e)
+}
+
+/// `e^x` for f32 (Cephes `expf`: range reduction by ln 2, degree-5 polynomial, exponent bits;
+/// ~2 ulp). Inputs below -87 flush to ~0 and above 88 saturate, as f32 `exp` does near there.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 split in two so n * LN2_HI is exact.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding 1.5 * 2^23 rounds to the nearest integer in the float unit (no SSE4.1 needed).
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = (((((1.987_569_2e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2)
+        * r
+        + 1.666_666_5e-1)
+        * r
+        + 5.000_000_1e-1)
+        * (r * r)
+        + r
+        + 1.0;
+    p * f32::from_bits(((n as i32 + 127) << 23) as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Device;
+
+    fn grid() -> Vec<f32> {
+        (-12_000..=12_000).map(|i| i as f32 * 1e-3).collect()
+    }
+
+    #[test]
+    fn exp_and_erf_stay_within_their_bounds_of_libm() {
+        let mut worst_exp = 0.0f64;
+        for x in (-8700..=8800).map(|i| i as f32 * 0.01) {
+            let want = (x as f64).exp();
+            worst_exp = worst_exp.max((exp(x) as f64 - want).abs() / want);
+        }
+        assert!(worst_exp < 3e-7, "exp relative error {worst_exp:e}");
+        // burn's flex `erf` is libm's `erff` (within 1 ulp).
+        let z = grid();
+        let libm: Vec<f32> = Tensor::<1>::from_floats(z.as_slice(), &Device::flex())
+            .erf()
+            .into_data()
+            .try_to_vec::<f32>()
+            .expect("f32");
+        let mut worst_erf = 0.0f32;
+        for (&z, &want) in z.iter().zip(&libm) {
+            let (erf, e) = erf_with_exp(z);
+            worst_erf = worst_erf.max((erf - want).abs());
+            assert!(
+                ((e as f64) - (-(z as f64).powi(2)).exp()).abs() < 1e-7,
+                "exp(-{z}^2)"
+            );
+        }
+        // A&S's 1.5e-7 plus f32 rounding of `1 - poly * e` near erf ~ 0.5 (a few ulps of 1).
+        assert!(worst_erf < 4e-7, "erf absolute error {worst_erf:e}");
+        assert!(erf_with_exp(f32::NAN).0.is_nan(), "NaN must stay NaN");
+        assert!(exp(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn gelu_and_its_gradient_match_burns_libm_gelu_on_flex() {
+        let device = Device::flex().autodiff();
+        let values = grid();
+        let n = values.len();
+        // Upstream gradient of varying sign and size, as a real backward has.
+        let upstream: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 250.0)
+            .collect();
+        let w = Tensor::<1>::from_floats(upstream.as_slice(), &device.clone().without_autodiff());
+        let run = |fused: bool| {
+            let x = Tensor::<1>::from_floats(values.as_slice(), &device).require_grad();
+            let y = if fused {
+                gelu(x.clone())
+            } else {
+                burn::tensor::activation::gelu(x.clone())
+            };
+            let out: Vec<f32> = y.clone().into_data().try_to_vec::<f32>().expect("f32");
+            let grads = (y * w.clone()).sum().backward();
+            let g: Vec<f32> = x
+                .grad(&grads)
+                .expect("x has a gradient")
+                .into_data()
+                .try_to_vec::<f32>()
+                .expect("f32");
+            (out, g)
+        };
+        let (want, want_grad) = run(false);
+        let (got, got_grad) = run(true);
+        for i in 0..n {
+            let scale = 1.0 + values[i].abs();
+            assert!(
+                (got[i] - want[i]).abs() <= 2e-7 * scale,
+                "gelu({}) = {} vs {}",
+                values[i],
+                got[i],
+                want[i]
+            );
+            let gscale = 1.0 + upstream[i].abs() * scale;
+            assert!(
+                (got_grad[i] - want_grad[i]).abs() <= 3e-7 * gscale,
+                "gelu'({}) * {}: {} vs {}",
+                values[i],
+                upstream[i],
+                got_grad[i],
+                want_grad[i]
+            );
+        }
+        // Plain (non-autodiff) flex tensors take the kernel too.
+        let plain = Tensor::<1>::from_floats(values.as_slice(), &Device::flex());
+        let out: Vec<f32> = gelu(plain).into_data().try_to_vec::<f32>().expect("f32");
+        assert_eq!(out, got);
+    }
+
+    /// Values and gradients of a fused op against burn's own composite op on flex autodiff,
+    /// for every tensor that takes part (input and parameters), under a random upstream
+    /// gradient so no term of the backward cancels by symmetry.
+    fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1.0);
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g - w).abs() <= tol * scale,
+                "{what}[{i}]: {g} vs {w} (scale {scale})"
+            );
+        }
+    }
+
+    fn values(t: Tensor<1>) -> Vec<f32> {
+        t.into_data().try_to_vec::<f32>().expect("f32")
+    }
+
+    /// A leaf tensor of `n` values uniform in [-3, 3).
+    fn random(n: usize, seed: u64, device: &Device) -> Tensor<1> {
+        let mut z = seed;
+        let data: Vec<f32> = (0..n)
+            .map(|_| {
+                z = z
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((z >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 6.0
+            })
+            .collect();
+        Tensor::<1>::from_floats(data.as_slice(), device)
+    }
+
+    #[test]
+    fn layer_norm_values_and_all_three_gradients_match_burns_composite() {
+        let device = Device::flex().autodiff();
+        let plain = Device::flex();
+        let width = 48;
+        let mut norm = burn::nn::LayerNormConfig::new(width)
+            .with_epsilon(1e-5)
+            .init(&device);
+        // Non-trivial gamma and beta so their gradients and uses are all exercised.
+        norm.gamma = burn::module::Param::from_tensor(
+            Tensor::from_data((random(width, 1, &plain) + 1.0).into_data(), &device).require_grad(),
+        );
+        norm.beta = Some(burn::module::Param::from_tensor(
+            random(width, 2, &device).require_grad(),
+        ));
+        let n = 3 * 7 * width;
+        let upstream = random(n, 3, &plain).reshape([3, 7, width]);
+        let run = |fused: bool| {
+            let x = random(n, 4, &device).require_grad();
+            let x3 = x.clone().reshape([3, 7, width]);
+            let y = if fused {
+                layer_norm(&norm, 1e-5, x3)
+            } else {
+                norm.forward(x3)
+            };
+            let grads = (y.clone() * upstream.clone()).sum().backward();
+            let grad = |t: Tensor<1>| values(t.grad(&grads).expect("a gradient"));
+            (
+                values(y.reshape([n])),
+                grad(x),
+                grad(norm.gamma.val()),
+                grad(norm.beta.as_ref().expect("beta").val()),
+            )
+        };
+        let want = run(false);
+        let got = run(true);
+        assert_close("y", &got.0, &want.0, 1e-6);
+        assert_close("dx", &got.1, &want.1, 1e-5);
+        assert_close("dgamma", &got.2, &want.2, 1e-5);
+        assert_close("dbeta", &got.3, &want.3, 1e-5);
+    }
+
+    #[test]
+    fn softmax_values_and_gradient_match_burns_composite() {
+        let device = Device::flex().autodiff();
+        let n = 4 * 5 * 37;
+        let upstream = random(n, 5, &Device::flex()).reshape([4, 5, 37]);
+        let run = |fused: bool| {
+            let x = random(n, 6, &device).require_grad();
+            // Rows with masked (-1e9) entries, as the attention bias makes.
+            let bias = random(n, 7, &device).greater_elem(2.5).float() * -1e9;
+            let x3 = (x.clone() + bias).reshape([4, 5, 37]);
+            let y = if fused {
+                softmax_last(x3)
+            } else {
+                burn::tensor::activation::softmax(x3, 2)
+            };
+            let grads = (y.clone() * upstream.clone()).sum().backward();
+            (
+                values(y.reshape([n])),
+                values(x.grad(&grads).expect("a gradient")),
+            )
+        };
+        let want = run(false);
+        let got = run(true);
+        assert_close("p", &got.0, &want.0, 1e-6);
+        assert_close("dx", &got.1, &want.1, 1e-6);
+    }
+}
