@@ -57,8 +57,9 @@ fn host_mask(n: usize, call: u64, keep: f64) -> Vec<f32> {
     let key = splitmix64(STREAM_SEED.load(Ordering::SeqCst) ^ splitmix64(call));
     let threshold = (keep * (1u64 << 32) as f64) as u64;
     let scale = (1.0 / keep) as f32;
-    let mut mask = vec![0.0f32; n];
-    mask.par_chunks_mut(CHUNK)
+    let mut mask = Vec::with_capacity(n);
+    mask.spare_capacity_mut()[..n]
+        .par_chunks_mut(CHUNK)
         .enumerate()
         .for_each(|(c, chunk)| {
             let first_pair = c * CHUNK / 2;
@@ -66,10 +67,12 @@ fn host_mask(n: usize, call: u64, keep: f64) -> Vec<f32> {
                 let i = (first_pair + j) as u64;
                 let h = splitmix64(key ^ i.wrapping_mul(0xD6E8_FEB8_6659_FD93));
                 for (m, half) in pair.iter_mut().zip([h & 0xFFFF_FFFF, h >> 32]) {
-                    *m = if half < threshold { scale } else { 0.0 };
+                    m.write(if half < threshold { scale } else { 0.0 });
                 }
             }
         });
+    // SAFETY: every element of every chunk was written above.
+    unsafe { mask.set_len(n) };
     mask
 }
 

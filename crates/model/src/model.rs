@@ -64,8 +64,9 @@ fn cast<const D: usize>(x: Tensor<D>, dtype: DType) -> Tensor<D> {
 /// autocast) only Linear weights are half precision: matmuls run in bf16/f16 while
 /// embeddings, LayerNorm, softmax and the loss stay in f32, as torch.autocast does.
 fn dense<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
-    let dtype = layer.weight.val().dtype();
-    layer.forward(cast(x, dtype))
+    let weight = layer.weight.val();
+    let dtype = weight.dtype();
+    crate::cpu_ops::linear(cast(x, dtype), weight, layer.bias.as_ref().map(|b| b.val()))
 }
 
 fn layer_norm(config: &RobertaConfig, device: &Device) -> LayerNorm {
@@ -532,7 +533,7 @@ impl RobertaLMHead {
             crate::cpu_ops::layer_norm(&self.layer_norm, self.layer_norm_eps, cast(x, DType::F32));
         // The decoder runs in the dense layer's dtype too (the largest matmul at big vocabularies).
         let dtype = self.dense.weight.val().dtype();
-        burn::tensor::module::linear(
+        crate::cpu_ops::linear(
             cast(x, dtype),
             cast(word_embeddings, dtype).transpose(),
             Some(cast(self.bias.val(), dtype)),
@@ -665,6 +666,9 @@ impl RobertaForMaskedLM {
 /// - `logits`: `[masked, vocab]`, `labels`: `[masked]`
 /// - output: `[1]`
 pub fn mlm_loss(logits: Tensor<2>, labels: Tensor<1, Int>) -> Tensor<1> {
+    if let Some(loss) = crate::cpu_ops::cross_entropy(&logits, &labels) {
+        return loss;
+    }
     let [masked] = labels.dims();
     // In f32 whatever the logits' precision, as torch.autocast runs log_softmax.
     let log_probs = log_softmax(cast(logits, DType::F32), 1);
