@@ -320,10 +320,24 @@ impl RobertaSelfAttention {
             t.reshape([batch, seq, self.num_heads, head_dim])
                 .swap_dims(1, 2)
         };
-        let q = heads(dense(&self.query, x.clone()));
-        let k = heads(dense(&self.key, x.clone()));
-        let v = heads(dense(&self.value, x));
+        let (q, k, v) = (
+            dense(&self.query, x.clone()),
+            dense(&self.key, x.clone()),
+            dense(&self.value, x),
+        );
         let device = q.device();
+        // The CPU backend's fused attention (crate::cpu_ops): eager semantics, dropout included.
+        let draw = |n: usize| self.dropout.draw_host_mask(n);
+        let dropout = self
+            .dropout
+            .active(&device)
+            .then_some(&draw as &dyn Fn(usize) -> Vec<f32>);
+        if let Some(context) =
+            crate::cpu_ops::attention(&q, &k, &v, self.num_heads, &mask.bias, dropout)
+        {
+            return context;
+        }
+        let (q, k, v) = (heads(q), heads(k), heads(v));
         let fused = match self.implementation {
             AttentionImpl::Auto if !self.dropout.active(&device) => fused_mask_meaning(&device),
             _ => None,
