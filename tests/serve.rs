@@ -183,7 +183,12 @@ fn fill_mask_and_score_equal_the_cli_alone_and_under_concurrency() {
     let tiny = common::fixture("roberta-tiny");
     // A second model with another tokenizer (WordPiece, [MASK]) and its own sentences.
     let other = common::fixture("bert-tiny");
-    let server = start(options(&[("tiny", tiny.clone()), ("other", other.clone())]));
+    let opts = options(&[("tiny", tiny.clone()), ("other", other.clone())]);
+    // Pseudo-perplexity runs a line's masked copies `max_batch` at a time; the CLI below uses
+    // the same batches. (Across batch sizes the figure moves by float rounding, ~1e-7: the
+    // CPU matmuls' blocking follows the row count.)
+    let max_batch = opts.batching.max_batch.to_string();
+    let server = start(opts);
     let addr = server.addr;
 
     let (status, models) = get(addr, "/v1/models");
@@ -327,6 +332,8 @@ fn fill_mask_and_score_equal_the_cli_alone_and_under_concurrency() {
             "--packing",
             "line",
             "--pseudo-perplexity",
+            "--batch-size",
+            &max_batch,
             "--json",
         ])
         .trim(),
