@@ -1,0 +1,471 @@
+//! Multi-head attention.
+
+use super::*;
+
+/// Multi-head attention `softmax(q k^T / sqrt(d) + bias) v`, with dropout on the
+/// probabilities when `dropout` is given (it draws the host mask over `[batch, heads, seq,
+/// seq]`, scaled by 1 / keep, and is called only once the kernel runs), from and to the
+/// `[batch, seq, hidden]` layout of the projections: HF's eager attention, which on the CPU
+/// also serves where the fused kernel would (same function without dropout). `None` unless q,
+/// k and v are f32 flex tensors (all autodiff or all plain); the caller then runs burn's ops.
+///
+/// burn's path reshapes to `[batch, heads, seq, head_dim]` (copies), runs batched matmuls
+/// whose outputs flex allocates zeroed and then copies, and differentiates scale, bias add,
+/// softmax, dropout and both matmuls node by node. Here each (batch, head) is one rayon task
+/// of four small gemms reading the projections in place (a head is a column block of
+/// `[seq, hidden]`), forward and backward.
+pub(crate) fn attention(
+    q: &Tensor<3>,
+    k: &Tensor<3>,
+    v: &Tensor<3>,
+    heads: usize,
+    bias: &Tensor<4>,
+    dropout: Option<&dyn Fn(usize) -> Vec<f32>>,
+) -> Option<Tensor<3>> {
+    let [batch, seq, hidden] = q.dims();
+    if [q.dtype(), k.dtype(), v.dtype(), bias.dtype()]
+        .iter()
+        .any(|&d| d != DType::F32)
+        || heads == 0
+        || hidden % heads != 0
+        || k.dims() != q.dims()
+        || v.dims() != q.dims()
+        || bias.dims() != [batch, 1, 1, seq]
+    {
+        return None;
+    }
+    let shape = Attention {
+        batch,
+        seq,
+        hidden,
+        heads,
+    };
+    let bias: Vec<f32> = bias.to_data().convert::<f32>().try_into_vec::<f32>().ok()?;
+    let probs = batch * heads * seq * seq;
+    let draw = |n: usize| {
+        let mask = dropout.map(|draw| draw(n));
+        debug_assert!(mask.as_ref().is_none_or(|m| m.len() == n));
+        mask.map(std::sync::Arc::new)
+    };
+    if let (Ok(qt), Ok(kt), Ok(vt)) = (
+        q.clone().try_into_primitive::<FlexAd>(),
+        k.clone().try_into_primitive::<FlexAd>(),
+        v.clone().try_into_primitive::<FlexAd>(),
+    ) {
+        let (qc, kc, vc) = (
+            contiguous(qt.primitive()),
+            contiguous(kt.primitive()),
+            contiguous(vt.primitive()),
+        );
+        let dropout = draw(probs);
+        let (context, probs) = shape.forward(
+            f32_slice(&qc),
+            f32_slice(&kc),
+            f32_slice(&vc),
+            &bias,
+            dropout.as_deref(),
+        );
+        let output = from_vec(context, qc.layout().shape());
+        let out = match AttentionBackward
+            .prepare::<NoCheckpointing>([qt.node(), kt.node(), vt.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let state = AttentionState {
+                    shape,
+                    q: qc,
+                    k: kc,
+                    v: vc,
+                    probs: std::sync::Arc::new(probs),
+                    dropout,
+                };
+                prep.finish(state, output)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(output),
+        };
+        return Some(Tensor::from_primitive::<FlexAd>(out));
+    }
+    if let (Ok(qt), Ok(kt), Ok(vt)) = (
+        q.clone().try_into_primitive::<Flex>(),
+        k.clone().try_into_primitive::<Flex>(),
+        v.clone().try_into_primitive::<Flex>(),
+    ) {
+        let (qc, kc, vc) = (contiguous(&qt), contiguous(&kt), contiguous(&vt));
+        let dropout = draw(probs);
+        let (context, _) = shape.forward(
+            f32_slice(&qc),
+            f32_slice(&kc),
+            f32_slice(&vc),
+            &bias,
+            dropout.as_deref(),
+        );
+        return Some(Tensor::from_primitive::<Flex>(from_vec(
+            context,
+            qc.layout().shape(),
+        )));
+    }
+    None
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Attention {
+    batch: usize,
+    seq: usize,
+    hidden: usize,
+    heads: usize,
+}
+
+#[derive(Debug, Clone)]
+struct AttentionState {
+    shape: Attention,
+    q: FlexTensor,
+    k: FlexTensor,
+    v: FlexTensor,
+    /// softmax probabilities before dropout, `[batch, heads, seq, seq]`.
+    probs: std::sync::Arc<Vec<f32>>,
+    dropout: Option<std::sync::Arc<Vec<f32>>>,
+}
+
+/// A pointer the rayon tasks write through; each task writes its own (batch, head) column
+/// block, so the writes never overlap.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+// SAFETY: tasks write disjoint elements (see the type's doc).
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    /// The pointer (a method, so closures capture the whole Sync wrapper, not the raw field).
+    fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
+
+impl Attention {
+    fn head_dim(&self) -> usize {
+        self.hidden / self.heads
+    }
+
+    /// Offset of (batch b, head h)'s `[seq, head_dim]` block in a `[batch, seq, hidden]` tensor.
+    fn block(&self, task: usize) -> usize {
+        let (b, h) = (task / self.heads, task % self.heads);
+        b * self.seq * self.hidden + h * self.head_dim()
+    }
+
+    /// `(context [batch, seq, hidden], probs [batch, heads, seq, seq])`.
+    fn forward(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        bias: &[f32],
+        dropout: Option<&Vec<f32>>,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let Attention {
+            seq, hidden, heads, ..
+        } = *self;
+        let d = self.head_dim();
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut context = zeros(q.len());
+        let out = SharedMut(context.as_mut_ptr());
+        let mut probs = zeros(self.batch * heads * seq * seq);
+        probs
+            .par_chunks_mut(seq * seq)
+            .enumerate()
+            .for_each(|(task, p)| {
+                let at = self.block(task);
+                let bias = &bias[(task / heads) * seq..][..seq];
+                // SAFETY: the blocks addressed are inside q, k (`at + (seq-1)*hidden + d <= len`)
+                // and p; `out` is written only in this task's block.
+                unsafe {
+                    // scores = q k^T / sqrt(d); k^T[a][j] = k[j][a].
+                    small_gemm(
+                        seq,
+                        seq,
+                        d,
+                        (p.as_mut_ptr(), seq as isize, 1),
+                        (q.as_ptr().add(at), hidden as isize, 1),
+                        (k.as_ptr().add(at), 1, hidden as isize),
+                        scale,
+                    );
+                }
+                simd(|| {
+                    for row in p.chunks_mut(seq) {
+                        for (s, &b) in row.iter_mut().zip(bias) {
+                            *s += b;
+                        }
+                        softmax_in_place(row);
+                    }
+                });
+                let dropped;
+                let lhs = match dropout {
+                    Some(mask) => {
+                        let mask = &mask[task * seq * seq..][..seq * seq];
+                        dropped = p
+                            .iter()
+                            .zip(mask)
+                            .map(|(&p, &m)| p * m)
+                            .collect::<Vec<f32>>();
+                        dropped.as_ptr()
+                    }
+                    None => p.as_ptr(),
+                };
+                // SAFETY: as above; context's block for this task is written by this task only.
+                unsafe {
+                    small_gemm(
+                        seq,
+                        d,
+                        seq,
+                        (out.at(at), hidden as isize, 1),
+                        (lhs, seq as isize, 1),
+                        (v.as_ptr().add(at), hidden as isize, 1),
+                        1.0,
+                    );
+                }
+            });
+        (context, probs)
+    }
+
+    /// `(dq, dk, dv)` from the context's gradient `g`, `[batch, seq, hidden]` each.
+    fn backward(&self, state: &AttentionState, g: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let Attention { seq, hidden, .. } = *self;
+        let d = self.head_dim();
+        let scale = 1.0 / (d as f32).sqrt();
+        let (q, k, v) = (
+            f32_slice(&state.q),
+            f32_slice(&state.k),
+            f32_slice(&state.v),
+        );
+        let (mut dq, mut dk, mut dv) = (zeros(q.len()), zeros(q.len()), zeros(q.len()));
+        let (dq_p, dk_p, dv_p) = (
+            SharedMut(dq.as_mut_ptr()),
+            SharedMut(dk.as_mut_ptr()),
+            SharedMut(dv.as_mut_ptr()),
+        );
+        state
+            .probs
+            .par_chunks(seq * seq)
+            .enumerate()
+            .for_each(|(task, p)| {
+                let at = self.block(task);
+                let mask = state
+                    .dropout
+                    .as_ref()
+                    .map(|m| &m[task * seq * seq..][..seq * seq]);
+                let mut dp = vec![0.0f32; seq * seq];
+                // SAFETY: every block is inside its buffer; the outputs' blocks are this task's.
+                unsafe {
+                    // dP' = g v^T; v^T[a][j] = v[j][a].
+                    small_gemm(
+                        seq,
+                        seq,
+                        d,
+                        (dp.as_mut_ptr(), seq as isize, 1),
+                        (g.as_ptr().add(at), hidden as isize, 1),
+                        (v.as_ptr().add(at), 1, hidden as isize),
+                        1.0,
+                    );
+                    // dv = P'^T g, P' = P * mask.
+                    let dropped: Vec<f32>;
+                    let p_used = match mask {
+                        Some(m) => {
+                            dropped = p.iter().zip(m).map(|(&p, &m)| p * m).collect();
+                            dropped.as_ptr()
+                        }
+                        None => p.as_ptr(),
+                    };
+                    small_gemm(
+                        seq,
+                        d,
+                        seq,
+                        (dv_p.at(at), hidden as isize, 1),
+                        (p_used, 1, seq as isize),
+                        (g.as_ptr().add(at), hidden as isize, 1),
+                        1.0,
+                    );
+                }
+                simd(|| {
+                    // dP = dP' * mask; dS = P * (dP - rowsum(dP * P)).
+                    for (r, (ds, p)) in dp.chunks_mut(seq).zip(p.chunks(seq)).enumerate() {
+                        if let Some(m) = mask {
+                            for (ds, &m) in ds.iter_mut().zip(&m[r * seq..][..seq]) {
+                                *ds *= m;
+                            }
+                        }
+                        let dot: f32 = ds.iter().zip(p).map(|(&a, &b)| a * b).sum();
+                        for (ds, &p) in ds.iter_mut().zip(p) {
+                            *ds = p * (*ds - dot);
+                        }
+                    }
+                });
+                // SAFETY: as above.
+                unsafe {
+                    // dq = dS k / sqrt(d); dk = dS^T q / sqrt(d).
+                    small_gemm(
+                        seq,
+                        d,
+                        seq,
+                        (dq_p.at(at), hidden as isize, 1),
+                        (dp.as_ptr(), seq as isize, 1),
+                        (k.as_ptr().add(at), hidden as isize, 1),
+                        scale,
+                    );
+                    small_gemm(
+                        seq,
+                        d,
+                        seq,
+                        (dk_p.at(at), hidden as isize, 1),
+                        (dp.as_ptr(), 1, seq as isize),
+                        (q.as_ptr().add(at), hidden as isize, 1),
+                        scale,
+                    );
+                }
+            });
+        (dq, dk, dv)
+    }
+}
+
+#[derive(Debug)]
+struct AttentionBackward;
+
+impl Backward<Flex, 3> for AttentionBackward {
+    type State = AttentionState;
+
+    fn backward(self, ops: Ops<AttentionState, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_q, node_k, node_v] = ops.parents;
+        let grad = contiguous(&grads.consume::<Flex>(&ops.node));
+        let state = ops.state;
+        let (dq, dk, dv) = state.shape.backward(&state, f32_slice(&grad));
+        let shape = state.q.layout().shape();
+        for (node, g) in [(node_q, dq), (node_k, dk), (node_v, dv)] {
+            if let Some(node) = node {
+                grads.register::<Flex>(node.id, from_vec(g, shape));
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn softmax_in_place(row: &mut [f32]) {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let mut sum = 0.0f32;
+    for y in row.iter_mut() {
+        *y = exp(*y - max);
+        sum += *y;
+    }
+    let inv = 1.0 / sum;
+    for y in row.iter_mut() {
+        *y *= inv;
+    }
+}
+
+/// `dst = scale * lhs rhs` on one thread, for matrices given as (pointer, row stride,
+/// column stride): `[m, k] x [k, n] -> [m, n]`.
+///
+/// # Safety
+/// Each (pointer, strides) must address its whole matrix in bounds; `dst` must not alias the
+/// inputs.
+unsafe fn small_gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: (*mut f32, isize, isize),
+    lhs: (*const f32, isize, isize),
+    rhs: (*const f32, isize, isize),
+    scale: f32,
+) {
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.0,
+            dst.2,
+            dst.1,
+            false,
+            lhs.0,
+            lhs.2,
+            lhs.1,
+            rhs.0,
+            rhs.2,
+            rhs.1,
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu_ops::testing::*;
+    use burn::tensor::Device;
+
+    #[test]
+    fn attention_values_and_gradients_match_the_eager_composite_with_pads_and_dropout() {
+        let device = Device::flex().autodiff();
+        let plain = Device::flex();
+        let (batch, seq, heads, d) = (2, 7, 3, 4);
+        let hidden = heads * d;
+        let n = batch * seq * hidden;
+        // Pads: the last two keys of the second sequence.
+        let bias: Vec<f32> = (0..batch * seq)
+            .map(|i| if i >= batch * seq - 2 { f32::MIN } else { 0.0 })
+            .collect();
+        let bias = Tensor::<1>::from_floats(bias.as_slice(), &device).reshape([batch, 1, 1, seq]);
+        let upstream = random(n, 13, &plain).reshape([batch, seq, hidden]);
+        let probs = batch * heads * seq * seq;
+        let mask: Vec<f32> = (0..probs)
+            .map(|i| if i % 5 == 2 { 0.0 } else { 1.0 / 0.8 })
+            .collect();
+        for dropout in [None, Some(mask)] {
+            let run = |fused: bool| {
+                let q = random(n, 14, &device).require_grad();
+                let k = random(n, 15, &device).require_grad();
+                let v = random(n, 16, &device).require_grad();
+                let (q3, k3, v3) = (
+                    q.clone().reshape([batch, seq, hidden]),
+                    k.clone().reshape([batch, seq, hidden]),
+                    v.clone().reshape([batch, seq, hidden]),
+                );
+                let context = if fused {
+                    let draw = |_: usize| dropout.clone().expect("drawn only with dropout");
+                    let draw = dropout
+                        .is_some()
+                        .then_some(&draw as &dyn Fn(usize) -> Vec<f32>);
+                    attention(&q3, &k3, &v3, heads, &bias, draw).expect("f32 flex autodiff")
+                } else {
+                    let split = |t: Tensor<3>| t.reshape([batch, seq, heads, d]).swap_dims(1, 2);
+                    let scores = split(q3).matmul(split(k3).swap_dims(2, 3)) / (d as f64).sqrt();
+                    let mut p = burn::tensor::activation::softmax(scores + bias.clone(), 3);
+                    if let Some(m) = &dropout {
+                        p = p * Tensor::<1>::from_floats(m.as_slice(), &plain)
+                            .reshape([batch, heads, seq, seq]);
+                    }
+                    p.matmul(split(v3))
+                        .swap_dims(1, 2)
+                        .reshape([batch, seq, hidden])
+                };
+                let grads = (context.clone() * upstream.clone()).sum().backward();
+                let grad = |t: &Tensor<1>| values(t.grad(&grads).expect("a gradient"));
+                (values(context.reshape([n])), grad(&q), grad(&k), grad(&v))
+            };
+            let want = run(false);
+            let got = run(true);
+            let what = if dropout.is_some() {
+                "dropout"
+            } else {
+                "no dropout"
+            };
+            assert_close(&format!("{what} context"), &got.0, &want.0, 1e-6);
+            assert_close(&format!("{what} dq"), &got.1, &want.1, 1e-5);
+            assert_close(&format!("{what} dk"), &got.2, &want.2, 1e-5);
+            assert_close(&format!("{what} dv"), &got.3, &want.3, 1e-5);
+        }
+    }
+}
