@@ -200,7 +200,9 @@ impl RobertaEmbeddings {
     }
 }
 
-/// How self-attention is computed: HF's `attn_implementation`.
+/// How self-attention is computed: HF's `attn_implementation`. On the CPU backend (flex, f32)
+/// neither applies: masklm's own fused kernel (`cpu_ops::attention`, eager semantics with
+/// dropout) runs for both.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AttentionImpl {
     /// The backend's fused kernel (burn's `attention`: flash attention in CubeCL, SDPA in
