@@ -134,7 +134,9 @@ for name in $CONFIGS; do
     rows+=("$row")
   done
 done
-echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), fp32 matmul peak ${gflops} GFLOP/s (torch on $HF_DEVICE, $THREADS threads); precision $PRECISION; median of $ROUNDS rounds, sides alternating"
+# Machines of one kind differ in SIMD width (gemm's AVX-512 vs AVX2 kernels): say which.
+simd=$(grep -qm1 avx512f /proc/cpuinfo && echo AVX-512 || { grep -qm1 avx2 /proc/cpuinfo && echo AVX2 || echo "no AVX2"; })
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs) ($simd), fp32 matmul peak ${gflops} GFLOP/s (torch on $HF_DEVICE, $THREADS threads); precision $PRECISION; median of $ROUNDS rounds, sides alternating"
 if [[ $GPU_MEM == 1 ]]; then
   echo "| config | implementation | train tok/s | eval tok/s | peak RSS MB | MFU | peak GPU MB |"
   echo "|---|---|---|---|---|---|---|"
