@@ -66,24 +66,15 @@ pub(crate) fn attention(
             dropout.as_deref(),
         );
         let output = from_vec(context, qc.layout().shape());
-        let out = match AttentionBackward
-            .prepare::<NoCheckpointing>([qt.node(), kt.node(), vt.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let state = AttentionState {
-                    shape,
-                    q: qc,
-                    k: kc,
-                    v: vc,
-                    probs: std::sync::Arc::new(probs),
-                    dropout,
-                };
-                prep.finish(state, output)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(output),
-        };
+        let inputs = [&qt, &kt, &vt];
+        let out = record(AttentionBackward, inputs, output, || AttentionState {
+            shape,
+            q: qc,
+            k: kc,
+            v: vc,
+            probs: std::sync::Arc::new(probs),
+            dropout,
+        });
         return Some(Tensor::from_primitive::<FlexAd>(out));
     }
     if let (Ok(qt), Ok(kt), Ok(vt)) = (
@@ -180,14 +171,14 @@ impl Attention {
                 // and p; `out` is written only in this task's block.
                 unsafe {
                     // scores = q k^T / sqrt(d); k^T[a][j] = k[j][a].
-                    small_gemm(
-                        seq,
-                        seq,
-                        d,
+                    gemm_into(
+                        (seq, seq, d),
                         (p.as_mut_ptr(), seq as isize, 1),
                         (q.as_ptr().add(at), hidden as isize, 1),
                         (k.as_ptr().add(at), 1, hidden as isize),
                         scale,
+                        false,
+                        false,
                     );
                 }
                 simd(|| {
@@ -198,29 +189,18 @@ impl Attention {
                         softmax_in_place(row);
                     }
                 });
-                let dropped;
-                let lhs = match dropout {
-                    Some(mask) => {
-                        let mask = &mask[task * seq * seq..][..seq * seq];
-                        dropped = p
-                            .iter()
-                            .zip(mask)
-                            .map(|(&p, &m)| p * m)
-                            .collect::<Vec<f32>>();
-                        dropped.as_ptr()
-                    }
-                    None => p.as_ptr(),
-                };
+                let mask = dropout.map(|m| &m[task * seq * seq..][..seq * seq]);
+                let dropped = with_dropout(p, mask);
                 // SAFETY: as above; context's block for this task is written by this task only.
                 unsafe {
-                    small_gemm(
-                        seq,
-                        d,
-                        seq,
+                    gemm_into(
+                        (seq, d, seq),
                         (out.at(at), hidden as isize, 1),
-                        (lhs, seq as isize, 1),
+                        (dropped.as_ptr(), seq as isize, 1),
                         (v.as_ptr().add(at), hidden as isize, 1),
                         1.0,
+                        false,
+                        false,
                     );
                 }
             });
@@ -257,32 +237,25 @@ impl Attention {
                 // SAFETY: every block is inside its buffer; the outputs' blocks are this task's.
                 unsafe {
                     // dP' = g v^T; v^T[a][j] = v[j][a].
-                    small_gemm(
-                        seq,
-                        seq,
-                        d,
+                    gemm_into(
+                        (seq, seq, d),
                         (dp.as_mut_ptr(), seq as isize, 1),
                         (g.as_ptr().add(at), hidden as isize, 1),
                         (v.as_ptr().add(at), 1, hidden as isize),
                         1.0,
+                        false,
+                        false,
                     );
                     // dv = P'^T g, P' = P * mask.
-                    let dropped: Vec<f32>;
-                    let p_used = match mask {
-                        Some(m) => {
-                            dropped = p.iter().zip(m).map(|(&p, &m)| p * m).collect();
-                            dropped.as_ptr()
-                        }
-                        None => p.as_ptr(),
-                    };
-                    small_gemm(
-                        seq,
-                        d,
-                        seq,
+                    let dropped = with_dropout(p, mask);
+                    gemm_into(
+                        (seq, d, seq),
                         (dv_p.at(at), hidden as isize, 1),
-                        (p_used, 1, seq as isize),
+                        (dropped.as_ptr(), 1, seq as isize),
                         (g.as_ptr().add(at), hidden as isize, 1),
                         1.0,
+                        false,
+                        false,
                     );
                 }
                 simd(|| {
@@ -293,32 +266,29 @@ impl Attention {
                                 *ds *= m;
                             }
                         }
-                        let dot: f32 = ds.iter().zip(p).map(|(&a, &b)| a * b).sum();
-                        for (ds, &p) in ds.iter_mut().zip(p) {
-                            *ds = p * (*ds - dot);
-                        }
+                        softmax_grad_in_place(p, ds);
                     }
                 });
                 // SAFETY: as above.
                 unsafe {
                     // dq = dS k / sqrt(d); dk = dS^T q / sqrt(d).
-                    small_gemm(
-                        seq,
-                        d,
-                        seq,
+                    gemm_into(
+                        (seq, d, seq),
                         (dq_p.at(at), hidden as isize, 1),
                         (dp.as_ptr(), seq as isize, 1),
                         (k.as_ptr().add(at), hidden as isize, 1),
                         scale,
+                        false,
+                        false,
                     );
-                    small_gemm(
-                        seq,
-                        d,
-                        seq,
+                    gemm_into(
+                        (seq, d, seq),
                         (dk_p.at(at), hidden as isize, 1),
                         (dp.as_ptr(), 1, seq as isize),
                         (q.as_ptr().add(at), hidden as isize, 1),
                         scale,
+                        false,
+                        false,
                     );
                 }
             });
@@ -346,57 +316,11 @@ impl Backward<Flex, 3> for AttentionBackward {
     }
 }
 
-#[inline(always)]
-fn softmax_in_place(row: &mut [f32]) {
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let mut sum = 0.0f32;
-    for y in row.iter_mut() {
-        *y = exp(*y - max);
-        sum += *y;
-    }
-    let inv = 1.0 / sum;
-    for y in row.iter_mut() {
-        *y *= inv;
-    }
-}
-
-/// `dst = scale * lhs rhs` on one thread, for matrices given as (pointer, row stride,
-/// column stride): `[m, k] x [k, n] -> [m, n]`.
-///
-/// # Safety
-/// Each (pointer, strides) must address its whole matrix in bounds; `dst` must not alias the
-/// inputs.
-unsafe fn small_gemm(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: (*mut f32, isize, isize),
-    lhs: (*const f32, isize, isize),
-    rhs: (*const f32, isize, isize),
-    scale: f32,
-) {
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.0,
-            dst.2,
-            dst.1,
-            false,
-            lhs.0,
-            lhs.2,
-            lhs.1,
-            rhs.0,
-            rhs.2,
-            rhs.1,
-            0.0,
-            scale,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
+/// The probabilities after dropout: `p * mask`, or `p` itself without dropout.
+fn with_dropout<'a>(p: &'a [f32], mask: Option<&[f32]>) -> std::borrow::Cow<'a, [f32]> {
+    match mask {
+        Some(mask) => p.iter().zip(mask).map(|(&p, &m)| p * m).collect(),
+        None => std::borrow::Cow::Borrowed(p),
     }
 }
 

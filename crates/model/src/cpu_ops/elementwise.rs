@@ -36,14 +36,7 @@ impl Backward<Flex, 1> for GeluBackward {
 fn gelu_autodiff(t: FloatTensor<FlexAd>) -> FloatTensor<FlexAd> {
     let input = t.primitive().clone();
     let output = map_unary(&input, gelu_f);
-    match GeluBackward
-        .prepare::<NoCheckpointing>([t.node()])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => prep.finish(input, output),
-        OpsKind::UnTracked(prep) => prep.finish(output),
-    }
+    record(GeluBackward, [&t], output, || input)
 }
 
 /// `x * factor` elementwise for a factor that needs no gradient (a dropout mask), with
@@ -58,14 +51,7 @@ pub(crate) fn mul_constant<const D: usize>(x: Tensor<D>, factor: Vec<f32>) -> Te
             t.primitive().layout().shape().clone(),
         ));
         let output = map_binary(&factor, t.primitive().clone(), |f, x| x * f);
-        let out = match MulConstantBackward
-            .prepare::<NoCheckpointing>([t.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => prep.finish(factor, output),
-            OpsKind::UnTracked(prep) => prep.finish(output),
-        };
+        let out = record(MulConstantBackward, [&t], output, || factor);
         return Tensor::from_primitive::<FlexAd>(out);
     }
     let shape = x.shape();
@@ -103,15 +89,11 @@ pub(crate) fn softmax_last<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     {
         drop(x);
         let width = t.primitive().layout().shape()[D - 1];
-        let output = map_rows(t.primitive(), width, softmax_row);
-        let out = match SoftmaxBackward
-            .prepare::<NoCheckpointing>([t.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => prep.finish(output.clone(), output),
-            OpsKind::UnTracked(prep) => prep.finish(output),
-        };
+        let output = map_rows(t.primitive(), width, |x, y| {
+            y.copy_from_slice(x);
+            softmax_in_place(y);
+        });
+        let out = record(SoftmaxBackward, [&t], output.clone(), || output);
         return Tensor::from_primitive::<FlexAd>(out);
     }
     burn::tensor::activation::softmax(x, D - 1)
@@ -141,29 +123,13 @@ impl Backward<Flex, 1> for SoftmaxBackward {
                             .zip(p.chunks(width))
                             .zip(g.chunks(width))
                         {
-                            let dot: f32 = p.iter().zip(g).map(|(&p, &g)| p * g).sum();
-                            for ((dx, &p), &g) in dx.iter_mut().zip(p).zip(g) {
-                                *dx = p * (g - dot);
-                            }
+                            dx.copy_from_slice(g);
+                            softmax_grad_in_place(p, dx);
                         }
                     })
                 });
             from_vec(dx, p.layout().shape())
         });
-    }
-}
-
-#[inline(always)]
-fn softmax_row(x: &[f32], y: &mut [f32]) {
-    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let mut sum = 0.0f32;
-    for (y, &x) in y.iter_mut().zip(x) {
-        *y = exp(x - max);
-        sum += *y;
-    }
-    let inv = 1.0 / sum;
-    for y in y.iter_mut() {
-        *y *= inv;
     }
 }
 

@@ -59,7 +59,8 @@ impl Backward<Flex, 3> for LinearBackward {
         if let Some(node) = node_x {
             // dx [m, k] = g [m, n] W^T; W^T[a][b] = W[b][a].
             // SAFETY: every pointer/stride pair addresses the matrix it describes, in bounds.
-            let dx = unsafe { gemm_new(m, k, n, g.as_ptr(), n as isize, 1, w_ptr, w_cs, w_rs) };
+            let dx =
+                unsafe { gemm_new((m, k, n), (g.as_ptr(), n as isize, 1), (w_ptr, w_cs, w_rs)) };
             grads.register::<Flex>(node.id, from_vec(dx, x.layout().shape()));
         }
         if let Some(node) = node_w {
@@ -68,15 +69,9 @@ impl Backward<Flex, 3> for LinearBackward {
             // SAFETY: as above.
             let dw = unsafe {
                 gemm_new(
-                    k,
-                    n,
-                    m,
-                    xs.as_ptr(),
-                    1,
-                    k as isize,
-                    g.as_ptr(),
-                    n as isize,
-                    1,
+                    (k, n, m),
+                    (xs.as_ptr(), 1, k as isize),
+                    (g.as_ptr(), n as isize, 1),
                 )
             };
             grads.register::<Flex>(node.id, from_vec(dw, weight.layout().shape()));
@@ -97,20 +92,12 @@ fn linear_autodiff(
 ) -> FloatTensor<FlexAd> {
     let input = contiguous(x.primitive());
     let output = linear_forward(&input, weight.primitive(), bias.primitive());
-    match LinearBackward
-        .prepare::<NoCheckpointing>([x.node(), weight.node(), bias.node()])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => {
-            let state = LinearState {
-                x: input,
-                weight: weight.primitive().clone(),
-            };
-            prep.finish(state, output)
+    record(LinearBackward, [&x, &weight, &bias], output, || {
+        LinearState {
+            x: input,
+            weight: weight.primitive().clone(),
         }
-        OpsKind::UnTracked(prep) => prep.finish(output),
-    }
+    })
 }
 
 /// `x [..., k] W [k, n] + b [n]` with `x` contiguous.
@@ -132,21 +119,17 @@ fn linear_forward(x: &FlexTensor, weight: &FlexTensor, bias: &FlexTensor) -> Fle
         });
     // SAFETY: every row was written above.
     unsafe { out.set_len(m * n) };
-    let (w_ptr, w_rs, w_cs) = matrix(weight);
+    let w = matrix(weight);
     // SAFETY: every pointer/stride pair addresses the matrix it describes, in bounds.
     unsafe {
-        gemm_f32(
-            m,
-            n,
-            k,
-            &mut out,
+        gemm_into(
+            (m, n, k),
+            (out.as_mut_ptr(), n as isize, 1),
+            (f32_slice(x).as_ptr(), k as isize, 1),
+            w,
+            1.0,
             true,
-            f32_slice(x).as_ptr(),
-            k as isize,
-            1,
-            w_ptr,
-            w_rs,
-            w_cs,
+            true,
         )
     };
     let mut shape = x.layout().shape().clone();
@@ -163,104 +146,30 @@ fn matrix(t: &FlexTensor) -> (*const f32, isize, isize) {
     (ptr, strides[0], strides[1])
 }
 
-/// burn-flex's threshold: below ~192^3 multiply-adds threads cost more than they save.
-fn parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
-    if m.saturating_mul(n).saturating_mul(k) >= 192 * 192 * 192 {
-        gemm::Parallelism::Rayon(0)
-    } else {
-        gemm::Parallelism::None
-    }
-}
-
-/// `dst [m, n] (+)= lhs [m, k] rhs [k, n]`, row-major `dst`; `accumulate` adds to `dst`.
-///
-/// # Safety
-/// `lhs + i * lhs_rs + j * lhs_cs` must be in bounds for i < m, j < k, and likewise `rhs` for
-/// k x n.
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_f32(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    accumulate: bool,
-    lhs: *const f32,
-    lhs_rs: isize,
-    lhs_cs: isize,
-    rhs: *const f32,
-    rhs_rs: isize,
-    rhs_cs: isize,
-) {
-    assert_eq!(dst.len(), m * n, "gemm destination size");
-    let parallelism = parallelism(m, n, k);
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs,
-            lhs_cs,
-            lhs_rs,
-            rhs,
-            rhs_cs,
-            rhs_rs,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        )
-    }
-}
-
 /// A new row-major `[m, n]` = `lhs [m, k] rhs [k, n]`, written by gemm alone (no zeroing pass).
 ///
 /// # Safety
-/// As [`gemm_f32`].
-#[allow(clippy::too_many_arguments)]
+/// As [`gemm_into`].
 unsafe fn gemm_new(
-    m: usize,
-    n: usize,
-    k: usize,
-    lhs: *const f32,
-    lhs_rs: isize,
-    lhs_cs: isize,
-    rhs: *const f32,
-    rhs_rs: isize,
-    rhs_cs: isize,
+    (m, n, k): (usize, usize, usize),
+    lhs: Strided<*const f32>,
+    rhs: Strided<*const f32>,
 ) -> Vec<f32> {
     if k == 0 {
         return vec![0.0; m * n];
     }
     let mut dst: Vec<f32> = Vec::with_capacity(m * n);
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
+        gemm_into(
+            (m, n, k),
+            (dst.as_mut_ptr(), n as isize, 1),
             lhs,
-            lhs_cs,
-            lhs_rs,
             rhs,
-            rhs_cs,
-            rhs_rs,
-            0.0,
             1.0,
             false,
-            false,
-            false,
-            parallelism(m, n, k),
+            true,
         );
-        // SAFETY: with read_dst = false and k > 0 gemm writes every element of dst.
+        // SAFETY: without accumulate and with k > 0 gemm writes every element of dst.
         dst.set_len(m * n);
     }
     dst

@@ -51,21 +51,11 @@ pub(crate) fn cross_entropy(
         .sum::<f64>()
         / rows.max(1) as f64;
     let output = from_vec(vec![loss as f32], &burn::tensor::Shape::from(vec![1]));
-    let out = match CrossEntropyBackward
-        .prepare::<NoCheckpointing>([t.node()])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => {
-            let state = CrossEntropyState {
-                logits: input,
-                lse: std::sync::Arc::new(lse),
-                labels: std::sync::Arc::new(labels),
-            };
-            prep.finish(state, output)
-        }
-        OpsKind::UnTracked(prep) => prep.finish(output),
-    };
+    let out = record(CrossEntropyBackward, [&t], output, || CrossEntropyState {
+        logits: input,
+        lse: std::sync::Arc::new(lse),
+        labels: std::sync::Arc::new(labels),
+    });
     Some(Tensor::from_primitive::<FlexAd>(out))
 }
 

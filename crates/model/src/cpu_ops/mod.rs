@@ -58,6 +58,102 @@ const CHUNK: usize = 1 << 14;
 
 // ---- plumbing: contiguous f32 views, parallel maps, SIMD dispatch ----
 
+/// Records `output` as one node of burn's autodiff graph with parents `inputs`, whose backward
+/// is `op` given `state()` (built only when some input needs a gradient).
+fn record<Op, const N: usize>(
+    op: Op,
+    inputs: [&FloatTensor<FlexAd>; N],
+    output: FlexTensor,
+    state: impl FnOnce() -> Op::State,
+) -> FloatTensor<FlexAd>
+where
+    Op: Backward<Flex, N>,
+{
+    match op
+        .prepare::<NoCheckpointing>(inputs.map(|t| t.node()))
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(state(), output),
+        OpsKind::UnTracked(prep) => prep.finish(output),
+    }
+}
+
+/// A strided matrix for gemm: first element, row stride, column stride (in elements).
+type Strided<P> = (P, isize, isize);
+
+/// `dst = scale * lhs rhs`, or `dst += scale * lhs rhs` when `accumulate`: `[m, k] x [k, n]`,
+/// with gemm's own threads when `parallel` and the product is worth them (burn-flex's
+/// threshold: below ~192^3 multiply-adds threads cost more than they save).
+///
+/// # Safety
+/// Each (pointer, strides) must address its whole matrix in bounds, `dst` must not alias the
+/// inputs, and without `accumulate` `dst` may be uninitialised only when k > 0 (gemm then
+/// writes every element).
+unsafe fn gemm_into(
+    (m, n, k): (usize, usize, usize),
+    dst: Strided<*mut f32>,
+    lhs: Strided<*const f32>,
+    rhs: Strided<*const f32>,
+    scale: f32,
+    accumulate: bool,
+    parallel: bool,
+) {
+    let parallelism = if parallel && m.saturating_mul(n).saturating_mul(k) >= 192 * 192 * 192 {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    // gemm takes (column stride, row stride) and computes alpha * dst + beta * lhs rhs.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.0,
+            dst.2,
+            dst.1,
+            accumulate,
+            lhs.0,
+            lhs.2,
+            lhs.1,
+            rhs.0,
+            rhs.2,
+            rhs.1,
+            1.0,
+            scale,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+/// Softmax of one row, in place.
+#[inline(always)]
+fn softmax_in_place(row: &mut [f32]) {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let mut sum = 0.0f32;
+    for y in row.iter_mut() {
+        *y = exp(*y - max);
+        sum += *y;
+    }
+    let inv = 1.0 / sum;
+    for y in row.iter_mut() {
+        *y *= inv;
+    }
+}
+
+/// Softmax's backward for one row, in place: `g <- p * (g - sum(g * p))`.
+#[inline(always)]
+fn softmax_grad_in_place(p: &[f32], g: &mut [f32]) {
+    let dot: f32 = p.iter().zip(g.iter()).map(|(&p, &g)| p * g).sum();
+    for (g, &p) in g.iter_mut().zip(p) {
+        *g = p * (*g - dot);
+    }
+}
+
 /// The tensor's elements in row-major order (a copy only when its layout is strided).
 fn contiguous(t: &FlexTensor) -> FlexTensor {
     match t.layout().contiguous_offsets() {

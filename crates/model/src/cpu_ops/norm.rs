@@ -69,21 +69,13 @@ fn layer_norm_autodiff(
 ) -> FloatTensor<FlexAd> {
     let input = contiguous(x.primitive());
     let (output, stats) = layer_norm_forward(&input, gamma.primitive(), beta.primitive(), epsilon);
-    match LayerNormBackward
-        .prepare::<NoCheckpointing>([x.node(), gamma.node(), beta.node()])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => {
-            let state = LayerNormState {
-                x: input,
-                gamma: contiguous(gamma.primitive()),
-                stats: std::sync::Arc::new(stats),
-            };
-            prep.finish(state, output)
+    record(LayerNormBackward, [&x, &gamma, &beta], output, || {
+        LayerNormState {
+            x: input,
+            gamma: contiguous(gamma.primitive()),
+            stats: std::sync::Arc::new(stats),
         }
-        OpsKind::UnTracked(prep) => prep.finish(output),
-    }
+    })
 }
 
 fn layer_norm_forward(
