@@ -15,7 +15,8 @@ use burn::data::dataset::Dataset;
 use burn::tensor::Device;
 use masklm_data::{
     CorpusOptions, MaskingConfig, MlmBatcher, MlmDataset, NoProgress, Packing, PrepareOptions,
-    SplitReader, TrainOptions, Validation, load_tokenizer, prepare, read_manifest, train_tokenizer,
+    SplitReader, StepSampler, TrainOptions, Validation, load_tokenizer, prepare, read_manifest,
+    train_tokenizer,
 };
 
 fn tokenizer_dir() -> std::path::PathBuf {
@@ -405,6 +406,58 @@ fn dataset_and_batcher_give_masked_batches() {
             &|r| 7 - r
         )
     );
+}
+
+#[test]
+fn length_grouped_steps_pad_less_see_every_example_and_resume_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let Setup {
+        tokenizer, cache, ..
+    } = setup(dir.path(), 1000, Packing::Line);
+    let manifest = read_manifest(&cache).unwrap();
+    let split = SplitReader::open(&cache, &manifest, "train").unwrap();
+    assert_eq!(split.example_len(3), split.get(3).map(|t| t.len()));
+    assert_eq!(split.example_len(1000), None);
+    let vocab = tokenizer.mask_vocab().unwrap();
+    let masking = MaskingConfig::default();
+    let device = Device::flex();
+    // One epoch: 125 steps of 8 of the 1,000 line examples.
+    let epoch = |grouped: bool| {
+        let mut sampler = StepSampler::new(split.len(), 8, 1, 5).with_length_grouping(grouped);
+        let (mut cells, mut tokens, mut masked) = (0, 0, 0);
+        for step in 0..125 {
+            let out = sampler.step(step, &[&split], &vocab, &masking, &device);
+            let [rows, cols] = out.batches[0].input_ids.dims();
+            cells += rows * cols;
+            tokens += out.tokens;
+            masked += out.masked;
+        }
+        (cells, tokens, masked)
+    };
+    let (plain, grouped) = (epoch(false), epoch(true));
+    // The same examples (each once per epoch, masked the same way: masks follow the example),
+    // in batches that pad far less.
+    let every: usize = (0..split.len()).filter_map(|i| split.example_len(i)).sum();
+    assert_eq!((plain.1, plain.2), (every, grouped.2));
+    assert_eq!(grouped.1, every);
+    assert!(
+        grouped.0 * 10 < plain.0 * 8,
+        "padded cells: grouped {} vs plain {}",
+        grouped.0,
+        plain.0
+    );
+    // A fresh sampler (a resume) gives step 60 exactly as the one that walked there.
+    let ids = |sampler: &mut StepSampler, step: usize| {
+        let out = sampler.step(step, &[&split], &vocab, &masking, &device);
+        let batch = out.batches.into_iter().next().unwrap();
+        (common::ints(batch.input_ids), common::ints(batch.labels))
+    };
+    let mut walked = StepSampler::new(split.len(), 8, 1, 5).with_length_grouping(true);
+    for step in 0..60 {
+        ids(&mut walked, step);
+    }
+    let mut fresh = StepSampler::new(split.len(), 8, 1, 5).with_length_grouping(true);
+    assert_eq!(ids(&mut walked, 60), ids(&mut fresh, 60));
 }
 
 /// Every document of `path`, or the first error.

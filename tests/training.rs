@@ -355,6 +355,10 @@ fn resume_refuses_changed_data_model_or_sampling_and_keeps_the_overrides() {
             "data.max_seq_length=32",
             "`data.max_seq_length` was 64, now 32",
         ),
+        (
+            "training.group_by_length=true",
+            "`training.group_by_length` was false, now true",
+        ),
     ] {
         let changed = TrainConfig::load(&saved, &[set.to_string()]).unwrap();
         let err = resume_on_cpu(&changed, &run, None).unwrap_err().to_string();

@@ -104,6 +104,50 @@ mod tests {
     }
 
     #[test]
+    fn length_grouping_sorts_each_mega_batch_and_keeps_the_permutation() {
+        // 1,000 examples of lengths 1..=200 in batches of 5: mega-batches of
+        // min(1000 / 20, 50) = 50 batches = 250 examples, as transformers computes them.
+        let order = epoch_order(1000, 3, 0);
+        let mut lengths: Vec<usize> = (0..1000).map(|i| 1 + (i * 37) % 200).collect();
+        // One longest example, in the last mega-batch of the shuffled order.
+        lengths[order[900]] = 500;
+        let grouped = length_grouped(order.clone(), 5, |i| lengths[i]);
+        let mut sorted = grouped.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..1000).collect::<Vec<_>>());
+        // The longest example of all leads: it was swapped with the first of the mega-batch
+        // that held it. Undo that swap, then every mega-batch holds the shuffled order's
+        // examples of that stretch, longest first.
+        assert_eq!(grouped[0], order[900]);
+        let mut unswapped = grouped.clone();
+        unswapped.swap(0, 750);
+        for (k, chunk) in unswapped.chunks(250).enumerate() {
+            let mut want: Vec<usize> = order[k * 250..(k + 1) * 250].to_vec();
+            let mut got = chunk.to_vec();
+            want.sort();
+            got.sort();
+            assert_eq!(got, want, "mega-batch {k}");
+            let lens: Vec<usize> = chunk.iter().map(|&i| lengths[i]).collect();
+            assert!(lens.windows(2).all(|w| w[0] >= w[1]), "{k}: {lens:?}");
+        }
+        // Less padding: sum over batches of (longest in batch) * batch size.
+        let padded = |o: &[usize]| -> usize {
+            o.chunks(5)
+                .map(|b| b.iter().map(|&i| lengths[i]).max().unwrap_or(0) * b.len())
+                .sum()
+        };
+        assert!(
+            padded(&grouped) * 3 < padded(&order) * 2,
+            "{} vs {}",
+            padded(&grouped),
+            padded(&order)
+        );
+        assert_eq!(grouped, length_grouped(order, 5, |i| lengths[i]));
+        // A split smaller than 4 batches is one mega-batch.
+        assert_eq!(length_grouped(vec![2, 0, 1], 8, |i| i), vec![2, 1, 0]);
+    }
+
+    #[test]
     fn epoch_order_is_a_keyed_permutation() {
         let a = epoch_order(1000, 3, 0);
         let mut sorted = a.clone();
@@ -164,6 +208,34 @@ pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
         order.swap(i, rng.random_range(0..=i));
     }
     order
+}
+
+/// `order` regrouped so that each batch of `batch_size` holds examples of similar length (less
+/// padding), as transformers' `LengthGroupedSampler` (`get_length_grouped_indices`): the
+/// shuffled order is cut into mega-batches of `min(n / (4 * batch_size), 50)` batches (at least
+/// one), each sorted longest first (stable), and the longest example overall is moved to the
+/// front so that a batch too large for memory fails on the first step, not hours in.
+/// A pure function of its inputs, so an order built from `epoch_order` stays keyed by
+/// (seed, epoch) and a resumed run sees the same batches.
+pub fn length_grouped(
+    order: Vec<usize>,
+    batch_size: usize,
+    length: impl Fn(usize) -> usize,
+) -> Vec<usize> {
+    let batch_size = batch_size.max(1);
+    let mega = (order.len() / (4 * batch_size)).clamp(1, 50) * batch_size;
+    let mut grouped = order;
+    for chunk in grouped.chunks_mut(mega) {
+        chunk.sort_by_key(|&i| std::cmp::Reverse(length(i)));
+    }
+    // Each chunk's longest is its first; swap the longest of all into position 0.
+    if let Some(longest) = (0..grouped.len())
+        .step_by(mega)
+        .max_by_key(|&start| (length(grouped[start]), std::cmp::Reverse(start)))
+    {
+        grouped.swap(0, longest);
+    }
+    grouped
 }
 
 /// A burn [`Batcher`] that masks samples (keyed by seed, epoch and sample index) and pads them.

@@ -875,6 +875,18 @@ impl SplitReader {
         self.len() == 0
     }
 
+    /// The number of tokens of example `index` (`None` past the end), without reading them.
+    pub fn example_len(&self, index: usize) -> Option<usize> {
+        let index = index as u64;
+        let shard = self
+            .starts
+            .partition_point(|&s| s <= index)
+            .checked_sub(1)?;
+        let (_, offsets) = self.shards.get(shard)?;
+        let local = (index - self.starts[shard]) as usize;
+        Some((*offsets.get(local + 1)?).checked_sub(*offsets.get(local)?)? as usize)
+    }
+
     /// The tokens of example `index` (`None` past the end).
     pub fn get(&self, index: usize) -> Option<Vec<u32>> {
         let index = index as u64;

@@ -24,7 +24,7 @@ pub mod vocab;
 
 use std::path::PathBuf;
 
-pub use batch::{MlmBatch, MlmBatcher, MlmDataset, Sample, collate, epoch_order};
+pub use batch::{MlmBatch, MlmBatcher, MlmDataset, Sample, collate, epoch_order, length_grouped};
 pub use cache::{
     Manifest, NoProgress, Packing, PrepareOptions, Prepared, Progress, SplitReader, Validation,
     prepare, read_manifest, write_synced,

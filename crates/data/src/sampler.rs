@@ -10,6 +10,11 @@
 //! source within one sample of its share, and the `j`-th sample a source gives is its
 //! position `j` in its own shuffled epochs (its own seed, so two sources never share an order).
 //!
+//! With length grouping (`[training] group_by_length`, transformers' `group_by_length`), each
+//! (source, epoch) order is regrouped by [`length_grouped`] so that a batch holds examples of
+//! similar length and pads less; with several sources the batches mix them, so grouping helps
+//! less there.
+//!
 //! Either way the batches of a step are a pure function of (seed, step): a resumed run
 //! continues exactly, without replaying data.
 
@@ -17,7 +22,10 @@ use std::collections::HashMap;
 
 use burn::tensor::Device;
 
-use crate::{MaskVocab, MaskingConfig, MlmBatch, SplitReader, collate, epoch_order, mask_tokens};
+use crate::{
+    MaskVocab, MaskingConfig, MlmBatch, SplitReader, collate, epoch_order, length_grouped,
+    mask_tokens,
+};
 
 /// The micro-batches of one optimizer step.
 pub struct StepBatches {
@@ -39,6 +47,8 @@ pub struct StepSampler {
     batch_size: usize,
     accum: usize,
     seed: u64,
+    /// Regroup each epoch's order by example length ([`length_grouped`]).
+    group_by_length: bool,
     /// The next global position, and how many samples each source gave before it.
     position: u64,
     taken: Vec<u64>,
@@ -88,9 +98,16 @@ impl StepSampler {
             batch_size,
             accum,
             seed,
+            group_by_length: false,
             position: 0,
             orders: HashMap::new(),
         }
+    }
+
+    /// Regroups each epoch's order so that batches hold examples of similar length.
+    pub fn with_length_grouping(mut self, on: bool) -> Self {
+        self.group_by_length = on;
+        self
     }
 
     /// The source of global position `self.position`, and advances it.
@@ -170,11 +187,17 @@ impl StepSampler {
                 let j = self.taken[s] - 1;
                 let n = self.sizes[s] as u64;
                 let (epoch, seed) = (j / n, source_seed(self.seed, s));
-                let len = self.sizes[s];
-                let order = self
-                    .orders
-                    .entry((s, epoch))
-                    .or_insert_with(|| epoch_order(len, seed, epoch));
+                let (len, batch_size) = (self.sizes[s], self.batch_size);
+                let grouped_by = self.group_by_length.then(|| splits.get(s)).flatten();
+                let order = self.orders.entry((s, epoch)).or_insert_with(|| {
+                    let order = epoch_order(len, seed, epoch);
+                    match grouped_by {
+                        Some(split) => {
+                            length_grouped(order, batch_size, |i| split.example_len(i).unwrap_or(0))
+                        }
+                        None => order,
+                    }
+                });
                 let index = order[(j % n) as usize];
                 let Some(sample) = splits.get(s).and_then(|split| split.get(index)) else {
                     continue;

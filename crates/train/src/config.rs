@@ -8,7 +8,7 @@
 //! [masking]        # probability, mask_fraction, random_fraction, whole_word
 //! [optimizer]      # lr, betas, eps, weight_decay, max_grad_norm
 //! [schedule]       # decay = linear|cosine|constant, warmup_steps | warmup_ratio
-//! [training]       # batch_size, grad_accum_steps, max_steps | epochs
+//! [training]       # batch_size, grad_accum_steps, max_steps | epochs, group_by_length
 //! [eval]           # eval_steps, batch_size, max_batches, seed, on_start, sets, best,
 //!                  # patience, min_delta, probes
 //! [checkpoint]     # save_steps, keep_last
@@ -120,6 +120,10 @@ pub struct TrainingSection {
     /// gradients, or nothing masked). The weights of a skipped step stay as they were.
     #[serde(default = "ten")]
     pub max_skipped_steps: usize,
+    /// Batch examples of similar length together (transformers' `group_by_length`): less
+    /// padding with `packing = "line"` and documents of varied length.
+    #[serde(default)]
+    pub group_by_length: bool,
 }
 
 fn one() -> usize {
@@ -309,13 +313,14 @@ impl TrainConfig {
     /// `seed`, `[model]`, `[data]`, `[masking]`, `training.batch_size` and
     /// `training.grad_accum_steps`.
     pub fn frozen_differences(&self, now: &TrainConfig) -> Vec<(String, String, String)> {
-        const FROZEN: [&str; 6] = [
+        const FROZEN: [&str; 7] = [
             "seed",
             "model",
             "data",
             "masking",
             "training.batch_size",
             "training.grad_accum_steps",
+            "training.group_by_length",
         ];
         let flat = |config: &TrainConfig| {
             let mut out = std::collections::BTreeMap::new();

@@ -769,7 +769,8 @@ impl<'a> Run<'a> {
                 batch_size,
                 accum,
                 config.seed,
-            ),
+            )
+            .with_length_grouping(config.training.group_by_length),
             train_splits,
             source_names: caches.iter().map(|c| c.name.clone()).collect(),
             eval_sets,
