@@ -9,7 +9,7 @@ cargo build --release -p masklm
 masklm="$CARGO_TARGET_DIR/release/masklm"
 
 if [[ ! -f runs/quickstart-tokenizer/tokenizer.json ]]; then
-  "$masklm" tokenizer train --input data/go/definitions.txt --vocab-size 8192 \
+  "$masklm" tokenizer train --input data/go/definitions.txt --vocab-size 4096 \
     --out runs/quickstart-tokenizer
 fi
 if [[ -f runs/quickstart/checkpoints/latest ]]; then
