@@ -19,6 +19,9 @@ if [[ -f runs/quickstart/checkpoints/latest ]]; then
   total=$(sed -nE 's/^ *"total_steps": ([0-9]+).*/\1/p' "$state")
   if [[ "$step" != "$total" ]]; then
     "$masklm" train --resume runs/quickstart
+  else
+    echo "runs/quickstart is a finished run (step $step); to train it again with the current" \
+      "configs/quickstart.toml: rm -rf runs/quickstart runs/quickstart-cache runs/quickstart-tokenizer" >&2
   fi
 else
   "$masklm" train --config configs/quickstart.toml --out runs/quickstart
