@@ -529,3 +529,75 @@ fn vocab_audit_counts_words_and_pieces() {
     assert!((audit["tokens_per_word"].as_f64().unwrap() - expected).abs() < 1e-12);
     assert_eq!(audit["fragmented"][0]["word"], "mitochondria");
 }
+
+#[test]
+fn per_word_pseudo_perplexity_counts_the_texts_words_for_any_vocabulary() {
+    // Short GO definitions (no line is truncated at 64 tokens), and the fixture model extended
+    // with 30 words of them: the same text in fewer tokens.
+    let dir = tempfile::tempdir().unwrap();
+    let text: Vec<String> = std::fs::read_to_string(common::fixture("tokenizer-corpus.txt"))
+        .unwrap()
+        .lines()
+        .filter(|l| l.len() < 150)
+        .take(40)
+        .map(String::from)
+        .collect();
+    let words_in_text: u64 = text
+        .iter()
+        .map(|l| l.split_whitespace().count() as u64)
+        .sum();
+    let input = dir.path().join("text.txt");
+    std::fs::write(&input, text.join("\n") + "\n").unwrap();
+    let original = common::fixture("roberta-tiny");
+    let extended = dir.path().join("extended");
+    common::masklm_ok([
+        "vocab",
+        "extend",
+        "--model",
+        original.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--add",
+        "30",
+        "--min-count",
+        "2",
+        "--out",
+        extended.to_str().unwrap(),
+    ]);
+    let mut tokens = Vec::new();
+    for model in [&original, &extended] {
+        // Line by line, and 32-token blocks (most blocks start inside a word).
+        for (packing, length) in [("line", "64"), ("full", "32")] {
+            let out = common::masklm_ok([
+                "eval",
+                "--model",
+                model.to_str().unwrap(),
+                "--input",
+                input.to_str().unwrap(),
+                "--packing",
+                packing,
+                "--max-seq-length",
+                length,
+                "--pseudo-perplexity",
+                "--json",
+            ]);
+            let doc: Value = serde_json::from_str(out.trim()).unwrap();
+            let words = doc["words"].as_u64().unwrap();
+            assert_eq!(words, words_in_text, "{} {packing}", model.display());
+            // One log-likelihood, two denominators.
+            let (per_token, per_word) = (
+                doc["pseudo_perplexity"].as_f64().unwrap(),
+                doc["pseudo_perplexity_per_word"].as_f64().unwrap(),
+            );
+            let n = doc["pseudo_tokens"].as_u64().unwrap();
+            let expected = (per_token.ln() * n as f64 / words as f64).exp();
+            assert!(
+                (per_word / expected - 1.0).abs() < 1e-9,
+                "{per_word} vs {expected}"
+            );
+            tokens.push(n);
+        }
+    }
+    // The extended vocabulary scores the same words in fewer tokens.
+    assert!(tokens[2] < tokens[0] && tokens[3] < tokens[1], "{tokens:?}");
+}

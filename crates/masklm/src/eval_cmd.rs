@@ -34,7 +34,9 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
     /// Also compute pseudo-perplexity (Salazar et al. 2020): mask each token of each line in
-    /// turn. One forward pass per token: use on small line-by-line sets.
+    /// turn. One forward pass per token: use on small sets. Reported per token and per word
+    /// (the same log-likelihood over the text's words: comparable between a model and its
+    /// `vocab extend`ed copy when the whole text is scored, e.g. `--packing full`).
     #[arg(long)]
     pub pseudo_perplexity: bool,
     /// Print one JSON object.
@@ -81,7 +83,15 @@ pub fn eval_cmd(args: EvalArgs, device: &Device) -> Result<()> {
         bail!("no token was masked: the input is too short to evaluate");
     }
     let pseudo = if args.pseudo_perplexity {
-        let p = masklm_train::pseudo_perplexity(&model, &split, &vocab, args.batch_size, device);
+        let continuous = args.packing == Packing::Full;
+        let p = masklm_train::pseudo_perplexity(
+            &model,
+            &split,
+            &vocab,
+            args.batch_size,
+            continuous,
+            device,
+        );
         Some(p.context("no maskable token for pseudo-perplexity")?)
     } else {
         None
@@ -96,7 +106,10 @@ pub fn eval_cmd(args: EvalArgs, device: &Device) -> Result<()> {
             "seed": args.seed,
         });
         if let (Some(p), Some(o)) = (pseudo, doc.as_object_mut()) {
-            o.insert("pseudo_perplexity".to_string(), json!(p));
+            o.insert("pseudo_perplexity".to_string(), json!(p.per_token));
+            o.insert("pseudo_perplexity_per_word".to_string(), json!(p.per_word));
+            o.insert("pseudo_tokens".to_string(), json!(p.tokens));
+            o.insert("words".to_string(), json!(p.words));
         }
         println!("{doc}");
     } else {
@@ -109,7 +122,10 @@ pub fn eval_cmd(args: EvalArgs, device: &Device) -> Result<()> {
             split.len()
         );
         if let Some(p) = pseudo {
-            println!("pseudo-perplexity {p:.3}");
+            println!(
+                "pseudo-perplexity {:.3} per token ({} tokens), {:.3} per word ({} words)",
+                p.per_token, p.tokens, p.per_word, p.words
+            );
         }
     }
     Ok(())

@@ -120,25 +120,85 @@ pub fn evaluate_splits(
     }
 }
 
+/// Pseudo-perplexity figures of a split (see [`pseudo_perplexity`]).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct PseudoPerplexity {
+    /// `exp(-PLL / tokens)`: Salazar et al.'s figure, what transformers users compute.
+    pub per_token: f64,
+    /// `exp(-PLL / words)`: the same log-likelihood spread over the words of the text, so
+    /// that two tokenizers that split text into the same words (a model before and after
+    /// `masklm vocab extend`) can be compared on the same text, which per-token figures
+    /// cannot (fewer, longer tokens each carry more of the text).
+    pub per_word: f64,
+    /// Tokens scored (each masked once).
+    pub tokens: u64,
+    /// Words among them ([`count_words`]).
+    pub words: u64,
+}
+
 /// Pseudo-perplexity (Salazar et al. 2020): exp of the mean of -log p(token | all other
 /// tokens), masking each non-special token of each example once, `batch_size` masked copies at
-/// a time. `None` when no example has a maskable token.
+/// a time; per token and per word. `continuous`: the examples are consecutive blocks of one
+/// token stream (`packing = "full"`), so a block may start inside a word. `None` when no
+/// example has a maskable token.
 pub fn pseudo_perplexity(
     model: &RobertaForMaskedLM,
     split: &SplitReader,
     vocab: &MaskVocab,
     batch_size: usize,
+    continuous: bool,
     device: &Device,
-) -> Option<f64> {
+) -> Option<PseudoPerplexity> {
     let mut nll = 0.0f64;
-    let mut count = 0u64;
+    let (mut tokens, mut words) = (0u64, 0u64);
+    let mut after_special = true;
     for i in 0..split.len() {
-        let Some(tokens) = split.get(i) else { continue };
-        let (log_likelihood, n) = pseudo_log_likelihood(model, &tokens, vocab, batch_size, device);
+        let Some(example) = split.get(i) else {
+            continue;
+        };
+        let (log_likelihood, n) = pseudo_log_likelihood(model, &example, vocab, batch_size, device);
         nll -= log_likelihood;
-        count += n;
+        tokens += n;
+        let (w, ends_in_special) = count_words(&example, vocab, after_special || !continuous);
+        words += w;
+        after_special = ends_in_special;
     }
-    (count > 0).then(|| (nll / count as f64).exp())
+    (tokens > 0).then(|| PseudoPerplexity {
+        per_token: (nll / tokens as f64).exp(),
+        per_word: (nll / words.max(1) as f64).exp(),
+        tokens,
+        words,
+    })
+}
+
+/// The words of one example framed as `<s> ... </s>`: its non-special tokens that begin a word
+/// by the tokenizer's own marks (`Ġ`/`▁` start one, `##` continues one: [`MaskVocab::starts_word`])
+/// or that follow a special token (a document's first word has no leading space; `</s>`
+/// separates packed documents). `after_special`: whether the token before this example's
+/// content was special (true for its first example, or for one document per example).
+/// Returns the count and whether the content ends in a special token, for the next block.
+///
+/// For byte-level BPE this counts whitespace-separated words exactly (punctuation and digits
+/// inside a word carry no `Ġ`); WordPiece counts punctuation as words, so compare per-word
+/// figures only between tokenizers of one family.
+pub fn count_words(tokens: &[u32], vocab: &MaskVocab, mut after_special: bool) -> (u64, bool) {
+    // The frame: `<s>` first and `</s>` last are not part of the text.
+    let content = match tokens {
+        [first, inner @ .., last] if vocab.is_special(*first) && vocab.is_special(*last) => inner,
+        _ => tokens,
+    };
+    let mut words = 0;
+    for &t in content {
+        if vocab.is_special(t) {
+            after_special = true;
+            continue;
+        }
+        if after_special || vocab.starts_word(t) {
+            words += 1;
+        }
+        after_special = false;
+    }
+    (words, after_special)
 }
 
 /// Pseudo-log-likelihood of one sequence (with its specials): the sum of log p(token | all

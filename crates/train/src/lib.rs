@@ -28,7 +28,8 @@ use std::path::PathBuf;
 
 pub use config::TrainConfig;
 pub use eval::{
-    EvalResult, EvalSettings, evaluate, evaluate_splits, pseudo_log_likelihood, pseudo_perplexity,
+    EvalResult, EvalSettings, PseudoPerplexity, count_words, evaluate, evaluate_splits,
+    pseudo_log_likelihood, pseudo_perplexity,
 };
 pub use inference::{Loaded, check_tokenizer_fits, load_for_inference};
 pub use optim::{
