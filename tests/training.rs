@@ -512,3 +512,29 @@ fn shipped_configs_parse() {
         assert!(config.optimizer.lr > 0.0);
     }
 }
+
+#[test]
+fn a_new_run_starts_from_a_runs_best_pointer_or_its_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = common::write_tiny_config(dir.path(), "");
+    let base = [
+        "training.max_steps=2".to_string(),
+        "eval.eval_steps=0".to_string(),
+    ];
+    let first = dir.path().join("first");
+    train_on_cpu(&TrainConfig::load(&path, &base).unwrap(), &first).unwrap();
+    let best = first.join("checkpoints/best");
+    assert!(best.is_file());
+    // init_from the pointer, the tokenizer taken from it; then data.tokenizer = the run folder.
+    for (name, init, tokenizer) in [
+        ("from-pointer", &best, None),
+        ("from-folder", &first, Some(&first)),
+    ] {
+        let mut config = TrainConfig::load(&path, &base).unwrap();
+        config.model.init_from = Some(init.clone());
+        config.data.tokenizer = tokenizer.cloned();
+        let outcome =
+            train_on_cpu(&config, &dir.path().join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(outcome.last_step, 2, "{name}");
+    }
+}

@@ -29,7 +29,7 @@ use tensorboard_rs::summary_writer::SummaryWriter;
 
 use crate::checkpoint::{
     TrainState, has_checkpoints, is_checkpoint, load_model, load_optimizer_and_state, mark_best,
-    resume_checkpoint, rotate, save_checkpoint, sha256_file,
+    resolve_checkpoint, resume_checkpoint, rotate, save_checkpoint, sha256_file,
 };
 use crate::config::VALIDATION;
 use crate::eval::{EvalResult, EvalSettings, evaluate_splits};
@@ -316,13 +316,14 @@ fn check_cache_tokenizer(cache: &Path, tokenizer: &MlmTokenizer) -> Result<(), T
 }
 
 /// The tokenizer folder of a new run: `data.tokenizer`, else the `init_from` folder when it
-/// holds a tokenizer.
+/// holds a tokenizer. Either may name a masklm run folder or its `best`/`latest` pointer, as
+/// everywhere a checkpoint is accepted.
 fn tokenizer_dir(config: &TrainConfig) -> Result<PathBuf, TrainError> {
     if let Some(dir) = &config.data.tokenizer {
-        return Ok(dir.clone());
+        return Ok(resolve_checkpoint(dir));
     }
-    match &config.model.init_from {
-        Some(dir) if dir.join("tokenizer.json").is_file() => Ok(dir.clone()),
+    match config.model.init_from.as_deref().map(resolve_checkpoint) {
+        Some(dir) if dir.join("tokenizer.json").is_file() => Ok(dir),
         _ => Err(TrainError::Config {
             key: "data.tokenizer".to_string(),
             reason: "no tokenizer: set data.tokenizer to the folder the cache was prepared with \
@@ -351,9 +352,10 @@ fn initial_model(
             }
         }
     };
-    let (model_config, model) = match &config.model.init_from {
-        Some(dir) if is_checkpoint(dir) => load_model(dir, device, dropout)?,
+    let (model_config, model) = match config.model.init_from.as_deref().map(resolve_checkpoint) {
+        Some(dir) if is_checkpoint(&dir) => load_model(&dir, device, dropout)?,
         Some(dir) => {
+            let dir = dir.as_path();
             let mut model_config = masklm_hub::read_config(dir)?;
             masklm_hub::check_weights(&model_config, dir)?;
             dropout(&mut model_config);
