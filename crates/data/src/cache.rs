@@ -875,20 +875,9 @@ impl SplitReader {
         self.len() == 0
     }
 
-    /// The number of tokens of example `index` (`None` past the end), without reading them.
-    pub fn example_len(&self, index: usize) -> Option<usize> {
-        let index = index as u64;
-        let shard = self
-            .starts
-            .partition_point(|&s| s <= index)
-            .checked_sub(1)?;
-        let (_, offsets) = self.shards.get(shard)?;
-        let local = (index - self.starts[shard]) as usize;
-        Some((*offsets.get(local + 1)?).checked_sub(*offsets.get(local)?)? as usize)
-    }
-
-    /// The tokens of example `index` (`None` past the end).
-    pub fn get(&self, index: usize) -> Option<Vec<u32>> {
+    /// Where example `index` lies: its shard's map and its token range there (`None` past the
+    /// end, or for offsets out of order).
+    fn span(&self, index: usize) -> Option<(&Mmap, usize, usize)> {
         let index = index as u64;
         let shard = self
             .starts
@@ -896,10 +885,18 @@ impl SplitReader {
             .checked_sub(1)?;
         let (map, offsets) = self.shards.get(shard)?;
         let local = (index - self.starts[shard]) as usize;
-        let (start, end) = (
-            *offsets.get(local)? as usize,
-            *offsets.get(local + 1)? as usize,
-        );
+        let (start, end) = (*offsets.get(local)?, *offsets.get(local + 1)?);
+        (start <= end).then_some((map, start as usize, end as usize))
+    }
+
+    /// The number of tokens of example `index` (`None` past the end), without reading them.
+    pub fn example_len(&self, index: usize) -> Option<usize> {
+        self.span(index).map(|(_, start, end)| end - start)
+    }
+
+    /// The tokens of example `index` (`None` past the end).
+    pub fn get(&self, index: usize) -> Option<Vec<u32>> {
+        let (map, start, end) = self.span(index)?;
         let tokens = if self.wide {
             map.get(start * 4..end * 4)?
                 .chunks_exact(4)

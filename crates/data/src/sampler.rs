@@ -188,7 +188,7 @@ impl StepSampler {
                 let n = self.sizes[s] as u64;
                 let (epoch, seed) = (j / n, source_seed(self.seed, s));
                 let (len, batch_size) = (self.sizes[s], self.batch_size);
-                let grouped_by = self.group_by_length.then(|| splits.get(s)).flatten();
+                let grouped_by = splits.get(s).filter(|_| self.group_by_length);
                 let order = self.orders.entry((s, epoch)).or_insert_with(|| {
                     let order = epoch_order(len, seed, epoch);
                     match grouped_by {

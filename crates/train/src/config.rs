@@ -310,8 +310,8 @@ impl TrainConfig {
     /// A resume may extend or shorten the run (`training.max_steps`/`epochs`), change the
     /// optimizer and schedule (as after a divergence), precision, evaluation, checkpointing and
     /// logging. Everything that decides which examples, masks and model a step sees is fixed:
-    /// `seed`, `[model]`, `[data]`, `[masking]`, `training.batch_size` and
-    /// `training.grad_accum_steps`.
+    /// `seed`, `[model]`, `[data]`, `[masking]`, `training.batch_size`,
+    /// `training.grad_accum_steps` and `training.group_by_length`.
     pub fn frozen_differences(&self, now: &TrainConfig) -> Vec<(String, String, String)> {
         const FROZEN: [&str; 7] = [
             "seed",
