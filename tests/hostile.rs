@@ -114,6 +114,36 @@ impl Catalogue {
     }
 }
 
+impl Catalogue {
+    fn new() -> Self {
+        Self {
+            checked: 0,
+            failures: Vec::new(),
+        }
+    }
+
+    /// Fails the test with every case of `group` that misbehaved, each by name.
+    fn finish(self, group: &str) {
+        println!("{group}: {} hostile inputs checked", self.checked);
+        assert!(self.checked > 0, "{group}: no case ran");
+        assert!(
+            self.failures.is_empty(),
+            "{group}: {} of {} cases misbehaved:\n{}",
+            self.failures.len(),
+            self.checked,
+            self.failures.join("\n")
+        );
+    }
+}
+
+fn fill(model: &Path) -> Vec<String> {
+    s(&["fill-mask", "--model", &p(model), "The <mask> of the cell."])
+}
+
+fn inspect(model: &Path) -> Vec<String> {
+    s(&["inspect", "--model", &p(model)])
+}
+
 fn s(parts: &[&str]) -> Vec<String> {
     parts.iter().map(|p| p.to_string()).collect()
 }
@@ -175,17 +205,11 @@ fn tiny_run(root: &Path, name: &str, steps: usize) -> PathBuf {
 }
 
 #[test]
-fn hostile_inputs_fail_cleanly() {
+fn hostile_weights_and_model_configs() {
+    // Weights, config.json and half-precision folders.
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let mut c = Catalogue {
-        checked: 0,
-        failures: Vec::new(),
-    };
-    let fill = |model: &Path| s(&["fill-mask", "--model", &p(model), "The <mask> of the cell."]);
-    let inspect = |model: &Path| s(&["inspect", "--model", &p(model)]);
-
-    // --- Weights ---------------------------------------------------------------------------
+    let mut c = Catalogue::new();
     let dir = hf_copy(root, "w-truncated");
     let weights = dir.join("model.safetensors");
     let bytes = std::fs::read(&weights).unwrap();
@@ -403,7 +427,16 @@ fn hostile_inputs_fail_cleanly() {
         }
     }
 
-    // --- Tokenizers ------------------------------------------------------------------------
+    c.finish("hostile_weights_and_model_configs");
+}
+
+#[test]
+fn hostile_tokenizers() {
+    // Tokenizer folders, and tokenizer training on bad settings.
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut c = Catalogue::new();
+    let corpus = p(&common::fixture("tokenizer-corpus.txt"));
     let dir = hf_copy(root, "t-garbage");
     std::fs::write(dir.join("tokenizer.json"), "{\"not\": \"a tokenizer\"}").unwrap();
     c.case(
@@ -436,7 +469,6 @@ fn hostile_inputs_fail_cleanly() {
         fill(&dir),
         fails(&["vocab_size is 1000", "does not belong"]),
     );
-    let corpus = p(&common::fixture("tokenizer-corpus.txt"));
     c.case(
         "tokenizer vocab 100",
         s(&[
@@ -480,8 +512,24 @@ fn hostile_inputs_fail_cleanly() {
         fails(&["a-file", "is a file"]),
     );
 
-    // --- Corpora ---------------------------------------------------------------------------
+    c.finish("hostile_tokenizers");
+}
+
+#[test]
+fn hostile_corpora() {
+    // Corpora given to prepare: missing, empty, broken, looping, special files.
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut c = Catalogue::new();
+    let a_file = root.join("a-file");
+    std::fs::write(&a_file, "x").unwrap();
+    let corpus = p(&common::fixture("tokenizer-corpus.txt"));
     let tokenizer = p(&common::fixture("tokenizer-go"));
+    let write = |name: &str, bytes: &[u8]| {
+        let path = root.join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    };
     let prepare = |input: &Path, out: &str, extra: &[&str]| {
         let mut args = s(&[
             "prepare",
@@ -494,11 +542,6 @@ fn hostile_inputs_fail_cleanly() {
         args.push(p(&root.join(out)));
         args.extend(s(extra));
         args
-    };
-    let write = |name: &str, bytes: &[u8]| {
-        let path = root.join(name);
-        std::fs::write(&path, bytes).unwrap();
-        path
     };
     c.case(
         "missing input",
@@ -632,7 +675,22 @@ fn hostile_inputs_fail_cleanly() {
         fails(&["no-tokenizer", "tokenizer.json"]),
     );
 
-    // --- Training configs ------------------------------------------------------------------
+    c.finish("hostile_corpora");
+}
+
+#[test]
+fn hostile_training_configs() {
+    // Training configs: bad TOML, unknown keys, impossible values.
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut c = Catalogue::new();
+    let a_file = root.join("a-file");
+    std::fs::write(&a_file, "x").unwrap();
+    let write = |name: &str, bytes: &[u8]| {
+        let path = root.join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    };
     let config = common::write_tiny_config(root, "");
     let train = |config: &Path, sets: &[&str], out: &str| {
         let mut args = s(&["train", "--config", &p(config), "--out"]);
@@ -722,7 +780,27 @@ fn hostile_inputs_fail_cleanly() {
         fails(&["--resume"]),
     );
 
-    // --- Caches ----------------------------------------------------------------------------
+    c.finish("hostile_training_configs");
+}
+
+#[test]
+fn hostile_caches_and_checkpoints() {
+    // Damaged caches and checkpoints, and commands pointed at the wrong thing.
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut c = Catalogue::new();
+    let tokenizer = p(&common::fixture("tokenizer-go"));
+    let config = common::write_tiny_config(root, "");
+    let train = |config: &Path, sets: &[&str], out: &str| {
+        let mut args = s(&["train", "--config", &p(config), "--out"]);
+        args.push(p(&root.join(out)));
+        for set in sets {
+            args.extend(s(&["--set", set]));
+        }
+        args
+    };
+    let a_file = root.join("a-file");
+    std::fs::write(&a_file, "x").unwrap();
     let run = tiny_run(root, "run", 4);
     let cache = root.join("cache");
     let cache_case = |c: &mut Catalogue, name: &str, damage: &dyn Fn(&Path), needles: &[&str]| {
@@ -857,7 +935,7 @@ fn hostile_inputs_fail_cleanly() {
         s(&[
             "export",
             "--checkpoint",
-            &p(&dir),
+            &p(&hf_copy(root, "e-hf")),
             "--out",
             &p(&root.join("e2")),
         ]),
@@ -973,17 +1051,9 @@ fn hostile_inputs_fail_cleanly() {
         .collect();
     safetensors::serialize_to_file(views, None, &path).unwrap();
     c.case("NaN weights", fill(&nan), fails(&["not finite"]));
-
-    println!("{} hostile inputs checked", c.checked);
-    assert!(c.checked >= 60, "only {} cases", c.checked);
-    assert!(
-        c.failures.is_empty(),
-        "{} of {} cases misbehaved:\n{}",
-        c.failures.len(),
-        c.checked,
-        c.failures.join("\n")
-    );
+    c.finish("hostile_caches_and_checkpoints");
 }
+
 
 /// Waits for `path` to name a checkpoint at or past `step`, or for the child to end.
 fn wait_for(path: &Path, step: &str, child: &mut std::process::Child) -> bool {
@@ -1061,6 +1131,38 @@ fn kill_9_during_saves_never_costs_the_last_checkpoint() {
             "trial {trial}: resume failed: {stderr}"
         );
         assert!(!stderr.contains("panicked"), "{stderr}");
+        // The resumed run's checkpoints stand on their own (issue #22: they lost their
+        // tokenizer once rotation deleted the folder the resume read it from): every one
+        // verifies and holds the tokenizer, the run answers fill-mask and resumes again.
+        for dir in masklm_train::checkpoint::step_checkpoints(&run) {
+            masklm_train::checkpoint::verify_checkpoint(&dir)
+                .unwrap_or_else(|e| panic!("trial {trial}: {e}"));
+            for file in masklm_train::checkpoint::REQUIRED_FILES {
+                assert!(
+                    dir.join(file).is_file(),
+                    "trial {trial}: {} has no {file}",
+                    dir.display()
+                );
+            }
+        }
+        let fill = masklm(&s(&["fill-mask", "--model", &p(&run), "The <mask> of the cell."]));
+        assert!(
+            fill.status.success(),
+            "trial {trial}: fill-mask on the resumed run failed: {}",
+            String::from_utf8_lossy(&fill.stderr)
+        );
+        let again = masklm(&s(&[
+            "train",
+            "--resume",
+            &p(&run),
+            "--set",
+            "training.max_steps=44",
+        ]));
+        assert!(
+            again.status.success(),
+            "trial {trial}: a second resume failed: {}",
+            String::from_utf8_lossy(&again.stderr)
+        );
     }
 }
 

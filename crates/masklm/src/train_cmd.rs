@@ -14,7 +14,9 @@ use masklm_train::{
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
-    /// Training config (TOML), e.g. configs/quickstart.toml. Not needed with --resume.
+    /// Training config (TOML), e.g. configs/quickstart.toml. With --resume: optional, a new
+    /// config for the run (checked against the run's config.toml: only the keys a resume may
+    /// change can differ); without it the run's own config.toml is used.
     #[arg(long, required_unless_present = "resume")]
     pub config: Option<PathBuf>,
     /// Run directory: config.toml, checkpoints/, metrics.jsonl, tensorboard/.
@@ -114,7 +116,8 @@ impl Observer for Bar {
 
 pub fn train_cmd(args: TrainArgs, device: &Device) -> Result<()> {
     let (config_path, run_dir, resume) = match (&args.resume, &args.config) {
-        (Some(run_dir), _) => (run_dir.join("config.toml"), run_dir.clone(), true),
+        (Some(run_dir), Some(config)) => (config.clone(), run_dir.clone(), true),
+        (Some(run_dir), None) => (run_dir.join("config.toml"), run_dir.clone(), true),
         (None, Some(config)) => {
             let name = config
                 .file_stem()

@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::TrainError;
+use crate::policy::{CheckpointPolicy, step_number};
 
 /// Version of the checkpoint layout.
 pub const CHECKPOINT_VERSION: u32 = 1;
@@ -123,13 +124,79 @@ pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
     run_dir.join("checkpoints")
 }
 
+/// The files every checkpoint holds: without any of them it cannot be loaded for fill-mask,
+/// evaluated, exported or resumed.
+pub const REQUIRED_FILES: [&str; 5] = [
+    "model.bpk",
+    "optimizer.bpk",
+    "config.json",
+    "tokenizer.json",
+    "state.json",
+];
+
+/// The tokenizer a run trains with, held in memory for the run's whole life.
+///
+/// Every checkpoint is written from these bytes, never copied from a folder: the folder a
+/// resumed run read its tokenizer from is itself a checkpoint that rotation deletes.
+#[derive(Debug, Clone)]
+pub struct TokenizerFiles {
+    /// (file name, contents): tokenizer.json always, then whichever of tokenizer_config.json
+    /// and special_tokens_map.json the source folder has.
+    files: Vec<(&'static str, Vec<u8>)>,
+}
+
+impl TokenizerFiles {
+    /// Reads the tokenizer files of `dir`, which must be the tokenizer whose tokenizer.json
+    /// hashes to `hash` (the one the run loaded: a file changed in between is refused).
+    pub fn read(dir: &Path, hash: &str) -> Result<Self, TrainError> {
+        let mut files = Vec::with_capacity(masklm_hub::TOKENIZER_FILES.len());
+        for file in masklm_hub::TOKENIZER_FILES {
+            let path = dir.join(file);
+            match std::fs::read(&path) {
+                Ok(bytes) => files.push((file, bytes)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && file != "tokenizer.json" => {}
+                Err(source) => return Err(TrainError::Io { path, source }),
+            }
+        }
+        let read_hash = files
+            .first()
+            .map(|(_, bytes)| format!("{:x}", Sha256::digest(bytes)));
+        if read_hash.as_deref() != Some(hash) {
+            return Err(TrainError::Checkpoint {
+                path: dir.join("tokenizer.json"),
+                reason: "changed while the run was opening it; start again".to_string(),
+            });
+        }
+        Ok(Self { files })
+    }
+}
+
+/// Refuses a checkpoint folder that lacks one of [`REQUIRED_FILES`]: at save time, so that no
+/// checkpoint that cannot be loaded is ever named by `latest` or `best`.
+fn check_complete(dir: &Path) -> Result<(), TrainError> {
+    let missing: Vec<&str> = REQUIRED_FILES
+        .into_iter()
+        .filter(|file| !dir.join(file).is_file())
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(TrainError::Checkpoint {
+        path: dir.to_path_buf(),
+        reason: format!(
+            "incomplete checkpoint: no {}; this is a masklm bug, please report it",
+            missing.join(", ")
+        ),
+    })
+}
+
 /// Writes a checkpoint of `model` and `optimizer` at `state.step` and points `latest` to it.
 pub fn save_checkpoint(
     run_dir: &Path,
     model: &RobertaForMaskedLM,
     optimizer: &ModuleOptimizer,
     config: &RobertaConfig,
-    tokenizer_dir: &Path,
+    tokenizer: &TokenizerFiles,
     state: &TrainState,
 ) -> Result<PathBuf, TrainError> {
     let root = checkpoints_dir(run_dir);
@@ -165,15 +232,12 @@ pub fn save_checkpoint(
         &tmp.join("config.json"),
         (config.to_json() + "\n").as_bytes(),
     )?;
-    for file in masklm_hub::TOKENIZER_FILES {
-        let from = tokenizer_dir.join(file);
-        if from.is_file() {
-            let bytes = std::fs::read(&from).map_err(io(&from))?;
-            write_synced(&tmp.join(file), &bytes)?;
-        }
+    for (file, bytes) in &tokenizer.files {
+        write_synced(&tmp.join(file), bytes)?;
     }
     let state_text = to_json(state, &tmp.join("state.json"))?;
     write_synced(&tmp.join("state.json"), state_text.as_bytes())?;
+    check_complete(&tmp)?;
 
     let mut files = BTreeMap::new();
     let mut names: Vec<String> = std::fs::read_dir(&tmp)
@@ -215,37 +279,24 @@ pub fn mark_best(run_dir: &Path, checkpoint: &Path) -> Result<(), TrainError> {
     write_atomic(&checkpoints_dir(run_dir).join("best"), &name)
 }
 
-fn pointer(run_dir: &Path, which: &str) -> Option<String> {
+/// The step folder name a `latest`/`best` pointer holds.
+pub fn pointer(run_dir: &Path, which: &str) -> Option<String> {
     std::fs::read_to_string(checkpoints_dir(run_dir).join(which))
         .ok()
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
 }
 
-/// Deletes all but the newest `keep_last` checkpoints, the best one and `protect` (the last
-/// checkpoint known to train on finitely).
-pub fn rotate(run_dir: &Path, keep_last: usize, protect: Option<&Path>) -> Result<(), TrainError> {
+/// Deletes the step folders `policy` gives up (see [`CheckpointPolicy::to_delete`]).
+pub fn rotate(run_dir: &Path, policy: &CheckpointPolicy) -> Result<(), TrainError> {
     let root = checkpoints_dir(run_dir);
-    let mut steps: Vec<String> = std::fs::read_dir(&root)
+    let existing: Vec<String> = std::fs::read_dir(&root)
         .map_err(io(&root))?
         .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
-        .filter(|n| n.starts_with("step-"))
         .collect();
-    steps.sort();
-    let keep: Vec<String> = steps
-        .iter()
-        .rev()
-        .take(keep_last.max(1))
-        .cloned()
-        .chain(pointer(run_dir, "best"))
-        .chain(pointer(run_dir, "latest"))
-        .chain(
-            protect
-                .and_then(|p| p.file_name())
-                .map(|n| n.to_string_lossy().into_owned()),
-        )
-        .collect();
-    for name in steps.iter().filter(|n| !keep.contains(n)) {
+    let best = pointer(run_dir, "best");
+    let latest = pointer(run_dir, "latest");
+    for name in policy.to_delete(&existing, best.as_deref(), latest.as_deref()) {
         let path = root.join(name);
         std::fs::remove_dir_all(&path).map_err(io(&path))?;
     }
@@ -257,20 +308,18 @@ pub fn latest_checkpoint(run_dir: &Path) -> Option<PathBuf> {
     pointer(run_dir, "latest").map(|name| checkpoints_dir(run_dir).join(name))
 }
 
-/// The `step-*` checkpoint folders of a run, newest first.
+/// The `step-*` checkpoint folders of a run, newest (highest step) first.
 pub fn step_checkpoints(run_dir: &Path) -> Vec<PathBuf> {
     let root = checkpoints_dir(run_dir);
-    let mut steps: Vec<PathBuf> = std::fs::read_dir(&root)
+    let mut steps: Vec<(usize, PathBuf)> = std::fs::read_dir(&root)
         .into_iter()
         .flatten()
         .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with("step-"))
-        .map(|e| e.path())
-        .filter(|p| p.is_dir())
+        .filter_map(|e| Some((step_number(&e.file_name().to_string_lossy())?, e.path())))
+        .filter(|(_, p)| p.is_dir())
         .collect();
     steps.sort();
-    steps.reverse();
-    steps
+    steps.into_iter().rev().map(|(_, p)| p).collect()
 }
 
 /// Whether the run folder holds any checkpoint (a pointer or a step folder).
@@ -289,11 +338,21 @@ pub fn resume_checkpoint(
 ) -> Result<(PathBuf, Vec<String>), TrainError> {
     if let Some(from) = from {
         let named = checkpoints_dir(run_dir).join(from);
-        let path = if named.is_dir() {
-            named
+        let path = if named.exists() {
+            resolve_checkpoint(&named)
         } else {
             PathBuf::from(from)
         };
+        if is_checkpoint(&path) && !belongs_to(&path, run_dir) {
+            return Err(TrainError::Resume(format!(
+                "--from {from}: {} is not a checkpoint of {}; --resume continues a run from one \
+                 of its own checkpoints. To continue from another run's weights, start a new run \
+                 with model.init_from = \"{}\"",
+                path.display(),
+                run_dir.display(),
+                path.display()
+            )));
+        }
         if !is_checkpoint(&path) {
             let have: Vec<String> = step_checkpoints(run_dir)
                 .iter()
@@ -342,6 +401,97 @@ pub fn resume_checkpoint(
             format!(" ({})", passed.join("; "))
         }
     )))
+}
+
+/// Whether `checkpoint` is a step folder of `run_dir` (the same folder, however spelled).
+fn belongs_to(checkpoint: &Path, run_dir: &Path) -> bool {
+    let parent = checkpoint.canonicalize().ok();
+    let parent = parent.as_deref().and_then(Path::parent);
+    let own = checkpoints_dir(run_dir).canonicalize().ok();
+    parent.is_some() && parent == own.as_deref()
+}
+
+/// The step folders of `run_dir` past `step`: what a resume from an earlier checkpoint would
+/// leave behind, and rotation would later rank above the new branch's checkpoints.
+pub fn later_checkpoints(run_dir: &Path, step: usize) -> Vec<PathBuf> {
+    step_checkpoints(run_dir)
+        .into_iter()
+        .filter(|path| {
+            path.file_name()
+                .and_then(|n| step_number(&n.to_string_lossy()))
+                .is_some_and(|n| n > step)
+        })
+        .collect()
+}
+
+/// Starts a new branch of a run at `checkpoint` (step `state.step`): moves the step folders
+/// past it into `archive`/checkpoints (kept, not deleted: they are work a user may want back)
+/// and repoints `latest` to `checkpoint` and `best` to the best checkpoint as of that step
+/// (when that folder no longer exists, the pointer is removed and `state`'s best record
+/// starts afresh, so the branch's next evaluation writes one). Returns what a user should be
+/// told.
+pub fn start_branch(
+    run_dir: &Path,
+    checkpoint: &Path,
+    state: &mut TrainState,
+    archive: &Path,
+) -> Result<Vec<String>, TrainError> {
+    let mut notices = Vec::new();
+    let later = later_checkpoints(run_dir, state.step);
+    if !later.is_empty() {
+        let moved = archive.join("checkpoints");
+        std::fs::create_dir_all(&moved).map_err(io(&moved))?;
+        for path in &later {
+            let Some(name) = path.file_name() else {
+                continue;
+            };
+            std::fs::rename(path, moved.join(name)).map_err(io(path))?;
+        }
+        notices.push(format!(
+            "resuming at step {} of a run that went on to {}: its {} later checkpoint(s) moved \
+             to {}",
+            state.step,
+            later
+                .first()
+                .and_then(|p| p.file_name())
+                .map_or(String::new(), |n| n.to_string_lossy().into_owned()),
+            later.len(),
+            moved.display()
+        ));
+    }
+    let root = checkpoints_dir(run_dir);
+    let name = checkpoint
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if pointer(run_dir, "latest").as_deref() != Some(name.as_str()) {
+        write_atomic(&root.join("latest"), &name)?;
+    }
+    let best = state
+        .best_step
+        .map(|step| format!("step-{step:07}"))
+        .filter(|best| root.join(best).is_dir());
+    match best {
+        Some(best) if pointer(run_dir, "best").as_deref() != Some(best.as_str()) => {
+            write_atomic(&root.join("best"), &best)?;
+        }
+        Some(_) => {}
+        None => {
+            let best_path = root.join("best");
+            if best_path.is_file() {
+                std::fs::remove_file(&best_path).map_err(io(&best_path))?;
+            }
+            if let Some(step) = state.best_step.take() {
+                notices.push(format!(
+                    "the best checkpoint as of step {} (step {step}) no longer exists; `best` \
+                     will name the branch's next evaluation",
+                    state.step
+                ));
+                state.best_perplexity = None;
+            }
+        }
+    }
+    Ok(notices)
 }
 
 /// Where a checkpoint path given by a user really is: a `latest`/`best` pointer file, or a run
@@ -440,21 +590,24 @@ pub fn load_model(
     Ok((config, model))
 }
 
-/// Loads a checkpoint's optimizer state into `optimizer` and its training state.
-pub fn load_optimizer_and_state(
+/// Reads a checkpoint's training state (step, seed, best so far, hashes).
+pub fn load_state(dir: &Path) -> Result<TrainState, TrainError> {
+    let path = dir.join("state.json");
+    let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+    serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint {
+        path: path.clone(),
+        reason: e.to_string(),
+    })
+}
+
+/// Loads a checkpoint's optimizer state into `optimizer`.
+pub fn load_optimizer(
     dir: &Path,
     optimizer: ModuleOptimizer,
-) -> Result<(ModuleOptimizer, TrainState), TrainError> {
+) -> Result<ModuleOptimizer, TrainError> {
     let path = dir.join("optimizer.bpk");
-    let optimizer = optimizer.load(&path).map_err(|e| TrainError::Checkpoint {
+    optimizer.load(&path).map_err(|e| TrainError::Checkpoint {
         path: path.clone(),
         reason: format!("{e:?}"),
-    })?;
-    let state_path = dir.join("state.json");
-    let text = std::fs::read_to_string(&state_path).map_err(io(&state_path))?;
-    let state = serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint {
-        path: state_path.clone(),
-        reason: e.to_string(),
-    })?;
-    Ok((optimizer, state))
+    })
 }

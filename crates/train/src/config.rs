@@ -43,7 +43,8 @@ pub struct ModelSection {
 pub struct DataSection {
     /// A cache made by `masklm prepare`, or where to prepare one from `inputs`.
     pub cache: Option<PathBuf>,
-    /// Tokenizer folder (needed with `inputs`; otherwise taken from the cache manifest's source).
+    /// Tokenizer folder (needed with `inputs` or `sources`; with only a prepared `cache`, the
+    /// tokenizer that prepared it, or `model.init_from`'s when that folder holds one).
     pub tokenizer: Option<PathBuf>,
     /// Corpus files, directories or globs to prepare from.
     #[serde(default)]
@@ -76,6 +77,52 @@ pub struct SourceSection {
     pub inputs: Inputs,
     /// Its share of the training samples (weights are normalised to sum to 1).
     pub weight: f64,
+}
+
+impl SourceSection {
+    /// Checks the `i`th `[data] sources` entry on its own.
+    fn validate(&self, i: usize) -> Result<(), TrainError> {
+        let key = format!("data.sources[{i}]");
+        if !is_folder_name(&self.name) {
+            return bad(
+                &format!("{key}.name"),
+                format!(
+                    "{:?}: a source name is letters, digits, '_' or '-' (it names a cache \
+                     folder and metric keys)",
+                    self.name
+                ),
+            );
+        }
+        if !(self.weight.is_finite() && self.weight > 0.0) {
+            return bad(
+                &format!("{key}.weight"),
+                format!("{} must be a positive number", self.weight),
+            );
+        }
+        if self.inputs.to_vec().is_empty() {
+            return bad(
+                &format!("{key}.inputs"),
+                "give a file, folder or glob (or a list of them)",
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A config error naming `key`.
+fn bad(key: &str, reason: impl Into<String>) -> Result<(), TrainError> {
+    Err(TrainError::Config {
+        key: key.to_string(),
+        reason: reason.into(),
+    })
+}
+
+/// Whether `name` can name a folder and a metric key: letters, digits, '_' or '-'.
+fn is_folder_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
 fn default_validation_split() -> f64 {
@@ -355,14 +402,17 @@ impl TrainConfig {
 
     /// Rejects impossible values, naming the key.
     pub fn validate(&self) -> Result<(), TrainError> {
-        let bad = |key: &str, reason: String| {
-            Err(TrainError::Config {
-                key: key.to_string(),
-                reason,
-            })
-        };
         self.optimizer.validate()?;
         self.schedule.validate()?;
+        self.validate_masking()?;
+        self.validate_training()?;
+        self.validate_data()?;
+        self.validate_sources()?;
+        self.validate_eval()?;
+        self.validate_model()
+    }
+
+    fn validate_masking(&self) -> Result<(), TrainError> {
         self.masking.validate().map_err(|e| TrainError::Config {
             key: "masking".to_string(),
             reason: e.to_string(),
@@ -370,108 +420,89 @@ impl TrainConfig {
         if self.masking.probability == 0.0 {
             return bad(
                 "masking.probability",
-                "0 masks no token, so no step could learn anything; use e.g. 0.15".to_string(),
+                "0 masks no token, so no step could learn anything; use e.g. 0.15",
             );
         }
+        Ok(())
+    }
+
+    fn validate_training(&self) -> Result<(), TrainError> {
         if self.training.batch_size == 0 {
-            return bad("training.batch_size", "must be at least 1".to_string());
+            return bad("training.batch_size", "must be at least 1");
         }
         if self.training.grad_accum_steps == 0 {
-            return bad(
-                "training.grad_accum_steps",
-                "must be at least 1".to_string(),
-            );
+            return bad("training.grad_accum_steps", "must be at least 1");
         }
         match (self.training.max_steps, self.training.epochs) {
-            (None, None) => {
-                return bad(
-                    "training.max_steps",
-                    "give max_steps or epochs to say how long to train".to_string(),
-                );
-            }
-            (Some(0), _) => return bad("training.max_steps", "must be at least 1".to_string()),
+            (None, None) => bad(
+                "training.max_steps",
+                "give max_steps or epochs to say how long to train",
+            ),
+            (Some(0), _) => bad("training.max_steps", "must be at least 1"),
             (_, Some(e)) if e.is_nan() || e <= 0.0 => {
-                return bad("training.epochs", format!("{e} must be positive"));
+                bad("training.epochs", format!("{e} must be positive"))
             }
-            _ => {}
+            _ => Ok(()),
         }
-        if self.data.cache.is_none() && self.data.inputs.is_empty() {
+    }
+
+    fn validate_data(&self) -> Result<(), TrainError> {
+        let data = &self.data;
+        if data.cache.is_none() && data.inputs.is_empty() {
             return bad(
                 "data.cache",
-                "give a prepared cache (data.cache) or a corpus (data.inputs + data.tokenizer)"
-                    .to_string(),
+                "give a prepared cache (data.cache) or a corpus (data.inputs + data.tokenizer)",
             );
         }
-        if !self.data.inputs.is_empty() && self.data.tokenizer.is_none() {
+        if !data.inputs.is_empty() && data.tokenizer.is_none() {
             return bad(
                 "data.tokenizer",
-                "data.inputs needs a tokenizer folder to prepare the corpus".to_string(),
+                "data.inputs needs a tokenizer folder to prepare the corpus",
             );
         }
+        Ok(())
+    }
+
+    fn validate_sources(&self) -> Result<(), TrainError> {
+        let data = &self.data;
         let mut names = std::collections::BTreeSet::new();
-        for (i, source) in self.data.sources.iter().enumerate() {
-            let key = format!("data.sources[{i}]");
-            let valid_name = !source.name.is_empty()
-                && source
-                    .name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-            if !valid_name {
-                return bad(
-                    &format!("{key}.name"),
-                    format!(
-                        "{:?}: a source name is letters, digits, '_' or '-' (it names a cache \
-                         folder and metric keys)",
-                        source.name
-                    ),
-                );
-            }
+        for (i, source) in data.sources.iter().enumerate() {
+            source.validate(i)?;
             if !names.insert(source.name.as_str()) {
                 return bad(
-                    &format!("{key}.name"),
+                    &format!("data.sources[{i}].name"),
                     format!("{:?} names two sources", source.name),
                 );
             }
-            if !(source.weight.is_finite() && source.weight > 0.0) {
-                return bad(
-                    &format!("{key}.weight"),
-                    format!("{} must be a positive number", source.weight),
-                );
-            }
-            if source.inputs.to_vec().is_empty() {
-                return bad(
-                    &format!("{key}.inputs"),
-                    "give a file, folder or glob (or a list of them)".to_string(),
-                );
-            }
         }
-        if !self.data.sources.is_empty() && !self.data.inputs.is_empty() {
+        if data.sources.is_empty() {
+            return Ok(());
+        }
+        if !data.inputs.is_empty() {
             return bad(
                 "data.sources",
-                "give either data.inputs or data.sources (a source per corpus), not both"
-                    .to_string(),
+                "give either data.inputs or data.sources (a source per corpus), not both",
             );
         }
-        if !self.data.sources.is_empty() && !self.data.validation_inputs.is_empty() {
+        if !data.validation_inputs.is_empty() {
             return bad(
                 "data.validation_inputs",
                 "with data.sources each source holds out data.validation_split of its own \
-                 documents; give separate held-out files as [eval] sets instead"
-                    .to_string(),
+                 documents; give separate held-out files as [eval] sets instead",
             );
         }
-        if !self.data.sources.is_empty() && self.data.tokenizer.is_none() {
+        if data.tokenizer.is_none() {
             return bad(
                 "data.tokenizer",
-                "data.sources needs a tokenizer folder to prepare the corpora".to_string(),
+                "data.sources needs a tokenizer folder to prepare the corpora",
             );
         }
+        Ok(())
+    }
+
+    fn validate_eval(&self) -> Result<(), TrainError> {
         for (name, inputs) in &self.eval.sets {
-            let valid_name = !name.is_empty()
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-            if !valid_name || name == VALIDATION {
+            if !is_folder_name(name) || name == VALIDATION {
                 return bad(
                     &format!("eval.sets.{name}"),
                     format!(
@@ -483,7 +514,7 @@ impl TrainConfig {
             if inputs.to_vec().is_empty() {
                 return bad(
                     &format!("eval.sets.{name}"),
-                    "give a file, folder or glob (or a list of them)".to_string(),
+                    "give a file, folder or glob (or a list of them)",
                 );
             }
         }
@@ -513,6 +544,10 @@ impl TrainConfig {
         {
             return bad("eval.probes", format!("{} is not a file", path.display()));
         }
+        Ok(())
+    }
+
+    fn validate_model(&self) -> Result<(), TrainError> {
         if let Some(path) = &self.model.init_from
             && !path.exists()
         {
@@ -529,7 +564,8 @@ impl TrainConfig {
             if !allowed.contains(key) && key != "position_embedding_type" {
                 return bad(
                     &format!("model.{key}"),
-                    "unknown key; [model] takes Hugging Face config.json keys (hidden_size, num_hidden_layers, ...) or init_from".to_string(),
+                    "unknown key; [model] takes Hugging Face config.json keys (hidden_size, \
+                     num_hidden_layers, ...) or init_from",
                 );
             }
             if self.model.init_from.is_some()
@@ -540,8 +576,8 @@ impl TrainConfig {
             {
                 return bad(
                     &format!("model.{key}"),
-                    "cannot change the shape of a model loaded with init_from (only dropout may be set)"
-                        .to_string(),
+                    "cannot change the shape of a model loaded with init_from (only dropout \
+                     may be set)",
                 );
             }
         }

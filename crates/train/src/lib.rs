@@ -5,7 +5,8 @@
 //! - [`step`]: one optimizer step with gradient accumulation;
 //! - [`precision`]: mixed precision (bf16/f16 matmuls, f32 master weights, f16 loss scaling);
 //! - [`eval`]: held-out perplexity and masked-token accuracy;
-//! - [`checkpoint`]: atomic, checksummed, rotated checkpoints;
+//! - [`checkpoint`]: atomic, checksummed, self-contained checkpoints;
+//! - [`policy`]: what to save, mark best, keep and delete (one unit-tested object);
 //! - [`inference`]: loading any checkpoint or Hugging Face folder for fill-mask and eval;
 //! - [`fill`]: the vocabulary distribution at masked positions (fill-mask, probes);
 //! - [`probes`]: knowledge probes (cloze sentences ranked at every evaluation);
@@ -18,6 +19,7 @@ pub mod eval;
 pub mod fill;
 pub mod inference;
 pub mod optim;
+pub mod policy;
 pub mod precision;
 pub mod probes;
 pub mod step;
@@ -33,7 +35,7 @@ pub use eval::{
 };
 pub use inference::{Loaded, check_tokenizer_fits, load_for_inference};
 pub use optim::{
-    Decay, OptimizerConfig, ScheduleConfig, clip_grad_norm, clip_grad_norm_scaled, no_decay_params,
+    Decay, OptimizerConfig, ScheduleConfig, no_decay_params,
 };
 pub use precision::{LossScaler, Precision};
 pub use probes::{Probe, ProbeReport, ProbeResult, load_probes, run_probes};
@@ -123,6 +125,22 @@ fn non_finite_message(
     )
 }
 
+fn non_finite_eval_message(step: usize, set: &str, tokens: u64, loss: f64) -> String {
+    if tokens == 0 {
+        return format!(
+            "evaluation at step {step}: eval set {set:?} has no masked token to score (its text \
+             is empty, decodes to special tokens only, or is too short for masking.probability \
+             to pick any token), so its loss is not a number; check its input files (UTF-8 \
+             text, one document per line), give it more text, or remove the set"
+        );
+    }
+    format!(
+        "evaluation at step {step}: eval set {set:?} has loss {loss} over {tokens} masked tokens: \
+         the weights diverged; no checkpoint was written after it. Resume from an earlier \
+         checkpoint (`masklm train --resume RUN --from step-N`) with a lower optimizer.lr"
+    )
+}
+
 /// Errors of training.
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -160,6 +178,16 @@ pub enum TrainError {
         /// The newest checkpoint whose weights went on to a finite step.
         last_checkpoint: Option<PathBuf>,
         run_dir: PathBuf,
+    },
+    /// An evaluation gave a loss that is not a number: nothing was masked in the set (its text
+    /// decodes to nothing), or the weights diverged. Never taken for "no improvement".
+    #[error("{}", non_finite_eval_message(*step, set, *tokens, *loss))]
+    NonFiniteEval {
+        step: usize,
+        set: String,
+        /// Masked tokens the evaluation scored.
+        tokens: u64,
+        loss: f64,
     },
     /// The data pipeline failed.
     #[error(transparent)]

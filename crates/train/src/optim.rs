@@ -134,31 +134,6 @@ pub fn no_decay_params<M: Module>(model: &M) -> Vec<(ParamId, String)> {
     visitor.found
 }
 
-/// The global L2 norm of the gradients, and the gradients scaled down to `max_norm` when it is
-/// exceeded (`max_norm` 0: unchanged). Mirrors torch `clip_grad_norm_`: the scale is
-/// `max_norm / (norm + 1e-6)`, clamped to at most 1.
-pub fn clip_grad_norm<M: Module>(
-    model: &M,
-    grads: GradientsParams,
-    max_norm: f64,
-) -> (GradientsParams, f64) {
-    clip_grad_norm_scaled(model, grads, max_norm, 1.0)
-}
-
-/// [`clip_grad_norm`] for gradients of a loss multiplied by `loss_scale` (f16 loss scaling):
-/// they are divided by it first, and the norm returned is the unscaled one.
-pub fn clip_grad_norm_scaled<M: Module>(
-    model: &M,
-    grads: GradientsParams,
-    max_norm: f64,
-    loss_scale: f64,
-) -> (GradientsParams, f64) {
-    let sum_squares = grad_sum_squares(model, &grads)
-        .map(|t| t.into_scalar::<f32>() as f64)
-        .unwrap_or(0.0);
-    clip_by_sum_squares(model, grads, sum_squares, max_norm, loss_scale)
-}
-
 /// The sum of the squares of every gradient of `model`'s parameters, on the device (`None`
 /// without gradients): read it when convenient (the training step reads it with the loss).
 ///
@@ -185,8 +160,11 @@ pub fn grad_sum_squares<M: Module>(model: &M, grads: &GradientsParams) -> Option
     sum.total
 }
 
-/// The clipping of [`clip_grad_norm_scaled`] given the (loss-scaled) gradients' sum of
-/// squares, already read from the device.
+/// The global L2 norm of the gradients of a loss multiplied by `loss_scale` (1 without f16
+/// loss scaling), from their sum of squares already read from the device, and the gradients
+/// divided by `loss_scale` and scaled down to `max_norm` when the norm exceeds it (`max_norm`
+/// 0: not clipped). Mirrors torch `clip_grad_norm_`: the scale is `max_norm / (norm + 1e-6)`,
+/// clamped to at most 1.
 pub fn clip_by_sum_squares<M: Module>(
     model: &M,
     grads: GradientsParams,
