@@ -789,7 +789,6 @@ fn hostile_caches_and_checkpoints() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     let mut c = Catalogue::new();
-    let tokenizer = p(&common::fixture("tokenizer-go"));
     let config = common::write_tiny_config(root, "");
     let train = |config: &Path, sets: &[&str], out: &str| {
         let mut args = s(&["train", "--config", &p(config), "--out"]);

@@ -781,9 +781,15 @@ fn a_refused_resume_writes_nothing_and_another_runs_checkpoint_is_refused() {
     assert_eq!(outcome.last_step, 6);
 
     // `--config` with `--resume` is honoured (it was silently ignored), under the same
-    // frozen-key checks as `--set`.
-    let file = dir.path().join("config.toml");
-    let resume_with = |sets: &[&str]| {
+    // frozen-key checks as `--set`: the file's own values count, not only the overrides.
+    let tiny = std::fs::read_to_string(dir.path().join("config.toml")).unwrap();
+    let variant = |name: &str, from: &str, to: &str| {
+        let path = dir.path().join(name);
+        assert!(tiny.contains(from), "the tiny config has no {from:?}");
+        std::fs::write(&path, tiny.replace(from, to)).unwrap();
+        path
+    };
+    let resume_with = |file: &Path, sets: &[&str]| {
         let mut args = vec![
             "train".to_string(),
             "--resume".to_string(),
@@ -792,6 +798,8 @@ fn a_refused_resume_writes_nothing_and_another_runs_checkpoint_is_refused() {
             file.display().to_string(),
             "--set".to_string(),
             "eval.eval_steps=0".to_string(),
+            "--set".to_string(),
+            "checkpoint.save_steps=2".to_string(),
         ];
         for set in sets {
             args.extend(["--set".to_string(), set.to_string()]);
@@ -801,13 +809,15 @@ fn a_refused_resume_writes_nothing_and_another_runs_checkpoint_is_refused() {
             .output()
             .unwrap()
     };
-    let out = resume_with(&["training.max_steps=8", "training.batch_size=4"]);
+    let smaller = variant("smaller.toml", "batch_size = 8", "batch_size = 4");
+    let out = resume_with(&smaller, &["training.max_steps=8"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && stderr.contains("`training.batch_size` was 8, now 4"),
         "{stderr}"
     );
-    let out = resume_with(&["training.max_steps=8"]);
+    let longer = variant("longer.toml", "max_steps = 50", "max_steps = 8");
+    let out = resume_with(&longer, &[]);
     assert!(
         out.status.success(),
         "{}",
