@@ -35,13 +35,7 @@ pub use masking::{MaskVocab, MaskedExample, MaskingConfig, WordBoundary, mask_to
 pub use sampler::{StepBatches, StepSampler, source_seed};
 pub use tokenizer::{MlmTokenizer, TrainOptions, load_tokenizer, train_tokenizer};
 
-/// The splitmix64 mixer: a well-spread 64-bit hash of `z`, for seeds and stable splits.
-pub fn splitmix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
+pub use masklm_splitmix::splitmix64;
 
 /// Formats `path` or `path:line`.
 fn at(path: &std::path::Path, line: &Option<u64>) -> String {
