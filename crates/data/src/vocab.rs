@@ -479,3 +479,87 @@ impl Growing<'_> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use sha2::{Digest, Sha256};
+
+    use super::*;
+
+    fn fixture(name: &str) -> MlmTokenizer {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+        crate::load_tokenizer(&dir.join(name)).unwrap()
+    }
+
+    /// What an extension added, one token a line, and the SHA-256 of its tokenizer.json.
+    fn summary(extension: &Extension) -> (Vec<String>, String) {
+        let lines = extension
+            .added
+            .iter()
+            .map(|t| format!("{} {} {:?} {:?}", t.id, t.token, t.word, t.pieces))
+            .chain([format!(
+                "single {:?} not {:?}",
+                extension.already_single, extension.not_single
+            )])
+            .collect();
+        let hash = format!("{:x}", Sha256::digest(extension.tokenizer_json.as_bytes()));
+        (lines, hash)
+    }
+
+    /// Pins what extension gives for both model kinds, as the code before `extend_tokenizer`
+    /// was split into helpers gave it (same lines, byte-identical tokenizer.json).
+    #[test]
+    fn extension_of_bpe_and_wordpiece_is_pinned() {
+        let words: Vec<String> = [
+            "mitochondrial",
+            "mitochondria",
+            "cascade",
+            "H2O",
+            "the",
+            "Ribosome",
+            "mitochondrial",
+        ]
+        .map(String::from)
+        .to_vec();
+        let bpe = extend_tokenizer(&fixture("tokenizer-go"), &words, 1000).unwrap();
+        let (lines, hash) = summary(&bpe);
+        assert_eq!(
+            lines,
+            [
+                "1000 Ġmitoch None [758, 847]",
+                "1001 Ġmitochond None [758, 847, 631]",
+                "1002 Ġmitochondri None [758, 847, 631, 324]",
+                "1003 Ġmitochondrial Some(\"mitochondrial\") [758, 847, 631, 324, 278]",
+                "1004 Ġmitochondria Some(\"mitochondria\") [758, 847, 631, 324, 69]",
+                "1005 Ġcasc None [270, 927]",
+                "1006 Ġcasca None [270, 927, 69]",
+                "1007 Ġcascade Some(\"cascade\") [270, 927, 69, 391]",
+                "1008 ĠR None [225, 54]",
+                "1009 ĠRib None [225, 54, 817]",
+                "1010 ĠRibosome Some(\"Ribosome\") [225, 54, 817, 760]",
+                "single [\"the\"] not [\"H2O\"]",
+            ]
+        );
+        assert_eq!(
+            hash,
+            "42ed792e0835255543ef7e1bdd476c4be13e04289e89aded39a876c9cdd94ccd"
+        );
+
+        // bert-tiny's tokenizer has 1100 ids: new ones start there, not at the 1000 asked.
+        let wordpiece = extend_tokenizer(&fixture("bert-tiny"), &words, 1000).unwrap();
+        let (lines, hash) = summary(&wordpiece);
+        assert_eq!(
+            lines,
+            [
+                "1100 mitochondrial Some(\"mitochondrial\") [839, 950]",
+                "1101 mitochondria Some(\"mitochondria\") [839, 143, 57]",
+                "1102 ribosome Some(\"Ribosome\") [486, 554]",
+                "single [\"cascade\", \"H2O\", \"the\"] not []",
+            ]
+        );
+        assert_eq!(
+            hash,
+            "8b4ecc3740b47572842dfa8134b860e299ac9a8e49fd82d26522dc802dc4fb26"
+        );
+    }
+}
