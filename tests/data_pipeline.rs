@@ -12,8 +12,8 @@ use std::path::Path;
 
 use burn::tensor::Device;
 use masklm_data::{
-    CorpusOptions, MaskingConfig, MlmBatcher, NoProgress, Packing, PrepareOptions,
-    SplitReader, Stale, StepSampler, TrainOptions, Validation, load_tokenizer, prepare, read_manifest,
+    CorpusOptions, MaskingConfig, MlmBatcher, NoProgress, Packing, PrepareOptions, SplitReader,
+    Stale, StepSampler, TrainOptions, Validation, load_tokenizer, prepare, read_manifest,
     train_tokenizer,
 };
 
@@ -301,7 +301,10 @@ fn cache_is_reused_and_invalidated_with_a_reason() {
     let corpus_path = std::fs::canonicalize(&corpus).unwrap();
     assert_eq!(
         again.rebuilt_because,
-        Some(Stale::Inputs(format!("{} was modified", corpus_path.display())))
+        Some(Stale::Inputs(format!(
+            "{} was modified",
+            corpus_path.display()
+        )))
     );
     assert_eq!(again.manifest.train.documents, 2);
 }

@@ -48,7 +48,12 @@ fn masklm(args: &[String]) -> Outcome {
 /// Runs `args`, which must fail with every one of `needles` in its stderr.
 fn refused(args: &[String], needles: &[&str]) {
     let out = masklm(args);
-    assert!(!out.ok, "exited 0: masklm {}\n{}", args.join(" "), out.stdout);
+    assert!(
+        !out.ok,
+        "exited 0: masklm {}\n{}",
+        args.join(" "),
+        out.stdout
+    );
     for needle in needles {
         assert!(
             out.stderr.contains(needle),
@@ -102,7 +107,11 @@ fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
 /// `masklm prepare` of `input` into `dir/cache`.
 fn prepare_args(dir: &Path, input: &Path) -> Vec<String> {
     let mut args = s(&["prepare", "--tokenizer"]);
-    args.extend([p(&common::fixture("tokenizer-go")), "--input".into(), p(input)]);
+    args.extend([
+        p(&common::fixture("tokenizer-go")),
+        "--input".into(),
+        p(input),
+    ]);
     args.extend(["--out".into(), p(&dir.join("cache"))]);
     args
 }
@@ -116,36 +125,59 @@ fn prepare_refuses(name: &str, bytes: &[u8], needles: &[&str]) {
     all.extend(needles.iter().map(|n| n.to_string()));
     let all: Vec<&str> = all.iter().map(String::as_str).collect();
     refused(&prepare_args(dir.path(), &input), &all);
-    assert!(!dir.path().join("cache").exists(), "a refused prepare left a cache");
+    assert!(
+        !dir.path().join("cache").exists(),
+        "a refused prepare left a cache"
+    );
 }
 
 #[test]
 fn prepare_refuses_utf16_le_with_bom() {
     let bytes = utf16(&english(), false, true);
-    prepare_refuses("le-bom.txt", &bytes, &["UTF-16 LE", "FF FE", "iconv -f UTF-16 -t UTF-8"]);
+    prepare_refuses(
+        "le-bom.txt",
+        &bytes,
+        &["UTF-16 LE", "FF FE", "iconv -f UTF-16 -t UTF-8"],
+    );
 }
 
 #[test]
 fn prepare_refuses_utf16_be_with_bom() {
     let bytes = utf16(&english(), true, true);
-    prepare_refuses("be-bom.txt", &bytes, &["UTF-16 BE", "FE FF", "iconv -f UTF-16 -t UTF-8"]);
+    prepare_refuses(
+        "be-bom.txt",
+        &bytes,
+        &["UTF-16 BE", "FE FF", "iconv -f UTF-16 -t UTF-8"],
+    );
 }
 
 #[test]
 fn prepare_refuses_utf16_le_without_bom() {
     let bytes = utf16(&english(), false, false);
-    prepare_refuses("le.txt", &bytes, &["UTF-16 LE", "iconv -f UTF-16LE -t UTF-8"]);
+    prepare_refuses(
+        "le.txt",
+        &bytes,
+        &["UTF-16 LE", "iconv -f UTF-16LE -t UTF-8"],
+    );
 }
 
 #[test]
 fn prepare_refuses_utf16_be_without_bom() {
     let bytes = utf16(&english(), true, false);
-    prepare_refuses("be.txt", &bytes, &["UTF-16 BE", "iconv -f UTF-16BE -t UTF-8"]);
+    prepare_refuses(
+        "be.txt",
+        &bytes,
+        &["UTF-16 BE", "iconv -f UTF-16BE -t UTF-8"],
+    );
 }
 
 #[test]
 fn prepare_refuses_a_nul_byte_file() {
-    prepare_refuses("zeros.txt", &vec![0u8; 1 << 20], &["binary", "byte 0, line 1"]);
+    prepare_refuses(
+        "zeros.txt",
+        &vec![0u8; 1 << 20],
+        &["binary", "byte 0, line 1"],
+    );
 }
 
 #[test]
@@ -197,7 +229,10 @@ fn tokenizer_train_refuses_utf16() {
     let mut args = s(&["tokenizer", "train", "--vocab-size", "300", "--input"]);
     args.extend([p(&input), "--out".into(), p(&out)]);
     refused(&args, &[&p(&input), "UTF-16 LE", "iconv"]);
-    assert!(!out.join("tokenizer.json").exists(), "a tokenizer was written");
+    assert!(
+        !out.join("tokenizer.json").exists(),
+        "a tokenizer was written"
+    );
 }
 
 #[test]
@@ -241,7 +276,10 @@ fn vocab_audit_and_extend_refuse_a_nul_byte_file() {
     let mut extend = s(&["vocab", "extend", "--model", &model, "--input", &p(&input)]);
     extend.extend(s(&["--add", "5", "--out", &p(&out)]));
     refused(&extend, &[&p(&input), "binary"]);
-    assert!(!out.join("tokenizer.json").exists(), "an extension was written");
+    assert!(
+        !out.join("tokenizer.json").exists(),
+        "an extension was written"
+    );
 }
 
 #[test]
@@ -262,7 +300,11 @@ fn vocab_audit_says_how_many_lines_it_skipped_and_why() {
         format!("skipped 2 line(s) not UTF-8 (the first at {first})"),
         format!("1 line(s) holding a NUL byte (the first at {nul})"),
     ] {
-        assert!(out.stderr.contains(&needle), "lacks {needle:?}: {}", out.stderr);
+        assert!(
+            out.stderr.contains(&needle),
+            "lacks {needle:?}: {}",
+            out.stderr
+        );
     }
 
     let mut json_args = args.clone();
@@ -278,10 +320,26 @@ fn vocab_audit_says_how_many_lines_it_skipped_and_why() {
 #[test]
 fn vocab_extend_refuses_a_utf16_words_file() {
     let dir = tempfile::tempdir().unwrap();
-    let words = write(dir.path(), "words.txt", &utf16("mitochondria\nribosome\n", false, false));
+    let words = write(
+        dir.path(),
+        "words.txt",
+        &utf16("mitochondria\nribosome\n", false, false),
+    );
     let model = p(&common::fixture("roberta-tiny"));
     let out = dir.path().join("extended");
-    let args = s(&["vocab", "extend", "--model", &model, "--words", &p(&words), "--out", &p(&out)]);
+    let args = s(&[
+        "vocab",
+        "extend",
+        "--model",
+        &model,
+        "--words",
+        &p(&words),
+        "--out",
+        &p(&out),
+    ]);
     refused(&args, &[&p(&words), "UTF-16 LE", "iconv -f UTF-16LE"]);
-    assert!(!out.join("tokenizer.json").exists(), "an extension was written");
+    assert!(
+        !out.join("tokenizer.json").exists(),
+        "an extension was written"
+    );
 }

@@ -229,7 +229,10 @@ fn staleness(old: &Manifest, new: &Manifest) -> Option<Stale> {
         return Some(Stale::Tokenizer);
     }
     if old.options != new.options {
-        return Some(Stale::Settings(settings_changes(&old.options, &new.options)));
+        return Some(Stale::Settings(settings_changes(
+            &old.options,
+            &new.options,
+        )));
     }
     let old_sources = old.sources.iter().chain(&old.validation_sources);
     let new_sources = new.sources.iter().chain(&new.validation_sources);
@@ -247,12 +250,36 @@ fn settings_changes(old: &PrepareOptions, new: &PrepareOptions) -> String {
         Validation::None => "none".to_string(),
     };
     let pairs = [
-        ("max_seq_length", old.max_seq_length.to_string(), new.max_seq_length.to_string()),
-        ("packing", packing_name(old.packing), packing_name(new.packing)),
-        ("validation", validation(&old.validation), validation(&new.validation)),
-        ("text_field", old.corpus.text_field.clone(), new.corpus.text_field.clone()),
-        ("paragraphs", old.corpus.paragraphs.to_string(), new.corpus.paragraphs.to_string()),
-        ("strict", old.corpus.strict.to_string(), new.corpus.strict.to_string()),
+        (
+            "max_seq_length",
+            old.max_seq_length.to_string(),
+            new.max_seq_length.to_string(),
+        ),
+        (
+            "packing",
+            packing_name(old.packing),
+            packing_name(new.packing),
+        ),
+        (
+            "validation",
+            validation(&old.validation),
+            validation(&new.validation),
+        ),
+        (
+            "text_field",
+            old.corpus.text_field.clone(),
+            new.corpus.text_field.clone(),
+        ),
+        (
+            "paragraphs",
+            old.corpus.paragraphs.to_string(),
+            new.corpus.paragraphs.to_string(),
+        ),
+        (
+            "strict",
+            old.corpus.strict.to_string(),
+            new.corpus.strict.to_string(),
+        ),
     ];
     let changes: Vec<String> = pairs
         .into_iter()
@@ -532,12 +559,14 @@ impl Build<'_> {
         let files = self.files;
         match options.validation {
             Validation::Inputs(_) => {
-                let stats =
-                    tokenize_into(tokenizer, files, options, progress, |_, doc| train.push(doc))?;
-                let validation_files = self.validation_files;
-                let vstats = tokenize_into(tokenizer, validation_files, options, progress, |_, doc| {
-                    validation.push(doc)
+                let stats = tokenize_into(tokenizer, files, options, progress, |_, doc| {
+                    train.push(doc)
                 })?;
+                let validation_files = self.validation_files;
+                let vstats =
+                    tokenize_into(tokenizer, validation_files, options, progress, |_, doc| {
+                        validation.push(doc)
+                    })?;
                 if vstats.documents == 0 {
                     return Err(no_text_error(validation_files, &vstats));
                 }
@@ -552,9 +581,9 @@ impl Build<'_> {
                     }
                 })
             }
-            Validation::None => {
-                tokenize_into(tokenizer, files, options, progress, |_, doc| train.push(doc))
-            }
+            Validation::None => tokenize_into(tokenizer, files, options, progress, |_, doc| {
+                train.push(doc)
+            }),
         }
     }
 }
@@ -1117,12 +1146,21 @@ mod tests {
         let first = prepare(&tokenizer, &inputs, &full, &cache, &NoProgress).unwrap();
         let tokens = |manifest: &Manifest| {
             let split = SplitReader::open(&cache, manifest, "train").unwrap();
-            (0..split.len()).map(|i| split.get(i).unwrap()).collect::<Vec<_>>()
+            (0..split.len())
+                .map(|i| split.get(i).unwrap())
+                .collect::<Vec<_>>()
         };
         let before = tokens(&first.manifest);
 
         let refuse = |options: &PrepareOptions| {
-            prepare_with(&tokenizer, &inputs, options, &cache, &NoProgress, Rebuild::Refuse)
+            prepare_with(
+                &tokenizer,
+                &inputs,
+                options,
+                &cache,
+                &NoProgress,
+                Rebuild::Refuse,
+            )
         };
         let err = refuse(&options(Packing::Line)).unwrap_err();
         let message = err.to_string();
@@ -1131,7 +1169,10 @@ mod tests {
         };
         assert_eq!(path, cache);
         assert_eq!(reason, Stale::Settings("packing full -> line".to_string()));
-        assert!(message.contains("packing full -> line") && message.contains("resume"), "{message}");
+        assert!(
+            message.contains("packing full -> line") && message.contains("resume"),
+            "{message}"
+        );
         let kept = read_manifest(&cache).unwrap();
         assert_eq!(kept, first.manifest);
         assert_eq!(tokens(&kept), before);

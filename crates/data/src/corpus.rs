@@ -748,7 +748,10 @@ mod tests {
             let err = docs(vec![path.clone()], CorpusOptions::default()).unwrap_err();
             let msg = err.to_string();
             assert!(matches!(err, DataError::NotText { .. }), "{name}: {msg}");
-            assert!(msg.contains(&path.display().to_string()) && msg.contains(hint), "{msg}");
+            assert!(
+                msg.contains(&path.display().to_string()) && msg.contains(hint),
+                "{msg}"
+            );
         }
     }
 
@@ -774,7 +777,10 @@ mod tests {
             ..CorpusOptions::default()
         };
         let msg = docs(vec![path], strict).unwrap_err().to_string();
-        assert!(msg.contains(&format!("{at}: a NUL byte at column 4")), "{msg}");
+        assert!(
+            msg.contains(&format!("{at}: a NUL byte at column 4")),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -27,8 +27,8 @@ use std::path::PathBuf;
 
 pub use batch::{MlmBatch, MlmBatcher, Sample, collate, epoch_order, length_grouped};
 pub use cache::{
-    Manifest, NoProgress, Packing, PrepareOptions, Prepared, Progress, Rebuild, SplitReader,
-    Stale, Validation, prepare, prepare_with, read_manifest, write_synced,
+    Manifest, NoProgress, Packing, PrepareOptions, Prepared, Progress, Rebuild, SplitReader, Stale,
+    Validation, prepare, prepare_with, read_manifest, write_synced,
 };
 pub use corpus::{CorpusOptions, CorpusStats, Documents, resolve_inputs, resolve_inputs_reporting};
 pub use lock::{FolderLock, lock_file, lock_folder};
@@ -90,10 +90,7 @@ pub enum DataError {
     },
     /// A file is UTF-16/32 or binary, found by its first bytes.
     #[error("{}: {}; masklm reads UTF-8 text: {}", path.display(), kind.what(), kind.fix(path))]
-    NotText {
-        path: PathBuf,
-        kind: sniff::NotText,
-    },
+    NotText { path: PathBuf, kind: sniff::NotText },
     /// An example index past the end of a split.
     #[error("example {index} is out of range: the split has {len}")]
     OutOfRange { index: usize, len: usize },

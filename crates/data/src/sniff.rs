@@ -42,7 +42,11 @@ impl NotText {
             Self::Utf32 { big_endian } => format!(
                 "UTF-32 {} text (byte-order mark {})",
                 order(big_endian),
-                if big_endian { "00 00 FE FF" } else { "FF FE 00 00" }
+                if big_endian {
+                    "00 00 FE FF"
+                } else {
+                    "FF FE 00 00"
+                }
             ),
             Self::Binary { offset, line } => {
                 format!("binary, not text (a NUL byte at byte {offset}, line {line})")
@@ -55,8 +59,12 @@ impl NotText {
         // With a byte-order mark iconv finds the byte order itself.
         let from = match *self {
             Self::Utf16 { bom: true, .. } => "UTF-16",
-            Self::Utf16 { big_endian: false, .. } => "UTF-16LE",
-            Self::Utf16 { big_endian: true, .. } => "UTF-16BE",
+            Self::Utf16 {
+                big_endian: false, ..
+            } => "UTF-16LE",
+            Self::Utf16 {
+                big_endian: true, ..
+            } => "UTF-16BE",
             Self::Utf32 { .. } => "UTF-32",
             Self::Binary { .. } => {
                 return "give text, JSON Lines, JSON or Parquet files (optionally .gz/.zst), \
@@ -162,7 +170,10 @@ mod tests {
     #[test]
     fn utf8_text_passes_even_with_a_bom_and_non_ascii() {
         assert_eq!(sniff(b""), None);
-        assert_eq!(sniff("Mitochondrien \u{e9}t\u{e9} \u{4e2d}\n".as_bytes()), None);
+        assert_eq!(
+            sniff("Mitochondrien \u{e9}t\u{e9} \u{4e2d}\n".as_bytes()),
+            None
+        );
         assert_eq!(sniff(b"\xEF\xBB\xBFtext\r\n"), None);
         // Invalid UTF-8 (Latin-1) is left to the line reader, which skips and counts it.
         assert_eq!(sniff(b"caf\xe9\n"), None);
@@ -174,7 +185,12 @@ mod tests {
         le.extend(utf16("a cell\n", false));
         let mut be = vec![0xFE, 0xFF];
         be.extend(utf16("a cell\n", true));
-        let want = |big_endian| Some(NotText::Utf16 { big_endian, bom: true });
+        let want = |big_endian| {
+            Some(NotText::Utf16 {
+                big_endian,
+                bom: true,
+            })
+        };
         assert_eq!(sniff(&le), want(false));
         assert_eq!(sniff(&be), want(true));
         // Even a mark alone, or a mark before text without NULs (CJK).
@@ -187,7 +203,12 @@ mod tests {
     #[test]
     fn utf16_without_a_mark_by_where_its_nuls_are() {
         let text = "The mitochondria of the cell.\nSecond line, some digits 1234.\n".repeat(20);
-        let want = |big_endian| Some(NotText::Utf16 { big_endian, bom: false });
+        let want = |big_endian| {
+            Some(NotText::Utf16 {
+                big_endian,
+                bom: false,
+            })
+        };
         assert_eq!(sniff(&utf16(&text, false)), want(false));
         assert_eq!(sniff(&utf16(&text, true)), want(true));
         // Cut at an odd length, as a read of the first bytes may be.
@@ -218,7 +239,10 @@ mod tests {
         padded.extend([0u8; 100]);
         assert_eq!(
             sniff(&padded),
-            Some(NotText::Binary { offset: 18, line: 3 })
+            Some(NotText::Binary {
+                offset: 18,
+                line: 3
+            })
         );
         assert_eq!(
             sniff(b"ab\ncd\x00ef\n"),
@@ -241,12 +265,18 @@ mod tests {
             le.fix(path)
         );
         let binary = NotText::Binary { offset: 7, line: 2 };
-        assert!(binary.what().contains("byte 7, line 2"), "{}", binary.what());
+        assert!(
+            binary.what().contains("byte 7, line 2"),
+            "{}",
+            binary.what()
+        );
     }
 
     #[test]
     fn a_checked_reader_still_yields_every_byte() {
-        let text: Vec<u8> = (0..3 * SNIFF_BYTES).map(|i| b'a' + (i % 26) as u8).collect();
+        let text: Vec<u8> = (0..3 * SNIFF_BYTES)
+            .map(|i| b'a' + (i % 26) as u8)
+            .collect();
         let reader: Box<dyn BufRead + Send> = Box::new(Cursor::new(text.clone()));
         let mut back = Vec::new();
         checked(Path::new("t.txt"), reader)

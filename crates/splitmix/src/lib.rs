@@ -22,7 +22,11 @@ mod tests {
     fn equals_the_reference_generator() {
         // The first three outputs of Vigna's splitmix64.c seeded with 0: each call adds the
         // increment to the state, then mixes it, so output k is splitmix64(k * increment).
-        let want = [0xE220_A839_7B1D_CDAF, 0x6E78_9E6A_A1B9_65F4, 0x06C4_5D18_8009_454F];
+        let want = [
+            0xE220_A839_7B1D_CDAF,
+            0x6E78_9E6A_A1B9_65F4,
+            0x06C4_5D18_8009_454F,
+        ];
         for (k, want) in want.into_iter().enumerate() {
             let state = (k as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
             assert_eq!(splitmix64(state), want, "output {k}");
