@@ -10,12 +10,10 @@ mod common;
 
 use std::path::Path;
 
-use burn::data::dataloader::batcher::Batcher;
-use burn::data::dataset::Dataset;
 use burn::tensor::Device;
 use masklm_data::{
-    CorpusOptions, MaskingConfig, MlmBatcher, MlmDataset, NoProgress, Packing, PrepareOptions,
-    SplitReader, StepSampler, TrainOptions, Validation, load_tokenizer, prepare, read_manifest,
+    CorpusOptions, MaskingConfig, MlmBatcher, NoProgress, Packing, PrepareOptions, SplitReader,
+    Stale, StepSampler, TrainOptions, Validation, load_tokenizer, prepare, read_manifest,
     train_tokenizer,
 };
 
@@ -281,8 +279,8 @@ fn cache_is_reused_and_invalidated_with_a_reason() {
     let line = options(Packing::Line, Validation::None);
     let again = prepare(&tokenizer, &input, &line, &cache, &NoProgress).unwrap();
     assert_eq!(
-        again.rebuilt_because.as_deref(),
-        Some("the preparation settings changed")
+        again.rebuilt_because.map(|r| r.to_string()).as_deref(),
+        Some("the preparation settings changed (packing full -> line)")
     );
 
     // A different tokenizer (same files, one byte changed) invalidates the cache.
@@ -296,16 +294,17 @@ fn cache_is_reused_and_invalidated_with_a_reason() {
     .unwrap();
     let changed = load_tokenizer(&other).unwrap();
     let again = prepare(&changed, &input, &line, &cache, &NoProgress).unwrap();
-    assert_eq!(
-        again.rebuilt_because.as_deref(),
-        Some("the tokenizer changed")
-    );
+    assert_eq!(again.rebuilt_because, Some(Stale::Tokenizer));
 
     std::fs::write(&corpus, "a different corpus\nwith other text\n").unwrap();
     let again = prepare(&changed, &input, &line, &cache, &NoProgress).unwrap();
+    let corpus_path = std::fs::canonicalize(&corpus).unwrap();
     assert_eq!(
-        again.rebuilt_because.as_deref(),
-        Some("the input files changed")
+        again.rebuilt_because,
+        Some(Stale::Inputs(format!(
+            "{} was modified",
+            corpus_path.display()
+        )))
     );
     assert_eq!(again.manifest.train.documents, 2);
 }
@@ -352,16 +351,19 @@ fn bad_inputs_give_clear_errors() {
 }
 
 #[test]
-fn dataset_and_batcher_give_masked_batches() {
+fn batcher_gives_masked_batches() {
     let dir = tempfile::tempdir().unwrap();
     let Setup {
         tokenizer, cache, ..
     } = setup(dir.path(), 300, Packing::Line);
     let manifest = read_manifest(&cache).unwrap();
-    let split = std::sync::Arc::new(SplitReader::open(&cache, &manifest, "train").unwrap());
-    let dataset = MlmDataset::new(split);
-    assert_eq!(dataset.len(), 300);
-    assert!(dataset.get(300).is_err());
+    let split = SplitReader::open(&cache, &manifest, "train").unwrap();
+    assert_eq!(split.len(), 300);
+    assert!(split.get(300).is_none());
+    let sample = |i: usize| masklm_data::Sample {
+        index: i as u64,
+        tokens: split.get(i).unwrap(),
+    };
 
     let batcher = MlmBatcher {
         vocab: tokenizer.mask_vocab().unwrap(),
@@ -370,9 +372,9 @@ fn dataset_and_batcher_give_masked_batches() {
         epoch: 0,
     };
     let device = Device::flex();
-    let samples: Vec<_> = (0..8).map(|i| dataset.get(i).unwrap()).collect();
+    let samples: Vec<_> = (0..8).map(sample).collect();
     let longest = samples.iter().map(|s| s.tokens.len()).max().unwrap();
-    let batch = batcher.batch(samples.clone(), &device);
+    let batch = batcher.collate(&samples, &device).unwrap();
     assert_eq!(batch.input_ids.dims(), [8, longest]);
     let mask = common::ints(batch.attention_mask.clone());
     let real: usize = samples.iter().map(|s| s.tokens.len()).sum();
@@ -387,7 +389,7 @@ fn dataset_and_batcher_give_masked_batches() {
     }
     // The same samples in another order mask the same way: masks follow sample indices.
     let reversed: Vec<_> = samples.iter().rev().cloned().collect();
-    let again = batcher.batch(reversed, &device);
+    let again = batcher.collate(&reversed, &device).unwrap();
     // Map each prediction back to (sample, column, label): the same set in both orders.
     let keyed = |positions: &[i64], labels: &[i64], row_of: &dyn Fn(usize) -> usize| {
         let mut v: Vec<(usize, usize, i64)> = positions

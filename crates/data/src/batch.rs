@@ -1,14 +1,10 @@
 //! Masked examples to burn batch tensors.
 
-use std::sync::Arc;
-
-use burn::data::dataloader::batcher::Batcher;
-use burn::data::dataset::Dataset;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::{DataError, MaskVocab, MaskedExample, MaskingConfig, SplitReader, mask_tokens};
+use crate::{MaskVocab, MaskedExample, MaskingConfig, mask_tokens};
 
 /// A padded batch of masked examples.
 #[derive(Debug, Clone)]
@@ -166,35 +162,6 @@ pub struct Sample {
     pub tokens: Vec<u32>,
 }
 
-/// A burn [`Dataset`] over one split of a token cache.
-#[derive(Clone)]
-pub struct MlmDataset {
-    split: Arc<SplitReader>,
-}
-
-impl MlmDataset {
-    pub fn new(split: Arc<SplitReader>) -> Self {
-        Self { split }
-    }
-}
-
-impl Dataset<Sample, DataError> for MlmDataset {
-    fn get(&self, index: usize) -> Result<Sample, DataError> {
-        let tokens = self.split.get(index).ok_or(DataError::OutOfRange {
-            index,
-            len: self.split.len(),
-        })?;
-        Ok(Sample {
-            index: index as u64,
-            tokens,
-        })
-    }
-
-    fn len(&self) -> usize {
-        self.split.len()
-    }
-}
-
 /// The order in which an epoch visits `n` examples: a Fisher-Yates shuffle keyed by
 /// (seed, epoch), so that step k of epoch e is the same batch in every run.
 pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
@@ -238,7 +205,7 @@ pub fn length_grouped(
     grouped
 }
 
-/// A burn [`Batcher`] that masks samples (keyed by seed, epoch and sample index) and pads them.
+/// Masks samples (keyed by seed, epoch and sample index) and pads them into a batch.
 #[derive(Debug, Clone)]
 pub struct MlmBatcher {
     pub vocab: MaskVocab,
@@ -264,25 +231,5 @@ impl MlmBatcher {
             })
             .collect();
         collate(&examples, self.vocab.pad_id, device)
-    }
-}
-
-impl Batcher<Sample, MlmBatch> for MlmBatcher {
-    fn batch(&self, items: Vec<Sample>, device: &Device) -> MlmBatch {
-        self.collate(&items, device)
-            .unwrap_or_else(|| MlmBatch::empty(device))
-    }
-}
-
-impl MlmBatch {
-    /// A batch with no rows (what an empty list of samples collates to).
-    pub fn empty(device: &Device) -> Self {
-        Self {
-            input_ids: Tensor::from_data(TensorData::new(Vec::<i64>::new(), [0, 0]), device),
-            attention_mask: Tensor::from_data(TensorData::new(Vec::<i64>::new(), [0, 0]), device),
-            positions: Tensor::from_data(TensorData::new(Vec::<i64>::new(), [0]), device),
-            labels: Tensor::from_data(TensorData::new(Vec::<i64>::new(), [0]), device),
-            masked: 0,
-        }
     }
 }

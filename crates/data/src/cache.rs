@@ -159,7 +159,38 @@ pub struct Prepared {
     /// The existing cache matched and was reused.
     pub reused: bool,
     /// Why an existing cache was rebuilt, if one was there.
-    pub rebuilt_because: Option<String>,
+    pub rebuilt_because: Option<Stale>,
+}
+
+/// Why an existing cache cannot be reused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Stale {
+    /// Made by a masklm with another on-disk layout.
+    #[error("it has format version {old}, this masklm writes {new}")]
+    FormatVersion { old: u32, new: u32 },
+    /// Made with another tokenizer (its hash differs).
+    #[error("the tokenizer changed")]
+    Tokenizer,
+    /// Made with other settings, listed as `key old -> new`.
+    #[error("the preparation settings changed ({0})")]
+    Settings(String),
+    /// An input file was added, removed, resized or modified since; the first one named.
+    #[error("the input files changed ({0})")]
+    Inputs(String),
+    /// Its manifest cannot be read.
+    #[error("its manifest is unreadable ({0})")]
+    Unreadable(String),
+}
+
+/// What [`prepare_with`] may do with an existing cache that does not match.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Rebuild {
+    /// Rebuild it, saying why in [`Prepared::rebuilt_because`].
+    #[default]
+    Allow,
+    /// Leave it as it is and fail with [`DataError::WouldRebuild`]: runs whose state names the
+    /// cache could no longer resume on it once it holds other examples.
+    Refuse,
 }
 
 fn sources_of(files: &[PathBuf]) -> Result<Vec<Source>, DataError> {
@@ -187,23 +218,103 @@ fn sources_of(files: &[PathBuf]) -> Result<Vec<Source>, DataError> {
 }
 
 /// Why an existing manifest cannot be reused, or `None` if it can.
-fn staleness(old: &Manifest, new: &Manifest) -> Option<String> {
+fn staleness(old: &Manifest, new: &Manifest) -> Option<Stale> {
     if old.format_version != new.format_version {
-        return Some(format!(
-            "it has format version {}, this masklm writes {}",
-            old.format_version, new.format_version
-        ));
+        return Some(Stale::FormatVersion {
+            old: old.format_version,
+            new: new.format_version,
+        });
     }
     if old.tokenizer_hash != new.tokenizer_hash {
-        return Some("the tokenizer changed".to_string());
+        return Some(Stale::Tokenizer);
     }
     if old.options != new.options {
-        return Some("the preparation settings changed".to_string());
+        return Some(Stale::Settings(settings_changes(
+            &old.options,
+            &new.options,
+        )));
     }
+    let old_sources = old.sources.iter().chain(&old.validation_sources);
+    let new_sources = new.sources.iter().chain(&new.validation_sources);
     if old.sources != new.sources || old.validation_sources != new.validation_sources {
-        return Some("the input files changed".to_string());
+        return Some(Stale::Inputs(first_source_change(old_sources, new_sources)));
     }
     None
+}
+
+/// The settings that differ, as `key old -> new`, comma-separated.
+fn settings_changes(old: &PrepareOptions, new: &PrepareOptions) -> String {
+    let validation = |v: &Validation| match v {
+        Validation::Split(f) => format!("split {f}"),
+        Validation::Inputs(inputs) => format!("inputs {}", inputs.join(" ")),
+        Validation::None => "none".to_string(),
+    };
+    let pairs = [
+        (
+            "max_seq_length",
+            old.max_seq_length.to_string(),
+            new.max_seq_length.to_string(),
+        ),
+        (
+            "packing",
+            packing_name(old.packing),
+            packing_name(new.packing),
+        ),
+        (
+            "validation",
+            validation(&old.validation),
+            validation(&new.validation),
+        ),
+        (
+            "text_field",
+            old.corpus.text_field.clone(),
+            new.corpus.text_field.clone(),
+        ),
+        (
+            "paragraphs",
+            old.corpus.paragraphs.to_string(),
+            new.corpus.paragraphs.to_string(),
+        ),
+        (
+            "strict",
+            old.corpus.strict.to_string(),
+            new.corpus.strict.to_string(),
+        ),
+    ];
+    let changes: Vec<String> = pairs
+        .into_iter()
+        .filter(|(_, a, b)| a != b)
+        .map(|(key, a, b)| format!("{key} {a} -> {b}"))
+        .collect();
+    changes.join(", ")
+}
+
+/// `full` or `line`, as configs spell it.
+fn packing_name(packing: Packing) -> String {
+    format!("{packing:?}").to_lowercase()
+}
+
+/// The first input file that differs between two source lists, and how.
+fn first_source_change<'a>(
+    old: impl Iterator<Item = &'a Source>,
+    new: impl Iterator<Item = &'a Source>,
+) -> String {
+    let old: Vec<&Source> = old.collect();
+    let new: Vec<&Source> = new.collect();
+    let by_path = |list: &[&'a Source], path: &Path| list.iter().find(|s| s.path == path).copied();
+    for source in &new {
+        match by_path(&old, &source.path) {
+            None => return format!("{} is new", source.path.display()),
+            Some(before) if before != *source => {
+                return format!("{} was modified", source.path.display());
+            }
+            Some(_) => {}
+        }
+    }
+    match old.iter().find(|s| by_path(&new, &s.path).is_none()) {
+        Some(gone) => format!("{} is no longer an input", gone.path.display()),
+        None => "the inputs are in another order or split".to_string(),
+    }
 }
 
 /// Reads `dir/manifest.json`.
@@ -220,7 +331,8 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest, DataError> {
     })
 }
 
-/// Tokenizes and packs `inputs` into a token cache at `out`, or reuses the one there.
+/// Tokenizes and packs `inputs` into a token cache at `out`, or reuses the one there; an
+/// existing cache that does not match is rebuilt ([`prepare_with`] can refuse instead).
 pub fn prepare(
     tokenizer: &MlmTokenizer,
     inputs: &[String],
@@ -228,6 +340,60 @@ pub fn prepare(
     out: &Path,
     progress: &dyn Progress,
 ) -> Result<Prepared, DataError> {
+    prepare_with(tokenizer, inputs, options, out, progress, Rebuild::Allow)
+}
+
+/// [`prepare`], doing what `rebuild` says with an existing cache that does not match.
+pub fn prepare_with(
+    tokenizer: &MlmTokenizer,
+    inputs: &[String],
+    options: &PrepareOptions,
+    out: &Path,
+    progress: &dyn Progress,
+    rebuild: Rebuild,
+) -> Result<Prepared, DataError> {
+    check_options(options)?;
+    let (files, skipped_special) = resolve_inputs_reporting(inputs)?;
+    let validation_files = match &options.validation {
+        Validation::Inputs(v) => resolve_inputs(v)?,
+        _ => Vec::new(),
+    };
+    let manifest = empty_manifest(tokenizer, options, &files, &validation_files)?;
+    let _lock = lock_cache(out)?;
+    let rebuilt_because = match existing_cache(out, &manifest)? {
+        Existing::Absent => None,
+        Existing::Matches(old) => {
+            return Ok(Prepared {
+                manifest: *old,
+                reused: true,
+                rebuilt_because: None,
+            });
+        }
+        Existing::Stale(reason) if rebuild == Rebuild::Refuse => {
+            return Err(DataError::WouldRebuild {
+                path: out.to_path_buf(),
+                reason,
+            });
+        }
+        Existing::Stale(reason) => Some(reason),
+    };
+    let build = Build {
+        tokenizer,
+        files: &files,
+        validation_files: &validation_files,
+        options,
+        progress,
+    };
+    let mut manifest = build.replace(out, manifest)?;
+    manifest.corpus.skipped_special = skipped_special;
+    Ok(Prepared {
+        manifest,
+        reused: false,
+        rebuilt_because,
+    })
+}
+
+fn check_options(options: &PrepareOptions) -> Result<(), DataError> {
     if options.max_seq_length < 3 {
         return Err(DataError::Config {
             key: "max_seq_length".to_string(),
@@ -245,28 +411,35 @@ pub fn prepare(
             reason: format!("{f} is not a fraction in [0, 1)"),
         });
     }
-    let (files, skipped_special) = resolve_inputs_reporting(inputs)?;
-    let validation_files = match &options.validation {
-        Validation::Inputs(v) => resolve_inputs(v)?,
-        _ => Vec::new(),
-    };
+    Ok(())
+}
+
+/// The manifest a cache of these inputs and settings would have, before any counts.
+fn empty_manifest(
+    tokenizer: &MlmTokenizer,
+    options: &PrepareOptions,
+    files: &[PathBuf],
+    validation_files: &[PathBuf],
+) -> Result<Manifest, DataError> {
     let vocab_size = tokenizer.vocab_size();
     let dtype = if vocab_size <= 1 << 16 { "u16" } else { "u32" };
-    let manifest = Manifest {
+    Ok(Manifest {
         format_version: FORMAT_VERSION,
         tokenizer_hash: tokenizer.hash.clone(),
         vocab_size,
         dtype: dtype.to_string(),
         options: options.clone(),
-        sources: sources_of(&files)?,
-        validation_sources: sources_of(&validation_files)?,
+        sources: sources_of(files)?,
+        validation_sources: sources_of(validation_files)?,
         train: SplitInfo::default(),
         validation: SplitInfo::default(),
         corpus: CorpusStats::default(),
-    };
+    })
+}
 
-    // One prepare per cache at a time: CACHE.lock beside it (flock; a dead holder's lock is
-    // released by the kernel, so a stale file is simply taken over).
+/// One prepare per cache at a time: `CACHE.lock` beside it (flock; a dead holder's lock is
+/// released by the kernel, so a stale file is simply taken over).
+fn lock_cache(out: &Path) -> Result<crate::FolderLock, DataError> {
     let lock_path = out.with_extension("lock");
     if let Some(parent) = lock_path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|source| DataError::Write {
@@ -274,146 +447,157 @@ pub fn prepare(
             source,
         })?;
     }
-    let _lock = crate::lock_file(&lock_path, out, "prepare")?;
-    let mut rebuilt_because = None;
+    crate::lock_file(&lock_path, out, "prepare")
+}
+
+/// What is at a cache's path already.
+enum Existing {
+    /// Nothing, or an empty folder.
+    Absent,
+    /// A cache of the same settings, sources and tokenizer.
+    Matches(Box<Manifest>),
+    /// A cache that cannot be reused, and why.
+    Stale(Stale),
+}
+
+fn existing_cache(out: &Path, wanted: &Manifest) -> Result<Existing, DataError> {
     if out.join("manifest.json").is_file() {
-        match read_manifest(out) {
-            Ok(old) => match staleness(&old, &manifest) {
-                None => {
-                    return Ok(Prepared {
-                        manifest: old,
-                        reused: true,
-                        rebuilt_because: None,
-                    });
-                }
-                Some(reason) => rebuilt_because = Some(reason),
+        return Ok(match read_manifest(out) {
+            Ok(old) => match staleness(&old, wanted) {
+                None => Existing::Matches(Box::new(old)),
+                Some(reason) => Existing::Stale(reason),
             },
-            Err(e) => rebuilt_because = Some(e.to_string()),
-        }
-    } else if out.exists()
+            Err(e) => Existing::Stale(Stale::Unreadable(e.to_string())),
+        });
+    }
+    let occupied = out.exists()
         && std::fs::read_dir(out)
             .map(|mut d| d.next().is_some())
-            .unwrap_or(true)
-    {
+            .unwrap_or(true);
+    if occupied {
         return Err(DataError::Cache {
             path: out.to_path_buf(),
             reason: "exists and is not a masklm token cache; choose another --out".to_string(),
         });
     }
-
-    let partial = out.with_extension("partial");
-    if partial.exists() {
-        std::fs::remove_dir_all(&partial).map_err(|source| DataError::Write {
-            path: partial.clone(),
-            source,
-        })?;
-    }
-    std::fs::create_dir_all(&partial).map_err(|source| DataError::Write {
-        path: partial.clone(),
-        source,
-    })?;
-
-    let total: u64 = manifest
-        .sources
-        .iter()
-        .chain(&manifest.validation_sources)
-        .map(|s| s.size)
-        .sum();
-    progress.start("tokenizing", Some(total));
-    let built = build_partial(
-        tokenizer,
-        &files,
-        &validation_files,
-        options,
-        progress,
-        &partial,
-        manifest,
-    );
-    let manifest = match built {
-        Ok(mut manifest) => {
-            manifest.corpus.skipped_special = skipped_special;
-            manifest
-        }
-        Err(e) => {
-            // Leave nothing half-written behind (the next prepare would remove it anyway).
-            let _ = std::fs::remove_dir_all(&partial);
-            return Err(e);
-        }
-    };
-    if out.exists() {
-        std::fs::remove_dir_all(out).map_err(|source| DataError::Write {
-            path: out.to_path_buf(),
-            source,
-        })?;
-    }
-    std::fs::rename(&partial, out).map_err(|source| DataError::Write {
-        path: out.to_path_buf(),
-        source,
-    })?;
-    Ok(Prepared {
-        manifest,
-        reused: false,
-        rebuilt_because,
-    })
+    Ok(Existing::Absent)
 }
 
-/// Tokenizes, packs and writes the shards and manifest into `partial`.
-fn build_partial(
-    tokenizer: &MlmTokenizer,
-    files: &[PathBuf],
-    validation_files: &[PathBuf],
-    options: &PrepareOptions,
-    progress: &dyn Progress,
-    partial: &Path,
-    mut manifest: Manifest,
-) -> Result<Manifest, DataError> {
-    let files = files.to_vec();
-    let validation_files = validation_files.to_vec();
-    let wide = manifest.dtype == "u32";
-    let mut train = SplitWriter::new(partial, "train", wide, options, tokenizer);
-    let mut validation = SplitWriter::new(partial, "validation", wide, options, tokenizer);
-    let corpus = match &options.validation {
-        Validation::Inputs(_) => {
-            let stats = tokenize_into(tokenizer, &files, options, progress, |_, doc| {
-                train.push(doc)
-            })?;
-            let vstats =
-                tokenize_into(tokenizer, &validation_files, options, progress, |_, doc| {
-                    validation.push(doc)
-                })?;
-            if vstats.documents == 0 {
-                return Err(no_text_error(&validation_files, &vstats));
-            }
-            stats
+/// What a cache is built from.
+struct Build<'a> {
+    tokenizer: &'a MlmTokenizer,
+    files: &'a [PathBuf],
+    validation_files: &'a [PathBuf],
+    options: &'a PrepareOptions,
+    progress: &'a dyn Progress,
+}
+
+impl Build<'_> {
+    /// Builds the cache in `CACHE.partial`, then puts it in place of `out`: an interrupted or
+    /// failed build never leaves a cache that looks complete.
+    fn replace(&self, out: &Path, manifest: Manifest) -> Result<Manifest, DataError> {
+        let write_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| DataError::Write { path, source }
+        };
+        let partial = out.with_extension("partial");
+        if partial.exists() {
+            std::fs::remove_dir_all(&partial).map_err(write_err(&partial))?;
         }
-        Validation::Split(fraction) => {
-            let fraction = *fraction;
-            tokenize_into(tokenizer, &files, options, progress, |index, doc| {
-                if in_validation(index, fraction) {
-                    validation.push(doc)
-                } else {
-                    train.push(doc)
-                }
-            })?
+        std::fs::create_dir_all(&partial).map_err(write_err(&partial))?;
+        let total: u64 = manifest
+            .sources
+            .iter()
+            .chain(&manifest.validation_sources)
+            .map(|s| s.size)
+            .sum();
+        self.progress.start("tokenizing", Some(total));
+        let manifest = self.write(&partial, manifest).inspect_err(|_| {
+            // Leave nothing half-written behind (the next prepare would remove it anyway).
+            let _ = std::fs::remove_dir_all(&partial);
+        })?;
+        if out.exists() {
+            std::fs::remove_dir_all(out).map_err(write_err(out))?;
         }
-        Validation::None => tokenize_into(tokenizer, &files, options, progress, |_, doc| {
-            train.push(doc)
-        })?,
-    };
-    progress.finish();
-    if corpus.documents == 0 {
-        return Err(no_text_error(&files, &corpus));
+        std::fs::rename(&partial, out).map_err(write_err(out))?;
+        Ok(manifest)
     }
-    manifest.train = train.finish()?;
-    manifest.validation = validation.finish()?;
-    manifest.corpus = corpus;
+
+    /// Tokenizes, packs and writes the shards and manifest into `partial`.
+    fn write(&self, partial: &Path, mut manifest: Manifest) -> Result<Manifest, DataError> {
+        let wide = manifest.dtype == "u32";
+        let (options, tokenizer) = (self.options, self.tokenizer);
+        let mut train = SplitWriter::new(partial, "train", wide, options, tokenizer);
+        let mut validation = SplitWriter::new(partial, "validation", wide, options, tokenizer);
+        manifest.corpus = self.tokenize_splits(&mut train, &mut validation)?;
+        self.progress.finish();
+        if manifest.corpus.documents == 0 {
+            return Err(no_text_error(self.files, &manifest.corpus));
+        }
+        manifest.train = train.finish()?;
+        manifest.validation = validation.finish()?;
+        check_splits(&manifest)?;
+        let manifest_path = partial.join("manifest.json");
+        let text = serde_json::to_string_pretty(&manifest).map_err(|e| DataError::Cache {
+            path: manifest_path.clone(),
+            reason: format!("cannot serialise the manifest: {e}"),
+        })? + "\n";
+        write_synced(&manifest_path, text.as_bytes()).map_err(|source| DataError::Write {
+            path: manifest_path.clone(),
+            source,
+        })?;
+        Ok(manifest)
+    }
+
+    /// Sends each document to its split; returns what reading the training inputs found.
+    fn tokenize_splits(
+        &self,
+        train: &mut SplitWriter,
+        validation: &mut SplitWriter,
+    ) -> Result<CorpusStats, DataError> {
+        let (tokenizer, options, progress) = (self.tokenizer, self.options, self.progress);
+        let files = self.files;
+        match options.validation {
+            Validation::Inputs(_) => {
+                let stats = tokenize_into(tokenizer, files, options, progress, |_, doc| {
+                    train.push(doc)
+                })?;
+                let validation_files = self.validation_files;
+                let vstats =
+                    tokenize_into(tokenizer, validation_files, options, progress, |_, doc| {
+                        validation.push(doc)
+                    })?;
+                if vstats.documents == 0 {
+                    return Err(no_text_error(validation_files, &vstats));
+                }
+                Ok(stats)
+            }
+            Validation::Split(fraction) => {
+                tokenize_into(tokenizer, files, options, progress, |index, doc| {
+                    if in_validation(index, fraction) {
+                        validation.push(doc)
+                    } else {
+                        train.push(doc)
+                    }
+                })
+            }
+            Validation::None => tokenize_into(tokenizer, files, options, progress, |_, doc| {
+                train.push(doc)
+            }),
+        }
+    }
+}
+
+/// A built cache must have training examples, and validation examples if a split was asked
+/// for.
+fn check_splits(manifest: &Manifest) -> Result<(), DataError> {
     if manifest.train.examples == 0 {
         return Err(DataError::Input(format!(
             "no training examples: all {} documents went to validation",
             manifest.corpus.documents
         )));
     }
-    if matches!(options.validation, Validation::Split(f) if f > 0.0)
+    if matches!(manifest.options.validation, Validation::Split(f) if f > 0.0)
         && manifest.validation.examples == 0
     {
         return Err(DataError::Input(format!(
@@ -422,17 +606,7 @@ fn build_partial(
             manifest.corpus.documents
         )));
     }
-
-    let manifest_path = partial.join("manifest.json");
-    let text = serde_json::to_string_pretty(&manifest).map_err(|e| DataError::Cache {
-        path: manifest_path.clone(),
-        reason: format!("cannot serialise the manifest: {e}"),
-    })? + "\n";
-    write_synced(&manifest_path, text.as_bytes()).map_err(|source| DataError::Write {
-        path: manifest_path.clone(),
-        source,
-    })?;
-    Ok(manifest)
+    Ok(())
 }
 
 /// Writes `bytes` to `path` and fsyncs it: the one durable-write helper of the workspace
@@ -944,6 +1118,105 @@ mod tests {
             .expect("tokenizing hung after its sink failed");
         let err = outcome.unwrap_err().to_string();
         assert!(err.contains("disk full"), "{err}");
+    }
+
+    fn go_tokenizer() -> MlmTokenizer {
+        let fixture =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tokenizer-go");
+        crate::load_tokenizer(&fixture).unwrap()
+    }
+
+    fn options(packing: Packing) -> PrepareOptions {
+        PrepareOptions {
+            max_seq_length: 16,
+            packing,
+            validation: Validation::None,
+            corpus: CorpusOptions::default(),
+        }
+    }
+
+    #[test]
+    fn a_refused_rebuild_leaves_the_cache_as_it_was_and_says_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let corpus = dir.path().join("corpus.txt");
+        std::fs::write(&corpus, "a cell divides the cell\n".repeat(50)).unwrap();
+        let (tokenizer, cache) = (go_tokenizer(), dir.path().join("cache"));
+        let inputs = [corpus.display().to_string()];
+        let full = options(Packing::Full);
+        let first = prepare(&tokenizer, &inputs, &full, &cache, &NoProgress).unwrap();
+        let tokens = |manifest: &Manifest| {
+            let split = SplitReader::open(&cache, manifest, "train").unwrap();
+            (0..split.len())
+                .map(|i| split.get(i).unwrap())
+                .collect::<Vec<_>>()
+        };
+        let before = tokens(&first.manifest);
+
+        let refuse = |options: &PrepareOptions| {
+            prepare_with(
+                &tokenizer,
+                &inputs,
+                options,
+                &cache,
+                &NoProgress,
+                Rebuild::Refuse,
+            )
+        };
+        let err = refuse(&options(Packing::Line)).unwrap_err();
+        let message = err.to_string();
+        let DataError::WouldRebuild { path, reason } = err else {
+            panic!("not WouldRebuild: {message}");
+        };
+        assert_eq!(path, cache);
+        assert_eq!(reason, Stale::Settings("packing full -> line".to_string()));
+        assert!(
+            message.contains("packing full -> line") && message.contains("resume"),
+            "{message}"
+        );
+        let kept = read_manifest(&cache).unwrap();
+        assert_eq!(kept, first.manifest);
+        assert_eq!(tokens(&kept), before);
+
+        // A matching cache is reused even when rebuilds are refused.
+        assert!(refuse(&full).unwrap().reused);
+
+        std::fs::write(&corpus, "another corpus altogether\n".repeat(40)).unwrap();
+        let Err(DataError::WouldRebuild { reason, .. }) = refuse(&full) else {
+            panic!("a changed input was rebuilt");
+        };
+        assert!(matches!(&reason, Stale::Inputs(why) if why.ends_with("corpus.txt was modified")));
+        assert_eq!(tokens(&read_manifest(&cache).unwrap()), before);
+
+        // Allowed (the default), the same change rebuilds and reports it.
+        let rebuilt = prepare(&tokenizer, &inputs, &full, &cache, &NoProgress).unwrap();
+        assert_eq!(rebuilt.rebuilt_because, Some(reason));
+        assert_ne!(tokens(&rebuilt.manifest), before);
+    }
+
+    #[test]
+    fn staleness_names_each_changed_setting_and_input() {
+        let old = options(Packing::Full);
+        let mut new = options(Packing::Line);
+        new.max_seq_length = 512;
+        new.validation = Validation::Split(0.1);
+        new.corpus.text_field = "body".to_string();
+        assert_eq!(
+            settings_changes(&old, &new),
+            "max_seq_length 16 -> 512, packing full -> line, validation none -> split 0.1, \
+             text_field text -> body"
+        );
+        let source = |name: &str, size: u64| Source {
+            path: PathBuf::from(name),
+            size,
+            modified: 7,
+        };
+        let (a, b, b2) = (source("a", 1), source("b", 2), source("b", 3));
+        let change = |old: &[&Source], new: &[&Source]| {
+            first_source_change(old.iter().copied(), new.iter().copied())
+        };
+        assert_eq!(change(&[&a], &[&a, &b]), "b is new");
+        assert_eq!(change(&[&a, &b], &[&a, &b2]), "b was modified");
+        assert_eq!(change(&[&a, &b], &[&a]), "b is no longer an input");
     }
 
     #[test]

@@ -13,8 +13,15 @@
 //!   row group (only that column is decoded); errors name the row;
 //! - gzip (`.gz`) and zstd (`.zst`) versions of the text and JSON formats, by extension.
 //!
-//! A line that is not UTF-8 is skipped and counted ([`CorpusStats::skipped_non_utf8`]);
-//! with [`CorpusOptions::strict`] it is an error naming `file:line`.
+//! A file whose first bytes show UTF-16/32 or binary data is refused ([`crate::sniff`]). A line
+//! that is not UTF-8, or holds a NUL byte, is skipped and counted
+//! ([`CorpusStats::skipped_non_utf8`], [`CorpusStats::skipped_nul`]); with
+//! [`CorpusOptions::strict`] it is an error naming `file:line`.
+//!
+//! Plain text lines end at `\n`, `\r\n` or a lone `\r`, as Python's universal newlines split
+//! them: `run_mlm.py` reads text through `datasets`' text loader, which opens files that way, so
+//! a file saved with old Mac line endings is many documents there too, not one. JSON Lines
+//! end at `\n` only, as the format says (a lone `\r` there is JSON whitespace).
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
@@ -57,9 +64,116 @@ pub struct CorpusStats {
     pub skipped_non_utf8: u64,
     /// First skipped line, `file:line`, to show the user.
     pub first_non_utf8: Option<String>,
+    /// Lines skipped because they hold a NUL byte.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub skipped_nul: u64,
+    /// First line skipped for a NUL byte, `file:line`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_nul: Option<String>,
     /// FIFOs, sockets and device files found under input directories and skipped.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub skipped_special: Vec<PathBuf>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+impl CorpusStats {
+    /// How many lines were skipped and why, e.g. `skipped 3 line(s) not UTF-8 (the first at
+    /// a.txt:2)`, or `None` if none was.
+    pub fn skipped_note(&self) -> Option<String> {
+        let mut parts = Vec::new();
+        let mut add = |n: u64, why: &str, first: &Option<String>| {
+            if n > 0 {
+                let first = first.as_deref().unwrap_or("?");
+                parts.push(format!("{n} line(s) {why} (the first at {first})"));
+            }
+        };
+        add(self.skipped_non_utf8, "not UTF-8", &self.first_non_utf8);
+        add(self.skipped_nul, "holding a NUL byte", &self.first_nul);
+        (!parts.is_empty()).then(|| format!("skipped {}", parts.join(" and ")))
+    }
+
+    fn skip(&mut self, bad: BadLine, at: String) {
+        let (count, first) = match bad {
+            BadLine::NotUtf8 { .. } => (&mut self.skipped_non_utf8, &mut self.first_non_utf8),
+            BadLine::Nul { .. } => (&mut self.skipped_nul, &mut self.first_nul),
+        };
+        *count += 1;
+        first.get_or_insert(at);
+    }
+}
+
+/// Why a line cannot be a document; `column` is 1-based, in bytes.
+#[derive(Debug, Clone, Copy)]
+enum BadLine {
+    NotUtf8 { column: usize },
+    Nul { column: usize },
+}
+
+impl BadLine {
+    fn error(self, path: &Path, line: u64) -> DataError {
+        let path = path.to_path_buf();
+        match self {
+            Self::NotUtf8 { column } => DataError::NotUtf8 { path, line, column },
+            Self::Nul { column } => DataError::NulByte { path, line, column },
+        }
+    }
+}
+
+/// `bytes` as text, or why they are not.
+fn decode(bytes: &[u8]) -> Result<&str, BadLine> {
+    let text = std::str::from_utf8(bytes).map_err(|e| BadLine::NotUtf8 {
+        column: e.valid_up_to() + 1,
+    })?;
+    match bytes.iter().position(|&b| b == 0) {
+        Some(i) => Err(BadLine::Nul { column: i + 1 }),
+        None => Ok(text),
+    }
+}
+
+/// Reads one line ending at `\n`, `\r\n` or a lone `\r` (universal newlines) into `line`,
+/// without its ending; returns the bytes consumed, 0 at the end.
+fn read_line_universal(reader: &mut dyn BufRead, line: &mut Vec<u8>) -> std::io::Result<usize> {
+    let mut consumed = 0;
+    loop {
+        let available = match reader.fill_buf() {
+            Ok(available) => available,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let Some(end) = available.iter().position(|&b| b == b'\n' || b == b'\r') else {
+            let n = available.len();
+            if n == 0 {
+                return Ok(consumed);
+            }
+            line.extend_from_slice(available);
+            reader.consume(n);
+            consumed += n;
+            continue;
+        };
+        let lone_cr_possible = available[end] == b'\r';
+        line.extend_from_slice(&available[..end]);
+        reader.consume(end + 1);
+        consumed += end + 1;
+        // The `\n` of a `\r\n` may lie in the next buffer.
+        if lone_cr_possible && reader.fill_buf()?.first() == Some(&b'\n') {
+            reader.consume(1);
+            consumed += 1;
+        }
+        return Ok(consumed);
+    }
+}
+
+/// Reads one line ending at `\n` into `line`, without its `\n` or `\r\n`; returns the bytes
+/// consumed, 0 at the end.
+fn read_line_lf(reader: &mut dyn BufRead, line: &mut Vec<u8>) -> std::io::Result<usize> {
+    let n = reader.read_until(b'\n', line)?;
+    while matches!(line.last(), Some(b'\n' | b'\r')) {
+        line.pop();
+    }
+    Ok(n)
 }
 
 /// Expands files, directories and globs into a sorted, de-duplicated list of files.
@@ -244,6 +358,20 @@ fn starts_array(path: &Path, reader: &mut Box<dyn BufRead + Send>) -> Result<boo
     }
 }
 
+/// Drops a UTF-8 byte-order mark (Notepad writes one), which would otherwise begin the first
+/// document as three junk bytes.
+fn skip_utf8_bom(path: &Path, reader: &mut Box<dyn BufRead + Send>) -> Result<(), DataError> {
+    let buffer = reader.fill_buf().map_err(|source| DataError::Read {
+        path: path.to_path_buf(),
+        line: None,
+        source,
+    })?;
+    if buffer.starts_with(&[0xEF, 0xBB, 0xBF]) {
+        reader.consume(3);
+    }
+    Ok(())
+}
+
 /// A streaming iterator over the documents of a list of files.
 pub struct Documents {
     files: Vec<PathBuf>,
@@ -279,45 +407,35 @@ impl Documents {
         &self.stats
     }
 
-    /// Reads the next line of the current file as UTF-8 (without its newline), skipping
-    /// non-UTF-8 lines unless strict. `Ok(None)` at end of file.
+    /// Reads the next line of the current file as text (without its ending), skipping lines
+    /// that are not UTF-8 or hold a NUL byte unless strict. `Ok(None)` at end of file.
     fn next_line(&mut self) -> Result<Option<String>, DataError> {
         loop {
-            let Some((path, _, reader)) = self.current.as_mut() else {
+            let Some((path, format, reader)) = self.current.as_mut() else {
                 return Ok(None);
             };
             self.buffer.clear();
-            let n = reader
-                .read_until(b'\n', &mut self.buffer)
-                .map_err(|source| DataError::Read {
-                    path: path.clone(),
-                    line: Some(self.line_number + 1),
-                    source,
-                })?;
+            let read = match format {
+                Format::Text => read_line_universal(reader, &mut self.buffer),
+                _ => read_line_lf(reader, &mut self.buffer),
+            };
+            let n = read.map_err(|source| DataError::Read {
+                path: path.clone(),
+                line: Some(self.line_number + 1),
+                source,
+            })?;
             if n == 0 {
                 return Ok(None);
             }
             self.line_number += 1;
             self.stats.lines += 1;
             self.stats.bytes += n as u64;
-            while matches!(self.buffer.last(), Some(b'\n' | b'\r')) {
-                self.buffer.pop();
-            }
-            match std::str::from_utf8(&self.buffer) {
+            match decode(&self.buffer) {
                 Ok(text) => return Ok(Some(text.to_string())),
-                Err(e) if self.options.strict => {
-                    return Err(DataError::NotUtf8 {
-                        path: path.clone(),
-                        line: self.line_number,
-                        column: e.valid_up_to() + 1,
-                    });
-                }
-                Err(_) => {
-                    self.stats.skipped_non_utf8 += 1;
-                    if self.stats.first_non_utf8.is_none() {
-                        self.stats.first_non_utf8 =
-                            Some(format!("{}:{}", path.display(), self.line_number));
-                    }
+                Err(bad) if self.options.strict => return Err(bad.error(path, self.line_number)),
+                Err(bad) => {
+                    let at = format!("{}:{}", path.display(), self.line_number);
+                    self.stats.skip(bad, at);
                 }
             }
         }
@@ -340,7 +458,10 @@ impl Documents {
                         Box::new(std::io::empty())
                     }
                     _ => {
-                        let mut reader = open(&path)?;
+                        let mut reader = crate::sniff::checked(&path, open(&path)?)?;
+                        if format == Format::Text {
+                            skip_utf8_bom(&path, &mut reader)?;
+                        }
                         if format == Format::JsonLines && starts_array(&path, &mut reader)? {
                             format = Format::JsonArray;
                             self.records = Some(crate::structured::json_array(
@@ -485,15 +606,10 @@ pub fn no_text_error(inputs: &[PathBuf], stats: &CorpusStats) -> DataError {
         .map(|p| p.display().to_string())
         .collect();
     let more = if inputs.len() > 3 { ", ..." } else { "" };
-    let skipped = if stats.skipped_non_utf8 > 0 {
-        format!(
-            ", {} of them skipped as not UTF-8 (first at {})",
-            stats.skipped_non_utf8,
-            stats.first_non_utf8.as_deref().unwrap_or("?")
-        )
-    } else {
-        String::new()
-    };
+    let skipped = stats
+        .skipped_note()
+        .map(|note| format!(", of which {note}"))
+        .unwrap_or_default();
     DataError::Input(format!(
         "no text in {}{more}: {} file(s), {} line(s){skipped}",
         shown.join(", "),
@@ -569,6 +685,100 @@ mod tests {
         let msg = docs(vec![path.clone()], strict).unwrap_err().to_string();
         assert!(
             msg.contains(&format!("{}:2", path.display())) && msg.contains("UTF-8"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn lone_cr_and_crlf_end_lines_as_python_universal_newlines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mac.txt");
+        std::fs::write(&path, "one\rtwo\r\nthree\nfour\r").unwrap();
+        let mut documents = Documents::new(vec![path.clone()], CorpusOptions::default());
+        let got: Vec<String> = documents.by_ref().map(Result::unwrap).collect();
+        assert_eq!(got, ["one", "two", "three", "four"]);
+        assert_eq!(documents.stats().lines, 4);
+        assert_eq!(documents.stats().bytes, 20);
+
+        std::fs::write(&path, "a\rb\r\rc\r").unwrap();
+        let paragraphs = CorpusOptions {
+            paragraphs: true,
+            ..CorpusOptions::default()
+        };
+        assert_eq!(docs(vec![path], paragraphs).unwrap(), ["a\nb", "c"]);
+
+        // A `\r\n` cut by the end of a buffer is still one line ending.
+        let mut reader = std::io::BufReader::with_capacity(4, &b"abc\r\ndef\r"[..]);
+        let mut lines = Vec::new();
+        let mut line = Vec::new();
+        while read_line_universal(&mut reader, &mut line).unwrap() > 0 {
+            lines.push(String::from_utf8(std::mem::take(&mut line)).unwrap());
+        }
+        assert_eq!(lines, ["abc", "def"]);
+    }
+
+    #[test]
+    fn a_utf8_byte_order_mark_does_not_begin_the_first_document() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notepad.txt");
+        std::fs::write(&path, "\u{feff}first\nsecond\n").unwrap();
+        assert_eq!(
+            docs(vec![path], CorpusOptions::default()).unwrap(),
+            ["first", "second"]
+        );
+    }
+
+    #[test]
+    fn utf16_and_binary_files_are_refused_naming_the_file_and_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let utf16: Vec<u8> = [0xFF, 0xFE]
+            .into_iter()
+            .chain("a cell\n".encode_utf16().flat_map(u16::to_le_bytes))
+            .collect();
+        let mut zeros = flate2::write::GzEncoder::new(Vec::new(), Default::default());
+        zeros.write_all(&[0u8; 1 << 16]).unwrap();
+        let cases: [(&str, Vec<u8>, &str); 3] = [
+            ("export.txt", utf16.clone(), "iconv -f UTF-16 -t UTF-8"),
+            ("records.jsonl", utf16, "iconv -f UTF-16 -t UTF-8"),
+            ("zeros.txt.gz", zeros.finish().unwrap(), "binary, not text"),
+        ];
+        for (name, bytes, hint) in cases {
+            let path = dir.path().join(name);
+            std::fs::write(&path, bytes).unwrap();
+            let err = docs(vec![path.clone()], CorpusOptions::default()).unwrap_err();
+            let msg = err.to_string();
+            assert!(matches!(err, DataError::NotText { .. }), "{name}: {msg}");
+            assert!(
+                msg.contains(&path.display().to_string()) && msg.contains(hint),
+                "{msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn nul_lines_past_the_first_bytes_are_skipped_and_counted_or_fatal_when_strict() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("padded.txt");
+        let mut bytes = "clean text\n".repeat(1000).into_bytes();
+        bytes.extend(b"cut\0\0\0\0\nlast\n");
+        std::fs::write(&path, &bytes).unwrap();
+        let mut documents = Documents::new(vec![path.clone()], CorpusOptions::default());
+        assert_eq!(documents.by_ref().count(), 1001);
+        let at = format!("{}:1001", path.display());
+        assert_eq!(documents.stats().skipped_nul, 1);
+        assert_eq!(documents.stats().first_nul.as_deref(), Some(at.as_str()));
+        assert_eq!(
+            documents.stats().skipped_note().unwrap(),
+            format!("skipped 1 line(s) holding a NUL byte (the first at {at})")
+        );
+
+        let strict = CorpusOptions {
+            strict: true,
+            ..CorpusOptions::default()
+        };
+        let msg = docs(vec![path], strict).unwrap_err().to_string();
+        assert!(
+            msg.contains(&format!("{at}: a NUL byte at column 4")),
             "{msg}"
         );
     }

@@ -8,7 +8,7 @@
 //! 3. [`cache`]: tokenize in parallel, pack into blocks (`full` or `line`), and write a
 //!    memory-mappable token cache with a manifest.
 //! 4. [`masking`]: dynamic masking, a pure function of (tokens, seed, epoch, index).
-//! 5. [`batch`]: a burn `Dataset` over the cache and a `Batcher` to masked batch tensors.
+//! 5. [`batch`]: masked examples padded into batch tensors, and the order an epoch visits them.
 //! 6. [`sampler`]: the masked micro-batches of each optimizer step, a pure function of
 //!    (seed, step).
 
@@ -18,16 +18,17 @@ pub mod corpus;
 pub mod lock;
 pub mod masking;
 pub mod sampler;
+pub mod sniff;
 mod structured;
 pub mod tokenizer;
 pub mod vocab;
 
 use std::path::PathBuf;
 
-pub use batch::{MlmBatch, MlmBatcher, MlmDataset, Sample, collate, epoch_order, length_grouped};
+pub use batch::{MlmBatch, MlmBatcher, Sample, collate, epoch_order, length_grouped};
 pub use cache::{
-    Manifest, NoProgress, Packing, PrepareOptions, Prepared, Progress, SplitReader, Validation,
-    prepare, read_manifest, write_synced,
+    Manifest, NoProgress, Packing, PrepareOptions, Prepared, Progress, Rebuild, SplitReader, Stale,
+    Validation, prepare, prepare_with, read_manifest, write_synced,
 };
 pub use corpus::{CorpusOptions, CorpusStats, Documents, resolve_inputs, resolve_inputs_reporting};
 pub use lock::{FolderLock, lock_file, lock_folder};
@@ -35,13 +36,7 @@ pub use masking::{MaskVocab, MaskedExample, MaskingConfig, WordBoundary, mask_to
 pub use sampler::{StepBatches, StepSampler, source_seed};
 pub use tokenizer::{MlmTokenizer, TrainOptions, load_tokenizer, train_tokenizer};
 
-/// The splitmix64 mixer: a well-spread 64-bit hash of `z`, for seeds and stable splits.
-pub fn splitmix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
+pub use masklm_splitmix::splitmix64;
 
 /// Formats `path` or `path:line`.
 fn at(path: &std::path::Path, line: &Option<u64>) -> String {
@@ -85,12 +80,26 @@ pub enum DataError {
         line: u64,
         column: usize,
     },
+    /// A line holds a NUL byte (binary data, or a file padded with zeros) and `--strict` is
+    /// on.
+    #[error("{}:{line}: a NUL byte at column {column}: not text (binary data, or a file cut short and padded with zeros); remove those bytes, or drop --strict to skip such lines", path.display())]
+    NulByte {
+        path: PathBuf,
+        line: u64,
+        column: usize,
+    },
+    /// A file is UTF-16/32 or binary, found by its first bytes.
+    #[error("{}: {}; masklm reads UTF-8 text: {}", path.display(), kind.what(), kind.fix(path))]
+    NotText { path: PathBuf, kind: sniff::NotText },
     /// An example index past the end of a split.
     #[error("example {index} is out of range: the split has {len}")]
     OutOfRange { index: usize, len: usize },
     /// A token cache is damaged or not a cache.
     #[error("{}: {reason}", path.display())]
     Cache { path: PathBuf, reason: String },
+    /// An existing cache does not match and [`cache::Rebuild::Refuse`] forbade rebuilding it.
+    #[error("{} was prepared differently and was left as it is: {reason}; rebuilding it would change the examples of every run that uses it, so they could no longer resume: give this run another cache folder, or allow the rebuild", path.display())]
+    WouldRebuild { path: PathBuf, reason: cache::Stale },
     /// Another process is using a run or cache folder.
     #[error("{} is in use by {holder} (another masklm {what}); wait for it to finish or stop it, or use another folder", path.display())]
     Locked {

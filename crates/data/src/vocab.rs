@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, HashMap};
 use serde::Serialize;
 use tokenizers::Tokenizer;
 
-use crate::{CorpusOptions, DataError, Documents, MlmTokenizer, resolve_inputs};
+use crate::{CorpusOptions, CorpusStats, DataError, Documents, MlmTokenizer, resolve_inputs};
 
 /// A word of the corpus and how the tokenizer splits it.
 #[derive(Debug, Clone, Serialize)]
@@ -35,6 +35,8 @@ pub struct WordCounts {
     pub documents: u64,
     pub words: u64,
     pub counts: HashMap<String, u64>,
+    /// What reading the corpus found, skipped lines included.
+    pub corpus: CorpusStats,
 }
 
 /// The words of one text (see the module docs).
@@ -48,7 +50,8 @@ pub fn words(text: &str) -> impl Iterator<Item = &str> {
 pub fn count_words(inputs: &[String], options: &CorpusOptions) -> Result<WordCounts, DataError> {
     let files = resolve_inputs(inputs)?;
     let mut counts = WordCounts::default();
-    for document in Documents::new(files, options.clone()) {
+    let mut documents = Documents::new(files, options.clone());
+    for document in documents.by_ref() {
         let document = document?;
         counts.documents += 1;
         for word in words(&document) {
@@ -56,10 +59,13 @@ pub fn count_words(inputs: &[String], options: &CorpusOptions) -> Result<WordCou
             *counts.counts.entry(word.to_string()).or_default() += 1;
         }
     }
+    counts.corpus = documents.stats().clone();
     if counts.words == 0 {
+        let skipped = counts.corpus.skipped_note().map(|n| format!(" ({n})"));
         return Err(DataError::Input(format!(
-            "no words in {}: check the paths (and --text-field for JSON/Parquet)",
-            inputs.join(", ")
+            "no words in {}{}: check the paths (and --text-field for JSON/Parquet)",
+            inputs.join(", "),
+            skipped.unwrap_or_default()
         )));
     }
     Ok(counts)
@@ -109,6 +115,8 @@ pub struct Audit {
     pub top: Vec<WordPieces>,
     /// The most frequent words split into 3 or more pieces.
     pub fragmented: Vec<WordPieces>,
+    /// What reading the corpus found: files, lines, and the lines skipped as not text.
+    pub corpus: CorpusStats,
 }
 
 /// Audits `tokenizer` on `counts`, listing `top` words in each table.
@@ -151,6 +159,7 @@ pub fn audit(
             .take(top)
             .map(entry)
             .collect(),
+        corpus: counts.corpus.clone(),
     })
 }
 
@@ -226,25 +235,63 @@ pub fn extend_tokenizer(
     words: &[String],
     first_id: u32,
 ) -> Result<Extension, DataError> {
+    let (path, json) = read_tokenizer_json(tokenizer)?;
+    let kind = json["model"]["type"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let wanted = distinct_words(words)?;
+    let old = &tokenizer.tokenizer;
+    let old_pieces = pieces_of(old, &as_strs(&wanted))?;
+    let already_single: Vec<String> = wanted
+        .iter()
+        .zip(&old_pieces)
+        .filter(|(_, pieces)| pieces.len() <= 1)
+        .map(|(word, _)| word.clone())
+        .collect();
+    // Only a word of one pre-token can become one token (see `one_pretoken`).
+    let splittable: Vec<usize> = (0..wanted.len())
+        .filter(|&i| old_pieces[i].len() > 1 && one_pretoken(old, &wanted[i]))
+        .collect();
+    let mut growing = Growing {
+        old,
+        json,
+        next_id: first_id.max(tokenizer.vocab_size() as u32),
+        added: Vec::new(),
+        expansion: HashMap::new(),
+    };
+    match kind.as_str() {
+        "BPE" => growing.add_bpe(&wanted, &old_pieces, splittable)?,
+        "WordPiece" => growing.add_wordpiece(&wanted, &old_pieces, &splittable)?,
+        other => {
+            return Err(ext_error(format!(
+                "{} has a {other:?} model; only BPE (RoBERTa) and WordPiece (BERT) \
+                 vocabularies can be extended",
+                path.display()
+            )));
+        }
+    }
+    growing.finish(&wanted, already_single)
+}
+
+/// The path and JSON of `tokenizer`'s tokenizer.json.
+fn read_tokenizer_json(
+    tokenizer: &MlmTokenizer,
+) -> Result<(std::path::PathBuf, serde_json::Value), DataError> {
     let path = tokenizer.dir.join("tokenizer.json");
     let text = std::fs::read_to_string(&path).map_err(|source| DataError::Read {
         path: path.clone(),
         line: None,
         source,
     })?;
-    let mut json: serde_json::Value =
+    let json =
         serde_json::from_str(&text).map_err(|e| ext_error(format!("{}: {e}", path.display())))?;
-    let kind = json["model"]["type"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    let old = &tokenizer.tokenizer;
-    let first_id = first_id.max(tokenizer.vocab_size() as u32);
-    let mut next_id = first_id;
-    let mut added: Vec<NewToken> = Vec::new();
-    // New token -> the old pieces it stands for.
-    let mut expansion: HashMap<String, Vec<u32>> = HashMap::new();
-    let mut already_single = Vec::new();
+    Ok((path, json))
+}
+
+/// `words` trimmed, each once, in their first order; an error for one that is empty or holds
+/// a space.
+fn distinct_words(words: &[String]) -> Result<Vec<String>, DataError> {
     let mut wanted: Vec<String> = Vec::new();
     for word in words {
         let word = word.trim();
@@ -257,157 +304,262 @@ pub fn extend_tokenizer(
             wanted.push(word.to_string());
         }
     }
-    let old_pieces = pieces_of(old, &wanted.iter().map(String::as_str).collect::<Vec<_>>())?;
-    let old_ids = |pieces: &[String]| -> Vec<u32> {
-        pieces.iter().filter_map(|p| old.token_to_id(p)).collect()
-    };
-    match kind.as_str() {
-        "BPE" => {
-            let string_merges = json["model"]["merges"]
-                .as_array()
-                .and_then(|m| m.first())
-                .is_none_or(|m| m.is_string());
-            let mut current = old_pieces.clone();
-            let mut pending: Vec<usize> = Vec::new();
-            for (i, pieces) in current.iter().enumerate() {
-                if pieces.len() <= 1 {
-                    already_single.push(wanted[i].clone());
-                } else if one_pretoken(old, &wanted[i]) {
-                    pending.push(i);
-                }
+    Ok(wanted)
+}
+
+fn as_strs(words: &[String]) -> Vec<&str> {
+    words.iter().map(String::as_str).collect()
+}
+
+/// A tokenizer.json being extended, and the tokens added to it so far.
+struct Growing<'a> {
+    old: &'a Tokenizer,
+    json: serde_json::Value,
+    next_id: u32,
+    added: Vec<NewToken>,
+    /// New token -> the old pieces it stands for.
+    expansion: HashMap<String, Vec<u32>>,
+}
+
+impl Growing<'_> {
+    /// The old tokenizer's ids of `pieces`.
+    fn old_ids(&self, pieces: &[String]) -> Vec<u32> {
+        pieces
+            .iter()
+            .filter_map(|p| self.old.token_to_id(p))
+            .collect()
+    }
+
+    /// The old ids `token` stands for: its expansion if it is new, else its own id.
+    fn expand(&self, token: &String) -> Vec<u32> {
+        self.expansion
+            .get(token)
+            .cloned()
+            .unwrap_or_else(|| self.old_ids(std::slice::from_ref(token)))
+    }
+
+    /// Gives `token` the next id; its embedding will start as the mean of `pieces`.
+    fn add_token(&mut self, token: String, pieces: Vec<u32>) {
+        self.json["model"]["vocab"][&token] = serde_json::json!(self.next_id);
+        self.added.push(NewToken {
+            id: self.next_id,
+            token,
+            word: None,
+            pieces,
+        });
+        self.next_id += 1;
+    }
+
+    /// BPE: chains of merges for the words at `pending` (indices into `wanted`).
+    fn add_bpe(
+        &mut self,
+        wanted: &[String],
+        old_pieces: &[Vec<String>],
+        mut pending: Vec<usize>,
+    ) -> Result<(), DataError> {
+        let string_merges = self.json["model"]["merges"]
+            .as_array()
+            .and_then(|m| m.first())
+            .is_none_or(|m| m.is_string());
+        let mut current = old_pieces.to_vec();
+        // A later word's merges can pre-empt an earlier word's pair, so check and chain the
+        // new pieces again, a few rounds at most.
+        for _round in 0..4 {
+            if pending.is_empty() {
+                break;
             }
-            // Chains for words still split; a later word's merges can pre-empt an earlier
-            // word's pair, so check and chain the new pieces again, a few rounds at most.
-            for _round in 0..4 {
-                if pending.is_empty() {
-                    break;
+            for &i in &pending {
+                self.chain(&current[i], string_merges);
+            }
+            let now = Tokenizer::from_bytes(self.json.to_string().as_bytes())
+                .map_err(|e| ext_error(e.to_string()))?;
+            let left: Vec<&str> = pending.iter().map(|&i| wanted[i].as_str()).collect();
+            let mut still = Vec::new();
+            for (&i, pieces) in pending.iter().zip(pieces_of(&now, &left)?) {
+                if pieces.len() > 1 {
+                    still.push(i);
                 }
-                for &i in &pending {
-                    let pieces = &current[i];
-                    let mut acc = pieces[0].clone();
-                    for piece in &pieces[1..] {
-                        let merged = format!("{acc}{piece}");
-                        let model = &mut json["model"];
-                        if model["vocab"].get(&merged).is_none() {
-                            let expand = |t: &String| {
-                                expansion
-                                    .get(t)
-                                    .cloned()
-                                    .unwrap_or_else(|| old_ids(std::slice::from_ref(t)))
-                            };
-                            let mut sources = expand(&acc);
-                            sources.extend(expand(piece));
-                            model["vocab"][&merged] = serde_json::json!(next_id);
-                            expansion.insert(merged.clone(), sources.clone());
-                            added.push(NewToken {
-                                id: next_id,
-                                token: merged.clone(),
-                                word: None,
-                                pieces: sources,
-                            });
-                            next_id += 1;
-                        }
-                        let merge = if string_merges {
-                            serde_json::json!(format!("{acc} {piece}"))
-                        } else {
-                            serde_json::json!([acc, piece])
-                        };
-                        if let Some(merges) = model["merges"].as_array_mut() {
-                            merges.push(merge);
-                        }
-                        acc = merged;
+                current[i] = pieces;
+            }
+            pending = still;
+        }
+        Ok(())
+    }
+
+    /// The merges that build `pieces` (2 or more) into one token, left to right
+    /// (`Ġmit`+`och` -> `Ġmitoch`, then + `ondria`), adding each prefix not yet a token.
+    fn chain(&mut self, pieces: &[String], string_merges: bool) {
+        let mut acc = pieces[0].clone();
+        for piece in &pieces[1..] {
+            let merged = format!("{acc}{piece}");
+            if self.json["model"]["vocab"].get(&merged).is_none() {
+                let mut sources = self.expand(&acc);
+                sources.extend(self.expand(piece));
+                self.expansion.insert(merged.clone(), sources.clone());
+                self.add_token(merged.clone(), sources);
+            }
+            let merge = if string_merges {
+                serde_json::json!(format!("{acc} {piece}"))
+            } else {
+                serde_json::json!([acc, piece])
+            };
+            if let Some(merges) = self.json["model"]["merges"].as_array_mut() {
+                merges.push(merge);
+            }
+            acc = merged;
+        }
+    }
+
+    /// WordPiece: each word at `indices`, normalized as the tokenizer normalizes, as a whole
+    /// vocabulary entry.
+    fn add_wordpiece(
+        &mut self,
+        wanted: &[String],
+        old_pieces: &[Vec<String>],
+        indices: &[usize],
+    ) -> Result<(), DataError> {
+        for &i in indices {
+            let normalized = match self.old.get_normalizer() {
+                Some(normalizer) => {
+                    use tokenizers::tokenizer::Normalizer;
+                    let mut s = tokenizers::NormalizedString::from(wanted[i].as_str());
+                    normalizer
+                        .normalize(&mut s)
+                        .map_err(|e| ext_error(e.to_string()))?;
+                    s.get().to_string()
+                }
+                None => wanted[i].clone(),
+            };
+            if self.json["model"]["vocab"].get(&normalized).is_none() {
+                let pieces = self.old_ids(&old_pieces[i]);
+                self.add_token(normalized, pieces);
+            }
+        }
+        Ok(())
+    }
+
+    /// The new tokenizer.json, with which requested word each new token spells.
+    fn finish(
+        mut self,
+        wanted: &[String],
+        already_single: Vec<String>,
+    ) -> Result<Extension, DataError> {
+        let tokenizer_json =
+            serde_json::to_string_pretty(&self.json).map_err(|e| ext_error(e.to_string()))?;
+        let new = Tokenizer::from_bytes(tokenizer_json.as_bytes())
+            .map_err(|e| ext_error(e.to_string()))?;
+        let check = pieces_of(&new, &as_strs(wanted))?;
+        let by_token: BTreeMap<String, usize> = self
+            .added
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.token.clone(), i))
+            .collect();
+        let mut not_single = Vec::new();
+        for (word, pieces) in wanted.iter().zip(&check) {
+            match pieces.as_slice() {
+                [one] => {
+                    if let Some(&i) = by_token.get(one) {
+                        self.added[i].word = Some(word.clone());
                     }
                 }
-                let tokenizer_now = Tokenizer::from_bytes(json.to_string().as_bytes())
-                    .map_err(|e| ext_error(e.to_string()))?;
-                let left: Vec<&str> = pending.iter().map(|&i| wanted[i].as_str()).collect();
-                let now = pieces_of(&tokenizer_now, &left)?;
-                let mut still = Vec::new();
-                for (&i, pieces) in pending.iter().zip(now) {
-                    if pieces.len() > 1 {
-                        still.push(i);
-                    }
-                    current[i] = pieces;
-                }
-                pending = still;
+                _ => not_single.push(word.clone()),
             }
         }
-        "WordPiece" => {
-            for (i, word) in wanted.iter().enumerate() {
-                if old_pieces[i].len() <= 1 {
-                    already_single.push(word.clone());
-                    continue;
-                }
-                if !one_pretoken(old, word) {
-                    continue;
-                }
-                let normalized = match old.get_normalizer() {
-                    Some(normalizer) => {
-                        use tokenizers::tokenizer::Normalizer;
-                        let mut s = tokenizers::NormalizedString::from(word.as_str());
-                        normalizer
-                            .normalize(&mut s)
-                            .map_err(|e| ext_error(e.to_string()))?;
-                        s.get().to_string()
-                    }
-                    None => word.clone(),
-                };
-                if json["model"]["vocab"].get(&normalized).is_some() {
-                    continue;
-                }
-                json["model"]["vocab"][&normalized] = serde_json::json!(next_id);
-                added.push(NewToken {
-                    id: next_id,
-                    token: normalized.clone(),
-                    word: None,
-                    pieces: old_ids(&old_pieces[i]),
-                });
-                next_id += 1;
-            }
+        if self.added.iter().any(|t| t.pieces.is_empty()) {
+            return Err(ext_error(
+                "a new token has no known pieces in the old vocabulary".to_string(),
+            ));
         }
-        other => {
-            return Err(ext_error(format!(
-                "{} has a {other:?} model; only BPE (RoBERTa) and WordPiece (BERT) \
-                 vocabularies can be extended",
-                path.display()
-            )));
-        }
+        Ok(Extension {
+            tokenizer_json,
+            added: self.added,
+            already_single,
+            not_single,
+        })
     }
-    let tokenizer_json =
-        serde_json::to_string_pretty(&json).map_err(|e| ext_error(e.to_string()))?;
-    let new =
-        Tokenizer::from_bytes(tokenizer_json.as_bytes()).map_err(|e| ext_error(e.to_string()))?;
-    // Which requested words are now one token, and which new token spells each.
-    let check = pieces_of(&new, &wanted.iter().map(String::as_str).collect::<Vec<_>>())?;
-    let by_token: BTreeMap<&str, usize> = added
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.token.as_str(), i))
-        .collect();
-    let mut words_of: Vec<(usize, String)> = Vec::new();
-    let mut not_single = Vec::new();
-    for (word, pieces) in wanted.iter().zip(&check) {
-        match pieces.as_slice() {
-            [one] => {
-                if let Some(&i) = by_token.get(one.as_str()) {
-                    words_of.push((i, word.clone()));
-                }
-            }
-            _ => not_single.push(word.clone()),
-        }
+}
+
+#[cfg(test)]
+mod tests {
+    use sha2::{Digest, Sha256};
+
+    use super::*;
+
+    fn fixture(name: &str) -> MlmTokenizer {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+        crate::load_tokenizer(&dir.join(name)).unwrap()
     }
-    for (i, word) in words_of {
-        added[i].word = Some(word);
+
+    /// What an extension added, one token a line, and the SHA-256 of its tokenizer.json.
+    fn summary(extension: &Extension) -> (Vec<String>, String) {
+        let lines = extension
+            .added
+            .iter()
+            .map(|t| format!("{} {} {:?} {:?}", t.id, t.token, t.word, t.pieces))
+            .chain([format!(
+                "single {:?} not {:?}",
+                extension.already_single, extension.not_single
+            )])
+            .collect();
+        let hash = format!("{:x}", Sha256::digest(extension.tokenizer_json.as_bytes()));
+        (lines, hash)
     }
-    if added.iter().any(|t| t.pieces.is_empty()) {
-        return Err(ext_error(
-            "a new token has no known pieces in the old vocabulary".to_string(),
-        ));
+
+    /// Pins what extension gives for both model kinds, as the code before `extend_tokenizer`
+    /// was split into helpers gave it (same lines, byte-identical tokenizer.json).
+    #[test]
+    fn extension_of_bpe_and_wordpiece_is_pinned() {
+        let words: Vec<String> = [
+            "mitochondrial",
+            "mitochondria",
+            "cascade",
+            "H2O",
+            "the",
+            "Ribosome",
+            "mitochondrial",
+        ]
+        .map(String::from)
+        .to_vec();
+        let bpe = extend_tokenizer(&fixture("tokenizer-go"), &words, 1000).unwrap();
+        let (lines, hash) = summary(&bpe);
+        assert_eq!(
+            lines,
+            [
+                "1000 Ġmitoch None [758, 847]",
+                "1001 Ġmitochond None [758, 847, 631]",
+                "1002 Ġmitochondri None [758, 847, 631, 324]",
+                "1003 Ġmitochondrial Some(\"mitochondrial\") [758, 847, 631, 324, 278]",
+                "1004 Ġmitochondria Some(\"mitochondria\") [758, 847, 631, 324, 69]",
+                "1005 Ġcasc None [270, 927]",
+                "1006 Ġcasca None [270, 927, 69]",
+                "1007 Ġcascade Some(\"cascade\") [270, 927, 69, 391]",
+                "1008 ĠR None [225, 54]",
+                "1009 ĠRib None [225, 54, 817]",
+                "1010 ĠRibosome Some(\"Ribosome\") [225, 54, 817, 760]",
+                "single [\"the\"] not [\"H2O\"]",
+            ]
+        );
+        assert_eq!(
+            hash,
+            "42ed792e0835255543ef7e1bdd476c4be13e04289e89aded39a876c9cdd94ccd"
+        );
+
+        // bert-tiny's tokenizer has 1100 ids: new ones start there, not at the 1000 asked.
+        let wordpiece = extend_tokenizer(&fixture("bert-tiny"), &words, 1000).unwrap();
+        let (lines, hash) = summary(&wordpiece);
+        assert_eq!(
+            lines,
+            [
+                "1100 mitochondrial Some(\"mitochondrial\") [839, 950]",
+                "1101 mitochondria Some(\"mitochondria\") [839, 143, 57]",
+                "1102 ribosome Some(\"Ribosome\") [486, 554]",
+                "single [\"cascade\", \"H2O\", \"the\"] not []",
+            ]
+        );
+        assert_eq!(
+            hash,
+            "8b4ecc3740b47572842dfa8134b860e299ac9a8e49fd82d26522dc802dc4fb26"
+        );
     }
-    Ok(Extension {
-        tokenizer_json,
-        added,
-        already_single,
-        not_single,
-    })
 }

@@ -132,12 +132,8 @@ fn warn_special(files: &[std::path::PathBuf]) {
 
 fn warn_skipped(stats: &masklm_data::CorpusStats) {
     warn_special(&stats.skipped_special);
-    if stats.skipped_non_utf8 > 0 {
-        eprintln!(
-            "warning: skipped {} non-UTF-8 line(s), the first at {}; --strict makes this an error",
-            stats.skipped_non_utf8,
-            stats.first_non_utf8.as_deref().unwrap_or("?")
-        );
+    if let Some(note) = stats.skipped_note() {
+        eprintln!("warning: {note}; --strict makes this an error");
     }
 }
 

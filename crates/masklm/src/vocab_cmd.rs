@@ -89,6 +89,15 @@ fn tokenizer_of(model: &std::path::Path) -> Result<masklm_data::MlmTokenizer> {
     load_tokenizer(&dir).with_context(|| format!("loading the tokenizer of {}", model.display()))
 }
 
+/// Reads the word counts of a corpus, warning about the lines it skipped.
+fn counted(inputs: &[String], text_field: &str) -> Result<masklm_data::vocab::WordCounts> {
+    let counts = count_words(inputs, &options(text_field))?;
+    if let Some(note) = counts.corpus.skipped_note() {
+        eprintln!("warning: {note}: their words are not counted; convert the files to UTF-8");
+    }
+    Ok(counts)
+}
+
 fn print_table(title: &str, rows: &[WordPieces]) {
     println!("\n{title}");
     println!("  {:>9}  {:>6}  {:<24} pieces", "count", "tokens", "word");
@@ -105,7 +114,7 @@ fn print_table(title: &str, rows: &[WordPieces]) {
 
 fn audit_cmd(args: AuditArgs) -> Result<()> {
     let tokenizer = tokenizer_of(&args.model)?;
-    let counts = count_words(&args.corpus.input, &options(&args.corpus.text_field))?;
+    let counts = counted(&args.corpus.input, &args.corpus.text_field)?;
     let audit = audit(&tokenizer, &counts, args.top.max(1))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&audit)?);
@@ -130,8 +139,14 @@ fn audit_cmd(args: AuditArgs) -> Result<()> {
 }
 
 fn read_words(path: &std::path::Path) -> Result<Vec<String>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let head = &bytes[..bytes.len().min(masklm_data::sniff::SNIFF_BYTES)];
+    if let Some(kind) = masklm_data::sniff::sniff(head) {
+        let path = path.to_path_buf();
+        return Err(masklm_data::DataError::NotText { path, kind }.into());
+    }
+    let text = String::from_utf8(bytes)
+        .with_context(|| format!("{} is not UTF-8 text; convert it to UTF-8", path.display()))?;
     let words: Vec<String> = text
         .lines()
         .map(str::trim)
@@ -172,7 +187,7 @@ fn extend_cmd(args: ExtendArgs, device: &Device) -> Result<()> {
         (None, Some(0)) => bail!("--add 0 adds nothing; give the number of words to add"),
         (None, Some(n)) => {
             let tokenizer = tokenizer_of(&args.model)?;
-            let counts = count_words(&args.input, &options(&args.text_field))?;
+            let counts = counted(&args.input, &args.text_field)?;
             let chosen = candidates(&tokenizer, &counts, n, args.min_count)?;
             if chosen.is_empty() {
                 bail!(

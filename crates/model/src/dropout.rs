@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use burn::module::Module;
 use burn::tensor::{Device, Distribution, FloatDType, Tensor};
+use masklm_splitmix::splitmix64;
 use rayon::prelude::*;
 
 static STREAM_SEED: AtomicU64 = AtomicU64::new(0x5EED);
@@ -40,13 +41,6 @@ pub fn seed_dropout(seed: u64, device: &Device) {
 /// written by a host loop costs no transfer.
 fn host_resident(device: &Device) -> bool {
     device.clone().without_autodiff() == Device::flex()
-}
-
-fn splitmix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 /// The 0 / `1 / keep` mask of `n` elements for dropout call `call`, from the host hash, drawn
