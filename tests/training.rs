@@ -861,3 +861,67 @@ fn an_evaluation_with_nothing_to_score_is_an_error_not_no_improvement() {
     assert_eq!(pointer(&run, "latest").as_deref(), Some("step-0000002"));
     assert_eq!(pointer(&run, "best"), None);
 }
+
+#[test]
+fn a_cache_other_runs_train_on_is_not_rebuilt_unless_told_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_config(
+        dir.path(),
+        "",
+        &["training.max_steps=2", "eval.eval_steps=0"],
+    );
+    let first = dir.path().join("first");
+    train_on_cpu(&config, &first).unwrap();
+    assert!(
+        std::fs::read_to_string(dir.path().join("cache/runs.txt"))
+            .unwrap()
+            .contains("first"),
+        "the cache does not list its run"
+    );
+    // Another run on the same cache with another sequence length: refused, naming the run.
+    let shorter = tiny_config(
+        dir.path(),
+        "",
+        &[
+            "training.max_steps=2",
+            "eval.eval_steps=0",
+            "data.max_seq_length=32",
+        ],
+    );
+    let second = dir.path().join("second");
+    let err = train_on_cpu(&shorter, &second).unwrap_err().to_string();
+    assert!(
+        err.contains("max_seq_length") && err.contains("first") && err.contains("rebuild_cache"),
+        "{err}"
+    );
+    let longer = run_config(&first, &["training.max_steps=3"]);
+    assert_eq!(resume_on_cpu(&longer, &first, None).unwrap().last_step, 3);
+
+    // Told to: rebuilt, and the binary says so and what it costs the first run.
+    let out = Command::new(env!("CARGO_BIN_EXE_masklm"))
+        .args(["train", "--config"])
+        .arg(dir.path().join("config.toml"))
+        .arg("--out")
+        .arg(&second)
+        .args([
+            "--set",
+            "training.max_steps=2",
+            "--set",
+            "eval.eval_steps=0",
+            "--set",
+            "data.max_seq_length=32",
+            "--set",
+            "data.rebuild_cache=true",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("rebuilt the token cache") && stderr.contains("can no longer resume"),
+        "{stderr}"
+    );
+    let longer = run_config(&first, &["training.max_steps=4"]);
+    let err = resume_on_cpu(&longer, &first, None).unwrap_err().to_string();
+    assert!(err.contains("changed since the run started"), "{err}");
+}

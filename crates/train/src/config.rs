@@ -61,6 +61,10 @@ pub struct DataSection {
     pub text_field: Option<String>,
     #[serde(default)]
     pub paragraphs: bool,
+    /// Rebuild a cache whose settings or inputs differ even when other runs still train on
+    /// it (they can then no longer resume). Not part of the run's frozen settings.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rebuild_cache: bool,
     /// Several corpora mixed by weight, instead of `inputs`: each is prepared into
     /// `CACHE/NAME` (CACHE: `cache`, or RUN_DIR/cache) with its own validation split.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -384,7 +388,7 @@ impl TrainConfig {
                     .iter()
                     .any(|f| *key == f || key.starts_with(&format!("{f}.")))
             })
-            .filter(|key| saved.get(*key) != new.get(*key))
+            .filter(|key| saved.get(*key) != new.get(*key) && key.as_str() != "data.rebuild_cache")
             .map(|key| {
                 let show = |v: Option<&String>| v.cloned().unwrap_or_else(|| "(unset)".into());
                 (key.clone(), show(saved.get(key)), show(new.get(key)))

@@ -13,8 +13,8 @@ use burn::module::Module;
 use burn::optim::ModuleOptimizer;
 use burn::tensor::Device;
 use masklm_data::{
-    FolderLock, MlmTokenizer, NoProgress, PrepareOptions, SplitReader, StepSampler, Validation,
-    load_tokenizer, lock_folder, prepare, read_manifest,
+    DataError, FolderLock, MlmTokenizer, NoProgress, PrepareOptions, Rebuild, SplitReader,
+    StepSampler, Validation, load_tokenizer, lock_folder, prepare, prepare_with, read_manifest,
 };
 use masklm_model::{RobertaConfig, RobertaForMaskedLM};
 
@@ -63,7 +63,7 @@ impl<'a> Run<'a> {
         let resume = choose_start(config, run_dir, start, observer)?;
         let (tokenizer, tokenizer_files) = open_tokenizer(config, resume.as_ref(), observer)?;
         check_precision(config, device)?;
-        let data = Data::open(config, &tokenizer, run_dir, resume.is_some())?;
+        let data = Data::open(config, &tokenizer, run_dir, resume.is_some(), observer)?;
         let mut state = match resume.as_ref() {
             Some(resume) => {
                 check_resume_state(&resume.state, config, &tokenizer, &data)?;
@@ -100,6 +100,9 @@ impl<'a> Run<'a> {
             None => None,
         };
         write_atomic(&run_dir.join("config.toml"), &config.to_toml()?)?;
+        for cache in &data.caches {
+            record_user(&cache.dir, run_dir)?;
+        }
         if data.caches.len() > 1 && state.source_tokens.len() != data.caches.len() {
             state.source_tokens = vec![0; data.caches.len()];
         }
@@ -276,8 +279,9 @@ impl Data {
         tokenizer: &MlmTokenizer,
         run_dir: &Path,
         resuming: bool,
+        observer: &dyn Observer,
     ) -> Result<Self, TrainError> {
-        let caches = resolve_caches(config, tokenizer, run_dir, resuming)?;
+        let caches = resolve_caches(config, tokenizer, run_dir, resuming, observer)?;
         let mut manifests = Vec::with_capacity(caches.len());
         let mut train_splits = Vec::with_capacity(caches.len());
         let mut validations = Vec::with_capacity(caches.len());
@@ -522,6 +526,7 @@ fn resolve_caches(
     tokenizer: &MlmTokenizer,
     run_dir: &Path,
     resuming: bool,
+    observer: &dyn Observer,
 ) -> Result<Vec<SourceCache>, TrainError> {
     let data = &config.data;
     let root = match (
@@ -569,7 +574,7 @@ fn resolve_caches(
     for (name, weight, inputs, dir) in corpora {
         let existing = dir.join("manifest.json").is_file();
         let reused = if !inputs.is_empty() && (!resuming || !existing) {
-            prepare(tokenizer, &inputs, &options, &dir, &NoProgress)?.reused
+            prepare_shared(config, tokenizer, &inputs, &options, &dir, run_dir, observer)?
         } else {
             check_cache_tokenizer(&dir, tokenizer)?;
             true
@@ -582,6 +587,94 @@ fn resolve_caches(
         });
     }
     Ok(caches)
+}
+
+/// The file in a cache folder that lists the runs training on it, one folder per line.
+const CACHE_USERS: &str = "runs.txt";
+
+/// Prepares (or reuses) the cache `dir` of a new run and returns whether it was reused. A
+/// cache whose settings or inputs differ is rebuilt, and the run says why; but not when other
+/// runs still train on it (their checkpoints name its examples, so they could no longer
+/// resume) unless `data.rebuild_cache` says to.
+fn prepare_shared(
+    config: &TrainConfig,
+    tokenizer: &MlmTokenizer,
+    inputs: &[String],
+    options: &PrepareOptions,
+    dir: &Path,
+    run_dir: &Path,
+    observer: &dyn Observer,
+) -> Result<bool, TrainError> {
+    let others = other_users(dir, run_dir);
+    let rebuild = if others.is_empty() || config.data.rebuild_cache {
+        Rebuild::Allow
+    } else {
+        Rebuild::Refuse
+    };
+    let prepared = match prepare_with(tokenizer, inputs, options, dir, &NoProgress, rebuild) {
+        Err(DataError::WouldRebuild { path, reason }) => {
+            return Err(TrainError::Config {
+                key: "data.cache".to_string(),
+                reason: format!(
+                    "{} was prepared differently ({reason}) and the runs {} still train on it: \
+                     rebuilding it for this run would stop them from resuming. Give this run \
+                     its own data.cache, or set data.rebuild_cache = true to rebuild it anyway",
+                    path.display(),
+                    others
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            });
+        }
+        other => other?,
+    };
+    if let Some(reason) = &prepared.rebuilt_because {
+        let also = if others.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; the runs that trained on it ({}) can no longer resume",
+                others.len()
+            )
+        };
+        observer.on_notice(&format!(
+            "rebuilt the token cache {}: {reason}{also}",
+            dir.display()
+        ));
+    }
+    Ok(prepared.reused)
+}
+
+/// The runs other than `run_dir` listed in `cache`'s users file that still hold checkpoints.
+fn other_users(cache: &Path, run_dir: &Path) -> Vec<PathBuf> {
+    let me = run_dir.canonicalize().unwrap_or_else(|_| run_dir.to_path_buf());
+    std::fs::read_to_string(cache.join(CACHE_USERS))
+        .unwrap_or_default()
+        .lines()
+        .map(PathBuf::from)
+        .filter(|run| *run != me && has_checkpoints(run))
+        .collect()
+}
+
+/// Adds `run_dir` to `cache`'s users file (see [`prepare_shared`]).
+fn record_user(cache: &Path, run_dir: &Path) -> Result<(), TrainError> {
+    let path = cache.join(CACHE_USERS);
+    let me = run_dir.canonicalize().map_err(|source| TrainError::Io {
+        path: run_dir.to_path_buf(),
+        source,
+    })?;
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(source) => return Err(TrainError::Io { path, source }),
+    };
+    let me = me.display().to_string();
+    if text.lines().any(|line| line == me) {
+        return Ok(());
+    }
+    write_atomic(&path, &format!("{text}{me}\n"))
 }
 
 /// Checks that the cache at `cache` was prepared with `tokenizer`.
