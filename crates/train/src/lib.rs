@@ -36,7 +36,7 @@ pub use optim::{
     Decay, OptimizerConfig, ScheduleConfig, clip_grad_norm, clip_grad_norm_scaled, no_decay_params,
 };
 pub use precision::{LossScaler, Precision};
-pub use probes::{Probe, ProbeReport, ProbeResult, load_probes, run_probes};
+pub use probes::{Probe, ProbeReport, ProbeResult, load_probes, load_probes_from, run_probes};
 pub use step::{StepStats, train_step};
 pub use trainer::{EvalReport, Observer, RunInfo, RunOutcome, Silent, Start, StepLog, train};
 pub use vocab::{ExtendReport, extend_vocabulary};
