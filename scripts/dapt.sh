@@ -26,7 +26,7 @@ tail -n 3000 data/go/definitions.txt > "$data/go-heldout.txt"
 
 echo "== how the base tokenizer splits PubMed"
 "$masklm" vocab audit --model "$base" --input "$data/pubmed-train.txt" --top 15
-echo "== adding the 1,000 PubMed words that save the most tokens"
+echo "== adding up to 1,000 new tokens: the PubMed words that save the most tokens"
 "$masklm" vocab extend --model "$base" --input "$data/pubmed-train.txt" --add 1000 \
   --min-count 20 --out runs/dapt-extended --force | tail -n 4
 "$masklm" vocab audit --model runs/dapt-extended --input "$data/pubmed-train.txt" --top 5 | head -n 1

@@ -21,6 +21,7 @@
 
 use std::path::{Path, PathBuf};
 
+use burn::store::pytorch_reader::PytorchReader;
 use burn::store::{
     ApplyError, BurnToPyTorchAdapter, KeyRemapper, ModuleSnapshot, ModuleStore,
     PyTorchToBurnAdapter, PytorchStore, SafetensorsStore,
@@ -50,6 +51,34 @@ pub enum HubError {
     /// Neither `model.safetensors` nor `pytorch_model.bin` is in the folder.
     #[error("{0}: no model.safetensors or pytorch_model.bin")]
     NoWeights(PathBuf),
+    /// A masklm checkpoint folder lacking a file its save writes (the manifest, last): the
+    /// save was interrupted or files were removed.
+    #[error(
+        "{}: an incomplete masklm checkpoint (no {}): its save did not finish or files were \
+         removed; use another checkpoint of the run (an earlier checkpoints/step-N, or \
+         checkpoints/best)",
+        dir.display(),
+        missing.join(", ")
+    )]
+    IncompleteCheckpoint {
+        dir: PathBuf,
+        missing: Vec<&'static str>,
+    },
+    /// A folder written from another that is the same folder: copying a file onto itself
+    /// empties it.
+    #[error(
+        "{} and {} are the same folder: write the output to another folder",
+        out.display(),
+        from.display()
+    )]
+    SameFolder { out: PathBuf, from: PathBuf },
+    /// The model does not fit in the memory available.
+    #[error("{}: {source}", path.display())]
+    Memory {
+        path: PathBuf,
+        #[source]
+        source: ConfigError,
+    },
     /// The weights file could not be parsed (truncated download, wrong format).
     #[error("{path}: cannot read weights ({reason}); the file may be truncated: download it again")]
     ReadWeights { path: PathBuf, reason: String },
@@ -93,24 +122,42 @@ pub struct LoadReport {
     pub stored_dtypes: Vec<String>,
 }
 
-/// Checks config.json against a safetensors header before the model is allocated: the layer
-/// count and the word-embedding shape must match (a config claiming 10^6 layers for a file
-/// holding 2 is refused here, not in the allocator).
-fn check_header(config: &RobertaConfig, file: &Path) -> Result<(), HubError> {
+/// The names and shapes of the tensors in a weights file, read from its header (safetensors)
+/// or its pickle (`pytorch_model.bin`) without reading the tensors themselves.
+fn tensor_shapes(file: &Path) -> Result<Vec<(String, Vec<usize>)>, HubError> {
     let read_err = |reason: String| HubError::ReadWeights {
         path: file.to_path_buf(),
         reason,
     };
+    if file.extension().is_some_and(|e| e == "bin") {
+        let reader = PytorchReader::new(file).map_err(|e| read_err(e.to_string()))?;
+        let tensors = reader.tensors().iter();
+        return Ok(tensors
+            .map(|(n, t)| (n.clone(), t.shape().to_vec()))
+            .collect());
+    }
     let handle = std::fs::File::open(file).map_err(|e| read_err(e.to_string()))?;
     // SAFETY: read-only mapping of a file we only read; a concurrent writer could change the
     // bytes under us, which safetensors' header parse then reports as an error.
     let map = unsafe { memmap2::Mmap::map(&handle) }.map_err(|e| read_err(e.to_string()))?;
     let (_, metadata) = safetensors::SafeTensors::read_metadata(&map)
         .map_err(|e| read_err(format!("bad safetensors header: {e}")))?;
-    let tensors = metadata.tensors();
+    let tensors = metadata.tensors().into_iter();
+    Ok(tensors.map(|(n, info)| (n, info.shape.clone())).collect())
+}
+
+/// Checks config.json against the shapes a weights file holds, before the model is
+/// allocated: the layer count and the word-embedding shape must match (a config claiming
+/// 10^6 layers or a 16M vocabulary for a file holding 2 layers of 1000 is refused here, not in
+/// the allocator).
+fn check_shapes(
+    config: &RobertaConfig,
+    file: &Path,
+    tensors: &[(String, Vec<usize>)],
+) -> Result<(), HubError> {
     let layers = tensors
-        .keys()
-        .filter_map(|name| {
+        .iter()
+        .filter_map(|(name, _)| {
             let rest = name.split("encoder.layer.").nth(1)?;
             rest.split('.').next()?.parse::<usize>().ok()
         })
@@ -125,31 +172,59 @@ fn check_header(config: &RobertaConfig, file: &Path) -> Result<(), HubError> {
             ),
         });
     }
-    if let Some((name, info)) = tensors
+    if let Some((name, shape)) = tensors
         .iter()
         .find(|(name, _)| name.ends_with("embeddings.word_embeddings.weight"))
     {
         let expected = [config.vocab_size, config.hidden_size];
-        if info.shape != expected {
+        if shape[..] != expected {
             return Err(HubError::ShapeMismatch {
                 path: file.to_path_buf(),
                 name: name.to_string(),
                 expected: expected.to_vec(),
-                found: info.shape.clone(),
+                found: shape.clone(),
             });
         }
     }
     Ok(())
 }
 
-/// Checks `config` against the folder's weight file header where it can be read without
-/// loading the weights (safetensors), before any model is allocated.
+/// The weights file of a Hub folder: `model.safetensors`, else `pytorch_model.bin`.
+fn weights_file(dir: &Path) -> Result<PathBuf, HubError> {
+    ["model.safetensors", "pytorch_model.bin"]
+        .map(|name| dir.join(name))
+        .into_iter()
+        .find(|path| path.is_file())
+        .ok_or_else(|| HubError::NoWeights(dir.to_path_buf()))
+}
+
+/// Checks `config` against the folder's weights file (its header, not its tensors) and the
+/// memory available, before any model is allocated.
 pub fn check_weights(config: &RobertaConfig, dir: &Path) -> Result<(), HubError> {
-    let safetensors = dir.join("model.safetensors");
-    if safetensors.is_file() {
-        check_header(config, &safetensors)?;
+    let file = weights_file(dir)?;
+    check_shapes(config, &file, &tensor_shapes(&file)?)?;
+    config.check_memory().map_err(|source| HubError::Memory {
+        path: dir.join("config.json"),
+        source,
+    })
+}
+
+/// The error for a masklm checkpoint folder that lacks its manifest or weights (so that it
+/// is not taken for a Hub folder and reported as one without weights).
+fn incomplete_checkpoint(dir: &Path) -> Option<HubError> {
+    let has = |name: &str| dir.join(name).is_file();
+    let masklm = ["model.bpk", "manifest.json", "state.json", "optimizer.bpk"];
+    if !masklm.into_iter().any(has) || has("model.safetensors") || has("pytorch_model.bin") {
+        return None;
     }
-    Ok(())
+    let missing: Vec<&'static str> = ["manifest.json", "model.bpk"]
+        .into_iter()
+        .filter(|name| !has(name))
+        .collect();
+    (!missing.is_empty()).then(|| HubError::IncompleteCheckpoint {
+        dir: dir.to_path_buf(),
+        missing,
+    })
 }
 
 /// Casts every float parameter to f32 (half-precision and f64 Hub weights), returning the
@@ -184,56 +259,77 @@ fn is_expected_extra(name: &str) -> bool {
         || name.starts_with("cls.seq_relationship.")
 }
 
-/// BERT checkpoint names -> module paths (regex, replacement): `bert.*` is the encoder,
-/// `cls.predictions.*` the MLM head.
-const BERT_TO_MODULE: [(&str, &str); 4] = [
-    (r"^bert\.", "roberta."),
-    (r"^cls\.predictions\.transform\.dense\.", "lm_head.dense."),
+/// BERT's Hub names and the module paths they load into, as prefixes (an entry without a
+/// trailing dot is a whole name). The one table for loading, export and messages.
+const BERT_NAMES: [(&str, &str); 4] = [
+    ("bert.", "roberta."),
+    ("cls.predictions.transform.dense.", "lm_head.dense."),
     (
-        r"^cls\.predictions\.transform\.LayerNorm\.",
+        "cls.predictions.transform.LayerNorm.",
         "lm_head.layer_norm.",
     ),
-    (r"^cls\.predictions\.bias$", "lm_head.bias"),
+    ("cls.predictions.bias", "lm_head.bias"),
 ];
-/// The reverse of [`BERT_TO_MODULE`], for export.
-const MODULE_TO_BERT: [(&str, &str); 4] = [
-    (r"^roberta\.", "bert."),
-    (r"^lm_head\.dense\.", "cls.predictions.transform.dense."),
-    (
-        r"^lm_head\.layer_norm\.",
-        "cls.predictions.transform.LayerNorm.",
-    ),
-    (r"^lm_head\.bias$", "cls.predictions.bias"),
-];
+
+/// HF's `attention.self` is the module `attention.self_attn` (`self` is a Rust keyword).
+const SELF_ATTENTION: (&str, &str) = (".attention.self.", ".attention.self_attn.");
+
+/// A literal name as a regex (names hold letters, digits, `_` and `.`).
+fn literal(name: &str) -> String {
+    name.replace('.', r"\.")
+}
+
+/// Regex (pattern, replacement) pairs renaming each `from` prefix (or whole name) to `to`.
+fn prefix_patterns<'a>(
+    pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> Vec<(String, String)> {
+    pairs
+        .into_iter()
+        .map(|(from, to)| {
+            let end = if from.ends_with('.') { "" } else { "$" };
+            (format!("^{}{end}", literal(from)), to.to_string())
+        })
+        .collect()
+}
+
+/// Module paths -> names as the checkpoint stores them (export), or back (load).
+fn name_patterns(bert: bool, to_hub: bool) -> Vec<(String, String)> {
+    let swap = |(hub, module): (&'static str, &'static str)| {
+        if to_hub { (module, hub) } else { (hub, module) }
+    };
+    let (from, to) = swap(SELF_ATTENTION);
+    let mut patterns = vec![(literal(from), to.to_string())];
+    if bert {
+        patterns.extend(prefix_patterns(BERT_NAMES.map(swap)));
+    }
+    patterns
+}
 
 /// Module path -> HF name, for messages: users know the HF names.
 fn hf_name(path: &str, bert: bool) -> String {
     let name = path
-        .replace(".self_attn.", ".self.")
+        .replace(SELF_ATTENTION.1, SELF_ATTENTION.0)
         .replace("LayerNorm.gamma", "LayerNorm.weight")
         .replace("LayerNorm.beta", "LayerNorm.bias")
         .replace("layer_norm.gamma", "layer_norm.weight")
         .replace("layer_norm.beta", "layer_norm.bias");
-    if !bert {
-        return name;
-    }
-    if let Some(rest) = name.strip_prefix("roberta.") {
-        format!("bert.{rest}")
-    } else if let Some(rest) = name.strip_prefix("lm_head.dense.") {
-        format!("cls.predictions.transform.dense.{rest}")
-    } else if let Some(rest) = name.strip_prefix("lm_head.layer_norm.") {
-        format!("cls.predictions.transform.LayerNorm.{rest}")
-    } else if name == "lm_head.bias" {
-        "cls.predictions.bias".to_string()
-    } else {
-        name
-    }
+    let renamed = BERT_NAMES
+        .iter()
+        .filter(|_| bert)
+        .find_map(|&(hub, module)| match name.strip_prefix(module) {
+            Some(rest) if module.ends_with('.') || rest.is_empty() => Some(format!("{hub}{rest}")),
+            _ => None,
+        });
+    renamed.unwrap_or(name)
 }
 
 /// Reads and validates `DIR/config.json`, checking that it is a RoBERTa- or BERT-family model.
 pub fn read_config(dir: &Path) -> Result<RobertaConfig, HubError> {
     if !dir.is_dir() {
         return Err(HubError::NoFolder(dir.to_path_buf()));
+    }
+    if let Some(error) = incomplete_checkpoint(dir) {
+        return Err(error);
     }
     let path = dir.join("config.json");
     if !path.is_file() {
@@ -283,32 +379,24 @@ fn apply_store<S: ModuleStore>(
 /// Weights stored in f16/bf16/f64 are upcast to f32.
 pub fn load_weights(model: &mut RobertaForMaskedLM, dir: &Path) -> Result<LoadReport, HubError> {
     let bert = model.roberta.embeddings.absolute_positions;
-    let mut patterns = vec![(r"\.attention\.self\.", ".attention.self_attn.")];
-    if bert {
-        patterns.extend(BERT_TO_MODULE);
-    }
     // The patterns are constants of this crate; a bad one is a bug caught by every test.
-    let remapper = KeyRemapper::from_patterns(patterns).unwrap_or_default();
-    let safetensors = dir.join("model.safetensors");
-    let bin = dir.join("pytorch_model.bin");
-    let (path, result) = if safetensors.is_file() {
-        let store = SafetensorsStore::from_file(&safetensors)
+    let remapper = KeyRemapper::from_patterns(name_patterns(bert, false)).unwrap_or_default();
+    let path = weights_file(dir)?;
+    let result = if path.extension().is_some_and(|e| e == "bin") {
+        // PytorchStore applies PyTorchToBurnAdapter itself.
+        let store = PytorchStore::from_file(&path)
+            .remap(remapper)
+            .validate(false)
+            .allow_partial(true);
+        apply_store(model, store, &path)?
+    } else {
+        let store = SafetensorsStore::from_file(&path)
             .with_from_adapter(PyTorchToBurnAdapter)
             .remap(remapper)
             .validate(false)
             .allow_partial(true);
-        (safetensors.clone(), apply_store(model, store, &safetensors))
-    } else if bin.is_file() {
-        // PytorchStore applies PyTorchToBurnAdapter itself.
-        let store = PytorchStore::from_file(&bin)
-            .remap(remapper)
-            .validate(false)
-            .allow_partial(true);
-        (bin.clone(), apply_store(model, store, &bin))
-    } else {
-        return Err(HubError::NoWeights(dir.to_path_buf()));
+        apply_store(model, store, &path)?
     };
-    let result = result?;
 
     if let Some(error) = result.errors.first() {
         return Err(match error {
@@ -381,37 +469,36 @@ pub const TOKENIZER_FILES: [&str; 3] = [
     "special_tokens_map.json",
 ];
 
+fn write_err(path: &Path, reason: impl ToString) -> HubError {
+    HubError::Write {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    }
+}
+
+/// Whether two paths name one existing folder (through symlinks and `..`).
+fn same_folder(a: &Path, b: &Path) -> bool {
+    matches!((a.canonicalize(), b.canonicalize()), (Ok(a), Ok(b)) if a == b)
+}
+
 /// Writes `model` as a Hugging Face folder that `AutoModelForMaskedLM.from_pretrained(out)` and
 /// `pipeline("fill-mask", model=out)` load: `config.json`, `model.safetensors` with HF names and
 /// layouts (the tied decoder is not stored, as transformers itself saves it), and the tokenizer
-/// files found in `tokenizer_dir`.
+/// files found in `tokenizer_dir`, which must be another folder than `out`. Write into a
+/// [`Staging`] folder to replace an existing export all at once.
 pub fn export_model(
     model: &RobertaForMaskedLM,
     config: &RobertaConfig,
     tokenizer_dir: Option<&Path>,
     out: &Path,
 ) -> Result<(), HubError> {
-    let write_err = |path: &Path, reason: String| HubError::Write {
-        path: path.to_path_buf(),
-        reason,
-    };
-    std::fs::create_dir_all(out).map_err(|e| write_err(out, e.to_string()))?;
-    let weights = out.join("model.safetensors");
-    let mut store = SafetensorsStore::from_file(&weights)
-        .with_to_adapter(BurnToPyTorchAdapter)
-        .with_key_remapping(r"\.attention\.self_attn\.", ".attention.self.")
-        .clear_metadata()
-        // transformers refuses safetensors files whose metadata lacks format "pt".
-        .metadata("format", "pt")
-        .overwrite(true);
-    if config.is_bert() {
-        for (from, to) in MODULE_TO_BERT {
-            store = store.with_key_remapping(from, to);
-        }
+    if let Some(from) = tokenizer_dir.filter(|dir| same_folder(dir, out)) {
+        return Err(HubError::SameFolder {
+            out: out.to_path_buf(),
+            from: from.to_path_buf(),
+        });
     }
-    model
-        .save_into(&mut store)
-        .map_err(|e| write_err(&weights, e.to_string()))?;
+    std::fs::create_dir_all(out).map_err(|e| write_err(out, e))?;
     let mut config = config.clone();
     config.architectures = vec![if config.is_bert() {
         "BertForMaskedLM".to_string()
@@ -420,15 +507,89 @@ pub fn export_model(
     }];
     let config_path = out.join("config.json");
     std::fs::write(&config_path, config.to_json() + "\n")
-        .map_err(|e| write_err(&config_path, e.to_string()))?;
+        .map_err(|e| write_err(&config_path, e))?;
+    let weights = out.join("model.safetensors");
+    write_weights(model, config.is_bert(), &weights)?;
+    // burn-store publishes safetensors' own temporary file, created 0600; an export is meant
+    // to be shared, so it takes config.json's mode: a new file's, 0666 less the umask.
+    std::fs::metadata(&config_path)
+        .and_then(|m| std::fs::set_permissions(&weights, m.permissions()))
+        .map_err(|e| write_err(&weights, e))?;
     if let Some(dir) = tokenizer_dir {
         for file in TOKENIZER_FILES {
             let from = dir.join(file);
             if from.is_file() {
-                std::fs::copy(&from, out.join(file))
-                    .map_err(|e| write_err(&out.join(file), e.to_string()))?;
+                std::fs::copy(&from, out.join(file)).map_err(|e| write_err(&out.join(file), e))?;
             }
         }
     }
     Ok(())
+}
+
+/// `model.safetensors` with HF names and layouts.
+fn write_weights(model: &RobertaForMaskedLM, bert: bool, path: &Path) -> Result<(), HubError> {
+    let remapper = KeyRemapper::from_patterns(name_patterns(bert, true)).unwrap_or_default();
+    let mut store = SafetensorsStore::from_file(path)
+        .with_to_adapter(BurnToPyTorchAdapter)
+        .remap(remapper)
+        .clear_metadata()
+        // transformers refuses safetensors files whose metadata lacks format "pt".
+        .metadata("format", "pt")
+        .overwrite(true);
+    model.save_into(&mut store).map_err(|e| write_err(path, e))
+}
+
+/// A folder built beside its destination and moved into it once complete, so that a failed
+/// or interrupted write leaves the destination as it was, and two writers never mix their
+/// files (each publishes a whole set; hold the destination's lock around build and publish).
+pub struct Staging {
+    dir: tempfile::TempDir,
+    out: PathBuf,
+}
+
+impl Staging {
+    /// A new, empty staging folder beside `out` (on its filesystem, so publishing renames).
+    pub fn new(out: &Path) -> Result<Self, HubError> {
+        let parent = match out.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let name = out
+            .file_name()
+            .ok_or_else(|| write_err(out, "not a folder name"))?;
+        std::fs::create_dir_all(out).map_err(|e| write_err(out, e))?;
+        let dir = tempfile::Builder::new()
+            .prefix(&format!(".{}.partial-", name.to_string_lossy()))
+            .tempdir_in(parent)
+            .map_err(|e| write_err(parent, e))?;
+        Ok(Self {
+            dir,
+            out: out.to_path_buf(),
+        })
+    }
+
+    /// Where to write the files.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Moves every file into the destination, replacing files of the same name, config.json
+    /// last: loaders look for it first, so a new folder is not taken for complete before it is.
+    pub fn publish(self) -> Result<(), HubError> {
+        let entries = std::fs::read_dir(self.path()).map_err(|e| write_err(self.path(), e))?;
+        let mut names = entries
+            .map(|entry| entry.map(|e| e.file_name()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| write_err(self.path(), e))?;
+        names.sort_by_key(|name| name == "config.json");
+        for name in names {
+            let to = self.out.join(&name);
+            std::fs::rename(self.path().join(&name), &to).map_err(|e| write_err(&to, e))?;
+        }
+        // Persist the renames; a folder that cannot be opened for syncing is harmless.
+        if let Ok(dir) = std::fs::File::open(&self.out) {
+            let _ = dir.sync_all();
+        }
+        Ok(())
+    }
 }

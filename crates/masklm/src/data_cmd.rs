@@ -72,6 +72,7 @@ pub fn tokenizer_train(args: TokenizerTrainArgs) -> Result<()> {
             args.out.display()
         );
     }
+    crate::out_path::refuse_overlap_inputs(&args.out, &args.corpus.input, "--input")?;
     let (files, special) = resolve_inputs_reporting(&args.corpus.input)?;
     warn_special(&special);
     let total = files
@@ -162,6 +163,11 @@ pub struct PrepareArgs {
 }
 
 pub fn prepare_cmd(args: PrepareArgs) -> Result<()> {
+    // A rebuild replaces --out whole, and a corpus folder holding it would read it back.
+    crate::out_path::refuse_overlap_inputs(&args.out, &args.corpus.input, "--input")?;
+    let validation_inputs = args.validation_input.as_deref().unwrap_or_default();
+    crate::out_path::refuse_overlap_inputs(&args.out, validation_inputs, "--validation-input")?;
+    crate::out_path::refuse_overlap(&args.out, &args.tokenizer, "--tokenizer")?;
     let tokenizer = load_tokenizer(&args.tokenizer)?;
     let validation = match args.validation_input {
         Some(inputs) => Validation::Inputs(inputs),

@@ -159,15 +159,19 @@ pub fn export_cmd(args: ExportArgs, device: &Device) -> Result<()> {
             args.out.display()
         );
     }
-    let occupied = std::fs::read_dir(&args.out).is_ok_and(|mut entries| entries.next().is_some());
-    if occupied && !args.force {
+    crate::out_path::refuse_overlap(&args.out, &checkpoint, "--checkpoint")?;
+    if crate::out_path::occupied(&args.out) && !args.force {
         bail!(
             "--out {} is not empty; choose an empty folder, or add --force to overwrite its files",
             args.out.display()
         );
     }
+    let _lock = masklm_data::lock_folder(&args.out, "export")?;
     let (config, model) = masklm_train::checkpoint::load_model(&checkpoint, device, |_| {})?;
-    masklm_hub::export_model(&model, &config, Some(&checkpoint), &args.out)?;
+    // Built beside --out and moved in whole: a failed export leaves --out as it was.
+    let staging = masklm_hub::Staging::new(&args.out)?;
+    masklm_hub::export_model(&model, &config, Some(&checkpoint), staging.path())?;
+    staging.publish()?;
     println!(
         "exported {} -> {} (load with AutoModelForMaskedLM.from_pretrained or pipeline(\"fill-mask\", model=...))",
         args.checkpoint.display(),
@@ -193,11 +197,13 @@ pub struct ProbeArgs {
 pub fn probe_cmd(args: ProbeArgs, device: &Device) -> Result<()> {
     let (loaded, tokenizer) =
         load_model_and_tokenizer(&args.model, device, "to rank the probes' answers")?;
-    let (probes, notices) = masklm_train::load_probes(
+    let (probes, notices) = masklm_train::load_probes_from(
         &args.probes,
         &tokenizer,
         loaded.config.max_sequence_length(),
-    )?;
+        "--probes",
+    )
+    .with_context(|| format!("reading --probes {}", args.probes.display()))?;
     for notice in notices {
         eprintln!("warning: {notice}");
     }

@@ -15,6 +15,7 @@ mod backend;
 mod data_cmd;
 mod eval_cmd;
 mod fill_mask;
+mod out_path;
 mod progress;
 mod serve_cmd;
 mod train_cmd;

@@ -126,6 +126,9 @@ pub fn serve_cmd(args: ServeArgs, device: &Device) -> Result<()> {
 }
 
 pub fn report_cmd(args: ReportArgs) -> Result<()> {
+    for file in ["metrics.jsonl", "config.toml"] {
+        crate::out_path::refuse_overlap(&args.out, &args.run.join(file), "the run's")?;
+    }
     let html = masklm_serve::render_report(&args.run)
         .with_context(|| format!("reading the run {}", args.run.display()))?;
     std::fs::write(&args.out, html).with_context(|| format!("writing {}", args.out.display()))?;

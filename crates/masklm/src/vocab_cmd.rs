@@ -51,14 +51,17 @@ pub struct ExtendArgs {
     pub input: Vec<String>,
     #[arg(long, default_value = "text")]
     pub text_field: String,
-    /// How many words to add: the most frequent and most fragmented, by tokens saved
-    /// (count x (pieces - 1)).
+    /// How many new tokens (vocabulary rows) to add at most. Words are taken by tokens saved
+    /// (count x (pieces - 1)); a BPE word of P pieces needs up to P - 1 new tokens (the
+    /// prefixes its merges build), a WordPiece word one; a word needing more than is left is
+    /// skipped.
     #[arg(long, requires = "input")]
     pub add: Option<usize>,
     /// Only words seen at least this many times are candidates.
     #[arg(long, default_value_t = 10)]
     pub min_count: u64,
-    /// Add these words instead (one per line; `#` comments).
+    /// Add these words instead (one per line; `#` comments), each with the new tokens it
+    /// needs, however many.
     #[arg(long, conflicts_with = "add")]
     pub words: Option<PathBuf>,
     /// The Hugging Face folder to write.
@@ -171,48 +174,83 @@ fn read_words(path: &std::path::Path) -> Result<Vec<String>> {
     Ok(words)
 }
 
-fn extend_cmd(args: ExtendArgs, device: &Device) -> Result<()> {
+/// Refuses an `--out` that is a file, holds files (without `--force`), or overlaps the model
+/// or the corpus it is built from.
+fn check_out(args: &ExtendArgs) -> Result<()> {
     if args.out.is_file() {
         bail!("--out {} is a file; give a folder", args.out.display());
     }
-    let occupied = std::fs::read_dir(&args.out).is_ok_and(|mut e| e.next().is_some());
-    if occupied && !args.force {
+    let model = masklm_train::checkpoint::resolve_checkpoint(&args.model);
+    crate::out_path::refuse_overlap(&args.out, &model, "--model")?;
+    crate::out_path::refuse_overlap_inputs(&args.out, &args.input, "--input")?;
+    if let Some(words) = &args.words {
+        crate::out_path::refuse_overlap(&args.out, words, "--words")?;
+    }
+    if crate::out_path::occupied(&args.out) && !args.force {
         bail!(
             "--out {} is not empty; choose an empty folder, or add --force to overwrite its files",
             args.out.display()
         );
     }
+    Ok(())
+}
+
+/// The corpus words worth the most tokens saved that fit in `max_tokens` new tokens.
+fn words_to_add(args: &ExtendArgs, max_tokens: usize) -> Result<Vec<String>> {
+    let tokenizer = tokenizer_of(&args.model)?;
+    let counts = counted(&args.input, &args.text_field)?;
+    let ranked = candidates(&tokenizer, &counts, usize::MAX, args.min_count)?;
+    if ranked.is_empty() {
+        bail!(
+            "no word is seen {} times and split into 2+ tokens; lower --min-count",
+            args.min_count
+        );
+    }
+    let (chosen, skipped) = masklm_train::vocab::words_within(&tokenizer, ranked, max_tokens);
+    if let Some(first) = skipped.first() {
+        eprintln!(
+            "note: skipped {} better-ranked word(s) needing more new tokens than --add {max_tokens} \
+             left, e.g. {:?} ({} pieces)",
+            skipped.len(),
+            first.word,
+            first.pieces.len()
+        );
+    }
+    if chosen.is_empty() {
+        bail!("no candidate word fits in --add {max_tokens} new tokens; raise --add");
+    }
+    print_table(
+        "words to add (ranked by tokens saved = count x (pieces - 1))",
+        &chosen,
+    );
+    Ok(chosen.into_iter().map(|w| w.word).collect())
+}
+
+fn extend_cmd(args: ExtendArgs, device: &Device) -> Result<()> {
+    check_out(&args)?;
     let words: Vec<String> = match (&args.words, args.add) {
         (Some(path), _) => read_words(path)?,
-        (None, Some(0)) => bail!("--add 0 adds nothing; give the number of words to add"),
-        (None, Some(n)) => {
-            let tokenizer = tokenizer_of(&args.model)?;
-            let counts = counted(&args.input, &args.text_field)?;
-            let chosen = candidates(&tokenizer, &counts, n, args.min_count)?;
-            if chosen.is_empty() {
-                bail!(
-                    "no word is seen {} times and split into 2+ tokens; lower --min-count",
-                    args.min_count
-                );
-            }
-            print_table(
-                "words to add (ranked by tokens saved = count x (pieces - 1))",
-                &chosen,
-            );
-            chosen.into_iter().map(|w| w.word).collect()
-        }
+        (None, Some(0)) => bail!("--add 0 adds nothing; give the number of new tokens to add"),
+        (None, Some(n)) => words_to_add(&args, n)?,
         (None, None) => bail!("give --add N (with --input) or --words FILE"),
     };
-    let report = masklm_train::extend_vocabulary(&args.model, &words, &args.out, device)
+    let report = masklm_train::extend_vocabulary(&args.model, &words, args.add, &args.out, device)
         .with_context(|| format!("extending the vocabulary of {}", args.model.display()))?;
     let whole = report.added.iter().filter(|t| t.word.is_some()).count();
     println!(
-        "\nvocab_size {} -> {}: {whole} words, {} BPE prefixes; rows initialised as the mean of \
-         each word's old pieces",
+        "\nvocab_size {} -> {}: {} new tokens, {whole} words and {} BPE prefixes; rows \
+         initialised as the mean of each word's old pieces",
         report.old_vocab_size,
         report.new_vocab_size,
+        report.added.len(),
         report.added.len() - whole
     );
+    if !report.dropped.is_empty() {
+        println!(
+            "left out to stay within --add: {}",
+            report.dropped.join(", ")
+        );
+    }
     if !report.already_single.is_empty() {
         println!("already one token: {}", report.already_single.join(", "));
     }

@@ -57,7 +57,9 @@ pub struct RobertaConfig {
     pub position_embedding_type: Option<String>,
     /// The MLM decoder reuses the word-embedding matrix; untied checkpoints are rejected.
     pub tie_word_embeddings: bool,
-    /// Written for transformers' `AutoConfig`; not read by masklm.
+    /// `"bert"` selects BERT's conventions ([`RobertaConfig::is_bert`]: positions from 0, the
+    /// head's activation from `hidden_act`, BERT weight names); transformers' `AutoConfig`
+    /// reads it too.
     pub model_type: String,
     /// Written for transformers' `AutoModel*` classes; not read by masklm.
     pub architectures: Vec<String>,
@@ -154,11 +156,6 @@ impl RobertaConfig {
         }
     }
 
-    /// Size of one attention head.
-    pub fn head_dim(&self) -> usize {
-        self.hidden_size / self.num_attention_heads.max(1)
-    }
-
     /// Whether this is a BERT-family checkpoint (`model_type` "bert"): positions count from 0
     /// whatever the padding, and the MLM head's activation is `hidden_act`.
     pub fn is_bert(&self) -> bool {
@@ -177,40 +174,100 @@ impl RobertaConfig {
         }
     }
 
-    /// Rejects values no model can be built from, naming the offending key.
-    /// Roughly how many parameters the config describes (embeddings + layers + head).
-    pub fn parameter_estimate(&self) -> f64 {
-        let (h, i) = (self.hidden_size as f64, self.intermediate_size as f64);
-        let embeddings =
-            (self.vocab_size + self.max_position_embeddings + self.type_vocab_size) as f64 * h;
-        let layer = 4.0 * h * h + 2.0 * h * i;
-        embeddings + self.num_hidden_layers as f64 * layer + h * h
+    /// The number of parameters of [`crate::RobertaForMaskedLM`] built from this config
+    /// (the decoder is the word-embedding matrix, so it adds only its bias). Saturates rather
+    /// than overflowing for configs that [`RobertaConfig::validate`] would refuse.
+    pub fn parameter_count(&self) -> u64 {
+        let [v, h, i, p, t, l] = [
+            self.vocab_size,
+            self.hidden_size,
+            self.intermediate_size,
+            self.max_position_embeddings,
+            self.type_vocab_size,
+            self.num_hidden_layers,
+        ]
+        .map(|n| n as u128);
+        // Three embedding tables and their LayerNorm.
+        let embeddings = (v + p + t) * h + 2 * h;
+        // Q, K, V and output projections with biases, two LayerNorms, the FFN's two linears.
+        let layer = 4 * (h * h + h) + 2 * 2 * h + (h * i + i) + (i * h + h);
+        // Dense + LayerNorm + the decoder's bias.
+        let head = h * h + h + 2 * h + v;
+        (embeddings + l * layer + head).min(u64::MAX as u128) as u64
     }
 
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |key: &'static str, reason: String| {
-            Err(ConfigError::Invalid {
-                key,
-                reason,
-                path: None,
-            })
+    /// Bytes the model's f32 parameters take: what loading or building it allocates.
+    pub fn parameter_bytes(&self) -> u64 {
+        self.parameter_count().saturating_mul(4)
+    }
+
+    /// A rough lower bound of the bytes one training step holds at its peak for `batch`
+    /// sequences of `seq` tokens, f32 throughout: weights, gradients and AdamW's two moments
+    /// (4 x [`RobertaConfig::parameter_bytes`]), the activations each layer keeps for the
+    /// backward pass, and the logits of the masked tokens with their gradient. For refusing a
+    /// batch that cannot fit ([`crate::memory::check_memory`]), not for planning to the byte.
+    pub fn training_bytes(&self, batch: usize, seq: usize, mask_probability: f64) -> u64 {
+        let tokens = batch as f64 * seq as f64;
+        let [h, i, heads, layers, v] = [
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_attention_heads,
+            self.num_hidden_layers,
+            self.vocab_size,
+        ]
+        .map(|n| n as f64);
+        // Per token and layer: about 13 hidden-sized tensors (projections, residuals,
+        // LayerNorm inputs, dropout masks), the FFN before and after its activation, and each
+        // head's attention scores and probabilities over the sequence.
+        let per_token_layer = 13.0 * h + 2.0 * i + 2.0 * heads * seq as f64;
+        let activations = tokens * layers * per_token_layer;
+        let logits = 2.0 * tokens * mask_probability * v;
+        let floats = 4.0 * self.parameter_count() as f64 + activations + logits;
+        // `as` saturates: an absurd batch gives u64::MAX, which no machine has.
+        (4.0 * floats) as u64
+    }
+
+    /// Refuses a model whose parameters do not fit in the memory the machine has available
+    /// (see [`crate::memory`]), naming what makes it large.
+    pub fn check_memory(&self) -> Result<(), ConfigError> {
+        let [v, h, i, l] = [
+            self.vocab_size,
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_hidden_layers,
+        ]
+        .map(|n| n as f64);
+        let bulk = if v * h >= l * (4.0 * h * h + 2.0 * h * i) {
+            format!("most of them the word embeddings, vocab_size {v} x hidden_size {h}")
+        } else {
+            format!("most of them in {l} layers of hidden_size {h}, intermediate_size {i}")
         };
-        for (key, value) in [
-            ("vocab_size", self.vocab_size),
-            ("hidden_size", self.hidden_size),
-            ("num_hidden_layers", self.num_hidden_layers),
-            ("num_attention_heads", self.num_attention_heads),
-            ("intermediate_size", self.intermediate_size),
-            ("max_position_embeddings", self.max_position_embeddings),
-            ("type_vocab_size", self.type_vocab_size),
-        ] {
-            if value == 0 {
-                return invalid(key, "must be at least 1, got 0".to_string());
-            }
-        }
-        // Sanity limits, checked before anything is allocated: a typo such as vocab_size 10^9
-        // must be an error, not an abort in the allocator. Each is far above any published
-        // encoder (XLM-R XXL: vocab 250k, hidden 4096, 48 layers).
+        crate::memory::check_memory(
+            self.parameter_bytes(),
+            &format!(
+                "a model of {} f32 parameters ({bulk})",
+                self.parameter_count()
+            ),
+            "lower vocab_size, hidden_size or num_hidden_layers in config.json, or use a machine \
+             with more memory",
+        )
+    }
+
+    /// Rejects values no model can be built from, naming the offending key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.check_sizes()?;
+        self.check_token_ids()?;
+        self.check_probabilities()?;
+        self.check_supported()?;
+        self.activation()?;
+        Ok(())
+    }
+
+    /// Every size is at least 1 and below a sanity limit, the model below 20e9 parameters,
+    /// and the heads divide the hidden size.
+    fn check_sizes(&self) -> Result<(), ConfigError> {
+        // Each limit is far above any published encoder (XLM-R XXL: vocab 250k, hidden 4096,
+        // 48 layers), so a typo such as vocab_size 10^9 is an error, not an allocator abort.
         for (key, value, limit) in [
             ("vocab_size", self.vocab_size, 1 << 24),
             ("hidden_size", self.hidden_size, 1 << 16),
@@ -224,6 +281,9 @@ impl RobertaConfig {
             ),
             ("type_vocab_size", self.type_vocab_size, 1 << 16),
         ] {
+            if value == 0 {
+                return invalid(key, "must be at least 1, got 0".to_string());
+            }
             if value > limit {
                 return invalid(
                     key,
@@ -233,7 +293,7 @@ impl RobertaConfig {
                 );
             }
         }
-        let parameters = self.parameter_estimate();
+        let parameters = self.parameter_count() as f64;
         if parameters > 20e9 {
             return invalid(
                 "hidden_size",
@@ -257,6 +317,12 @@ impl RobertaConfig {
                 ),
             );
         }
+        Ok(())
+    }
+
+    /// Special token ids index the vocabulary, and (RoBERTa) the position table has a row for
+    /// a token after the padding offset.
+    fn check_token_ids(&self) -> Result<(), ConfigError> {
         for (key, id) in [
             ("pad_token_id", Some(self.pad_token_id)),
             ("bos_token_id", self.bos_token_id),
@@ -284,6 +350,11 @@ impl RobertaConfig {
                 ),
             );
         }
+        Ok(())
+    }
+
+    /// Dropout rates are probabilities; epsilon and the initialiser's range are usable numbers.
+    fn check_probabilities(&self) -> Result<(), ConfigError> {
         for (key, p) in [
             ("hidden_dropout_prob", self.hidden_dropout_prob),
             (
@@ -307,6 +378,11 @@ impl RobertaConfig {
                 format!("{} must be a non-negative number", self.initializer_range),
             );
         }
+        Ok(())
+    }
+
+    /// Variants of the architecture that masklm does not implement.
+    fn check_supported(&self) -> Result<(), ConfigError> {
         if let Some(kind) = self
             .position_embedding_type
             .as_deref()
@@ -324,9 +400,16 @@ impl RobertaConfig {
                     .to_string(),
             );
         }
-        self.activation()?;
         Ok(())
     }
+}
+
+fn invalid(key: &'static str, reason: String) -> Result<(), ConfigError> {
+    Err(ConfigError::Invalid {
+        key,
+        reason,
+        path: None,
+    })
 }
 
 #[cfg(test)]
@@ -380,6 +463,44 @@ mod tests {
         assert!(msg.contains("position_embedding_type"), "{msg}");
         let msg = error_for(r#"{"hidden_size": "big"}"#);
         assert!(msg.contains("invalid type"), "{msg}");
+    }
+
+    #[test]
+    fn parameter_count_is_the_models_own() {
+        let device = burn::tensor::Device::flex();
+        for model_type in ["roberta", "bert"] {
+            let config = RobertaConfig {
+                vocab_size: 101,
+                hidden_size: 12,
+                num_hidden_layers: 3,
+                num_attention_heads: 2,
+                intermediate_size: 20,
+                max_position_embeddings: 40,
+                model_type: model_type.to_string(),
+                ..RobertaConfig::default()
+            };
+            let model = crate::RobertaForMaskedLM::new(&config, &device).unwrap();
+            use burn::module::Module;
+            assert_eq!(
+                config.parameter_count(),
+                model.num_params() as u64,
+                "{model_type}"
+            );
+            assert_eq!(config.parameter_bytes(), 4 * config.parameter_count());
+        }
+    }
+
+    #[test]
+    fn training_bytes_grow_with_the_batch_and_saturate() {
+        let config = RobertaConfig::default();
+        let one = config.training_bytes(1, 512, 0.15);
+        assert!(one > 16 * config.parameter_count(), "{one}");
+        assert!(config.training_bytes(64, 512, 0.15) > 32 * (one - 16 * config.parameter_count()));
+        assert_eq!(
+            config.training_bytes(100_000_000, 512, 0.15) > 1 << 50,
+            true
+        );
+        assert_eq!(config.training_bytes(usize::MAX, usize::MAX, 1.0), u64::MAX);
     }
 
     #[test]

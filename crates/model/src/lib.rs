@@ -31,6 +31,7 @@
 mod config;
 mod cpu_ops;
 mod dropout;
+pub mod memory;
 mod model;
 
 use std::path::PathBuf;
@@ -67,6 +68,20 @@ pub enum ConfigError {
         path: Option<PathBuf>,
         #[source]
         source: serde_json::Error,
+    },
+    /// The model needs more memory than the machine has available.
+    #[error(
+        "{what} needs about {} but {} of memory is available ({} in bytes, or MemAvailable \
+         in /proc/meminfo): {advice}",
+        memory::human_bytes(*needed),
+        memory::human_bytes(*available),
+        memory::MEMORY_LIMIT_ENV
+    )]
+    Memory {
+        what: String,
+        needed: u64,
+        available: u64,
+        advice: String,
     },
     /// A value no model can be built from.
     #[error("{}invalid `{key}`: {reason}", path.as_ref().map(|p| format!("{}: ", p.display())).unwrap_or_default())]

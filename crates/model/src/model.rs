@@ -566,9 +566,11 @@ pub struct RobertaForMaskedLM {
 
 impl RobertaForMaskedLM {
     /// A freshly initialised model, initialised as HF `_init_weights` does. The config must
-    /// have passed [`RobertaConfig::validate`].
+    /// pass [`RobertaConfig::validate`], and its parameters fit in the memory available
+    /// ([`RobertaConfig::check_memory`]).
     pub fn new(config: &RobertaConfig, device: &Device) -> Result<Self, crate::ConfigError> {
         config.validate()?;
+        config.check_memory()?;
         let act = config.activation()?;
         Ok(Self {
             roberta: RobertaModel {

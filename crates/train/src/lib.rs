@@ -38,7 +38,7 @@ pub use optim::{
     Decay, OptimizerConfig, ScheduleConfig, no_decay_params,
 };
 pub use precision::{LossScaler, Precision};
-pub use probes::{Probe, ProbeReport, ProbeResult, load_probes, run_probes};
+pub use probes::{Probe, ProbeReport, ProbeResult, load_probes, load_probes_from, run_probes};
 pub use step::{StepStats, train_step};
 pub use trainer::{EvalReport, Observer, RunInfo, RunOutcome, Silent, Start, StepLog, train};
 pub use vocab::{ExtendReport, extend_vocabulary};

@@ -58,21 +58,33 @@ pub struct ProbeReport {
     pub probes: Vec<ProbeResult>,
 }
 
-fn probe_error(path: &Path, line: usize, reason: String) -> TrainError {
+fn probe_error(source: &str, path: &Path, line: usize, reason: String) -> TrainError {
     TrainError::Config {
-        key: "eval.probes".to_string(),
+        key: source.to_string(),
         reason: format!("{}:{line}: {reason}", path.display()),
     }
 }
 
-/// Reads and tokenizes a probe file. A rank is only defined for a single prediction, so only
-/// answers that are one token in their sentence count (see [`token_in_context`]); the others
-/// are named in the returned notices, and a probe with none is an error.
+/// [`load_probes_from`] for the file of the config key `eval.probes`.
 pub fn load_probes(
     path: &Path,
     tokenizer: &MlmTokenizer,
     max_len: usize,
 ) -> Result<(Vec<Probe>, Vec<String>), TrainError> {
+    load_probes_from(path, tokenizer, max_len, "eval.probes")
+}
+
+/// Reads and tokenizes a probe file, which errors name by `source`, the option or config key
+/// that gave it (`--probes`, `eval.probes`). A rank is only defined for a single prediction,
+/// so only answers that are one token in their sentence count (see [`token_in_context`]); the
+/// others are named in the returned notices, and a probe with none is an error.
+pub fn load_probes_from(
+    path: &Path,
+    tokenizer: &MlmTokenizer,
+    max_len: usize,
+    source: &str,
+) -> Result<(Vec<Probe>, Vec<String>), TrainError> {
+    let probe_error = |line, reason| probe_error(source, path, line, reason);
     let mut notices = Vec::new();
     let text = std::fs::read_to_string(path).map_err(|source| TrainError::Io {
         path: PathBuf::from(path),
@@ -91,7 +103,6 @@ pub fn load_probes(
         let sentence = sentence.replace("<mask>", &tokenizer.mask_token);
         if answers.is_empty() {
             return Err(probe_error(
-                path,
                 line,
                 "no answer: write the sentence, a tab, then one or more accepted answers".into(),
             ));
@@ -102,7 +113,6 @@ pub fn load_probes(
             .collect();
         if masks.len() != 1 {
             return Err(probe_error(
-                path,
                 line,
                 format!(
                     "a probe needs exactly one {} (found {})",
@@ -113,7 +123,6 @@ pub fn load_probes(
         }
         if ids.len() > max_len {
             return Err(probe_error(
-                path,
                 line,
                 format!("{} tokens; the model takes at most {max_len}", ids.len()),
             ));
@@ -135,7 +144,6 @@ pub fn load_probes(
         }
         if resolved.is_empty() {
             return Err(probe_error(
-                path,
                 line,
                 format!(
                     "no answer is one token of this tokenizer here: {}; a probe answer must be a \
@@ -161,7 +169,7 @@ pub fn load_probes(
     }
     if probes.is_empty() {
         return Err(TrainError::Config {
-            key: "eval.probes".to_string(),
+            key: source.to_string(),
             reason: format!("{} holds no probe", path.display()),
         });
     }

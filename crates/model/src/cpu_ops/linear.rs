@@ -18,7 +18,13 @@ pub(crate) fn linear<const D: usize>(
     let f32s = x.dtype() == DType::F32
         && weight.dtype() == DType::F32
         && bias.as_ref().is_some_and(|b| b.dtype() == DType::F32);
-    if f32s && let Some(b) = bias.clone() {
+    let fits = bias
+        .as_ref()
+        .is_some_and(|b| shapes_fit(&x.dims(), weight.dims(), b.dims()));
+    if f32s
+        && fits
+        && let Some(b) = bias.clone()
+    {
         if let Ok(xt) = x.clone().try_into_primitive::<FlexAd>()
             && let Ok(wt) = weight.clone().try_into_primitive::<FlexAd>()
             && let Ok(bt) = b.clone().try_into_primitive::<FlexAd>()
@@ -33,6 +39,14 @@ pub(crate) fn linear<const D: usize>(
         }
     }
     burn::tensor::module::linear(x, weight, bias)
+}
+
+/// Whether `x [..., k]`, `W [k, n]` and `b [n]` are shapes the fused path handles. It writes
+/// `n` bias values into each of `m` rows it allocates uninitialised and lets gemm read `m x k`
+/// and `k x n` elements, so any other shape (a broadcast bias `[1]`, a mismatched weight, an
+/// empty dimension) goes to burn's op, which broadcasts or reports the mismatch itself.
+fn shapes_fit(x: &[usize], [k, n]: [usize; 2], [bias]: [usize; 1]) -> bool {
+    x.last() == Some(&k) && bias == n && k > 0 && n > 0
 }
 
 #[derive(Debug, Clone)]
@@ -106,6 +120,11 @@ fn linear_forward(x: &FlexTensor, weight: &FlexTensor, bias: &FlexTensor) -> Fle
     let m = x.layout().num_elements() / k.max(1);
     let bias = contiguous(bias);
     let b = f32_slice(&bias);
+    // `linear` routes every other shape to burn; the unsafe writes below rely on these.
+    assert!(
+        b.len() == n && m * k == x.layout().num_elements(),
+        "fused linear called with mismatched shapes"
+    );
     // The bias in every row: gemm then adds x W to it.
     let mut out: Vec<f32> = Vec::with_capacity(m * n);
     out.spare_capacity_mut()[..m * n]
@@ -253,5 +272,51 @@ mod tests {
         let got = values(linear(x.clone(), w.clone(), Some(b.clone())).reshape([batch * seq * n]));
         let want = values(burn::tensor::module::linear(x, w, Some(b)).reshape([batch * seq * n]));
         assert_close("inference y", &got, &want, 1e-6);
+    }
+
+    /// `f`'s values, or the message it panicked with (burn reports shape errors so).
+    fn outcome(f: impl FnOnce() -> Tensor<3>) -> Result<Vec<f32>, String> {
+        let y = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|panic| {
+            let text = panic.downcast_ref::<String>().cloned();
+            text.or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default()
+        })?;
+        let n: usize = y.dims().iter().product();
+        Ok(values(y.reshape([n])))
+    }
+
+    #[test]
+    fn mismatched_bias_or_weight_shapes_get_burns_answer_not_garbage() {
+        let (batch, seq, k, n) = (2, 3, 8, 16);
+        // (case, x's last dim, weight [k, n], bias length)
+        let cases = [
+            ("broadcast bias [1]", k, [k, n], 1),
+            ("bias one short", k, [k, n], n - 1),
+            ("bias three long", k, [k, n], n + 3),
+            ("weight rows differ from x", k, [k + 4, n], n),
+            ("weight rows fewer than x", k, [k - 3, n], n),
+            ("empty input dimension", 0, [0, n], n),
+        ];
+        for device in [Device::flex(), Device::flex().autodiff()] {
+            for (case, x_k, [w_k, w_n], b_n) in cases {
+                // burn cannot reshape an empty tensor, so the input is built in its shape.
+                let x = Tensor::<3>::from_data(
+                    TensorData::new(
+                        values(random(batch * seq * x_k, 1, &device)),
+                        [batch, seq, x_k],
+                    ),
+                    &device,
+                );
+                let w = random(w_k * w_n, 2, &device).reshape([w_k, w_n]);
+                let b = random(b_n, 3, &device);
+                let got = outcome(|| linear(x.clone(), w.clone(), Some(b.clone())));
+                let want = outcome(|| burn::tensor::module::linear(x, w, Some(b)));
+                match (&got, &want) {
+                    (Ok(got), Ok(want)) => assert_close(case, got, want, 1e-6),
+                    (Err(got), Err(want)) => assert_eq!(got, want, "{case}: not burn's error"),
+                    _ => panic!("{case}: fused {got:?}, burn {want:?}"),
+                }
+            }
+        }
     }
 }
