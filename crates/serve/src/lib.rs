@@ -177,8 +177,13 @@ impl Server {
             models.push(loaded.model);
         }
         let infos = Arc::new(infos);
-        let (engine, worker) =
-            engine::Engine::start(models, infos.clone(), options.batching, device)?;
+        let (engine, worker) = engine::Engine::start(
+            models,
+            infos.clone(),
+            options.batching,
+            options.limits.max_masks,
+            device,
+        )?;
         let addr = SocketAddr::new(options.host, options.port);
         let listener = std::net::TcpListener::bind(addr)
             .and_then(|l| {
