@@ -156,11 +156,17 @@ async fn page() -> Html<&'static str> {
     Html(include_str!("page.html"))
 }
 
-/// Up, and what the model thread did: `abandoned` counts jobs whose client left (timed out or
-/// disconnected) before its answer, whose remaining work was skipped.
+/// Up, and what the model thread did with the jobs it received: `abandoned` counts jobs whose
+/// client left (timed out or disconnected) before its answer, whose remaining work was skipped;
+/// the others are queued or running.
 async fn health(State(state): State<Arc<AppState>>) -> Json<Value> {
-    let (finished, abandoned) = state.engine.counts();
-    Json(json!({"status": "ok", "jobs": {"finished": finished, "abandoned": abandoned}}))
+    let counts = state.engine.counts();
+    let count = |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
+    Json(json!({"status": "ok", "jobs": {
+        "received": count(&counts.received),
+        "finished": count(&counts.finished),
+        "abandoned": count(&counts.abandoned),
+    }}))
 }
 
 async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {

@@ -68,6 +68,8 @@ impl Job {
 /// What the model thread has done with the jobs it took, as `/healthz` shows it.
 #[derive(Debug, Default)]
 pub struct JobCounts {
+    /// Jobs accepted into the queue.
+    pub received: AtomicU64,
     /// Jobs run to the end (answered, or failed with a 500).
     pub finished: AtomicU64,
     /// Jobs whose client left (timed out, disconnected) before the answer: the rest of their
@@ -155,15 +157,14 @@ impl Engine {
         self.sender.try_send(job).map_err(|e| match e {
             TrySendError::Full(_) => Submit::Busy,
             TrySendError::Disconnected(_) => Submit::Stopped,
-        })
+        })?;
+        self.counts.received.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
-    /// (finished, abandoned) jobs so far; see [`JobCounts`].
-    pub fn counts(&self) -> (u64, u64) {
-        (
-            self.counts.finished.load(Ordering::Relaxed),
-            self.counts.abandoned.load(Ordering::Relaxed),
-        )
+    /// What the model thread has done so far.
+    pub fn counts(&self) -> &JobCounts {
+        &self.counts
     }
 }
 

@@ -132,6 +132,33 @@ fn check_names<'a>(what: &str, names: impl Iterator<Item = &'a String>) -> Resul
     Ok(())
 }
 
+/// `stream` and a second handle on the same socket (a duplicated descriptor), on which
+/// [`client_gone`] watches for the client's end while hyper owns the first.
+fn with_watch(
+    stream: tokio::net::TcpStream,
+) -> std::io::Result<(tokio::net::TcpStream, tokio::net::TcpStream)> {
+    let stream = stream.into_std()?;
+    let watch = stream.try_clone()?;
+    Ok((
+        tokio::net::TcpStream::from_std(stream)?,
+        tokio::net::TcpStream::from_std(watch)?,
+    ))
+}
+
+/// Resolves once the client has closed its side of the connection (or reset it): it has left,
+/// as hyper's own default (no HTTP/1 half-close) takes an end of input in the middle of a
+/// request. Bytes the client sends meanwhile (a body being uploaded, a pipelined request) are
+/// left for hyper to read; they are looked at again after a pause.
+async fn client_gone(watch: tokio::net::TcpStream) {
+    let mut byte = [0u8; 1];
+    loop {
+        match watch.peek(&mut byte).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
 impl Server {
     /// Loads every model (with its tokenizer), starts the model thread and binds the address.
     /// Must run inside a tokio runtime (the listener is registered with it).
@@ -233,12 +260,22 @@ impl Server {
                         }
                     };
                     let _ = stream.set_nodelay(true);
+                    let Ok((stream, watch)) = with_watch(stream) else {
+                        continue;
+                    };
                     let connection = builder
                         .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
                     let connection = graceful.watch(connection);
                     tokio::spawn(async move {
-                        // A client hanging up or timing out is not the server's error.
-                        let _ = connection.await;
+                        // Dropping the connection of a client that left drops its request in
+                        // flight, and with it the reply channel the model thread checks
+                        // before each batch: no work is done for it. (hyper notices such a
+                        // client itself only on a keep-alive connection.) A client hanging up
+                        // or timing out is not the server's error.
+                        tokio::select! {
+                            _ = connection => {}
+                            () = client_gone(watch) => {}
+                        }
                     });
                 }
                 () = &mut shutdown => break,
