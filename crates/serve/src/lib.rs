@@ -132,33 +132,6 @@ fn check_names<'a>(what: &str, names: impl Iterator<Item = &'a String>) -> Resul
     Ok(())
 }
 
-/// `stream` and a second handle on the same socket (a duplicated descriptor), on which
-/// [`client_gone`] watches for the client's end while hyper owns the first.
-fn with_watch(
-    stream: tokio::net::TcpStream,
-) -> std::io::Result<(tokio::net::TcpStream, tokio::net::TcpStream)> {
-    let stream = stream.into_std()?;
-    let watch = stream.try_clone()?;
-    Ok((
-        tokio::net::TcpStream::from_std(stream)?,
-        tokio::net::TcpStream::from_std(watch)?,
-    ))
-}
-
-/// Resolves once the client has closed its side of the connection (or reset it): it has left,
-/// as hyper's own default (no HTTP/1 half-close) takes an end of input in the middle of a
-/// request. Bytes the client sends meanwhile (a body being uploaded, a pipelined request) are
-/// left for hyper to read; they are looked at again after a pause.
-async fn client_gone(watch: tokio::net::TcpStream) {
-    let mut byte = [0u8; 1];
-    loop {
-        match watch.peek(&mut byte).await {
-            Ok(0) | Err(_) => return,
-            Ok(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
-}
-
 impl Server {
     /// Loads every model (with its tokenizer), starts the model thread and binds the address.
     /// Must run inside a tokio runtime (the listener is registered with it).
@@ -246,7 +219,11 @@ impl Server {
         // connection forever (axum::serve sets none).
         builder
             .timer(TokioTimer::new())
-            .header_read_timeout(self.header_timeout);
+            .header_read_timeout(self.header_timeout)
+            // A client that closes its side while its request runs has left: the connection
+            // ends, and with it the request and its reply channel (the model thread skips
+            // its work). With half-close the job would run on for nobody.
+            .half_close(false);
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -260,22 +237,12 @@ impl Server {
                         }
                     };
                     let _ = stream.set_nodelay(true);
-                    let Ok((stream, watch)) = with_watch(stream) else {
-                        continue;
-                    };
                     let connection = builder
                         .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
                     let connection = graceful.watch(connection);
                     tokio::spawn(async move {
-                        // Dropping the connection of a client that left drops its request in
-                        // flight, and with it the reply channel the model thread checks
-                        // before each batch: no work is done for it. (hyper notices such a
-                        // client itself only on a keep-alive connection.) A client hanging up
-                        // or timing out is not the server's error.
-                        tokio::select! {
-                            _ = connection => {}
-                            () = client_gone(watch) => {}
-                        }
+                        // A client hanging up or timing out is not the server's error.
+                        let _ = connection.await;
                     });
                 }
                 () = &mut shutdown => break,
