@@ -4,135 +4,17 @@
 //! and the run charts / `masklm report`.
 
 mod common;
+mod serve_support;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
+use std::net::TcpStream;
 use std::time::Duration;
 
 use masklm_serve::{Batching, Limits, ServeOptions, Server};
 use serde_json::{Value, json};
-
-/// A server on a free loopback port, stopped (gracefully) when dropped. It runs on the CPU
-/// (flex) device, as the CLI does by default: `Device::default()` picks another backend when
-/// the build has wgpu/tch compiled in (CI).
-struct Running {
-    addr: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-fn options(models: &[(&str, PathBuf)]) -> ServeOptions {
-    let mut options = ServeOptions::new(
-        models
-            .iter()
-            .map(|(n, p)| (n.to_string(), p.clone()))
-            .collect(),
-    );
-    options.port = 0;
-    options
-}
-
-fn start(options: ServeOptions) -> Running {
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let thread = std::thread::spawn(move || {
-        let runtime = tokio::runtime::Runtime::new().unwrap();
-        runtime.block_on(async move {
-            let server = Server::load(options, burn::tensor::Device::flex()).unwrap();
-            addr_tx.send(server.local_addr().unwrap()).unwrap();
-            server
-                .run(async {
-                    let _ = stopped.await;
-                })
-                .await
-                .unwrap();
-        });
-    });
-    let addr = addr_rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("the server starts");
-    Running {
-        addr,
-        stop: Some(stop),
-        thread: Some(thread),
-    }
-}
-
-/// One HTTP/1.1 exchange over a fresh connection: (status, body).
-fn http(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    content_type: Option<&str>,
-    body: &[u8],
-) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
-    let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    if let Some(t) = content_type {
-        head.push_str(&format!("Content-Type: {t}\r\n"));
-    }
-    head.push_str("\r\n");
-    stream.write_all(head.as_bytes()).unwrap();
-    // A server may answer (413) and close before reading a large body: not our failure.
-    let _ = stream.write_all(body);
-    read_response(&mut stream)
-}
-
-fn read_response(stream: &mut TcpStream) -> (u16, String) {
-    let mut raw = Vec::new();
-    let _ = stream.read_to_end(&mut raw);
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no HTTP status in {text:?}"));
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
-
-fn post(addr: SocketAddr, path: &str, body: &Value) -> (u16, Value) {
-    let (status, text) = http(
-        addr,
-        "POST",
-        path,
-        Some("application/json"),
-        body.to_string().as_bytes(),
-    );
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}")),
-    )
-}
-
-fn get(addr: SocketAddr, path: &str) -> (u16, Value) {
-    let (status, text) = http(addr, "GET", path, None, b"");
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}")),
-    )
-}
+use serve_support::{
+    fixture_sentences, get, http, options, post, read_response, reference_sentences, start,
+};
 
 /// Same tokens, strings and sequences; scores within `tol` (batching pads a sequence next to
 /// others, which changes float rounding, not results).
@@ -159,25 +41,6 @@ fn assert_same_fill(ours: &Value, theirs: &Value, tol: f64, what: &str) {
     }
 }
 
-fn reference_sentences() -> Vec<String> {
-    fixture_sentences("roberta-tiny")
-}
-
-/// The sentences of a fixture's fill_mask_reference.json (scripts/make_reference.py).
-fn fixture_sentences(fixture: &str) -> Vec<String> {
-    let reference: Value = serde_json::from_str(
-        &std::fs::read_to_string(common::fixture(fixture).join("fill_mask_reference.json"))
-            .unwrap(),
-    )
-    .unwrap();
-    reference["sentences"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s.as_str().unwrap().to_string())
-        .collect()
-}
-
 #[test]
 fn fill_mask_and_score_equal_the_cli_alone_and_under_concurrency() {
     let tiny = common::fixture("roberta-tiny");
@@ -200,7 +63,8 @@ fn fill_mask_and_score_equal_the_cli_alone_and_under_concurrency() {
         .map(|m| m["name"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["tiny", "other"]);
-    assert_eq!(get(addr, "/healthz"), (200, json!({"status": "ok"})));
+    let (status, health) = get(addr, "/healthz");
+    assert_eq!((status, &health["status"]), (200, &json!("ok")), "{health}");
 
     for (name, dir) in [("tiny", &tiny), ("other", &other)] {
         let sentences = fixture_sentences(dir.file_name().unwrap().to_str().unwrap());
@@ -377,6 +241,7 @@ fn every_limit_answers_its_status_and_the_server_survives() {
         max_inputs: 3,
         max_top_k: 50,
         request_timeout: Duration::from_secs(2),
+        ..Limits::default()
     };
     options.header_timeout = Duration::from_secs(1);
     let server = start(options);

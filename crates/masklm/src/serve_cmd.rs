@@ -1,7 +1,7 @@
 //! `masklm serve` and `masklm report`.
 
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -44,6 +44,18 @@ pub struct ServeArgs {
     /// Largest top_k a request may ask for.
     #[arg(long, default_value_t = 100)]
     pub max_top_k: usize,
+    /// Most masks in one fill-mask request, all inputs together (413 beyond): each holds a
+    /// distribution over the vocabulary in memory while it runs.
+    #[arg(long, default_value_t = Limits::default().max_masks)]
+    pub max_masks: usize,
+    /// Most candidates one fill-mask request may ask for, masks x top_k over its inputs (413
+    /// beyond): bounds the size of the answer.
+    #[arg(long, default_value_t = Limits::default().max_candidates)]
+    pub max_candidates: usize,
+    /// Most tokens one /v1/score request may score, all inputs together (413 beyond): each is
+    /// one forward pass of a masked copy of its text.
+    #[arg(long, default_value_t = Limits::default().max_score_tokens)]
+    pub max_score_tokens: usize,
     /// Seconds a request may take, body upload included (408 beyond).
     #[arg(long, default_value_t = 30)]
     pub timeout: u64,
@@ -58,9 +70,16 @@ pub struct ReportArgs {
     pub out: PathBuf,
 }
 
-/// `NAME=DIR` or `DIR` (named after its last component).
+/// `NAME=DIR` or `DIR` (named after its last component). A spec is NAME=DIR only when the
+/// part before its first `=` has no path separator and the whole spec is not an existing path:
+/// `runs/lr=3e-4` and an existing folder `lr=3e-4` are folders, `tiny=runs/lr=3e-4` is named
+/// `tiny`.
 fn named(spec: &str, flag: &str) -> Result<(String, PathBuf)> {
-    if let Some((name, dir)) = spec.split_once('=') {
+    let split = spec
+        .split_once('=')
+        .filter(|(name, _)| !name.contains(std::path::is_separator))
+        .filter(|_| !Path::new(spec).exists());
+    if let Some((name, dir)) = split {
         if name.is_empty() || dir.is_empty() {
             bail!("--{flag} {spec:?}: write NAME=DIR or DIR");
         }
@@ -79,8 +98,20 @@ fn named(spec: &str, flag: &str) -> Result<(String, PathBuf)> {
 }
 
 pub fn serve_cmd(args: ServeArgs, device: &Device) -> Result<()> {
-    if args.max_batch == 0 || args.max_inputs == 0 || args.max_top_k == 0 || args.queue == 0 {
-        bail!("--max-batch, --max-inputs, --max-top-k and --queue must be at least 1");
+    let counts = [
+        args.max_batch,
+        args.max_inputs,
+        args.max_top_k,
+        args.queue,
+        args.max_masks,
+        args.max_candidates,
+        args.max_score_tokens,
+    ];
+    if counts.contains(&0) {
+        bail!(
+            "--max-batch, --max-inputs, --max-top-k, --queue, --max-masks, --max-candidates \
+             and --max-score-tokens must be at least 1"
+        );
     }
     let models = args
         .models
@@ -105,23 +136,52 @@ pub fn serve_cmd(args: ServeArgs, device: &Device) -> Result<()> {
         max_body_bytes: args.max_body_bytes,
         max_inputs: args.max_inputs,
         max_top_k: args.max_top_k,
+        max_masks: args.max_masks,
+        max_candidates: args.max_candidates,
+        max_score_tokens: args.max_score_tokens,
         request_timeout: Duration::from_secs(args.timeout.max(1)),
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
         let server = Server::load(options, device.clone())?;
         let addr = server.local_addr()?;
-        eprintln!("serving on http://{addr}/ (Ctrl-C drains in-flight requests and stops)");
+        // Installed before the address is printed: whoever reads it may stop us at once.
+        let stop = stop_signal().context("installing the signal handlers")?;
+        eprintln!(
+            "serving on http://{addr}/ (Ctrl-C or SIGTERM drains in-flight requests and stops)"
+        );
         server
             .run(async {
-                // Without a signal handler there is nothing to wait for but the process end.
-                if tokio::signal::ctrl_c().await.is_err() {
-                    std::future::pending::<()>().await;
-                }
+                stop.await;
                 eprintln!("stopping: finishing in-flight requests");
             })
             .await?;
         Ok::<_, anyhow::Error>(())
+    })
+}
+
+/// Resolves on Ctrl-C, or on SIGTERM: what systemd, docker and kubernetes send to stop a
+/// service, whose default action would kill the requests in flight.
+#[cfg(unix)]
+fn stop_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+    })
+}
+
+#[cfg(not(unix))]
+fn stop_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    Ok(async {
+        // Without a signal handler there is nothing to wait for but the process end.
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
     })
 }
 

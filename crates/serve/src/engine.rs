@@ -1,8 +1,9 @@
 //! The model thread: requests queue up, and whatever arrived within a short window (up to a
 //! maximum batch) runs as one padded forward per model, off the async runtime's threads.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{
     Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError, sync_channel,
 };
@@ -12,6 +13,7 @@ use burn::tensor::Device;
 use masklm_data::{MaskVocab, MlmTokenizer};
 use masklm_model::{RobertaConfig, RobertaForMaskedLM};
 use masklm_train::fill::{FillText, mask_probabilities, pipeline_output};
+use masklm_train::pseudo_log_likelihood_passes;
 use serde_json::Value;
 use tokio::sync::oneshot;
 
@@ -27,29 +29,52 @@ pub struct ModelInfo {
 
 /// One request's work.
 pub enum Job {
-    /// Distributions at the masks of `texts`, answered as the pipeline's JSON (one per text).
-    Fill {
-        model: usize,
-        texts: Vec<FillText>,
-        top_k: usize,
-        targets: Option<Vec<u32>>,
-        reply: oneshot::Sender<Result<Vec<Value>, String>>,
-    },
-    /// Pseudo-log-likelihood and scored-token count of each sequence.
-    Score {
-        model: usize,
-        texts: Vec<Vec<u32>>,
-        reply: oneshot::Sender<Result<Vec<(f64, u64)>, String>>,
-    },
+    Fill(FillJob),
+    Score(ScoreJob),
+}
+
+/// Distributions at the masks of `texts`, answered as the pipeline's JSON (one per text).
+pub struct FillJob {
+    pub model: usize,
+    pub texts: Vec<FillText>,
+    pub top_k: usize,
+    pub targets: Option<Vec<u32>>,
+    pub reply: oneshot::Sender<Result<Vec<Value>, String>>,
+}
+
+/// Pseudo-log-likelihood and scored-token count of each sequence.
+pub struct ScoreJob {
+    pub model: usize,
+    pub texts: Vec<Vec<u32>>,
+    pub reply: oneshot::Sender<Result<Vec<(f64, u64)>, String>>,
 }
 
 impl Job {
     fn sequences(&self) -> usize {
         match self {
-            Job::Fill { texts, .. } => texts.len(),
-            Job::Score { texts, .. } => texts.len(),
+            Job::Fill(job) => job.texts.len(),
+            Job::Score(job) => job.texts.len(),
         }
     }
+
+    fn model(&self) -> usize {
+        match self {
+            Job::Fill(job) => job.model,
+            Job::Score(job) => job.model,
+        }
+    }
+}
+
+/// What the model thread has done with the jobs it took, as `/healthz` shows it.
+#[derive(Debug, Default)]
+pub struct JobCounts {
+    /// Jobs accepted into the queue.
+    pub received: AtomicU64,
+    /// Jobs run to the end (answered, or failed with a 500).
+    pub finished: AtomicU64,
+    /// Jobs whose client left (timed out, disconnected) before the answer: the rest of their
+    /// work was skipped.
+    pub abandoned: AtomicU64,
 }
 
 /// How requests are batched.
@@ -70,6 +95,7 @@ pub struct Batching {
 pub struct Engine {
     sender: SyncSender<Job>,
     arriving: Arc<AtomicUsize>,
+    counts: Arc<JobCounts>,
 }
 
 /// Marks a request as on its way to the model thread until dropped (see [`Batching::window`]).
@@ -91,20 +117,34 @@ pub enum Submit {
 
 impl Engine {
     /// Starts the model thread. It ends once every `Engine` clone is dropped and the queue is
-    /// drained.
+    /// drained. `max_masks`: most masked positions whose distributions one forward holds (each
+    /// is a vocabulary-sized row of floats), however many requests were batched together.
     pub fn start(
         models: Vec<RobertaForMaskedLM>,
         infos: Arc<Vec<ModelInfo>>,
         batching: Batching,
+        max_masks: usize,
         device: Device,
     ) -> std::io::Result<(Engine, std::thread::JoinHandle<()>)> {
         let (sender, receiver) = sync_channel(batching.queue.max(1));
-        let arriving = Arc::new(AtomicUsize::new(0));
-        let waiting_for = arriving.clone();
+        let engine = Engine {
+            sender,
+            arriving: Arc::new(AtomicUsize::new(0)),
+            counts: Arc::new(JobCounts::default()),
+        };
+        let thread = ModelThread {
+            models,
+            infos,
+            batching,
+            max_masks: max_masks.max(1),
+            device,
+            arriving: engine.arriving.clone(),
+            counts: engine.counts.clone(),
+        };
         let handle = std::thread::Builder::new()
             .name("masklm-model".to_string())
-            .spawn(move || run(models, infos, batching, device, receiver, waiting_for))?;
-        Ok((Engine { sender, arriving }, handle))
+            .spawn(move || thread.run(receiver))?;
+        Ok((engine, handle))
     }
 
     /// Announces a request that will submit a job soon.
@@ -117,30 +157,72 @@ impl Engine {
         self.sender.try_send(job).map_err(|e| match e {
             TrySendError::Full(_) => Submit::Busy,
             TrySendError::Disconnected(_) => Submit::Stopped,
-        })
+        })?;
+        self.counts.received.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// What the model thread has done so far.
+    pub fn counts(&self) -> &JobCounts {
+        &self.counts
     }
 }
 
-fn run(
+/// Everything the model thread owns.
+struct ModelThread {
     models: Vec<RobertaForMaskedLM>,
     infos: Arc<Vec<ModelInfo>>,
     batching: Batching,
+    max_masks: usize,
     device: Device,
-    receiver: Receiver<Job>,
     arriving: Arc<AtomicUsize>,
-) {
-    while let Ok(first) = receiver.recv() {
+    counts: Arc<JobCounts>,
+}
+
+impl ModelThread {
+    fn run(self, receiver: Receiver<Job>) {
+        while let Ok(first) = receiver.recv() {
+            let mut jobs = self.collect(first, &receiver);
+            for (index, model) in self.models.iter().enumerate() {
+                let worker = Worker {
+                    model,
+                    info: &self.infos[index],
+                    max_batch: self.batching.max_batch.max(1),
+                    max_masks: self.max_masks,
+                    device: &self.device,
+                    counts: &self.counts,
+                };
+                let (mut fills, mut scores) = (Vec::new(), Vec::new());
+                for job in jobs.extract_if(.., |job| job.model() == index) {
+                    match job {
+                        Job::Fill(job) => fills.push(job),
+                        Job::Score(job) => scores.push(job),
+                    }
+                }
+                // Fills first: one forward each, where a score may be hundreds.
+                if !fills.is_empty() {
+                    worker.fills(fills);
+                }
+                for job in scores {
+                    worker.score(job);
+                }
+            }
+        }
+    }
+
+    /// `first` and the jobs that arrive with it, up to a batch.
+    fn collect(&self, first: Job, receiver: &Receiver<Job>) -> Vec<Job> {
         let mut jobs = vec![first];
         let mut sequences = jobs[0].sequences();
-        let deadline = Instant::now() + batching.window;
-        while sequences < batching.max_batch {
+        let deadline = Instant::now() + self.batching.window;
+        while sequences < self.batching.max_batch {
             let next = match receiver.try_recv() {
                 Ok(job) => Ok(job),
                 Err(TryRecvError::Disconnected) => break,
                 // Wait only for requests already on their way, and only within the window.
                 Err(TryRecvError::Empty) => {
                     let left = deadline.saturating_duration_since(Instant::now());
-                    if arriving.load(Ordering::SeqCst) == 0 || left.is_zero() {
+                    if self.arriving.load(Ordering::SeqCst) == 0 || left.is_zero() {
                         break;
                     }
                     receiver.recv_timeout(left.min(Duration::from_micros(200)))
@@ -155,118 +237,185 @@ fn run(
                 Err(RecvTimeoutError::Disconnected) => break,
             }
         }
-        for (index, model) in models.iter().enumerate() {
-            let info = &infos[index];
-            let (fills, scores): (Vec<Job>, Vec<Job>) = jobs
-                .extract_if(.., |job| match job {
-                    Job::Fill { model, .. } | Job::Score { model, .. } => *model == index,
-                })
-                .partition(|job| matches!(job, Job::Fill { .. }));
-            if !fills.is_empty() {
-                run_fills(model, info, fills, batching.max_batch, &device);
+        jobs
+    }
+}
+
+/// One model's share of a batch.
+struct Worker<'a> {
+    model: &'a RobertaForMaskedLM,
+    info: &'a ModelInfo,
+    max_batch: usize,
+    max_masks: usize,
+    device: &'a Device,
+    counts: &'a JobCounts,
+}
+
+/// A fill job being worked on: its answers so far. `reply` is taken once the job is answered
+/// (an error) or its client is found gone, after which it gets no more work.
+struct Pending {
+    texts: Vec<FillText>,
+    top_k: usize,
+    targets: Option<Vec<u32>>,
+    reply: Option<oneshot::Sender<Result<Vec<Value>, String>>>,
+    docs: Vec<Value>,
+}
+
+impl Pending {
+    /// Whether this job still wants work; notices (and counts) a client that has left.
+    fn wanted(&mut self, counts: &JobCounts) -> bool {
+        match &self.reply {
+            Some(reply) if reply.is_closed() => {
+                self.reply = None;
+                counts.abandoned.fetch_add(1, Ordering::Relaxed);
+                false
             }
-            for job in scores {
-                run_score(model, info, job, batching.max_batch, &device);
-            }
+            Some(_) => true,
+            None => false,
+        }
+    }
+
+    fn answer(&mut self, answer: Result<Vec<Value>, String>, counts: &JobCounts) {
+        if let Some(reply) = self.reply.take() {
+            counts.finished.fetch_add(1, Ordering::Relaxed);
+            // The client may have gone since its last batch: nothing to answer then.
+            let _ = reply.send(answer);
         }
     }
 }
 
-/// Runs the fill jobs of one model as padded batches of at most `max_batch` sequences.
-fn run_fills(
-    model: &RobertaForMaskedLM,
-    info: &ModelInfo,
-    jobs: Vec<Job>,
-    max_batch: usize,
-    device: &Device,
-) {
-    let texts: Vec<&FillText> = jobs
-        .iter()
-        .flat_map(|job| match job {
-            Job::Fill { texts, .. } => texts.iter().collect(),
-            Job::Score { .. } => Vec::new(),
-        })
-        .collect();
-    let computed = catch_panic(|| {
-        let mut rows = Vec::with_capacity(texts.len());
-        for chunk in texts.chunks(max_batch.max(1)) {
-            let ids: Vec<&[u32]> = chunk.iter().map(|t| t.ids.as_slice()).collect();
-            let masks: Vec<Vec<usize>> = chunk.iter().map(|t| t.masks.clone()).collect();
-            rows.extend(mask_probabilities(
-                model,
-                &ids,
-                &masks,
-                info.tokenizer.pad_id,
-                device,
-            )?);
-        }
-        Ok::<_, masklm_train::TrainError>(rows)
-    });
-    let mut rows = match computed {
-        Ok(Ok(rows)) => Some(rows.into_iter()),
-        Ok(Err(e)) => {
-            reply_all(jobs, &e.to_string());
-            return;
-        }
-        Err(panic) => {
-            reply_all(jobs, &format!("the model failed: {panic}"));
-            return;
-        }
-    };
-    for job in jobs {
-        let Job::Fill {
-            texts,
-            top_k,
-            targets,
-            reply,
-            ..
-        } = job
-        else {
-            continue;
-        };
-        let docs = texts
+impl Worker<'_> {
+    /// Runs fill jobs as padded batches of at most `max_batch` texts and `max_masks` masks,
+    /// skipping the texts of jobs whose client has left by the time their batch comes.
+    fn fills(&self, jobs: Vec<FillJob>) {
+        let mut queue: VecDeque<(usize, usize)> = jobs
             .iter()
-            .map(|text| {
-                let rows = rows.as_mut().and_then(Iterator::next).unwrap_or_default();
-                pipeline_output(&info.tokenizer, text, &rows, top_k, targets.as_deref())
+            .enumerate()
+            .flat_map(|(j, job)| (0..job.texts.len()).map(move |t| (j, t)))
+            .collect();
+        let mut pending: Vec<Pending> = jobs
+            .into_iter()
+            .map(|job| Pending {
+                docs: Vec::with_capacity(job.texts.len()),
+                texts: job.texts,
+                top_k: job.top_k,
+                targets: job.targets,
+                reply: Some(job.reply),
             })
             .collect();
-        // The client may have gone (timeout, disconnect): nothing to answer then.
-        let _ = reply.send(Ok(docs));
-    }
-}
-
-fn run_score(
-    model: &RobertaForMaskedLM,
-    info: &ModelInfo,
-    job: Job,
-    max_batch: usize,
-    device: &Device,
-) {
-    let Job::Score { texts, reply, .. } = job else {
-        return;
-    };
-    let computed = catch_panic(|| {
-        texts
-            .iter()
-            .map(|ids| {
-                masklm_train::pseudo_log_likelihood(model, ids, &info.vocab, max_batch, device)
-            })
-            .collect::<Vec<_>>()
-    });
-    let _ = reply.send(computed.map_err(|panic| format!("the model failed: {panic}")));
-}
-
-fn reply_all(jobs: Vec<Job>, message: &str) {
-    for job in jobs {
-        match job {
-            Job::Fill { reply, .. } => {
-                let _ = reply.send(Err(message.to_string()));
+        loop {
+            let chunk = self.next_chunk(&mut queue, &mut pending);
+            if chunk.is_empty() {
+                break;
             }
-            Job::Score { reply, .. } => {
-                let _ = reply.send(Err(message.to_string()));
-            }
+            self.fill_chunk(&chunk, &mut pending);
         }
+        for p in &mut pending {
+            let docs = std::mem::take(&mut p.docs);
+            p.answer(Ok(docs), self.counts);
+        }
+    }
+
+    /// The next (job, text) pairs to run together, dropping those of jobs no longer wanted.
+    fn next_chunk(
+        &self,
+        queue: &mut VecDeque<(usize, usize)>,
+        pending: &mut [Pending],
+    ) -> Vec<(usize, usize)> {
+        let mut chunk = Vec::new();
+        let mut masks = 0;
+        while let Some(&(j, t)) = queue.front() {
+            if !pending[j].wanted(self.counts) {
+                queue.pop_front();
+                continue;
+            }
+            let more = pending[j].texts[t].masks.len();
+            let fits = masks + more <= self.max_masks;
+            if chunk.len() == self.max_batch || (!chunk.is_empty() && !fits) {
+                break;
+            }
+            masks += more;
+            chunk.push((j, t));
+            queue.pop_front();
+        }
+        chunk
+    }
+
+    /// One padded forward over `chunk`; each text's answer goes to its job, or the error to
+    /// every job in the chunk.
+    fn fill_chunk(&self, chunk: &[(usize, usize)], pending: &mut [Pending]) {
+        let texts: Vec<&FillText> = chunk.iter().map(|&(j, t)| &pending[j].texts[t]).collect();
+        let ids: Vec<&[u32]> = texts.iter().map(|t| t.ids.as_slice()).collect();
+        let masks: Vec<Vec<usize>> = texts.iter().map(|t| t.masks.clone()).collect();
+        let computed = catch_panic(|| {
+            mask_probabilities(
+                self.model,
+                &ids,
+                &masks,
+                self.info.tokenizer.pad_id,
+                self.device,
+            )
+        });
+        let rows = match computed {
+            Ok(Ok(rows)) => rows,
+            Ok(Err(e)) => return self.fail(chunk, pending, &e.to_string()),
+            Err(panic) => return self.fail(chunk, pending, &format!("the model failed: {panic}")),
+        };
+        for (&(j, t), rows) in chunk.iter().zip(rows) {
+            let p = &mut pending[j];
+            let doc = pipeline_output(
+                &self.info.tokenizer,
+                &p.texts[t],
+                &rows,
+                p.top_k,
+                p.targets.as_deref(),
+            );
+            p.docs.push(doc);
+        }
+    }
+
+    fn fail(&self, chunk: &[(usize, usize)], pending: &mut [Pending], message: &str) {
+        for &(j, _) in chunk {
+            pending[j].answer(Err(message.to_string()), self.counts);
+        }
+    }
+
+    /// Pseudo-log-likelihood of each text, stopping between forward passes once the client
+    /// has left: one text of 512 tokens is 512 masked copies.
+    fn score(&self, job: ScoreJob) {
+        let computed = catch_panic(|| {
+            let mut scores = Vec::with_capacity(job.texts.len());
+            for ids in &job.texts {
+                let mut passes = pseudo_log_likelihood_passes(
+                    self.model,
+                    ids,
+                    &self.info.vocab,
+                    self.max_batch,
+                    self.device,
+                );
+                let (mut sum, mut n) = (0.0, 0);
+                loop {
+                    if job.reply.is_closed() {
+                        return None;
+                    }
+                    let Some((ll, k)) = passes.next() else { break };
+                    sum += ll;
+                    n += k;
+                }
+                scores.push((sum, n));
+            }
+            Some(scores)
+        });
+        let answer = match computed {
+            Ok(Some(scores)) => Ok(scores),
+            Ok(None) => {
+                self.counts.abandoned.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            Err(panic) => Err(format!("the model failed: {panic}")),
+        };
+        self.counts.finished.fetch_add(1, Ordering::Relaxed);
+        let _ = job.reply.send(answer);
     }
 }
 

@@ -177,8 +177,13 @@ impl Server {
             models.push(loaded.model);
         }
         let infos = Arc::new(infos);
-        let (engine, worker) =
-            engine::Engine::start(models, infos.clone(), options.batching, device)?;
+        let (engine, worker) = engine::Engine::start(
+            models,
+            infos.clone(),
+            options.batching,
+            options.limits.max_masks,
+            device,
+        )?;
         let addr = SocketAddr::new(options.host, options.port);
         let listener = std::net::TcpListener::bind(addr)
             .and_then(|l| {
@@ -214,7 +219,11 @@ impl Server {
         // connection forever (axum::serve sets none).
         builder
             .timer(TokioTimer::new())
-            .header_read_timeout(self.header_timeout);
+            .header_read_timeout(self.header_timeout)
+            // A client that closes its side while its request runs has left: the connection
+            // ends, and with it the request and its reply channel (the model thread skips
+            // its work). With half-close the job would run on for nobody.
+            .half_close(false);
         tokio::pin!(shutdown);
         loop {
             tokio::select! {

@@ -211,10 +211,26 @@ pub fn pseudo_log_likelihood(
     batch_size: usize,
     device: &Device,
 ) -> (f64, u64) {
+    pseudo_log_likelihood_passes(model, tokens, vocab, batch_size, device)
+        .fold((0.0, 0), |(sum, n), (ll, k)| (sum + ll, n + k))
+}
+
+/// The terms of [`pseudo_log_likelihood`], one forward pass each: (log-likelihood, tokens
+/// scored) of up to `batch_size` masked copies. A pass runs only when the iterator is
+/// advanced, so a caller can stop between passes: the server does, for a client that has left
+/// (a 512-token text is 512 masked copies).
+pub fn pseudo_log_likelihood_passes<'a>(
+    model: &'a RobertaForMaskedLM,
+    tokens: &'a [u32],
+    vocab: &'a MaskVocab,
+    batch_size: usize,
+    device: &'a Device,
+) -> impl Iterator<Item = (f64, u64)> + 'a {
     let seq = tokens.len();
     let targets: Vec<usize> = (0..seq).filter(|&p| !vocab.is_special(tokens[p])).collect();
-    let mut log_likelihood = 0.0f64;
-    for chunk in targets.chunks(batch_size.max(1)) {
+    let batch_size = batch_size.max(1);
+    (0..targets.len()).step_by(batch_size).map(move |start| {
+        let chunk = &targets[start..(start + batch_size).min(targets.len())];
         let rows = chunk.len();
         let mut ids = Vec::with_capacity(rows * seq);
         for &p in chunk {
@@ -237,7 +253,7 @@ pub fn pseudo_log_likelihood(
         let positions = Tensor::<1, Int>::from_data(TensorData::new(positions, [rows]), device);
         let labels = Tensor::<2, Int>::from_data(TensorData::new(labels, [rows, 1]), device);
         let log_probs = log_softmax(model.forward_at(input, attention, positions), 1);
-        log_likelihood += log_probs.gather(1, labels).sum().into_scalar::<f32>() as f64;
-    }
-    (log_likelihood, targets.len() as u64)
+        let log_likelihood = log_probs.gather(1, labels).sum().into_scalar::<f32>() as f64;
+        (log_likelihood, rows as u64)
+    })
 }

@@ -31,7 +31,7 @@ use std::path::PathBuf;
 pub use config::TrainConfig;
 pub use eval::{
     EvalResult, EvalSettings, PseudoPerplexity, count_words, evaluate, evaluate_splits,
-    pseudo_log_likelihood, pseudo_perplexity,
+    pseudo_log_likelihood, pseudo_log_likelihood_passes, pseudo_perplexity,
 };
 pub use inference::{Loaded, check_tokenizer_fits, load_for_inference};
 pub use optim::{
