@@ -770,6 +770,15 @@ fn hostile_training_configs() {
         fails(&["a-file", "is a file"]),
     );
     c.case(
+        "a batch beyond the machine's memory",
+        train(
+            &config,
+            &["training.max_steps=1", "training.batch_size=100000000"],
+            "r-huge-batch",
+        ),
+        fails(&["training.batch_size", "needs about", "grad_accum_steps"]),
+    );
+    c.case(
         "resume without a run",
         s(&["train", "--resume", &p(&root.join("no-run"))]),
         fails(&["no-run"]),

@@ -82,6 +82,7 @@ impl<'a> Run<'a> {
         let (model_config, model, optimizer) =
             open_model(config, &tokenizer, resume.as_ref(), &ad_device)?;
         check_model_fits(&data, &model_config)?;
+        check_step_memory(config, &data, &model_config)?;
         let probes = match &config.eval.probes {
             Some(path) => {
                 let (probes, notices) =
@@ -469,6 +470,33 @@ fn check_model_fits(data: &Data, model_config: &RobertaConfig) -> Result<(), Tra
         }
     }
     Ok(())
+}
+
+/// Refuses a micro-batch whose training step cannot fit in the machine's memory (an
+/// estimate, see [`RobertaConfig::training_bytes`]), before the first step allocates it.
+fn check_step_memory(
+    config: &TrainConfig,
+    data: &Data,
+    model_config: &RobertaConfig,
+) -> Result<(), TrainError> {
+    let seq = data
+        .manifests
+        .iter()
+        .map(|m| m.options.max_seq_length)
+        .max()
+        .unwrap_or(0);
+    let batch = config.training.batch_size;
+    let needed = model_config.training_bytes(batch, seq, config.masking.probability);
+    masklm_model::memory::check_memory(
+        needed,
+        &format!("a training step of {batch} sequences of {seq} tokens"),
+        "lower training.batch_size and raise training.grad_accum_steps to keep the same \
+         global batch",
+    )
+    .map_err(|e| TrainError::Config {
+        key: "training.batch_size".to_string(),
+        reason: e.to_string(),
+    })
 }
 
 /// A resume continues the branch of its checkpoint: step folders past it are moved aside
