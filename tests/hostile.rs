@@ -1062,7 +1062,6 @@ fn hostile_caches_and_checkpoints() {
     c.finish("hostile_caches_and_checkpoints");
 }
 
-
 /// Waits for `path` to name a checkpoint at or past `step`, or for the child to end.
 fn wait_for(path: &Path, step: &str, child: &mut std::process::Child) -> bool {
     let start = Instant::now();
@@ -1153,7 +1152,12 @@ fn kill_9_during_saves_never_costs_the_last_checkpoint() {
                 );
             }
         }
-        let fill = masklm(&s(&["fill-mask", "--model", &p(&run), "The <mask> of the cell."]));
+        let fill = masklm(&s(&[
+            "fill-mask",
+            "--model",
+            &p(&run),
+            "The <mask> of the cell.",
+        ]));
         assert!(
             fill.status.success(),
             "trial {trial}: fill-mask on the resumed run failed: {}",

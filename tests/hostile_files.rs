@@ -16,8 +16,7 @@ const PANIC_TEXT: [&str; 4] = ["panicked", "RUST_BACKTRACE", "unwrap()", "stack 
 /// The binary under test: this build's, or `MASKLM_HOSTILE_BIN` (to run these cases against
 /// another build, e.g. an older commit's).
 fn binary() -> String {
-    std::env::var("MASKLM_HOSTILE_BIN")
-        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_masklm").to_string())
+    std::env::var("MASKLM_HOSTILE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_masklm").to_string())
 }
 
 fn masklm_env(args: &[&str], env: &[(&str, &str)]) -> Output {

@@ -702,7 +702,10 @@ fn resume_from_an_earlier_checkpoint_starts_a_clean_branch() {
     );
     assert_eq!(pointer(&run, "latest").as_deref(), Some("step-0000008"));
     let best = pointer(&run, "best").unwrap();
-    assert!(after.contains(&best), "best names {best}, not a folder of the branch");
+    assert!(
+        after.contains(&best),
+        "best names {best}, not a folder of the branch"
+    );
     // The old branch is kept aside: its checkpoints and its whole metrics file.
     let archives: Vec<_> = std::fs::read_dir(run.join("branches"))
         .unwrap()
@@ -738,7 +741,8 @@ fn resume_from_an_earlier_checkpoint_starts_a_clean_branch() {
         "{folders:?}"
     );
     // Step 10 of the new branch (learning rate 1e-3 from step 4) is not the old one.
-    let weights = |dir: &Path| std::fs::read(dir.join("checkpoints/step-0000010/model.bpk")).unwrap();
+    let weights =
+        |dir: &Path| std::fs::read(dir.join("checkpoints/step-0000010/model.bpk")).unwrap();
     assert_ne!(weights(&run), weights(&archives[0]));
 }
 
@@ -922,6 +926,8 @@ fn a_cache_other_runs_train_on_is_not_rebuilt_unless_told_to() {
         "{stderr}"
     );
     let longer = run_config(&first, &["training.max_steps=4"]);
-    let err = resume_on_cpu(&longer, &first, None).unwrap_err().to_string();
+    let err = resume_on_cpu(&longer, &first, None)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("changed since the run started"), "{err}");
 }

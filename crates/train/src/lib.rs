@@ -34,9 +34,7 @@ pub use eval::{
     pseudo_log_likelihood, pseudo_log_likelihood_passes, pseudo_perplexity,
 };
 pub use inference::{Loaded, check_tokenizer_fits, load_for_inference};
-pub use optim::{
-    Decay, OptimizerConfig, ScheduleConfig, no_decay_params,
-};
+pub use optim::{Decay, OptimizerConfig, ScheduleConfig, no_decay_params};
 pub use precision::{LossScaler, Precision};
 pub use probes::{Probe, ProbeReport, ProbeResult, load_probes, load_probes_from, run_probes};
 pub use step::{StepStats, train_step};

@@ -510,7 +510,6 @@ impl Run<'_> {
         })
     }
 
-
     /// Carries out the policy's decisions after a step; returns the checkpoint saved, if any.
     fn checkpoint(
         &mut self,

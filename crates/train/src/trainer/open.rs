@@ -602,7 +602,9 @@ fn resolve_caches(
     for (name, weight, inputs, dir) in corpora {
         let existing = dir.join("manifest.json").is_file();
         let reused = if !inputs.is_empty() && (!resuming || !existing) {
-            prepare_shared(config, tokenizer, &inputs, &options, &dir, run_dir, observer)?
+            prepare_shared(
+                config, tokenizer, &inputs, &options, &dir, run_dir, observer,
+            )?
         } else {
             check_cache_tokenizer(&dir, tokenizer)?;
             true
@@ -677,7 +679,9 @@ fn prepare_shared(
 
 /// The runs other than `run_dir` listed in `cache`'s users file that still hold checkpoints.
 fn other_users(cache: &Path, run_dir: &Path) -> Vec<PathBuf> {
-    let me = run_dir.canonicalize().unwrap_or_else(|_| run_dir.to_path_buf());
+    let me = run_dir
+        .canonicalize()
+        .unwrap_or_else(|_| run_dir.to_path_buf());
     std::fs::read_to_string(cache.join(CACHE_USERS))
         .unwrap_or_default()
         .lines()
@@ -814,7 +818,6 @@ fn initial_model(
     }
     Ok((model_config, model))
 }
-
 
 /// The held-out sets of a run: the data's validation split (when it has examples) and each
 /// `[eval] sets` entry, prepared into RUN_DIR/eval-cache/NAME (reused while its inputs and the
