@@ -127,7 +127,7 @@ fn decode(bytes: &[u8]) -> Result<&str, BadLine> {
     let text = std::str::from_utf8(bytes).map_err(|e| BadLine::NotUtf8 {
         column: e.valid_up_to() + 1,
     })?;
-    match bytes.iter().position(|&b| b == 0) {
+    match memchr::memchr(0, bytes) {
         Some(i) => Err(BadLine::Nul { column: i + 1 }),
         None => Ok(text),
     }
@@ -143,7 +143,7 @@ fn read_line_universal(reader: &mut dyn BufRead, line: &mut Vec<u8>) -> std::io:
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
-        let Some(end) = available.iter().position(|&b| b == b'\n' || b == b'\r') else {
+        let Some(end) = memchr::memchr2(b'\n', b'\r', available) else {
             let n = available.len();
             if n == 0 {
                 return Ok(consumed);
@@ -309,19 +309,28 @@ fn format_of(path: &Path) -> Format {
     }
 }
 
+/// `path` decompressed and buffered, once its first bytes show text ([`crate::sniff`]).
 fn open(path: &Path) -> Result<Box<dyn BufRead + Send>, DataError> {
     let file = File::open(path).map_err(|source| DataError::Read {
         path: path.to_path_buf(),
         line: None,
         source,
     })?;
-    decompressed(path, file)
+    // The buffer goes outside the sniffed reader, so reading a line costs one dynamic call.
+    let checked = crate::sniff::checked(path, decompressing(path, file)?)?;
+    Ok(Box::new(BufReader::with_capacity(1 << 20, checked)))
 }
 
 /// `file`, decompressed by its extension (`.gz`, `.zst`), buffered.
 pub(crate) fn decompressed(path: &Path, file: File) -> Result<Box<dyn BufRead + Send>, DataError> {
+    let reader = decompressing(path, file)?;
+    Ok(Box::new(BufReader::with_capacity(1 << 20, reader)))
+}
+
+/// `file`, decompressed by its extension (`.gz`, `.zst`).
+fn decompressing(path: &Path, file: File) -> Result<Box<dyn Read + Send>, DataError> {
     let name = path.to_string_lossy().to_ascii_lowercase();
-    let reader: Box<dyn Read + Send> = if name.ends_with(".gz") {
+    Ok(if name.ends_with(".gz") {
         Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(file)))
     } else if name.ends_with(".zst") {
         Box::new(
@@ -333,8 +342,7 @@ pub(crate) fn decompressed(path: &Path, file: File) -> Result<Box<dyn BufRead + 
         )
     } else {
         Box::new(file)
-    };
-    Ok(Box::new(BufReader::with_capacity(1 << 20, reader)))
+    })
 }
 
 /// Whether a `.json` file holds one array (its first non-blank byte is `[`) rather than JSON
@@ -458,7 +466,7 @@ impl Documents {
                         Box::new(std::io::empty())
                     }
                     _ => {
-                        let mut reader = crate::sniff::checked(&path, open(&path)?)?;
+                        let mut reader = open(&path)?;
                         if format == Format::Text {
                             skip_utf8_bom(&path, &mut reader)?;
                         }

@@ -7,7 +7,7 @@
 //! file binary (a NUL byte among the first 8000): UTF-8 text never holds a NUL. A byte-order
 //! mark names UTF-16/32 outright; without one, NUL bytes at every other offset mean UTF-16.
 
-use std::io::{BufRead, Cursor, Read};
+use std::io::{Cursor, Read};
 use std::path::Path;
 
 use crate::DataError;
@@ -129,10 +129,9 @@ pub fn sniff(head: &[u8]) -> Option<NotText> {
 /// what the file is and what to do otherwise.
 pub(crate) fn checked(
     path: &Path,
-    reader: Box<dyn BufRead + Send>,
-) -> Result<Box<dyn BufRead + Send>, DataError> {
+    mut reader: Box<dyn Read + Send>,
+) -> Result<Box<dyn Read + Send>, DataError> {
     let mut head = Vec::with_capacity(SNIFF_BYTES);
-    let mut reader = reader;
     reader
         .by_ref()
         .take(SNIFF_BYTES as u64)
@@ -277,7 +276,7 @@ mod tests {
         let text: Vec<u8> = (0..3 * SNIFF_BYTES)
             .map(|i| b'a' + (i % 26) as u8)
             .collect();
-        let reader: Box<dyn BufRead + Send> = Box::new(Cursor::new(text.clone()));
+        let reader: Box<dyn Read + Send> = Box::new(Cursor::new(text.clone()));
         let mut back = Vec::new();
         checked(Path::new("t.txt"), reader)
             .unwrap()
