@@ -900,6 +900,17 @@ fn a_cache_other_runs_train_on_is_not_rebuilt_unless_told_to() {
     );
     let longer = run_config(&first, &["training.max_steps=3"]);
     assert_eq!(resume_on_cpu(&longer, &first, None).unwrap().last_step, 3);
+    // A run training now that has not saved yet depends on the cache too (its folder is
+    // locked): it is named as well.
+    let busy = dir.path().join("busy");
+    let held = masklm_data::lock_folder(&busy, "run").unwrap();
+    let users = dir.path().join("cache/runs.txt");
+    let listed = std::fs::read_to_string(&users).unwrap();
+    let busy_line = format!("{}\n", busy.canonicalize().unwrap().display());
+    std::fs::write(&users, format!("{listed}{busy_line}")).unwrap();
+    let err = train_on_cpu(&shorter, &second).unwrap_err().to_string();
+    assert!(err.contains("busy"), "{err}");
+    drop(held);
 
     // Told to: rebuilt, and the binary says so and what it costs the first run.
     let out = Command::new(env!("CARGO_BIN_EXE_masklm"))

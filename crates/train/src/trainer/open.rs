@@ -660,6 +660,11 @@ fn prepare_shared(
         }
         other => other?,
     };
+    if !prepared.reused
+        && let Some(note) = prepared.manifest.corpus.skipped_note()
+    {
+        observer.on_notice(&format!("{}: {note}", dir.display()));
+    }
     if let Some(reason) = &prepared.rebuilt_because {
         let also = if others.is_empty() {
             String::new()
@@ -677,7 +682,8 @@ fn prepare_shared(
     Ok(prepared.reused)
 }
 
-/// The runs other than `run_dir` listed in `cache`'s users file that still hold checkpoints.
+/// The runs other than `run_dir` listed in `cache`'s users file that still depend on it: those
+/// holding checkpoints, and those training now (their folder is locked) that have not saved yet.
 fn other_users(cache: &Path, run_dir: &Path) -> Vec<PathBuf> {
     let me = run_dir
         .canonicalize()
@@ -686,8 +692,13 @@ fn other_users(cache: &Path, run_dir: &Path) -> Vec<PathBuf> {
         .unwrap_or_default()
         .lines()
         .map(PathBuf::from)
-        .filter(|run| *run != me && has_checkpoints(run))
+        .filter(|run| *run != me && run.is_dir() && (has_checkpoints(run) || in_use(run)))
         .collect()
+}
+
+/// Whether another process holds the run folder's lock (a run training now).
+fn in_use(run: &Path) -> bool {
+    matches!(lock_folder(run, "run"), Err(DataError::Locked { .. }))
 }
 
 /// Adds `run_dir` to `cache`'s users file (see [`prepare_shared`]).
@@ -890,7 +901,8 @@ fn check_resume_config(run_dir: &Path, config: &TrainConfig) -> Result<(), Train
         .collect();
     Err(TrainError::Resume(format!(
         "cannot resume {} with other data, model or sampling settings: {}. A resume may change \
-         training.max_steps/epochs, [optimizer], [schedule], [eval], [checkpoint] and [logging]; \
+         training.max_steps/epochs, training.precision, [optimizer], [schedule], [eval], \
+         [checkpoint] and [logging]; \
          start a new run (with model.init_from) to change the rest",
         run_dir.display(),
         list.join("; ")
