@@ -16,8 +16,7 @@ const PANIC_TEXT: [&str; 4] = ["panicked", "RUST_BACKTRACE", "unwrap()", "stack 
 /// The binary under test: this build's, or `MASKLM_HOSTILE_BIN` (to run these cases against
 /// another build, e.g. an older commit's).
 fn binary() -> String {
-    std::env::var("MASKLM_HOSTILE_BIN")
-        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_masklm").to_string())
+    std::env::var("MASKLM_HOSTILE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_masklm").to_string())
 }
 
 fn masklm_env(args: &[&str], env: &[(&str, &str)]) -> Output {
@@ -490,7 +489,9 @@ fn a_bin_folder_whose_config_outgrows_its_weights_is_refused_before_allocating()
     )
     .unwrap();
     let config = std::fs::read_to_string(fixture.join("config.json")).unwrap();
-    let cases: [(&str, &[(&str, &str)], &[&str]); 2] = [
+    // (case, config.json edits, what the message names)
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a [&'a str]);
+    let cases: [Case; 2] = [
         // 16M x 1020 f32 is 65 GB: the allocator aborted here before the header was read.
         (
             "vocab 16M, hidden 1020",

@@ -245,8 +245,8 @@ impl RobertaConfig {
         crate::memory::check_memory(
             self.parameter_bytes(),
             &format!(
-                "a model of {} f32 parameters ({bulk})",
-                self.parameter_count()
+                "a model of {:.2e} f32 parameters ({bulk})",
+                self.parameter_count() as f64
             ),
             "lower vocab_size, hidden_size or num_hidden_layers in config.json, or use a machine \
              with more memory",
@@ -496,10 +496,7 @@ mod tests {
         let one = config.training_bytes(1, 512, 0.15);
         assert!(one > 16 * config.parameter_count(), "{one}");
         assert!(config.training_bytes(64, 512, 0.15) > 32 * (one - 16 * config.parameter_count()));
-        assert_eq!(
-            config.training_bytes(100_000_000, 512, 0.15) > 1 << 50,
-            true
-        );
+        assert!(config.training_bytes(100_000_000, 512, 0.15) > 1 << 50);
         assert_eq!(config.training_bytes(usize::MAX, usize::MAX, 1.0), u64::MAX);
     }
 
