@@ -489,7 +489,7 @@ fn a_bin_folder_whose_config_outgrows_its_weights_is_refused_before_allocating()
     )
     .unwrap();
     let config = std::fs::read_to_string(fixture.join("config.json")).unwrap();
-    // (case, config.json edits, what the refusal names)
+    // (case, config.json edits, what the message names)
     type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a [&'a str]);
     let cases: [Case; 2] = [
         // 16M x 1020 f32 is 65 GB: the allocator aborted here before the header was read.

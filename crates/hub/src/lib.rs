@@ -73,7 +73,7 @@ pub enum HubError {
     )]
     SameFolder { out: PathBuf, from: PathBuf },
     /// The model does not fit in the memory available.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: the model does not fit in memory", path.display())]
     Memory {
         path: PathBuf,
         #[source]

@@ -245,8 +245,8 @@ impl RobertaConfig {
         crate::memory::check_memory(
             self.parameter_bytes(),
             &format!(
-                "a model of {} f32 parameters ({bulk})",
-                self.parameter_count()
+                "a model of {:.2e} f32 parameters ({bulk})",
+                self.parameter_count() as f64
             ),
             "lower vocab_size, hidden_size or num_hidden_layers in config.json, or use a machine \
              with more memory",
