@@ -136,6 +136,23 @@ impl Catalogue {
     }
 }
 
+/// Writes `bytes` into `root/name` and returns its path.
+fn write_in(root: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+    let path = root.join(name);
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+/// `train --config CONFIG --out ROOT/OUT --set ...` for each of `sets`.
+fn train_args(root: &Path, config: &Path, sets: &[&str], out: &str) -> Vec<String> {
+    let mut args = s(&["train", "--config", &p(config), "--out"]);
+    args.push(p(&root.join(out)));
+    for set in sets {
+        args.extend(s(&["--set", set]));
+    }
+    args
+}
+
 fn fill(model: &Path) -> Vec<String> {
     s(&["fill-mask", "--model", &p(model), "The <mask> of the cell."])
 }
@@ -497,8 +514,7 @@ fn hostile_tokenizers() {
         ]),
         fails(&["vocab_size", "beyond any sane vocabulary"]),
     );
-    let a_file = root.join("a-file");
-    std::fs::write(&a_file, "x").unwrap();
+    let a_file = write_in(root, "a-file", b"x");
     c.case(
         "tokenizer --out is a file",
         s(&[
@@ -521,15 +537,10 @@ fn hostile_corpora() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     let mut c = Catalogue::new();
-    let a_file = root.join("a-file");
-    std::fs::write(&a_file, "x").unwrap();
+    write_in(root, "a-file", b"x"); // the "--out is a file" cases
     let corpus = p(&common::fixture("tokenizer-corpus.txt"));
     let tokenizer = p(&common::fixture("tokenizer-go"));
-    let write = |name: &str, bytes: &[u8]| {
-        let path = root.join(name);
-        std::fs::write(&path, bytes).unwrap();
-        path
-    };
+    let write = |name: &str, bytes: &[u8]| write_in(root, name, bytes);
     let prepare = |input: &Path, out: &str, extra: &[&str]| {
         let mut args = s(&[
             "prepare",
@@ -684,22 +695,10 @@ fn hostile_training_configs() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     let mut c = Catalogue::new();
-    let a_file = root.join("a-file");
-    std::fs::write(&a_file, "x").unwrap();
-    let write = |name: &str, bytes: &[u8]| {
-        let path = root.join(name);
-        std::fs::write(&path, bytes).unwrap();
-        path
-    };
+    write_in(root, "a-file", b"x"); // the "--out is a file" cases
+    let write = |name: &str, bytes: &[u8]| write_in(root, name, bytes);
     let config = common::write_tiny_config(root, "");
-    let train = |config: &Path, sets: &[&str], out: &str| {
-        let mut args = s(&["train", "--config", &p(config), "--out"]);
-        args.push(p(&root.join(out)));
-        for set in sets {
-            args.extend(s(&["--set", set]));
-        }
-        args
-    };
+    let train = |config: &Path, sets: &[&str], out: &str| train_args(root, config, sets, out);
     let bad_toml = write("bad.toml", b"seed = 7\n[training\nbatch_size = 8\n");
     c.case(
         "invalid TOML",
@@ -799,16 +798,8 @@ fn hostile_caches_and_checkpoints() {
     let root = tmp.path();
     let mut c = Catalogue::new();
     let config = common::write_tiny_config(root, "");
-    let train = |config: &Path, sets: &[&str], out: &str| {
-        let mut args = s(&["train", "--config", &p(config), "--out"]);
-        args.push(p(&root.join(out)));
-        for set in sets {
-            args.extend(s(&["--set", set]));
-        }
-        args
-    };
-    let a_file = root.join("a-file");
-    std::fs::write(&a_file, "x").unwrap();
+    let train = |config: &Path, sets: &[&str], out: &str| train_args(root, config, sets, out);
+    let a_file = write_in(root, "a-file", b"x");
     let run = tiny_run(root, "run", 4);
     let cache = root.join("cache");
     let cache_case = |c: &mut Catalogue, name: &str, damage: &dyn Fn(&Path), needles: &[&str]| {
