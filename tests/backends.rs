@@ -239,13 +239,14 @@ fn training_and_checkpoints_agree_across_backends() {
 #[test]
 fn dropout_is_drawn_on_the_device_at_its_rate_and_resumes_exactly() {
     use burn::tensor::Tensor;
-    use masklm_model::{MlmDropout, seed_dropout};
+    use masklm_model::{DropoutStream, MlmDropout};
     for (backend, device) in backends() {
         let device = device.autodiff();
-        let dropout = MlmDropout::new(0.1);
+        let stream = DropoutStream::shared();
+        let dropout = MlmDropout::new(0.1, &stream);
         let x = Tensor::<2>::ones([200, 500], &device);
         let draw = || -> Vec<f32> { values(dropout.forward(x.clone())) };
-        seed_dropout(11, &device);
+        stream.seed(11, &device);
         let a = draw();
         let dropped = a.iter().filter(|&&v| v == 0.0).count() as f64 / a.len() as f64;
         println!("{backend}: dropout rate {dropped} (0.1 asked)");
@@ -270,7 +271,7 @@ fn dropout_is_drawn_on_the_device_at_its_rate_and_resumes_exactly() {
             (both - 0.01).abs() < 0.002,
             "{backend}: dropped twice {both}"
         );
-        seed_dropout(11, &device);
+        stream.seed(11, &device);
         assert_eq!(a, draw(), "{backend}: the same seed draws the same mask");
     }
 

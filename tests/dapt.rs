@@ -141,7 +141,7 @@ fn patience_ends_the_run_with_a_checkpoint_and_a_resume_says_how_to_go_on() {
 fn probe_ranks_and_mrr_match_transformers() {
     let device = Device::flex();
     let dir = common::fixture("roberta-tiny");
-    let (_, model, _) = masklm_hub::load_roberta(&dir, &device).unwrap();
+    let (_, model, _) = masklm_hub::load_model(&dir, &device).unwrap();
     let tokenizer = masklm_data::load_tokenizer(&dir).unwrap();
     let (probes, notices) =
         masklm_train::load_probes(&dir.join("probes.tsv"), &tokenizer, 64).unwrap();

@@ -116,7 +116,8 @@ fn export_round_trips_and_matches_transformers_layout() {
 
     // The export loads back with the same logits as the checkpoint.
     let device = Device::flex();
-    let (_, trained) = masklm_train::checkpoint::load_model(&checkpoint, &device, |_| {}).unwrap();
+    let (_, trained) =
+        masklm_train::checkpoint::load_model(&checkpoint, &device, &Default::default()).unwrap();
     let (_, exported, report) = masklm_hub::load_roberta(&export, &device).unwrap();
     assert!(report.unexpected.is_empty());
     let ids = Tensor::<2, Int>::from_data(
@@ -212,7 +213,7 @@ fn fill_mask_and_eval_reject_bad_input_clearly() {
 fn bert_export_has_the_names_transformers_saves_and_round_trips() {
     let device = Device::flex();
     let fixture = common::fixture("bert-tiny");
-    let (config, model, _) = masklm_hub::load_roberta(&fixture, &device).unwrap();
+    let (config, model, _) = masklm_hub::load_model(&fixture, &device).unwrap();
     let dir = tempfile::tempdir().unwrap();
     masklm_hub::export_model(&model, &config, Some(&fixture), dir.path()).unwrap();
     assert_eq!(

@@ -7,11 +7,11 @@ mod common;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use common::Reference;
 use masklm_data::MlmBatch;
-use masklm_model::RobertaForMaskedLM;
+use masklm_model::MaskedLm;
 use masklm_train::{Decay, LossScaler, OptimizerConfig, Precision, ScheduleConfig, train_step};
 
-fn model(device: &Device) -> RobertaForMaskedLM {
-    common::fixture_model("roberta-tiny", device)
+fn model(device: &Device) -> MaskedLm {
+    common::fixture_masked_lm("roberta-tiny", device)
 }
 
 /// RoBERTa's pre-training AdamW settings at lr 1e-3, with clipping.
@@ -119,18 +119,19 @@ fn five_adamw_steps_match_torch() {
     // Weight decay and its groups, which the losses cannot see (5 steps of decay move weights
     // by ~5e-5): the final values of one parameter of each kind, llm.c style.
     let last = Reference::load_file("roberta-tiny", "optimizer_final.safetensors");
-    let layer = |i: usize| &model.roberta.encoder.layer[i];
+    let roberta = common::roberta_ref(&model);
+    let layer = |i: usize| &roberta.roberta.encoder.layer[i];
     let dense = layer(1).intermediate.dense.weight.val();
     let [d_in, d_out] = dense.dims();
     for (name, ours) in [
-        ("lm_head.bias", common::values(model.lm_head.bias.val())),
+        ("lm_head.bias", common::values(roberta.lm_head.bias.val())),
         (
             "roberta.encoder.layer.0.attention.output.LayerNorm.weight",
             common::values(layer(0).attention.output.LayerNorm.gamma.val()),
         ),
         (
             "roberta.embeddings.word_embeddings.weight",
-            common::values(model.roberta.embeddings.word_embeddings.weight.val()),
+            common::values(roberta.roberta.embeddings.word_embeddings.weight.val()),
         ),
         (
             "roberta.encoder.layer.1.intermediate.dense.weight",
@@ -241,7 +242,7 @@ fn f16_overflow_skips_the_update_and_halves_the_loss_scale() {
     let reference = Reference::load("roberta-tiny");
     let b = batch(&reference, 0..3, &device);
     let model = model(&device);
-    let before = common::values(model.lm_head.dense.weight.val());
+    let before = common::values(common::roberta_ref(&model).lm_head.dense.weight.val());
     let mut optimizer = config.build(&model);
     let mut scaler = LossScaler {
         scale: 1e38,
@@ -262,7 +263,10 @@ fn f16_overflow_skips_the_update_and_halves_the_loss_scale() {
         "the reported loss is unscaled: {stats:?}"
     );
     assert_eq!((scaler.scale, scaler.good_steps), (5e37, 0));
-    assert_eq!(common::values(model.lm_head.dense.weight.val()), before);
+    assert_eq!(
+        common::values(common::roberta_ref(&model).lm_head.dense.weight.val()),
+        before
+    );
 
     // With the default scale the same step goes through, and the unscaled gradient norm is
     // the f32 one's within half-precision error.

@@ -203,8 +203,9 @@ fn mixed_precision_follows_f32_and_keeps_f32_weights() {
         );
         // The master weights, and so the checkpoint, stay f32.
         let (_, model) =
-            masklm_train::checkpoint::load_model(&checkpoint, &Device::flex(), |_| {}).unwrap();
-        let weight = model.roberta.encoder.layer[0]
+            masklm_train::checkpoint::load_model(&checkpoint, &Device::flex(), &Default::default())
+                .unwrap();
+        let weight = common::roberta(model).roberta.encoder.layer[0]
             .attention
             .self_attn
             .query
@@ -656,7 +657,8 @@ fn best_names_the_weights_of_the_best_evaluation_off_the_save_schedule() {
     // Its weights reproduce the logged perplexity: the run's own evaluation, redone.
     let best = run.join("checkpoints").join(format!("step-{best_step:07}"));
     let device = Device::flex();
-    let (_, model) = masklm_train::checkpoint::load_model(&best, &device, |_| {}).unwrap();
+    let (_, model) =
+        masklm_train::checkpoint::load_model(&best, &device, &Default::default()).unwrap();
     let cache = dir.path().join("cache");
     let manifest = masklm_data::read_manifest(&cache).unwrap();
     let split = masklm_data::SplitReader::open(&cache, &manifest, "validation").unwrap();

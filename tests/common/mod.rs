@@ -106,15 +106,42 @@ pub fn masked(reference: &Reference, device: &Device) -> (Tensor<1, Int>, Tensor
 }
 
 /// The fixture model `name` without dropout (the reference gradients were taken in eval mode)
-/// on `device`, usually an autodiff one.
-pub fn fixture_model(name: &str, device: &Device) -> masklm_model::RobertaForMaskedLM {
+/// on `device`, usually an autodiff one, loaded through the family seam.
+pub fn fixture_masked_lm(name: &str, device: &Device) -> masklm_model::MaskedLm {
     let dir = fixture(name);
-    let mut config = masklm_hub::read_config(&dir).expect("fixture config");
-    config.hidden_dropout_prob = 0.0;
-    config.attention_probs_dropout_prob = 0.0;
-    let mut model = masklm_model::RobertaForMaskedLM::new(&config, device).expect("valid config");
+    let config = masklm_hub::read_config(&dir).expect("fixture config");
+    let no_dropout = config
+        .dropout_keys()
+        .iter()
+        .map(|key| (key.to_string(), serde_json::Value::from(0.0)))
+        .collect();
+    let config = config.with_keys(&no_dropout).expect("valid config");
+    let mut model = masklm_model::MaskedLm::new(&config, device).expect("valid config");
     masklm_hub::load_weights(&mut model, &dir).expect("fixture weights");
     model
+}
+
+/// The RoBERTa-family model inside `model`.
+pub fn roberta(model: masklm_model::MaskedLm) -> masklm_model::RobertaForMaskedLM {
+    #[allow(unreachable_patterns)]
+    match model {
+        masklm_model::MaskedLm::Roberta(model) => model,
+        other => panic!("not a RoBERTa-family model: {:?}", other.family()),
+    }
+}
+
+/// [`roberta`] by reference.
+pub fn roberta_ref(model: &masklm_model::MaskedLm) -> &masklm_model::RobertaForMaskedLM {
+    #[allow(unreachable_patterns)]
+    match model {
+        masklm_model::MaskedLm::Roberta(model) => model,
+        other => panic!("not a RoBERTa-family model: {:?}", other.family()),
+    }
+}
+
+/// [`fixture_masked_lm`] for a RoBERTa-family fixture, as its own type.
+pub fn fixture_model(name: &str, device: &Device) -> masklm_model::RobertaForMaskedLM {
+    roberta(fixture_masked_lm(name, device))
 }
 
 /// [`fixture_model`] and its masked-LM loss on the reference batch.

@@ -22,7 +22,7 @@ mod backend;
 use burn::module::Module;
 use burn::tensor::Device;
 use masklm_data::{MaskVocab, MaskingConfig, collate, mask_tokens};
-use masklm_model::{AttentionImpl, RobertaConfig, RobertaForMaskedLM};
+use masklm_model::{AttentionImpl, MaskedLm, ModelConfig, RobertaConfig};
 use masklm_train::{LossScaler, OptimizerConfig, Precision, train_step};
 
 fn arg(name: &str, default: usize) -> usize {
@@ -98,7 +98,7 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let mut model = RobertaForMaskedLM::new(&config, &ad)
+    let mut model = MaskedLm::new(&ModelConfig::from(config), &ad)
         .expect("valid shape")
         .with_attention(attention);
     let params = model.num_params();

@@ -167,7 +167,8 @@ pub fn export_cmd(args: ExportArgs, device: &Device) -> Result<()> {
         );
     }
     let _lock = masklm_data::lock_folder(&args.out, "export")?;
-    let (config, model) = masklm_train::checkpoint::load_model(&checkpoint, device, |_| {})?;
+    let (config, model) =
+        masklm_train::checkpoint::load_model(&checkpoint, device, &Default::default())?;
     // Built beside --out and moved in whole: a failed export leaves --out as it was.
     let staging = masklm_hub::Staging::new(&args.out)?;
     masklm_hub::export_model(&model, &config, Some(&checkpoint), staging.path())?;

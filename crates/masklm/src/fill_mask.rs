@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
 use clap::Args;
 use masklm_data::load_tokenizer;
-use masklm_model::{RobertaConfig, RobertaForMaskedLM};
+use masklm_model::{MaskedLm, ModelConfig};
 use masklm_train::fill::{FillText, encode_for_fill, pipeline_output, target_ids, top_candidates};
 
 #[derive(Args, Debug)]
@@ -64,7 +64,7 @@ pub fn load_model_and_tokenizer(
 }
 
 /// Ranks the vocabulary (or `targets`) at each mask of `ids`; one list per mask.
-fn predict(model: &RobertaForMaskedLM, text: &FillText, device: &Device) -> Result<Vec<Vec<f32>>> {
+fn predict(model: &MaskedLm, text: &FillText, device: &Device) -> Result<Vec<Vec<f32>>> {
     let mut rows = masklm_train::fill::mask_probabilities(
         model,
         &[&text.ids],
@@ -150,8 +150,8 @@ pub fn fill_mask(args: FillMaskArgs, device: &Device) -> Result<()> {
 }
 
 fn fill_ids(
-    model: &RobertaForMaskedLM,
-    config: &RobertaConfig,
+    model: &MaskedLm,
+    config: &ModelConfig,
     ids: &str,
     mask_id: u32,
     top_k: usize,
@@ -167,10 +167,10 @@ fn fill_ids(
     if ids.is_empty() {
         bail!("--ids is empty: give the token ids of one sequence, e.g. --ids \"0 17 4 9 2\"");
     }
-    if let Some(bad) = ids.iter().find(|&&id| id as usize >= config.vocab_size) {
+    if let Some(bad) = ids.iter().find(|&&id| id as usize >= config.vocab_size()) {
         bail!(
             "--ids: token id {bad} is outside the vocabulary (vocab_size {})",
-            config.vocab_size
+            config.vocab_size()
         );
     }
     if ids.len() > config.max_sequence_length() {

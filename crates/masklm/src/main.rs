@@ -129,14 +129,15 @@ fn inspect(path: &std::path::Path, device: &Device) -> Result<()> {
     use burn::module::Module;
     let dir = masklm_train::checkpoint::resolve_checkpoint(path);
     if masklm_train::checkpoint::is_checkpoint(&dir) {
-        let (config, model) = masklm_train::checkpoint::load_model(&dir, device, |_| {})?;
+        let (config, model) =
+            masklm_train::checkpoint::load_model(&dir, device, &Default::default())?;
         println!("{}", config.to_json());
         println!("masklm checkpoint: {}", dir.display());
         println!("parameters: {}", model.num_params());
         println!("stored dtype: F32");
         return Ok(());
     }
-    let (config, model, report) = masklm_hub::load_roberta(&dir, device)?;
+    let (config, model, report) = masklm_hub::load_model(&dir, device)?;
     println!("{}", config.to_json());
     println!("parameters: {}", model.num_params());
     println!(

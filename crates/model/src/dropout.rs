@@ -4,7 +4,7 @@
 //!   splitmix64 hash of (stream seed, call number, element index) in a host loop: several times
 //!   cheaper than burn's `Dropout` there (ChaCha one element at a time, ~14% of a CPU step).
 //! - On every other device (wgpu, CUDA, libtorch) it is the device's own Bernoulli generator
-//!   (`Tensor::random`, one kernel), seeded by [`seed_dropout`]: nothing is built on the host
+//!   (`Tensor::random`, one kernel), seeded by [`DropoutStream::seed`]: nothing is built on the host
 //!   and uploaded per call. A host-built mask was ~80% of a GPU training step; an integer hash
 //!   in int tensor ops (~15 elementwise passes per call) was tried and was far slower on
 //!   lavapipe (session 3, commit c0bc080).
@@ -17,6 +17,7 @@
 //!
 //! Active only on autodiff devices, as burn's is; evaluation (`Module::valid`) has none.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use burn::module::Module;
@@ -24,16 +25,50 @@ use burn::tensor::{Device, Distribution, FloatDType, Tensor};
 use masklm_splitmix::splitmix64;
 use rayon::prelude::*;
 
-static STREAM_SEED: AtomicU64 = AtomicU64::new(0x5EED);
-static CALLS: AtomicU64 = AtomicU64::new(0);
+/// The random stream one model's dropout masks come from: a seed and the number of masks
+/// drawn since it was set. Every [`MlmDropout`] of a model shares its model's stream (an
+/// `Arc`, kept through `clone`, `valid`, `fork` and the mixed-precision view), so two models
+/// (two runs in one process, a test beside a run) never disturb each other's masks, and a
+/// resumed run sees exactly the masks its uninterrupted self saw.
+///
+/// Off the CPU backend the masks come from the device's own generator, which
+/// [`DropoutStream::seed`] seeds too; on backends where that generator is process-wide (wgpu,
+/// libtorch), two models training at once on one such device do share it.
+#[derive(Debug)]
+pub struct DropoutStream {
+    seed: AtomicU64,
+    calls: AtomicU64,
+}
 
-/// Starts a new dropout stream on `device`: the masks that follow depend only on `seed` and
-/// their order. Seeds the device's generator too, which on some backends is process-wide.
-pub fn seed_dropout(seed: u64, device: &Device) {
-    STREAM_SEED.store(seed, Ordering::SeqCst);
-    CALLS.store(0, Ordering::SeqCst);
-    if !host_resident(device) {
-        device.seed(seed);
+impl Default for DropoutStream {
+    fn default() -> Self {
+        Self {
+            seed: AtomicU64::new(0x5EED),
+            calls: AtomicU64::new(0),
+        }
+    }
+}
+
+impl DropoutStream {
+    /// A new stream, to be shared by the dropouts of one model.
+    pub fn shared() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Starts the stream over on `device`: the masks that follow depend only on `seed` and
+    /// their order.
+    pub fn seed(&self, seed: u64, device: &Device) {
+        self.seed.store(seed, Ordering::SeqCst);
+        self.calls.store(0, Ordering::SeqCst);
+        if !host_resident(device) {
+            device.seed(seed);
+        }
+    }
+
+    /// The seed and number of the next mask.
+    fn next_call(&self) -> (u64, u64) {
+        let call = self.calls.fetch_add(1, Ordering::SeqCst);
+        (self.seed.load(Ordering::SeqCst), call)
     }
 }
 
@@ -43,13 +78,8 @@ fn host_resident(device: &Device) -> bool {
     device.clone().without_autodiff() == Device::flex()
 }
 
-/// The 0 / `1 / keep` mask of `n` elements for dropout call `call`, from the host hash, drawn
-/// in chunks across rayon's workers (each element depends only on its index).
-fn host_mask(n: usize, call: u64, keep: f64) -> Vec<f32> {
-    host_mask_of(STREAM_SEED.load(Ordering::SeqCst), n, call, keep)
-}
-
-/// [`host_mask`] for an explicit stream seed.
+/// The 0 / `1 / keep` mask of `n` elements for dropout call `call` of stream `seed`, from the
+/// host hash, drawn in chunks across rayon's workers (each element depends only on its index).
 fn host_mask_of(seed: u64, n: usize, call: u64, keep: f64) -> Vec<f32> {
     // Two 32-bit draws per hash: element i is half (i % 2) of hash i / 2.
     const CHUNK: usize = 1 << 14;
@@ -80,11 +110,18 @@ fn host_mask_of(seed: u64, n: usize, call: u64, keep: f64) -> Vec<f32> {
 #[derive(Module, Debug)]
 pub struct MlmDropout {
     pub prob: f64,
+    /// The model's stream, shared by all its dropouts.
+    #[module(skip)]
+    pub stream: Arc<DropoutStream>,
 }
 
 impl MlmDropout {
-    pub fn new(prob: f64) -> Self {
-        Self { prob }
+    /// A dropout of rate `prob` drawing from `stream` (its model's).
+    pub fn new(prob: f64, stream: &Arc<DropoutStream>) -> Self {
+        Self {
+            prob,
+            stream: stream.clone(),
+        }
     }
 
     /// Whether this dropout changes its input: a non-zero rate on an autodiff device.
@@ -96,8 +133,8 @@ impl MlmDropout {
     /// host-resident `n`-element input by): for fused CPU kernels that apply the mask
     /// themselves. The stream advances exactly as one `forward` call would.
     pub(crate) fn draw_host_mask(&self, n: usize) -> Vec<f32> {
-        let call = CALLS.fetch_add(1, Ordering::SeqCst);
-        host_mask(n, call, 1.0 - self.prob)
+        let (seed, call) = self.stream.next_call();
+        host_mask_of(seed, n, call, 1.0 - self.prob)
     }
 
     pub fn forward<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
@@ -107,11 +144,11 @@ impl MlmDropout {
         }
         let shape = input.shape();
         let keep = 1.0 - self.prob;
-        let call = CALLS.fetch_add(1, Ordering::SeqCst);
+        let (seed, call) = self.stream.next_call();
         if host_resident(&device) {
             return crate::cpu_ops::mul_constant(
                 input,
-                host_mask(shape.num_elements(), call, keep),
+                host_mask_of(seed, shape.num_elements(), call, keep),
             );
         }
         // The mask needs no gradient: draw it off the autodiff graph.
@@ -159,14 +196,15 @@ mod tests {
     #[test]
     fn rate_scale_determinism_and_eval_passthrough() {
         let device = Device::flex().autodiff();
-        let dropout = MlmDropout::new(0.1);
+        let stream = DropoutStream::shared();
+        let dropout = MlmDropout::new(0.1, &stream);
         let x = Tensor::<2>::ones([200, 500], &device);
-        seed_dropout(3, &device);
+        stream.seed(3, &device);
         let a: Vec<f32> = dropout.forward(x.clone()).into_data().try_to_vec().unwrap();
         let dropped = a.iter().filter(|&&v| v == 0.0).count() as f64 / a.len() as f64;
         assert!((dropped - 0.1).abs() < 0.005, "dropped {dropped}");
         assert!(a.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.9).abs() < 1e-6));
-        seed_dropout(3, &device);
+        stream.seed(3, &device);
         let b: Vec<f32> = dropout.forward(x.clone()).into_data().try_to_vec().unwrap();
         assert_eq!(a, b);
         let c: Vec<f32> = dropout.forward(x).into_data().try_to_vec().unwrap();
@@ -174,5 +212,36 @@ mod tests {
         let plain = Tensor::<2>::ones([4, 4], &Device::flex());
         let out: Vec<f32> = dropout.forward(plain).into_data().try_to_vec().unwrap();
         assert!(out.iter().all(|&v| v == 1.0));
+    }
+
+    #[test]
+    fn each_model_has_its_own_stream() {
+        // Two models' dropouts: drawing from one must not move the other (the bug of a
+        // process-wide stream: two runs in one process broke each other's exact resume).
+        let device = Device::flex().autodiff();
+        let (one, two) = (DropoutStream::shared(), DropoutStream::shared());
+        let (a, b) = (MlmDropout::new(0.5, &one), MlmDropout::new(0.5, &two));
+        let x = Tensor::<2>::ones([64, 64], &device);
+        let draw =
+            |d: &MlmDropout| -> Vec<f32> { d.forward(x.clone()).into_data().try_to_vec().unwrap() };
+        one.seed(7, &device);
+        two.seed(7, &device);
+        let first = draw(&a);
+        let _ = draw(&b);
+        let _ = draw(&b);
+        two.seed(7, &device);
+        assert_eq!(draw(&b), first, "the same seed, its own first mask");
+        one.seed(7, &device);
+        let _ = draw(&b);
+        assert_eq!(
+            draw(&a),
+            first,
+            "another model's draws do not advance this stream"
+        );
+        // A clone of the module (what valid(), fork() and autocast make) shares the stream.
+        let clone = a.clone();
+        one.seed(7, &device);
+        let _ = draw(&clone);
+        assert_ne!(draw(&a), first, "a clone draws from the same stream");
     }
 }

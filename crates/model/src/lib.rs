@@ -31,13 +31,15 @@
 mod config;
 mod cpu_ops;
 mod dropout;
+mod family;
 pub mod memory;
 mod model;
 
 use std::path::PathBuf;
 
 pub use config::{HiddenAct, RobertaConfig};
-pub use dropout::{MlmDropout, seed_dropout};
+pub use dropout::{DropoutStream, MlmDropout};
+pub use family::{Family, MaskedLm, ModelConfig};
 pub use model::{
     AttentionImpl, KeyMask, RobertaAttention, RobertaEmbeddings, RobertaEncoder,
     RobertaForMaskedLM, RobertaIntermediate, RobertaLMHead, RobertaLayer, RobertaModel,

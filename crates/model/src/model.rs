@@ -16,7 +16,9 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, DType, Device, Distribution, FloatDType, Int, Tensor};
 
-use crate::dropout::MlmDropout;
+use std::sync::Arc;
+
+use crate::dropout::{DropoutStream, MlmDropout};
 use crate::{HiddenAct, RobertaConfig};
 
 /// A Linear layer initialised as HF `_init_weights`: weight ~ N(0, initializer_range) in burn's
@@ -151,7 +153,7 @@ pub struct RobertaEmbeddings {
 }
 
 impl RobertaEmbeddings {
-    pub fn new(config: &RobertaConfig, device: &Device) -> Self {
+    pub fn new(config: &RobertaConfig, stream: &Arc<DropoutStream>, device: &Device) -> Self {
         let pad = Some(config.pad_token_id);
         // BERT has no padding row in its position table.
         let position_pad = (!config.is_bert()).then_some(config.pad_token_id);
@@ -172,7 +174,7 @@ impl RobertaEmbeddings {
                 device,
             ),
             LayerNorm: layer_norm(config, device),
-            dropout: MlmDropout::new(config.hidden_dropout_prob),
+            dropout: MlmDropout::new(config.hidden_dropout_prob, stream),
             padding_idx: config.pad_token_id,
             absolute_positions: config.is_bert(),
             layer_norm_eps: config.layer_norm_eps,
@@ -299,13 +301,13 @@ pub struct RobertaSelfAttention {
 }
 
 impl RobertaSelfAttention {
-    pub fn new(config: &RobertaConfig, device: &Device) -> Self {
+    pub fn new(config: &RobertaConfig, stream: &Arc<DropoutStream>, device: &Device) -> Self {
         let h = config.hidden_size;
         Self {
             query: linear(h, h, config, device),
             key: linear(h, h, config, device),
             value: linear(h, h, config, device),
-            dropout: MlmDropout::new(config.attention_probs_dropout_prob),
+            dropout: MlmDropout::new(config.attention_probs_dropout_prob, stream),
             num_heads: config.num_attention_heads,
             implementation: AttentionImpl::Auto,
         }
@@ -389,11 +391,16 @@ pub struct RobertaOutput {
 }
 
 impl RobertaOutput {
-    pub fn new(d_input: usize, config: &RobertaConfig, device: &Device) -> Self {
+    pub fn new(
+        d_input: usize,
+        config: &RobertaConfig,
+        stream: &Arc<DropoutStream>,
+        device: &Device,
+    ) -> Self {
         Self {
             dense: linear(d_input, config.hidden_size, config, device),
             LayerNorm: layer_norm(config, device),
-            dropout: MlmDropout::new(config.hidden_dropout_prob),
+            dropout: MlmDropout::new(config.hidden_dropout_prob, stream),
             layer_norm_eps: config.layer_norm_eps,
         }
     }
@@ -436,17 +443,22 @@ pub struct RobertaLayer {
 }
 
 impl RobertaLayer {
-    pub fn new(config: &RobertaConfig, act: HiddenAct, device: &Device) -> Self {
+    pub fn new(
+        config: &RobertaConfig,
+        act: HiddenAct,
+        stream: &Arc<DropoutStream>,
+        device: &Device,
+    ) -> Self {
         Self {
             attention: RobertaAttention {
-                self_attn: RobertaSelfAttention::new(config, device),
-                output: RobertaOutput::new(config.hidden_size, config, device),
+                self_attn: RobertaSelfAttention::new(config, stream, device),
+                output: RobertaOutput::new(config.hidden_size, config, stream, device),
             },
             intermediate: RobertaIntermediate {
                 dense: linear(config.hidden_size, config.intermediate_size, config, device),
                 act,
             },
-            output: RobertaOutput::new(config.intermediate_size, config, device),
+            output: RobertaOutput::new(config.intermediate_size, config, stream, device),
         }
     }
 
@@ -572,12 +584,14 @@ impl RobertaForMaskedLM {
         config.validate()?;
         config.check_memory()?;
         let act = config.activation()?;
+        // One dropout stream for the whole model (crate::dropout).
+        let stream = DropoutStream::shared();
         Ok(Self {
             roberta: RobertaModel {
-                embeddings: RobertaEmbeddings::new(config, device),
+                embeddings: RobertaEmbeddings::new(config, &stream, device),
                 encoder: RobertaEncoder {
                     layer: (0..config.num_hidden_layers)
-                        .map(|_| RobertaLayer::new(config, act, device))
+                        .map(|_| RobertaLayer::new(config, act, &stream, device))
                         .collect(),
                 },
             },
@@ -675,6 +689,11 @@ impl RobertaForMaskedLM {
     /// The word-embedding matrix, which is also the decoder weight.
     pub fn word_embeddings(&self) -> Tensor<2> {
         self.roberta.embeddings.word_embeddings.weight.val()
+    }
+
+    /// The random stream every dropout of this model draws from.
+    pub fn dropout_stream(&self) -> &Arc<DropoutStream> {
+        &self.roberta.embeddings.dropout.stream
     }
 }
 

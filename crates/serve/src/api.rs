@@ -177,11 +177,11 @@ async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
             json!({
                 "name": m.name,
                 "path": m.path.display().to_string(),
-                "vocab_size": m.config.vocab_size,
+                "vocab_size": m.config.vocab_size(),
                 "max_length": m.config.max_sequence_length(),
                 "mask_token": m.tokenizer.mask_token,
-                "hidden_size": m.config.hidden_size,
-                "num_hidden_layers": m.config.num_hidden_layers,
+                "hidden_size": m.config.hidden_size(),
+                "num_hidden_layers": m.config.num_hidden_layers(),
                 "parameters": m.parameters,
             })
         })

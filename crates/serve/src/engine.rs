@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use burn::tensor::Device;
 use masklm_data::{MaskVocab, MlmTokenizer};
-use masklm_model::{RobertaConfig, RobertaForMaskedLM};
+use masklm_model::{MaskedLm, ModelConfig};
 use masklm_train::fill::{FillText, mask_probabilities, pipeline_output};
 use masklm_train::pseudo_log_likelihood_passes;
 use serde_json::Value;
@@ -21,7 +21,7 @@ use tokio::sync::oneshot;
 pub struct ModelInfo {
     pub name: String,
     pub path: std::path::PathBuf,
-    pub config: RobertaConfig,
+    pub config: ModelConfig,
     pub tokenizer: MlmTokenizer,
     pub vocab: MaskVocab,
     pub parameters: usize,
@@ -120,7 +120,7 @@ impl Engine {
     /// drained. `max_masks`: most masked positions whose distributions one forward holds (each
     /// is a vocabulary-sized row of floats), however many requests were batched together.
     pub fn start(
-        models: Vec<RobertaForMaskedLM>,
+        models: Vec<MaskedLm>,
         infos: Arc<Vec<ModelInfo>>,
         batching: Batching,
         max_masks: usize,
@@ -170,7 +170,7 @@ impl Engine {
 
 /// Everything the model thread owns.
 struct ModelThread {
-    models: Vec<RobertaForMaskedLM>,
+    models: Vec<MaskedLm>,
     infos: Arc<Vec<ModelInfo>>,
     batching: Batching,
     max_masks: usize,
@@ -243,7 +243,7 @@ impl ModelThread {
 
 /// One model's share of a batch.
 struct Worker<'a> {
-    model: &'a RobertaForMaskedLM,
+    model: &'a MaskedLm,
     info: &'a ModelInfo,
     max_batch: usize,
     max_masks: usize,

@@ -20,9 +20,9 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use burn::optim::ModuleOptimizer;
-use burn::store::{BurnpackStore, ModuleSnapshot};
+use burn::store::BurnpackStore;
 use burn::tensor::Device;
-use masklm_model::{RobertaConfig, RobertaForMaskedLM};
+use masklm_model::{MaskedLm, ModelConfig};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -193,9 +193,9 @@ fn check_complete(dir: &Path) -> Result<(), TrainError> {
 /// Writes a checkpoint of `model` and `optimizer` at `state.step` and points `latest` to it.
 pub fn save_checkpoint(
     run_dir: &Path,
-    model: &RobertaForMaskedLM,
+    model: &MaskedLm,
     optimizer: &ModuleOptimizer,
-    config: &RobertaConfig,
+    config: &ModelConfig,
     tokenizer: &TokenizerFiles,
     state: &TrainState,
 ) -> Result<PathBuf, TrainError> {
@@ -211,7 +211,7 @@ pub fn save_checkpoint(
     let model_path = tmp.join("model.bpk");
     let mut store = BurnpackStore::from_file(&model_path).overwrite(true);
     model
-        .save_into(&mut store)
+        .save_weights_into(&mut store)
         .map_err(|e| TrainError::Checkpoint {
             path: model_path.clone(),
             reason: e.to_string(),
@@ -562,27 +562,27 @@ pub fn is_checkpoint(dir: &Path) -> bool {
     dir.join("model.bpk").is_file() && dir.join("manifest.json").is_file()
 }
 
-/// Loads a checkpoint's model (with its parameter ids) onto `device`.
+/// Loads a checkpoint's model (with its parameter ids) onto `device`, with `keys` of its
+/// config.json replaced first (a continuing run's dropout).
 pub fn load_model(
     dir: &Path,
     device: &Device,
-    adjust: impl FnOnce(&mut RobertaConfig),
-) -> Result<(RobertaConfig, RobertaForMaskedLM), TrainError> {
+    keys: &serde_json::Map<String, serde_json::Value>,
+) -> Result<(ModelConfig, MaskedLm), TrainError> {
     verify_checkpoint(dir)?;
-    let mut config =
-        RobertaConfig::from_file(&dir.join("config.json")).map_err(|e| TrainError::Config {
-            key: "config.json".to_string(),
-            reason: e.to_string(),
-        })?;
-    adjust(&mut config);
-    let mut model = RobertaForMaskedLM::new(&config, device).map_err(|e| TrainError::Config {
+    let config_error = |e: masklm_model::ConfigError| TrainError::Config {
         key: "config.json".to_string(),
         reason: e.to_string(),
-    })?;
+    };
+    let mut config = ModelConfig::from_file(&dir.join("config.json")).map_err(config_error)?;
+    if !keys.is_empty() {
+        config = config.with_keys(keys).map_err(config_error)?;
+    }
+    let mut model = MaskedLm::new(&config, device).map_err(config_error)?;
     let path = dir.join("model.bpk");
     let mut store = BurnpackStore::from_file(&path);
     model
-        .load_from(&mut store)
+        .load_weights_from(&mut store)
         .map_err(|e| TrainError::Checkpoint {
             path: path.clone(),
             reason: e.to_string(),

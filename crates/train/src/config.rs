@@ -21,7 +21,7 @@
 use std::path::{Path, PathBuf};
 
 use masklm_data::{CorpusOptions, MaskingConfig, Packing};
-use masklm_model::RobertaConfig;
+use masklm_model::{Family, ModelConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::{OptimizerConfig, ScheduleConfig, TrainError};
@@ -560,37 +560,68 @@ impl TrainConfig {
                 format!("{} does not exist", path.display()),
             );
         }
-        let allowed: Vec<String> = serde_json::to_value(RobertaConfig::default())
-            .ok()
-            .and_then(|v| v.as_object().map(|o| o.keys().cloned().collect()))
-            .unwrap_or_default();
-        for key in self.model.config.keys() {
-            if !allowed.contains(key) && key != "position_embedding_type" {
+        let family = match self.model.config.get("model_type") {
+            None => Family::Roberta,
+            Some(toml::Value::String(name)) => match Family::of_model_type(name) {
+                Some(family) => family,
+                None => {
+                    return bad(
+                        "model.model_type",
+                        format!(
+                            "{name:?} is not a family masklm knows; it trains {}",
+                            Family::known_model_types()
+                        ),
+                    );
+                }
+            },
+            Some(other) => {
                 return bad(
-                    &format!("model.{key}"),
-                    "unknown key; [model] takes Hugging Face config.json keys (hidden_size, \
-                     num_hidden_layers, ...) or init_from",
+                    "model.model_type",
+                    format!("{other} is not a string; write e.g. model_type = \"roberta\""),
                 );
             }
-            if self.model.init_from.is_some()
-                && !matches!(
-                    key.as_str(),
-                    "hidden_dropout_prob" | "attention_probs_dropout_prob"
-                )
+        };
+        if self.model.init_from.is_some() {
+            // The family is the loaded folder's; open_model checks the keys against it.
+            let dropout: Vec<&str> = Family::ALL
+                .iter()
+                .flat_map(|&f| ModelConfig::default_for(f).dropout_keys())
+                .copied()
+                .collect();
+            if let Some(key) = self
+                .model
+                .config
+                .keys()
+                .find(|k| !dropout.contains(&k.as_str()))
             {
                 return bad(
                     &format!("model.{key}"),
-                    "cannot change the shape of a model loaded with init_from (only dropout \
-                     may be set)",
+                    format!(
+                        "cannot change the shape of a model loaded with init_from (only its \
+                         dropout may be set: {})",
+                        dropout.join(", ")
+                    ),
                 );
             }
+            return Ok(());
+        }
+        let allowed = ModelConfig::accepted_keys(family);
+        if let Some(key) = self.model.config.keys().find(|k| !allowed.contains(k)) {
+            return bad(
+                &format!("model.{key}"),
+                format!(
+                    "unknown key for a {} model; [model] takes Hugging Face config.json keys \
+                     (hidden_size, num_hidden_layers, ...), model_type, or init_from",
+                    family.name()
+                ),
+            );
         }
         Ok(())
     }
 
     /// The model config for training from scratch, with `vocab_size` from the tokenizer when
     /// the file does not give one.
-    pub fn model_config(&self, tokenizer_vocab: usize) -> Result<RobertaConfig, TrainError> {
+    pub fn model_config(&self, tokenizer_vocab: usize) -> Result<ModelConfig, TrainError> {
         let mut json =
             serde_json::to_value(&self.model.config).map_err(|e| TrainError::Config {
                 key: "model".to_string(),
@@ -602,7 +633,7 @@ impl TrainConfig {
                 .or_insert(serde_json::Value::from(tokenizer_vocab));
         }
         let text = json.to_string();
-        RobertaConfig::from_json(&text).map_err(|e| TrainError::Config {
+        ModelConfig::from_json(&text).map_err(|e| TrainError::Config {
             key: "model".to_string(),
             reason: e.to_string(),
         })
@@ -704,8 +735,8 @@ mod tests {
         assert_eq!(config.training.max_steps, Some(3));
         assert_eq!(config.data.packing, Packing::Line);
         let model = config.model_config(300).unwrap();
-        assert_eq!(model.vocab_size, 300);
-        assert_eq!(model.hidden_size, 32);
+        assert_eq!(model.vocab_size(), 300);
+        assert_eq!(model.hidden_size(), 32);
     }
 
     #[test]

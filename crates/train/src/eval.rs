@@ -3,7 +3,7 @@
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use masklm_data::{MaskVocab, MaskingConfig, MlmBatcher, Sample, SplitReader};
-use masklm_model::RobertaForMaskedLM;
+use masklm_model::MaskedLm;
 use serde::{Deserialize, Serialize};
 
 /// Result of an evaluation.
@@ -34,7 +34,7 @@ pub struct EvalSettings {
 /// Only the masked positions are projected onto the vocabulary, one batch at a time, so
 /// memory stays at one batch's `[masked, vocab]` logits.
 pub fn evaluate(
-    model: &RobertaForMaskedLM,
+    model: &MaskedLm,
     split: &SplitReader,
     vocab: &MaskVocab,
     settings: &EvalSettings,
@@ -46,7 +46,7 @@ pub fn evaluate(
 /// Evaluates `model` on the examples of `splits` one after the other, as one set (the
 /// validation splits of several `[data] sources`); masks are keyed by the running index.
 pub fn evaluate_splits(
-    model: &RobertaForMaskedLM,
+    model: &MaskedLm,
     splits: &[&SplitReader],
     vocab: &MaskVocab,
     settings: &EvalSettings,
@@ -142,7 +142,7 @@ pub struct PseudoPerplexity {
 /// token stream (`packing = "full"`), so a block may start inside a word. `None` when no
 /// example has a maskable token.
 pub fn pseudo_perplexity(
-    model: &RobertaForMaskedLM,
+    model: &MaskedLm,
     split: &SplitReader,
     vocab: &MaskVocab,
     batch_size: usize,
@@ -205,7 +205,7 @@ pub fn count_words(tokens: &[u32], vocab: &MaskVocab, mut after_special: bool) -
 /// other tokens) over its non-special tokens, each masked once, `batch_size` masked copies per
 /// forward; and how many tokens were scored.
 pub fn pseudo_log_likelihood(
-    model: &RobertaForMaskedLM,
+    model: &MaskedLm,
     tokens: &[u32],
     vocab: &MaskVocab,
     batch_size: usize,
@@ -220,7 +220,7 @@ pub fn pseudo_log_likelihood(
 /// advanced, so a caller can stop between passes: the server does, for a client that has left
 /// (a 512-token text is 512 masked copies).
 pub fn pseudo_log_likelihood_passes<'a>(
-    model: &'a RobertaForMaskedLM,
+    model: &'a MaskedLm,
     tokens: &'a [u32],
     vocab: &'a MaskVocab,
     batch_size: usize,

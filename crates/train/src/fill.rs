@@ -4,7 +4,7 @@
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use masklm_data::MlmTokenizer;
-use masklm_model::RobertaForMaskedLM;
+use masklm_model::MaskedLm;
 
 use crate::TrainError;
 
@@ -14,7 +14,7 @@ use crate::TrainError;
 /// Padding is masked out of attention, so a sequence's scores do not depend on what it is
 /// batched with (up to float rounding).
 pub fn mask_probabilities(
-    model: &RobertaForMaskedLM,
+    model: &MaskedLm,
     sequences: &[&[u32]],
     masks: &[Vec<usize>],
     pad_id: u32,

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
 use masklm_data::MlmTokenizer;
-use masklm_model::{RobertaConfig, RobertaForMaskedLM};
+use masklm_model::{MaskedLm, ModelConfig};
 
 use crate::TrainError;
 use crate::checkpoint::{is_checkpoint, load_model, resolve_checkpoint};
@@ -15,8 +15,8 @@ pub struct Loaded {
     /// The folder it came from (a `best`/`latest` pointer or a run folder resolved to its
     /// checkpoint); its tokenizer files sit beside the weights.
     pub dir: PathBuf,
-    pub config: RobertaConfig,
-    pub model: RobertaForMaskedLM,
+    pub config: ModelConfig,
+    pub model: MaskedLm,
     /// Tensors of a Hugging Face weight file that no parameter took.
     pub unused: Vec<String>,
 }
@@ -26,7 +26,7 @@ pub struct Loaded {
 pub fn load_for_inference(path: &Path, device: &Device) -> Result<Loaded, TrainError> {
     let dir = resolve_checkpoint(path);
     if is_checkpoint(&dir) {
-        let (config, model) = load_model(&dir, device, |_| {})?;
+        let (config, model) = load_model(&dir, device, &Default::default())?;
         return Ok(Loaded {
             dir,
             config,
@@ -34,7 +34,7 @@ pub fn load_for_inference(path: &Path, device: &Device) -> Result<Loaded, TrainE
             unused: Vec::new(),
         });
     }
-    let (config, model, report) = masklm_hub::load_roberta(&dir, device)?;
+    let (config, model, report) = masklm_hub::load_model(&dir, device)?;
     Ok(Loaded {
         dir,
         config,
@@ -46,9 +46,9 @@ pub fn load_for_inference(path: &Path, device: &Device) -> Result<Loaded, TrainE
 /// Every id the tokenizer can produce must index the model's embedding table.
 pub fn check_tokenizer_fits(
     tokenizer: &MlmTokenizer,
-    config: &RobertaConfig,
+    config: &ModelConfig,
 ) -> Result<(), TrainError> {
-    if tokenizer.vocab_size() > config.vocab_size {
+    if tokenizer.vocab_size() > config.vocab_size() {
         return Err(TrainError::Config {
             key: "vocab_size".to_string(),
             reason: format!(
@@ -56,7 +56,7 @@ pub fn check_tokenizer_fits(
                  tokenizer does not belong to this model",
                 tokenizer.dir.display(),
                 tokenizer.vocab_size() - 1,
-                config.vocab_size
+                config.vocab_size()
             ),
         });
     }

@@ -15,7 +15,7 @@
 
 use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::{Device, FloatDType, Tensor};
-use masklm_model::RobertaForMaskedLM;
+use masklm_model::MaskedLm;
 use serde::{Deserialize, Serialize};
 
 /// `training.precision`.
@@ -75,7 +75,7 @@ impl Precision {
 
 /// The model as one mixed-precision step computes with it: Linear parameters cast to `dtype`
 /// through a differentiable cast (their gradients reach the f32 originals), the rest shared.
-pub fn autocast(model: &RobertaForMaskedLM, dtype: FloatDType) -> RobertaForMaskedLM {
+pub fn autocast(model: &MaskedLm, dtype: FloatDType) -> MaskedLm {
     struct Autocast {
         dtype: FloatDType,
         in_linear: usize,
@@ -176,8 +176,14 @@ mod tests {
             max_position_embeddings: 12,
             ..Default::default()
         };
-        let model = RobertaForMaskedLM::new(&config, &Device::flex()).unwrap();
+        let model = MaskedLm::new(&config.into(), &Device::flex()).unwrap();
         let half = autocast(&model, FloatDType::F16);
+        #[allow(unreachable_patterns)]
+        let roberta = |m: &MaskedLm| match m {
+            MaskedLm::Roberta(m) => m.clone(),
+            _ => panic!("a RoBERTa config builds a RoBERTa model"),
+        };
+        let (model, half) = (roberta(&model), roberta(&half));
         let layer = &half.roberta.encoder.layer[0];
         assert_eq!(
             layer.attention.self_attn.query.weight.val().dtype(),

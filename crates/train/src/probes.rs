@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
 use masklm_data::MlmTokenizer;
-use masklm_model::RobertaForMaskedLM;
+use masklm_model::MaskedLm;
 use serde::Serialize;
 
 use crate::TrainError;
@@ -178,7 +178,7 @@ pub fn load_probes_from(
 
 /// Ranks each probe's answers under `model`, 32 probes per forward pass.
 pub fn run_probes(
-    model: &RobertaForMaskedLM,
+    model: &MaskedLm,
     probes: &[Probe],
     tokenizer: &MlmTokenizer,
     device: &Device,

@@ -3,7 +3,7 @@
 use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::tensor::Tensor;
 use masklm_data::MlmBatch;
-use masklm_model::{RobertaForMaskedLM, mlm_loss};
+use masklm_model::{MaskedLm, mlm_loss};
 
 use crate::precision::{LossScaler, Precision, autocast};
 
@@ -31,14 +31,14 @@ pub struct StepStats {
 /// `FloatingPointError` and `clip_grad_norm_(error_if_nonfinite=True)`): the step is skipped
 /// and the weights stay bit-identical. So is a step without any masked token.
 pub fn train_step(
-    model: RobertaForMaskedLM,
+    model: MaskedLm,
     optimizer: &mut ModuleOptimizer,
     batches: &[MlmBatch],
     lr: f64,
     max_grad_norm: f64,
     precision: Precision,
     scaler: &mut LossScaler,
-) -> (RobertaForMaskedLM, StepStats) {
+) -> (MaskedLm, StepStats) {
     let total: usize = batches.iter().map(|b| b.masked).sum();
     if total == 0 {
         let stats = StepStats {
@@ -58,7 +58,7 @@ pub fn train_step(
     } else {
         1.0
     };
-    let mut accumulator = GradientsAccumulator::<RobertaForMaskedLM>::new();
+    let mut accumulator = GradientsAccumulator::<MaskedLm>::new();
     // The loss stays on the device until the end of the step: reading it per micro-batch
     // would make the host wait for each forward before it can queue the backward.
     let plain = model.word_embeddings().device().without_autodiff();
@@ -103,7 +103,7 @@ pub fn train_step(
 /// The step's loss and its gradients' sum of squares, in one device-to-host transfer: the
 /// step's only read (the skip decision needs both before the update).
 fn read_loss_and_sum_squares(
-    model: &RobertaForMaskedLM,
+    model: &MaskedLm,
     grads: &GradientsParams,
     loss: Tensor<1>,
 ) -> (f64, f64) {

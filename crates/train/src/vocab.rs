@@ -104,12 +104,13 @@ pub fn extend_vocabulary(
     let loaded = load_for_inference(model, device)?;
     let tokenizer = load_tokenizer(&loaded.dir)?;
     check_tokenizer_fits(&tokenizer, &loaded.config)?;
-    let old_vocab_size = loaded.config.vocab_size;
+    let old_vocab_size = loaded.config.vocab_size();
     let (extension, dropped) = extend_within(&tokenizer, words, old_vocab_size as u32, limit)?;
     let sources: Vec<Vec<u32>> = extension.added.iter().map(|t| t.pieces.clone()).collect();
     let model = loaded.model.with_new_rows(&sources);
-    let mut config = loaded.config.clone();
-    config.vocab_size = old_vocab_size + sources.len();
+    let config = loaded
+        .config
+        .with_vocab_size(old_vocab_size + sources.len());
     let staging = masklm_hub::Staging::new(out)?;
     masklm_hub::export_model(&model, &config, Some(&loaded.dir), staging.path())?;
     let write =
@@ -119,7 +120,7 @@ pub fn extend_vocabulary(
         model: loaded.dir,
         out: out.to_path_buf(),
         old_vocab_size,
-        new_vocab_size: config.vocab_size,
+        new_vocab_size: config.vocab_size(),
         added: extension.added,
         already_single: extension.already_single,
         not_single: extension.not_single,

@@ -23,7 +23,7 @@ use burn::module::Module;
 use burn::optim::ModuleOptimizer;
 use burn::tensor::Device;
 use masklm_data::{FolderLock, MaskVocab, MlmTokenizer, SplitReader, StepSampler};
-use masklm_model::{RobertaConfig, RobertaForMaskedLM};
+use masklm_model::{MaskedLm, ModelConfig};
 use serde_json::json;
 
 use crate::checkpoint::{
@@ -235,9 +235,9 @@ struct Run<'a> {
     tracked: String,
     probes: Option<(Vec<Probe>, MlmTokenizer)>,
     sampler: StepSampler,
-    model_config: RobertaConfig,
+    model_config: ModelConfig,
     /// `None` only while a step has taken it.
-    model: Option<RobertaForMaskedLM>,
+    model: Option<MaskedLm>,
     optimizer: ModuleOptimizer,
     state: TrainState,
     total_steps: usize,
@@ -253,7 +253,7 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
-    fn model(&self) -> &RobertaForMaskedLM {
+    fn model(&self) -> &MaskedLm {
         // Taken only inside `step`, which always puts it back.
         self.model
             .as_ref()
@@ -275,13 +275,13 @@ impl Run<'_> {
         let lr = config
             .schedule
             .lr(config.optimizer.lr, step, self.total_steps);
-        masklm_model::seed_dropout(dropout_seed(config.seed, step), &self.ad_device);
         let precision = config.training.precision;
         let mut scaler = self.state.loss_scaler.unwrap_or_default();
         let model = self
             .model
             .take()
             .expect("the model is in place between steps");
+        model.seed_dropout(dropout_seed(config.seed, step), &self.ad_device);
         let (model, stats) = train_step(
             model,
             &mut self.optimizer,

@@ -16,7 +16,7 @@ use masklm_data::{
     DataError, FolderLock, MlmTokenizer, NoProgress, PrepareOptions, Rebuild, SplitReader,
     StepSampler, Validation, load_tokenizer, lock_folder, prepare, prepare_with, read_manifest,
 };
-use masklm_model::{RobertaConfig, RobertaForMaskedLM};
+use masklm_model::{MaskedLm, ModelConfig};
 
 use super::logs::Logs;
 use super::{EvalSet, Observer, Run, RunInfo, Start};
@@ -430,10 +430,11 @@ fn open_model(
     tokenizer: &MlmTokenizer,
     resume: Option<&Resume>,
     ad_device: &Device,
-) -> Result<(RobertaConfig, RobertaForMaskedLM, ModuleOptimizer), TrainError> {
+) -> Result<(ModelConfig, MaskedLm, ModuleOptimizer), TrainError> {
     match resume {
         Some(resume) => {
-            let (model_config, model) = load_model(&resume.checkpoint, ad_device, |_| {})?;
+            let (model_config, model) =
+                load_model(&resume.checkpoint, ad_device, &Default::default())?;
             let optimizer = load_optimizer(&resume.checkpoint, config.optimizer.build(&model))?;
             Ok((model_config, model, optimizer))
         }
@@ -445,16 +446,16 @@ fn open_model(
     }
 }
 
-fn check_model_fits(data: &Data, model_config: &RobertaConfig) -> Result<(), TrainError> {
+fn check_model_fits(data: &Data, model_config: &ModelConfig) -> Result<(), TrainError> {
     for (manifest, source) in data.manifests.iter().zip(&data.caches) {
-        if manifest.vocab_size > model_config.vocab_size {
+        if manifest.vocab_size > model_config.vocab_size() {
             return Err(TrainError::Config {
                 key: "data.cache".to_string(),
                 reason: format!(
                     "{} holds ids up to {} but the model's vocab_size is {}",
                     source.dir.display(),
                     manifest.vocab_size - 1,
-                    model_config.vocab_size
+                    model_config.vocab_size()
                 ),
             });
         }
@@ -473,11 +474,11 @@ fn check_model_fits(data: &Data, model_config: &RobertaConfig) -> Result<(), Tra
 }
 
 /// Refuses a micro-batch whose training step cannot fit in the machine's memory (an
-/// estimate, see [`RobertaConfig::training_bytes`]), before the first step allocates it.
+/// estimate, see [`ModelConfig::training_bytes`]), before the first step allocates it.
 fn check_step_memory(
     config: &TrainConfig,
     data: &Data,
-    model_config: &RobertaConfig,
+    model_config: &ModelConfig,
 ) -> Result<(), TrainError> {
     let seq = data
         .manifests
@@ -771,32 +772,48 @@ fn initial_model(
     config: &TrainConfig,
     tokenizer: &MlmTokenizer,
     device: &Device,
-) -> Result<(RobertaConfig, RobertaForMaskedLM), TrainError> {
-    let dropout = |c: &mut RobertaConfig| {
-        for (key, slot) in [
-            ("hidden_dropout_prob", &mut c.hidden_dropout_prob),
-            (
-                "attention_probs_dropout_prob",
-                &mut c.attention_probs_dropout_prob,
+) -> Result<(ModelConfig, MaskedLm), TrainError> {
+    // A continuing run may set only the dropout of the model it loads (TrainConfig::validate).
+    let keys: serde_json::Map<String, serde_json::Value> = config
+        .model
+        .config
+        .iter()
+        .filter(|(key, _)| key.as_str() != "model_type")
+        .filter_map(|(key, value)| Some((key.clone(), serde_json::to_value(value).ok()?)))
+        .collect();
+    let config_error = |e: masklm_model::ConfigError| TrainError::Config {
+        key: "model".to_string(),
+        reason: e.to_string(),
+    };
+    let check_keys = |model_config: &ModelConfig| match keys
+        .keys()
+        .find(|k| !model_config.dropout_keys().contains(&k.as_str()))
+    {
+        Some(key) => Err(TrainError::Config {
+            key: format!("model.{key}"),
+            reason: format!(
+                "the {} model of model.init_from takes only {} here",
+                model_config.family().name(),
+                model_config.dropout_keys().join(", ")
             ),
-        ] {
-            if let Some(v) = config.model.config.get(key).and_then(|v| v.as_float()) {
-                *slot = v;
-            }
-        }
+        }),
+        None => Ok(()),
     };
     let (model_config, model) = match config.model.init_from.as_deref().map(resolve_checkpoint) {
-        Some(dir) if is_checkpoint(&dir) => load_model(&dir, device, dropout)?,
+        Some(dir) if is_checkpoint(&dir) => {
+            let (model_config, model) = load_model(&dir, device, &keys)?;
+            check_keys(&model_config)?;
+            (model_config, model)
+        }
         Some(dir) => {
             let dir = dir.as_path();
             let mut model_config = masklm_hub::read_config(dir)?;
+            check_keys(&model_config)?;
             masklm_hub::check_weights(&model_config, dir)?;
-            dropout(&mut model_config);
-            let mut model =
-                RobertaForMaskedLM::new(&model_config, device).map_err(|e| TrainError::Config {
-                    key: "model".to_string(),
-                    reason: e.to_string(),
-                })?;
+            if !keys.is_empty() {
+                model_config = model_config.with_keys(&keys).map_err(config_error)?;
+            }
+            let mut model = MaskedLm::new(&model_config, device).map_err(config_error)?;
             masklm_hub::load_weights(&mut model, dir)?;
             (model_config, model)
         }
@@ -806,24 +823,21 @@ fn initial_model(
             // generator, and this keeps the initial weights the same whatever the device.
             let host = Device::flex();
             host.seed(config.seed);
-            let model = RobertaForMaskedLM::new(&model_config, &host)
-                .map_err(|e| TrainError::Config {
-                    key: "model".to_string(),
-                    reason: e.to_string(),
-                })?
+            let model = MaskedLm::new(&model_config, &host)
+                .map_err(config_error)?
                 .fork(device)
                 // `train` turns on gradient tracking on the autodiff device.
                 .train();
             (model_config, model)
         }
     };
-    if tokenizer.vocab_size() > model_config.vocab_size {
+    if tokenizer.vocab_size() > model_config.vocab_size() {
         return Err(TrainError::Config {
             key: "data.tokenizer".to_string(),
             reason: format!(
                 "the tokenizer has {} tokens but the model's vocab_size is {}",
                 tokenizer.vocab_size(),
-                model_config.vocab_size
+                model_config.vocab_size()
             ),
         });
     }

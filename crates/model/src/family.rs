@@ -1,0 +1,366 @@
+//! The seam between model families and everything that trains, evaluates or serves a model.
+//!
+//! A family is one module of this crate (its `Config` and `ForMaskedLM`) plus its weight-name
+//! map in masklm-hub; [`ModelConfig`] and [`MaskedLm`] are the only types the rest of masklm
+//! holds. The family is decided once, from `config.json`'s `model_type`, and carried as an
+//! enum variant: nothing downstream compares strings (text-embeddings-inference does the
+//! same).
+//!
+//! Why enums and not a trait: burn's `Module` derive, records, optimizers
+//! (`OptimizerAdaptor<_, M>`) and `GradientsAccumulator<M>` need one concrete module type, and
+//! a `dyn` model cannot be one. An enum of families is a burn module whose record is the
+//! family's own, so checkpoints, mixed precision ([`burn::module::ModuleMapper`]) and the
+//! optimizer work on every family unchanged. The cost of a new family is one variant here and
+//! one arm in each method below.
+
+use std::path::Path;
+
+use burn::module::Module;
+use burn::store::{ApplyResult, ModuleSnapshot, ModuleStore};
+use burn::tensor::{Device, Int, Tensor};
+
+use crate::{AttentionImpl, ConfigError, RobertaConfig, RobertaForMaskedLM};
+
+/// A model family: one architecture and its conventions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// RoBERTa, BERT, XLM-R and CamemBERT: post-LayerNorm encoders with absolute positions
+    /// ([`RobertaForMaskedLM`]; BERT's conventions are a flag of its config).
+    Roberta,
+}
+
+impl Family {
+    /// Every family masklm has.
+    pub const ALL: [Family; 1] = [Family::Roberta];
+
+    /// The `model_type` values of `config.json` each family reads.
+    pub const MODEL_TYPES: [(&'static str, Family); 4] = [
+        ("roberta", Family::Roberta),
+        ("bert", Family::Roberta),
+        ("xlm-roberta", Family::Roberta),
+        ("camembert", Family::Roberta),
+    ];
+
+    /// The family of a `config.json` `model_type` (`None` for an unknown one). A missing
+    /// `model_type` is RoBERTa's, transformers' `RobertaConfig` default.
+    pub fn of_model_type(model_type: &str) -> Option<Family> {
+        Self::MODEL_TYPES
+            .iter()
+            .find(|(name, _)| *name == model_type)
+            .map(|&(_, family)| family)
+    }
+
+    /// The `model_type` values masklm accepts, for error messages.
+    pub fn known_model_types() -> String {
+        Self::MODEL_TYPES
+            .iter()
+            .map(|(name, _)| format!("\"{name}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The family's name in messages and in `[model] model_type` of a run config.
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Roberta => "roberta",
+        }
+    }
+}
+
+/// The `config.json` of a model of any family.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelConfig {
+    Roberta(RobertaConfig),
+}
+
+impl From<RobertaConfig> for ModelConfig {
+    fn from(config: RobertaConfig) -> Self {
+        ModelConfig::Roberta(config)
+    }
+}
+
+impl ModelConfig {
+    /// Reads and validates a `config.json`, choosing the family by its `model_type`.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_json(&text).map_err(|e| e.in_file(path))
+    }
+
+    /// Parses and validates the text of a `config.json`, choosing the family by `model_type`.
+    pub fn from_json(text: &str) -> Result<Self, ConfigError> {
+        let value: serde_json::Value = serde_json::from_str(text)
+            .map_err(|source| ConfigError::Parse { path: None, source })?;
+        match Self::family_of(&value)? {
+            Family::Roberta => RobertaConfig::from_json(text).map(ModelConfig::Roberta),
+        }
+    }
+
+    /// The family a parsed `config.json` names.
+    pub fn family_of(value: &serde_json::Value) -> Result<Family, ConfigError> {
+        let model_type = match value.get("model_type") {
+            None => return Ok(Family::Roberta),
+            Some(serde_json::Value::String(name)) => name.as_str(),
+            Some(other) => {
+                return Err(ConfigError::Invalid {
+                    key: "model_type",
+                    reason: format!("{other} is not a string"),
+                    path: None,
+                });
+            }
+        };
+        Family::of_model_type(model_type).ok_or_else(|| ConfigError::Invalid {
+            key: "model_type",
+            reason: format!(
+                "{model_type:?} is not a family masklm knows; it reads {}",
+                Family::known_model_types()
+            ),
+            path: None,
+        })
+    }
+
+    /// The default config of `family` (the base shape), whose keys are the ones a run
+    /// config's `[model]` table may set.
+    pub fn default_for(family: Family) -> Self {
+        match family {
+            Family::Roberta => ModelConfig::Roberta(RobertaConfig::default()),
+        }
+    }
+
+    /// The `config.json` keys a config of `family` reads: those it writes, and the ones it
+    /// accepts without writing them back (older spellings).
+    pub fn accepted_keys(family: Family) -> Vec<String> {
+        let mut keys: Vec<String> = Self::default_for(family)
+            .to_value()
+            .as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default();
+        let extra: &[&str] = match family {
+            Family::Roberta => &["position_embedding_type"],
+        };
+        keys.extend(extra.iter().map(|k| k.to_string()));
+        keys
+    }
+
+    pub fn family(&self) -> Family {
+        match self {
+            ModelConfig::Roberta(_) => Family::Roberta,
+        }
+    }
+
+    /// The `config.json` text, pretty-printed as transformers writes it.
+    pub fn to_json(&self) -> String {
+        match self {
+            ModelConfig::Roberta(c) => c.to_json(),
+        }
+    }
+
+    /// The config as JSON (the keys transformers reads).
+    pub fn to_value(&self) -> serde_json::Value {
+        // The family configs are plain data; serialising them cannot fail.
+        serde_json::from_str(&self.to_json()).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// This config with some keys replaced (`{"hidden_dropout_prob": 0.0}`), validated again.
+    pub fn with_keys(
+        &self,
+        keys: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Self, ConfigError> {
+        let mut value = self.to_value();
+        if let Some(object) = value.as_object_mut() {
+            for (key, v) in keys {
+                object.insert(key.clone(), v.clone());
+            }
+        }
+        Self::from_json(&value.to_string())
+    }
+
+    /// The keys of this family's dropout probabilities: the only ones a run that continues a
+    /// trained model (`init_from`) may change.
+    pub fn dropout_keys(&self) -> &'static [&'static str] {
+        match self {
+            ModelConfig::Roberta(_) => &["hidden_dropout_prob", "attention_probs_dropout_prob"],
+        }
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            ModelConfig::Roberta(c) => c.vocab_size,
+        }
+    }
+
+    /// The same config with `vocab_size` rows in its embedding table (vocabulary extension).
+    pub fn with_vocab_size(&self, vocab_size: usize) -> Self {
+        match self {
+            ModelConfig::Roberta(c) => ModelConfig::Roberta(RobertaConfig {
+                vocab_size,
+                ..c.clone()
+            }),
+        }
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        match self {
+            ModelConfig::Roberta(c) => c.hidden_size,
+        }
+    }
+
+    pub fn num_hidden_layers(&self) -> usize {
+        match self {
+            ModelConfig::Roberta(c) => c.num_hidden_layers,
+        }
+    }
+
+    pub fn pad_token_id(&self) -> usize {
+        match self {
+            ModelConfig::Roberta(c) => c.pad_token_id,
+        }
+    }
+
+    /// The longest input, in tokens with the specials, the model can take.
+    pub fn max_sequence_length(&self) -> usize {
+        match self {
+            ModelConfig::Roberta(c) => c.max_sequence_length(),
+        }
+    }
+
+    /// The number of parameters of the model built from this config.
+    pub fn parameter_count(&self) -> u64 {
+        match self {
+            ModelConfig::Roberta(c) => c.parameter_count(),
+        }
+    }
+
+    /// Bytes the model's f32 parameters take.
+    pub fn parameter_bytes(&self) -> u64 {
+        self.parameter_count().saturating_mul(4)
+    }
+
+    /// A rough lower bound of a training step's peak bytes (see
+    /// [`RobertaConfig::training_bytes`]).
+    pub fn training_bytes(&self, batch: usize, seq: usize, mask_probability: f64) -> u64 {
+        match self {
+            ModelConfig::Roberta(c) => c.training_bytes(batch, seq, mask_probability),
+        }
+    }
+
+    /// Refuses a model whose parameters do not fit in the memory available.
+    pub fn check_memory(&self) -> Result<(), ConfigError> {
+        match self {
+            ModelConfig::Roberta(c) => c.check_memory(),
+        }
+    }
+
+    /// Rejects values no model can be built from, naming the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        match self {
+            ModelConfig::Roberta(c) => c.validate(),
+        }
+    }
+}
+
+/// A masked language model of any family.
+#[derive(Module, Debug)]
+pub enum MaskedLm {
+    Roberta(RobertaForMaskedLM),
+}
+
+impl From<RobertaForMaskedLM> for MaskedLm {
+    fn from(model: RobertaForMaskedLM) -> Self {
+        MaskedLm::Roberta(model)
+    }
+}
+
+impl MaskedLm {
+    /// A freshly initialised model of the config's family, initialised as transformers'
+    /// `_init_weights` for that family.
+    pub fn new(config: &ModelConfig, device: &Device) -> Result<Self, ConfigError> {
+        Ok(match config {
+            ModelConfig::Roberta(c) => MaskedLm::Roberta(RobertaForMaskedLM::new(c, device)?),
+        })
+    }
+
+    pub fn family(&self) -> Family {
+        match self {
+            MaskedLm::Roberta(_) => Family::Roberta,
+        }
+    }
+
+    /// Logits over the vocabulary at every position.
+    ///
+    /// # Shapes
+    /// - `input_ids`, `attention_mask`: `[batch, seq]`
+    /// - output: `[batch, seq, vocab]`
+    pub fn forward(&self, input_ids: Tensor<2, Int>, attention_mask: Tensor<2, Int>) -> Tensor<3> {
+        match self {
+            MaskedLm::Roberta(m) => m.forward(input_ids, attention_mask),
+        }
+    }
+
+    /// Logits only at the given flat positions (`batch_index * seq + position`).
+    ///
+    /// # Shapes
+    /// - `input_ids`, `attention_mask`: `[batch, seq]`, `positions`: `[masked]`
+    /// - output: `[masked, vocab]`
+    pub fn forward_at(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Tensor<2, Int>,
+        positions: Tensor<1, Int>,
+    ) -> Tensor<2> {
+        match self {
+            MaskedLm::Roberta(m) => m.forward_at(input_ids, attention_mask, positions),
+        }
+    }
+
+    /// Appends one vocabulary row per entry of `sources`, each the mean of those rows.
+    pub fn with_new_rows(self, sources: &[Vec<u32>]) -> Self {
+        match self {
+            MaskedLm::Roberta(m) => MaskedLm::Roberta(m.with_new_rows(sources)),
+        }
+    }
+
+    /// The same model with every self-attention computed by `implementation`.
+    pub fn with_attention(self, implementation: AttentionImpl) -> Self {
+        match self {
+            MaskedLm::Roberta(m) => MaskedLm::Roberta(m.with_attention(implementation)),
+        }
+    }
+
+    /// The word-embedding matrix, which is also the decoder weight.
+    pub fn word_embeddings(&self) -> Tensor<2> {
+        match self {
+            MaskedLm::Roberta(m) => m.word_embeddings(),
+        }
+    }
+
+    /// Starts this model's dropout stream over at `seed` (each training step does, so that a
+    /// resumed run draws the masks of the uninterrupted one). Other models are not touched.
+    pub fn seed_dropout(&self, seed: u64, device: &Device) {
+        match self {
+            MaskedLm::Roberta(m) => m.dropout_stream().seed(seed, device),
+        }
+    }
+
+    /// Writes the family model's parameters into `store` under the family's own module paths
+    /// (`roberta.encoder.layer.0...`), not under this enum's variant name, so a checkpoint's
+    /// keys are those of the family's HF-named modules whatever enum holds them (and
+    /// checkpoints written before the seam still load).
+    pub fn save_weights_into<S: ModuleStore>(&self, store: &mut S) -> Result<(), S::Error> {
+        match self {
+            MaskedLm::Roberta(m) => m.save_into(store),
+        }
+    }
+
+    /// Reads parameters written by [`MaskedLm::save_weights_into`] into this model.
+    pub fn load_weights_from<S: ModuleStore>(
+        &mut self,
+        store: &mut S,
+    ) -> Result<ApplyResult, S::Error> {
+        match self {
+            MaskedLm::Roberta(m) => m.load_from(store),
+        }
+    }
+}
