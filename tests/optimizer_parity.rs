@@ -181,7 +181,7 @@ fn weight_decay_groups_are_the_trainers() {
         }
     }
     let mut names = Names(Vec::new(), Vec::new());
-    burn::module::Module::visit(&model, &mut names);
+    burn::module::Module::visit(common::roberta_ref(&model), &mut names);
     let mut ours: Vec<String> = names
         .0
         .into_iter()

@@ -106,12 +106,18 @@ pub fn no_decay_params<M: Module>(model: &M) -> Vec<(ParamId, String)> {
         found: Vec<(ParamId, String)>,
     }
     impl ModuleVisitor for Collect {
+        // The family variant of `MaskedLm` ("Enum:MaskedLm") is not part of a parameter's
+        // name: names are the family's HF module paths.
         fn enter_module(&mut self, name: &str, container_type: &str) {
-            self.path.push(name.to_string());
+            if !container_type.starts_with("Enum:") {
+                self.path.push(name.to_string());
+            }
             self.containers.push(container_type.to_string());
         }
-        fn exit_module(&mut self, _name: &str, _container_type: &str) {
-            self.path.pop();
+        fn exit_module(&mut self, _name: &str, container_type: &str) {
+            if !container_type.starts_with("Enum:") {
+                self.path.pop();
+            }
             self.containers.pop();
         }
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
