@@ -33,11 +33,13 @@ mod cpu_ops;
 mod dropout;
 pub mod memory;
 mod model;
+pub mod modernbert;
 
 use std::path::PathBuf;
 
 pub use config::{HiddenAct, RobertaConfig};
 pub use dropout::{MlmDropout, seed_dropout};
+pub use modernbert::{ModernBertConfig, ModernBertForMaskedLM};
 pub use model::{
     AttentionImpl, KeyMask, RobertaAttention, RobertaEmbeddings, RobertaEncoder,
     RobertaForMaskedLM, RobertaIntermediate, RobertaLMHead, RobertaLayer, RobertaModel,
