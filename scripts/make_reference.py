@@ -19,6 +19,9 @@ It also encodes TOKENIZER_SENTENCES with transformers' AutoTokenizer on the toke
 `masklm tokenizer train` wrote to tests/fixtures/tokenizer-go/ (see TOKENIZER_FIXTURE below),
 into tests/fixtures/tokenizer-go/reference.json.
 
+ModernBERT fixtures (tests/fixtures/modernbert-tiny{,-old}/, see make_modernbert_fixtures) are
+written last; `--only modernbert` writes just those, leaving the others untouched.
+
 Regenerate (versions pinned in scripts/requirements.txt):
     python3 -m venv /var/tmp/masklm-venv
     /var/tmp/masklm-venv/bin/pip install -r scripts/requirements.txt
@@ -502,8 +505,334 @@ def make_parquet_fixture() -> None:
     print(f"parquet: {len(expected)} texts in {len(texts)} rows (pyarrow {pa.__version__})")
 
 
+
+# --- ModernBERT -------------------------------------------------------------------------------
+#
+# tests/fixtures/modernbert-tiny/: a random, perturbed ModernBertForMaskedLM saved by
+# transformers (config.json in transformers 5's spelling: layer_types + rope_parameters), a
+# byte-level BPE tokenizer in ModernBERT's convention (made by make_modernbert_tokenizer), the
+# reference batch (reference.safetensors, as for RoBERTa, with gradients), and
+# fill_mask_reference.json from pipeline("fill-mask").
+# tests/fixtures/modernbert-tiny-old/: another model whose config.json uses the older keys
+# (global_attn_every_n_layers, global_rope_theta, local_rope_theta), with every bias on
+# (norm_bias, attention_bias, mlp_bias, classifier_bias) and no decoder bias, weights in bf16 as
+# pytorch_model.bin, and its own reference logits.
+#
+# Both fixtures: odd shapes (hidden 48, 3 heads of 16, intermediate 72), 4 layers with a global
+# layer every 3 (layers 0 and 3), local_attention 8 (each token sees 4 keys either side), and a
+# padded batch whose longest row (27 tokens) is longer than the window.
+#
+#     /var/tmp/masklm-venv/bin/python scripts/make_reference.py --only modernbert
+
+MODERNBERT_SPECIALS = ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"]
+MODERNBERT_LENGTHS = [27, 19, 11, 5]
+# Parameters whose gradients are dumped (HF names); those a fixture lacks are skipped.
+MODERNBERT_GRAD_PARAMS = [
+    "model.embeddings.tok_embeddings.weight",
+    "model.layers.1.attn.Wqkv.weight",
+    "model.layers.1.attn.Wo.weight",
+    "model.layers.1.mlp.Wi.weight",
+    "model.layers.0.mlp.Wo.weight",
+    "model.layers.3.attn.Wqkv.weight",
+    "model.final_norm.weight",
+    "head.dense.weight",
+    "head.norm.weight",
+    "decoder.bias",
+]
+MODERNBERT_COMMON = dict(
+    hidden_size=48,
+    num_attention_heads=3,
+    intermediate_size=72,
+    num_hidden_layers=4,
+    local_attention=8,
+    max_position_embeddings=64,
+)
+MODERNBERT_FILL_MASK_SENTENCES = [
+    "The patient was [MASK] with pneumonia.",
+    "Catalysis of the reaction: ATP + H2O = ADP + [MASK].",
+    "The [MASK] of a protein into the nucleus.",
+    "Two masks: [MASK] and [MASK].",
+    "[MASK] is a protein kinase.",
+]
+
+
+def make_modernbert_tokenizer(out_dir: pathlib.Path):
+    """A byte-level BPE tokenizer in ModernBERT-base's convention: specials [UNK] [CLS] [SEP]
+    [PAD] [MASK] after the learned vocabulary (ModernBERT's sit at 50280..50284), [MASK] with
+    lstrip=True, post-processor `[CLS] $A [SEP]`, saved through PreTrainedTokenizerFast so that
+    AutoTokenizer loads it. Training is deterministic with one thread (set at the top)."""
+    from tokenizers import AddedToken as RawAddedToken
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import AddedToken, PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=795,
+        min_frequency=2,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train([str(FIXTURES / "tokenizer-corpus.txt")], trainer)
+    tokenizer.add_special_tokens(
+        [RawAddedToken(t, special=True, lstrip=(t == "[MASK]"), normalized=False) for t in MODERNBERT_SPECIALS]
+    )
+    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        pad_token="[PAD]",
+        mask_token=AddedToken("[MASK]", lstrip=True, rstrip=False, normalized=False, special=True),
+        model_max_length=64,
+        clean_up_tokenization_spaces=True,
+    )
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def modernbert_perturb(model, generator: torch.Generator) -> None:
+    """Moves every parameter off HF's init (truncated normals, LayerNorm 1/0, zero biases)."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if "norm" in name:
+                param.copy_((1.0 + 0.2 * noise) if name.endswith("weight") else 0.1 * noise)
+            elif "embeddings" in name:
+                param.copy_(0.5 * noise)
+            elif name.endswith("bias"):
+                param.copy_(0.05 * noise)
+            else:
+                param.copy_(0.15 * noise)
+
+
+def modernbert_batch(lengths, words, ids, generator):
+    """A right-padded batch framed as `[CLS] ... [SEP]`, ~30% of the words masked (at least one
+    per row); `words` is the number of non-special ids (specials follow them)."""
+    batch, seq = len(lengths), max(lengths)
+    input_ids = torch.full((batch, seq), ids["pad"], dtype=torch.long)
+    attention_mask = torch.zeros((batch, seq), dtype=torch.long)
+    labels = torch.full((batch, seq), -100, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        input_ids[row, 0] = ids["cls"]
+        input_ids[row, 1 : length - 1] = torch.randint(0, words, (length - 2,), generator=generator)
+        input_ids[row, length - 1] = ids["sep"]
+        attention_mask[row, :length] = 1
+        chosen = torch.rand(length - 2, generator=generator) < 0.3
+        chosen[-1] = True
+        for i in torch.nonzero(chosen).flatten().tolist():
+            labels[row, 1 + i] = input_ids[row, 1 + i]
+            input_ids[row, 1 + i] = ids["mask"]
+    return input_ids, attention_mask, labels
+
+
+def modernbert_outputs(model, batch, implementation):
+    from transformers import ModernBertForMaskedLM
+
+    model.config._attn_implementation = implementation
+    for module in model.modules():
+        if hasattr(module, "config"):
+            module.config._attn_implementation = implementation
+    model.zero_grad()
+    input_ids, attention_mask, labels = batch
+    out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    return out
+
+
+def make_modernbert_fixture(name: str, config_kwargs: dict, seed: int, ids: dict, vocab_words: int,
+                            old_spelling: bool = False, bf16_bin: bool = False):
+    from transformers import AutoConfig, AutoModelForMaskedLM, ModernBertConfig, ModernBertForMaskedLM
+
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    config = ModernBertConfig(**config_kwargs)
+    model = ModernBertForMaskedLM(config)
+    modernbert_perturb(model, generator)
+    if bf16_bin:
+        # Values bf16 can hold exactly, so the f32 reference is the stored model's.
+        with torch.no_grad():
+            for param in model.parameters():
+                param.copy_(param.bfloat16().float())
+    model.eval()
+    out_dir = FIXTURES / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if bf16_bin:
+        model.config.to_json_file(out_dir / "config.json")
+        # torch.save zip of the bf16 state dict, tied decoder.weight included (older
+        # checkpoints carry it; loaders ignore it).
+        state = {k: v.detach().bfloat16().contiguous() for k, v in model.state_dict().items()}
+        torch.save(state, out_dir / "pytorch_model.bin")
+    else:
+        model.save_pretrained(out_dir, safe_serialization=True)
+    if old_spelling:
+        saved = json.loads((out_dir / "config.json").read_text())
+        saved.pop("layer_types")
+        rope = saved.pop("rope_parameters")
+        saved["global_attn_every_n_layers"] = config_kwargs["global_attn_every_n_layers"]
+        saved["global_rope_theta"] = rope["full_attention"]["rope_theta"]
+        if "local_rope_theta" in config_kwargs:
+            saved["local_rope_theta"] = rope["sliding_attention"]["rope_theta"]
+        (out_dir / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+        reread = AutoConfig.from_pretrained(out_dir)
+        assert reread.layer_types == config.layer_types, (reread.layer_types, config.layer_types)
+        assert reread.rope_parameters == config.rope_parameters, (reread.rope_parameters, config.rope_parameters)
+
+    batch = modernbert_batch(MODERNBERT_LENGTHS, vocab_words, ids, generator)
+    real = batch[1].bool()
+    sdpa = modernbert_outputs(model, batch, "sdpa")
+    eager = modernbert_outputs(model, batch, "eager")
+    diff_real = (sdpa.logits - eager.logits)[real].abs().max().item()
+    diff_pad = (sdpa.logits - eager.logits)[~real].abs().max().item()
+    scale = eager.logits[real].abs().max().item()
+    # Relative to the largest logit: the two kernels sum in different orders.
+    assert diff_real <= 1e-6 * max(scale, 1.0) * 10, (
+        f"{name}: eager and sdpa differ by {diff_real} at real tokens (largest logit {scale})"
+    )
+    assert abs(sdpa.loss.item() - eager.loss.item()) < 1e-6
+    eager.loss.backward()
+    params = dict(model.named_parameters(remove_duplicate=False))
+
+    # What a user gets: transformers loading the saved folder.
+    loaded = AutoModelForMaskedLM.from_pretrained(out_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    assert type(loaded).__name__ == "ModernBertForMaskedLM"
+    with torch.no_grad():
+        again = loaded(input_ids=batch[0], attention_mask=batch[1]).logits
+    diff_loaded = (again - eager.logits)[real].abs().max().item()
+    assert diff_loaded == 0.0, f"{name}: the saved folder gives logits {diff_loaded} away"
+
+    input_ids, attention_mask, labels = batch
+    tensors = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "logits": eager.logits.detach().contiguous(),
+        "loss": eager.loss.detach().reshape([]),
+    }
+    for param in MODERNBERT_GRAD_PARAMS:
+        if param in params:
+            tensors[f"grad.{param}"] = params[param].grad.detach().contiguous()
+    save_file(tensors, out_dir / "reference.safetensors")
+    print(
+        f"{name}: loss {eager.loss.item():.6f}, logits {tuple(eager.logits.shape)} up to {scale:.2f}, "
+        f"eager vs sdpa {diff_real:.2e} at tokens ({diff_pad:.2e} at pads), files {sorted(p.name for p in out_dir.iterdir())}"
+    )
+    return model
+
+
+def make_modernbert_fill_mask_reference(name: str) -> None:
+    from transformers import AutoTokenizer, pipeline
+
+    out_dir = FIXTURES / name
+    tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    fill = pipeline("fill-mask", model=str(out_dir), top_k=5)
+    sentences = MODERNBERT_FILL_MASK_SENTENCES
+    outputs = [fill(s) for s in sentences]
+    reference = {
+        "tokenizer_class": type(tokenizer).__name__,
+        "mask_token_id": tokenizer.mask_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "cls_token_id": tokenizer.cls_token_id,
+        "sep_token_id": tokenizer.sep_token_id,
+        "sentences": sentences,
+        "input_ids": [tokenizer(s)["input_ids"] for s in sentences],
+        "outputs": outputs,
+    }
+    (out_dir / "fill_mask_reference.json").write_text(
+        json.dumps(reference, ensure_ascii=False, indent=1) + "\n"
+    )
+    print(f"{name}: fill-mask reference for {len(sentences)} sentences ({type(tokenizer).__name__})")
+
+
+def make_modernbert_fixtures() -> None:
+    tiny = FIXTURES / "modernbert-tiny"
+    tokenizer = make_modernbert_tokenizer(tiny)
+    vocab = len(tokenizer)
+    ids = {
+        "cls": tokenizer.cls_token_id,
+        "sep": tokenizer.sep_token_id,
+        "pad": tokenizer.pad_token_id,
+        "mask": tokenizer.mask_token_id,
+    }
+    words = min(tokenizer.convert_tokens_to_ids(MODERNBERT_SPECIALS))
+    special_ids = dict(
+        pad_token_id=ids["pad"],
+        bos_token_id=ids["cls"],
+        eos_token_id=ids["sep"],
+        cls_token_id=ids["cls"],
+        sep_token_id=ids["sep"],
+    )
+    make_modernbert_fixture(
+        "modernbert-tiny",
+        dict(
+            MODERNBERT_COMMON,
+            vocab_size=vocab,
+            layer_types=["full_attention", "sliding_attention", "sliding_attention", "full_attention"],
+            rope_parameters={
+                "full_attention": {"rope_type": "default", "rope_theta": 1000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 300.0},
+            },
+            **special_ids,
+        ),
+        seed=10,
+        ids=ids,
+        vocab_words=words,
+    )
+    make_modernbert_fill_mask_reference("modernbert-tiny")
+    make_modernbert_fixture(
+        "modernbert-tiny-old",
+        dict(
+            MODERNBERT_COMMON,
+            vocab_size=vocab,
+            global_attn_every_n_layers=3,
+            # local_rope_theta absent: the class default (10000) applies.
+            global_rope_theta=20000.0,
+            norm_bias=True,
+            attention_bias=True,
+            mlp_bias=True,
+            classifier_bias=True,
+            decoder_bias=False,
+            hidden_activation="gelu_pytorch_tanh",
+            classifier_activation="gelu_new",
+            norm_eps=1e-3,
+            **special_ids,
+        ),
+        seed=11,
+        ids=ids,
+        vocab_words=words,
+        old_spelling=True,
+        bf16_bin=True,
+    )
+    versions_path = FIXTURES / "VERSIONS.json"
+    versions = json.loads(versions_path.read_text()) if versions_path.exists() else {}
+    versions["modernbert"] = {
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "tokenizers": __import__("tokenizers").__version__,
+    }
+    versions_path.write_text(json.dumps(versions, indent=2) + "\n")
+
+
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--only",
+        choices=["modernbert"],
+        help="write only this family's fixtures, leaving the others as they are",
+    )
+    args = parser.parse_args()
     torch.use_deterministic_algorithms(True)
+    if args.only == "modernbert":
+        make_modernbert_fixtures()
+        return
     FIXTURE_SPECS["bert-tiny"]["config"]["vocab_size"] = make_bert_tokenizer()
     for name, spec in FIXTURE_SPECS.items():
         make_fixture(name, spec)
@@ -523,6 +852,7 @@ def main() -> None:
         "transformers": __import__("transformers").__version__,
     }
     (FIXTURES / "VERSIONS.json").write_text(json.dumps(versions, indent=2) + "\n")
+    make_modernbert_fixtures()
 
 
 if __name__ == "__main__":

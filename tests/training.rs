@@ -533,6 +533,8 @@ fn a_new_run_starts_from_a_runs_best_pointer_or_its_folder() {
     ] {
         let mut config = TrainConfig::load(&path, &base).unwrap();
         config.model.init_from = Some(init.clone());
+        // As TrainConfig::validate requires: with init_from the shape is the loaded model's.
+        config.model.config.clear();
         config.data.tokenizer = tokenizer.cloned();
         let outcome =
             train_on_cpu(&config, &dir.path().join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));

@@ -123,7 +123,6 @@ pub fn fixture_masked_lm(name: &str, device: &Device) -> masklm_model::MaskedLm 
 
 /// The RoBERTa-family model inside `model`.
 pub fn roberta(model: masklm_model::MaskedLm) -> masklm_model::RobertaForMaskedLM {
-    #[allow(unreachable_patterns)]
     match model {
         masklm_model::MaskedLm::Roberta(model) => model,
         other => panic!("not a RoBERTa-family model: {:?}", other.family()),
@@ -132,7 +131,6 @@ pub fn roberta(model: masklm_model::MaskedLm) -> masklm_model::RobertaForMaskedL
 
 /// [`roberta`] by reference.
 pub fn roberta_ref(model: &masklm_model::MaskedLm) -> &masklm_model::RobertaForMaskedLM {
-    #[allow(unreachable_patterns)]
     match model {
         masklm_model::MaskedLm::Roberta(model) => model,
         other => panic!("not a RoBERTa-family model: {:?}", other.family()),

@@ -29,6 +29,13 @@ use burn::store::{
 use burn::tensor::Device;
 use masklm_model::{ConfigError, Family, MaskedLm, ModelConfig, RobertaConfig, RobertaForMaskedLM};
 
+mod modernbert;
+
+pub use modernbert::{
+    check_modernbert_weights, export_modernbert, load_modernbert, load_modernbert_weights,
+    read_modernbert_config,
+};
+
 /// Why a checkpoint folder could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
@@ -125,7 +132,7 @@ pub struct LoadReport {
 
 /// The names and shapes of the tensors in a weights file, read from its header (safetensors)
 /// or its pickle (`pytorch_model.bin`) without reading the tensors themselves.
-fn tensor_shapes(file: &Path) -> Result<Vec<(String, Vec<usize>)>, HubError> {
+pub(crate) fn tensor_shapes(file: &Path) -> Result<Vec<(String, Vec<usize>)>, HubError> {
     let read_err = |reason: String| HubError::ReadWeights {
         path: file.to_path_buf(),
         reason,
@@ -191,7 +198,7 @@ fn check_shapes(
 }
 
 /// The weights file of a Hub folder: `model.safetensors`, else `pytorch_model.bin`.
-fn weights_file(dir: &Path) -> Result<PathBuf, HubError> {
+pub(crate) fn weights_file(dir: &Path) -> Result<PathBuf, HubError> {
     ["model.safetensors", "pytorch_model.bin"]
         .map(|name| dir.join(name))
         .into_iter()
@@ -205,6 +212,7 @@ pub fn check_weights(config: &ModelConfig, dir: &Path) -> Result<(), HubError> {
     let file = weights_file(dir)?;
     match config {
         ModelConfig::Roberta(config) => check_shapes(config, &file, &tensor_shapes(&file)?)?,
+        ModelConfig::ModernBert(config) => return check_modernbert_weights(config, dir),
     }
     config.check_memory().map_err(|source| HubError::Memory {
         path: dir.join("config.json"),
@@ -230,10 +238,10 @@ fn incomplete_checkpoint(dir: &Path) -> Option<HubError> {
     })
 }
 
-/// Casts every float parameter to f32 (half-precision and f64 Hub weights), returning the
-/// dtypes found.
-fn upcast_to_f32(model: RobertaForMaskedLM) -> (RobertaForMaskedLM, Vec<String>) {
-    use burn::module::{Module, ModuleMapper, Param};
+/// Casts every float parameter to f32 (half-precision and f64 Hub weights), keeping whether it
+/// tracks gradients, and returns the dtypes found.
+fn upcast_to_f32<M: burn::module::Module>(model: M) -> (M, Vec<String>) {
+    use burn::module::{ModuleMapper, Param};
     use burn::tensor::{DType, FloatDType, Tensor};
     struct Upcast(std::collections::BTreeSet<String>);
     impl ModuleMapper for Upcast {
@@ -243,7 +251,12 @@ fn upcast_to_f32(model: RobertaForMaskedLM) -> (RobertaForMaskedLM, Vec<String>)
             if dtype == DType::F32 {
                 param
             } else {
-                param.map(|t| t.cast(FloatDType::F32))
+                // A cast is a graph node, not a leaf: on an autodiff device the upcast
+                // parameter is made a tracked leaf again, or it would get no gradient.
+                param.map(|t| {
+                    let tracked = t.is_require_grad();
+                    t.cast(FloatDType::F32).detach().set_require_grad(tracked)
+                })
             }
         }
     }
@@ -328,16 +341,7 @@ fn hf_name(path: &str, bert: bool) -> String {
 
 /// Reads and validates `DIR/config.json`, choosing the model family by its `model_type`.
 pub fn read_config(dir: &Path) -> Result<ModelConfig, HubError> {
-    if !dir.is_dir() {
-        return Err(HubError::NoFolder(dir.to_path_buf()));
-    }
-    if let Some(error) = incomplete_checkpoint(dir) {
-        return Err(error);
-    }
-    let path = dir.join("config.json");
-    if !path.is_file() {
-        return Err(HubError::NoConfig(dir.to_path_buf()));
-    }
+    let path = config_path(dir)?;
     let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
         path: path.clone(),
         source,
@@ -370,13 +374,26 @@ pub fn load_model(
     Ok((config, model, report))
 }
 
+/// `DIR/config.json` of a Hub folder, or why `dir` is not one.
+pub(crate) fn config_path(dir: &Path) -> Result<PathBuf, HubError> {
+    if !dir.is_dir() {
+        return Err(HubError::NoFolder(dir.to_path_buf()));
+    }
+    if let Some(error) = incomplete_checkpoint(dir) {
+        return Err(error);
+    }
+    let path = dir.join("config.json");
+    if !path.is_file() {
+        return Err(HubError::NoConfig(dir.to_path_buf()));
+    }
+    Ok(path)
+}
+
 /// Loads a RoBERTa-family `*ForMaskedLM` checkpoint folder onto `device`.
 pub fn load_roberta(
     dir: &Path,
     device: &Device,
 ) -> Result<(RobertaConfig, RobertaForMaskedLM, LoadReport), HubError> {
-    // Unreachable while RoBERTa is the only family; kept for the next one.
-    #[allow(unreachable_patterns)]
     match load_model(dir, device)? {
         (ModelConfig::Roberta(config), MaskedLm::Roberta(model), report) => {
             Ok((config, model, report))
@@ -393,12 +410,13 @@ pub fn load_roberta(
 pub fn load_weights(model: &mut MaskedLm, dir: &Path) -> Result<LoadReport, HubError> {
     match model {
         MaskedLm::Roberta(model) => load_roberta_weights(model, dir),
+        MaskedLm::ModernBert(model) => load_modernbert_weights(model, dir),
     }
 }
 
 /// Applies a weights store to `model`, naming `path` if the file cannot be read.
-fn apply_store<S: ModuleStore>(
-    model: &mut RobertaForMaskedLM,
+fn apply_store<M: ModuleSnapshot, S: ModuleStore>(
+    model: &mut M,
     mut store: S,
     path: &Path,
 ) -> Result<burn::store::ApplyResult, HubError> {
@@ -416,20 +434,47 @@ fn load_roberta_weights(
     dir: &Path,
 ) -> Result<LoadReport, HubError> {
     let bert = model.roberta.embeddings.absolute_positions;
-    // The patterns are constants of this crate; a bad one is a bug caught by every test.
-    let remapper = KeyRemapper::from_patterns(name_patterns(bert, false)).unwrap_or_default();
+    let names = WeightNames {
+        // The patterns are constants of this crate; a bad one is a bug caught by every test.
+        remapper: KeyRemapper::from_patterns(name_patterns(bert, false)).unwrap_or_default(),
+        hf_name: &|path| hf_name(path, bert),
+        expected_extra: &is_expected_extra,
+    };
+    read_weights(model, dir, &names)
+}
+
+/// How one architecture's module paths relate to the names in its Hub weights files.
+pub(crate) struct WeightNames<'a> {
+    /// Hub names -> module paths (burn's own `weight`/`gamma` renames and transposes are the
+    /// PyTorch adapter's, not this).
+    pub remapper: KeyRemapper,
+    /// Module path -> Hub name, for messages: users know the Hub names.
+    pub hf_name: &'a dyn Fn(&str) -> String,
+    /// Module paths (after remapping) that a Hub file may lack or carry beyond the model's.
+    pub expected_extra: &'a dyn Fn(&str) -> bool,
+}
+
+/// Reads the weights file of `dir` into `model`: safetensors or `pytorch_model.bin`, any float
+/// dtype, upcast to f32. Missing tensors, wrong shapes and unreadable tensors are errors naming
+/// the Hub key and the file; unused tensors are reported.
+pub(crate) fn read_weights<M: ModuleSnapshot + burn::module::Module>(
+    model: &mut M,
+    dir: &Path,
+    names: &WeightNames<'_>,
+) -> Result<LoadReport, HubError> {
+    let hf_name = names.hf_name;
     let path = weights_file(dir)?;
     let result = if path.extension().is_some_and(|e| e == "bin") {
         // PytorchStore applies PyTorchToBurnAdapter itself.
         let store = PytorchStore::from_file(&path)
-            .remap(remapper)
+            .remap(names.remapper.clone())
             .validate(false)
             .allow_partial(true);
         apply_store(model, store, &path)?
     } else {
         let store = SafetensorsStore::from_file(&path)
             .with_from_adapter(PyTorchToBurnAdapter)
-            .remap(remapper)
+            .remap(names.remapper.clone())
             .validate(false)
             .allow_partial(true);
         apply_store(model, store, &path)?
@@ -443,7 +488,7 @@ fn load_roberta_weights(
                 found,
             } => HubError::ShapeMismatch {
                 path,
-                name: hf_name(name, bert),
+                name: hf_name(name),
                 expected: expected.to_vec(),
                 found: found.to_vec(),
             },
@@ -453,7 +498,7 @@ fn load_roberta_weights(
                 found,
             } => HubError::Tensor {
                 path,
-                name: hf_name(name, bert),
+                name: hf_name(name),
                 reason: format!("dtype {found:?}, expected {expected:?}"),
             },
             ApplyError::AdapterError {
@@ -465,7 +510,7 @@ fn load_roberta_weights(
                 message,
             } => HubError::Tensor {
                 path,
-                name: hf_name(name, bert),
+                name: hf_name(name),
                 reason: message.clone(),
             },
         });
@@ -474,8 +519,8 @@ fn load_roberta_weights(
         .missing
         .iter()
         .map(|(name, _)| name.as_str())
-        .filter(|name| !is_expected_extra(name))
-        .map(|name| hf_name(name, bert))
+        .filter(|name| !(names.expected_extra)(*name))
+        .map(|name| hf_name(name))
         .collect();
     if !missing.is_empty() {
         return Err(HubError::MissingTensors {
@@ -486,8 +531,8 @@ fn load_roberta_weights(
     let unexpected = result
         .unused
         .iter()
-        .filter(|name| !is_expected_extra(name))
-        .map(|name| hf_name(name, bert))
+        .filter(|name| !(names.expected_extra)(name.as_str()))
+        .map(|name| hf_name(name))
         .collect();
     // `map` consumes the module; the clone shares its tensors.
     let (upcast, stored_dtypes) = upcast_to_f32(model.clone());
@@ -506,7 +551,7 @@ pub const TOKENIZER_FILES: [&str; 3] = [
     "special_tokens_map.json",
 ];
 
-fn write_err(path: &Path, reason: impl ToString) -> HubError {
+pub(crate) fn write_err(path: &Path, reason: impl ToString) -> HubError {
     HubError::Write {
         path: path.to_path_buf(),
         reason: reason.to_string(),
@@ -533,6 +578,17 @@ pub fn export_model(
         (MaskedLm::Roberta(model), ModelConfig::Roberta(config)) => {
             export_roberta(model, config, tokenizer_dir, out)
         }
+        (MaskedLm::ModernBert(model), ModelConfig::ModernBert(config)) => {
+            export_modernbert(model, config, tokenizer_dir, out)
+        }
+        (model, config) => Err(HubError::ConfigMismatch {
+            path: out.to_path_buf(),
+            reason: format!(
+                "a {} model cannot be exported with a {} config",
+                model.family().name(),
+                config.family().name()
+            ),
+        }),
     }
 }
 
@@ -542,6 +598,26 @@ fn export_roberta(
     tokenizer_dir: Option<&Path>,
     out: &Path,
 ) -> Result<(), HubError> {
+    let mut config = config.clone();
+    config.architectures = vec![if config.is_bert() {
+        "BertForMaskedLM".to_string()
+    } else {
+        "RobertaForMaskedLM".to_string()
+    }];
+    write_folder(&config.to_json(), tokenizer_dir, out, |weights| {
+        write_weights(model, config.is_bert(), weights)
+    })
+}
+
+/// Writes a Hugging Face folder: `config.json` (the text `config_json`), `model.safetensors`
+/// (by `write_weights`, given its path), and the tokenizer files found in `tokenizer_dir`,
+/// which must be another folder than `out`.
+pub(crate) fn write_folder(
+    config_json: &str,
+    tokenizer_dir: Option<&Path>,
+    out: &Path,
+    write_weights: impl FnOnce(&Path) -> Result<(), HubError>,
+) -> Result<(), HubError> {
     if let Some(from) = tokenizer_dir.filter(|dir| same_folder(dir, out)) {
         return Err(HubError::SameFolder {
             out: out.to_path_buf(),
@@ -549,17 +625,11 @@ fn export_roberta(
         });
     }
     std::fs::create_dir_all(out).map_err(|e| write_err(out, e))?;
-    let mut config = config.clone();
-    config.architectures = vec![if config.is_bert() {
-        "BertForMaskedLM".to_string()
-    } else {
-        "RobertaForMaskedLM".to_string()
-    }];
     let config_path = out.join("config.json");
-    std::fs::write(&config_path, config.to_json() + "\n")
+    std::fs::write(&config_path, config_json.to_string() + "\n")
         .map_err(|e| write_err(&config_path, e))?;
     let weights = out.join("model.safetensors");
-    write_weights(model, config.is_bert(), &weights)?;
+    write_weights(&weights)?;
     // burn-store publishes safetensors' own temporary file, created 0600; an export is meant
     // to be shared, so it takes config.json's mode: a new file's, 0666 less the umask.
     std::fs::metadata(&config_path)
@@ -579,6 +649,16 @@ fn export_roberta(
 /// `model.safetensors` with HF names and layouts.
 fn write_weights(model: &RobertaForMaskedLM, bert: bool, path: &Path) -> Result<(), HubError> {
     let remapper = KeyRemapper::from_patterns(name_patterns(bert, true)).unwrap_or_default();
+    save_safetensors(model, remapper, path)
+}
+
+/// Writes `model` as `path` (safetensors) with PyTorch layouts and the names `remapper` gives,
+/// and the `format: pt` metadata transformers requires.
+pub(crate) fn save_safetensors<M: ModuleSnapshot>(
+    model: &M,
+    remapper: KeyRemapper,
+    path: &Path,
+) -> Result<(), HubError> {
     let mut store = SafetensorsStore::from_file(path)
         .with_to_adapter(BurnToPyTorchAdapter)
         .remap(remapper)

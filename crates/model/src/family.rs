@@ -19,7 +19,10 @@ use burn::module::Module;
 use burn::store::{ApplyResult, ModuleSnapshot, ModuleStore};
 use burn::tensor::{Device, Int, Tensor};
 
-use crate::{AttentionImpl, ConfigError, RobertaConfig, RobertaForMaskedLM};
+use crate::{
+    AttentionImpl, ConfigError, ModernBertConfig, ModernBertForMaskedLM, RobertaConfig,
+    RobertaForMaskedLM,
+};
 
 /// A model family: one architecture and its conventions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,18 +30,22 @@ pub enum Family {
     /// RoBERTa, BERT, XLM-R and CamemBERT: post-LayerNorm encoders with absolute positions
     /// ([`RobertaForMaskedLM`]; BERT's conventions are a flag of its config).
     Roberta,
+    /// ModernBERT: pre-LayerNorm, rotary positions, alternating global and sliding-window
+    /// attention, GeGLU ([`ModernBertForMaskedLM`]).
+    ModernBert,
 }
 
 impl Family {
     /// Every family masklm has.
-    pub const ALL: [Family; 1] = [Family::Roberta];
+    pub const ALL: [Family; 2] = [Family::Roberta, Family::ModernBert];
 
     /// The `model_type` values of `config.json` each family reads.
-    pub const MODEL_TYPES: [(&'static str, Family); 4] = [
+    pub const MODEL_TYPES: [(&'static str, Family); 5] = [
         ("roberta", Family::Roberta),
         ("bert", Family::Roberta),
         ("xlm-roberta", Family::Roberta),
         ("camembert", Family::Roberta),
+        ("modernbert", Family::ModernBert),
     ];
 
     /// The family of a `config.json` `model_type` (`None` for an unknown one). A missing
@@ -63,6 +70,7 @@ impl Family {
     pub fn name(self) -> &'static str {
         match self {
             Family::Roberta => "roberta",
+            Family::ModernBert => "modernbert",
         }
     }
 }
@@ -71,6 +79,13 @@ impl Family {
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModelConfig {
     Roberta(RobertaConfig),
+    ModernBert(ModernBertConfig),
+}
+
+impl From<ModernBertConfig> for ModelConfig {
+    fn from(config: ModernBertConfig) -> Self {
+        ModelConfig::ModernBert(config)
+    }
 }
 
 impl From<RobertaConfig> for ModelConfig {
@@ -95,6 +110,7 @@ impl ModelConfig {
             .map_err(|source| ConfigError::Parse { path: None, source })?;
         match Self::family_of(&value)? {
             Family::Roberta => RobertaConfig::from_json(text).map(ModelConfig::Roberta),
+            Family::ModernBert => ModernBertConfig::from_json(text).map(ModelConfig::ModernBert),
         }
     }
 
@@ -126,6 +142,7 @@ impl ModelConfig {
     pub fn default_for(family: Family) -> Self {
         match family {
             Family::Roberta => ModelConfig::Roberta(RobertaConfig::default()),
+            Family::ModernBert => ModelConfig::ModernBert(ModernBertConfig::default()),
         }
     }
 
@@ -139,6 +156,14 @@ impl ModelConfig {
             .unwrap_or_default();
         let extra: &[&str] = match family {
             Family::Roberta => &["position_embedding_type"],
+            // The attention pattern in the spelling of transformers before 5.
+            Family::ModernBert => &[
+                "global_attn_every_n_layers",
+                "global_rope_theta",
+                "local_rope_theta",
+                "layer_types",
+                "rope_parameters",
+            ],
         };
         keys.extend(extra.iter().map(|k| k.to_string()));
         keys
@@ -147,6 +172,7 @@ impl ModelConfig {
     pub fn family(&self) -> Family {
         match self {
             ModelConfig::Roberta(_) => Family::Roberta,
+            ModelConfig::ModernBert(_) => Family::ModernBert,
         }
     }
 
@@ -154,6 +180,7 @@ impl ModelConfig {
     pub fn to_json(&self) -> String {
         match self {
             ModelConfig::Roberta(c) => c.to_json(),
+            ModelConfig::ModernBert(c) => c.to_json(),
         }
     }
 
@@ -182,12 +209,16 @@ impl ModelConfig {
     pub fn dropout_keys(&self) -> &'static [&'static str] {
         match self {
             ModelConfig::Roberta(_) => &["hidden_dropout_prob", "attention_probs_dropout_prob"],
+            ModelConfig::ModernBert(_) => {
+                &["embedding_dropout", "attention_dropout", "mlp_dropout"]
+            }
         }
     }
 
     pub fn vocab_size(&self) -> usize {
         match self {
             ModelConfig::Roberta(c) => c.vocab_size,
+            ModelConfig::ModernBert(c) => c.vocab_size,
         }
     }
 
@@ -198,24 +229,31 @@ impl ModelConfig {
                 vocab_size,
                 ..c.clone()
             }),
+            ModelConfig::ModernBert(c) => ModelConfig::ModernBert(ModernBertConfig {
+                vocab_size,
+                ..c.clone()
+            }),
         }
     }
 
     pub fn hidden_size(&self) -> usize {
         match self {
             ModelConfig::Roberta(c) => c.hidden_size,
+            ModelConfig::ModernBert(c) => c.hidden_size,
         }
     }
 
     pub fn num_hidden_layers(&self) -> usize {
         match self {
             ModelConfig::Roberta(c) => c.num_hidden_layers,
+            ModelConfig::ModernBert(c) => c.num_hidden_layers,
         }
     }
 
     pub fn pad_token_id(&self) -> usize {
         match self {
             ModelConfig::Roberta(c) => c.pad_token_id,
+            ModelConfig::ModernBert(c) => c.pad_token_id,
         }
     }
 
@@ -223,6 +261,7 @@ impl ModelConfig {
     pub fn max_sequence_length(&self) -> usize {
         match self {
             ModelConfig::Roberta(c) => c.max_sequence_length(),
+            ModelConfig::ModernBert(c) => c.max_sequence_length(),
         }
     }
 
@@ -230,6 +269,7 @@ impl ModelConfig {
     pub fn parameter_count(&self) -> u64 {
         match self {
             ModelConfig::Roberta(c) => c.parameter_count(),
+            ModelConfig::ModernBert(c) => c.parameter_count(),
         }
     }
 
@@ -243,6 +283,7 @@ impl ModelConfig {
     pub fn training_bytes(&self, batch: usize, seq: usize, mask_probability: f64) -> u64 {
         match self {
             ModelConfig::Roberta(c) => c.training_bytes(batch, seq, mask_probability),
+            ModelConfig::ModernBert(c) => c.training_bytes(batch, seq, mask_probability),
         }
     }
 
@@ -250,6 +291,7 @@ impl ModelConfig {
     pub fn check_memory(&self) -> Result<(), ConfigError> {
         match self {
             ModelConfig::Roberta(c) => c.check_memory(),
+            ModelConfig::ModernBert(c) => c.check_memory(),
         }
     }
 
@@ -257,6 +299,7 @@ impl ModelConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         match self {
             ModelConfig::Roberta(c) => c.validate(),
+            ModelConfig::ModernBert(c) => c.validate(),
         }
     }
 }
@@ -265,6 +308,13 @@ impl ModelConfig {
 #[derive(Module, Debug)]
 pub enum MaskedLm {
     Roberta(RobertaForMaskedLM),
+    ModernBert(ModernBertForMaskedLM),
+}
+
+impl From<ModernBertForMaskedLM> for MaskedLm {
+    fn from(model: ModernBertForMaskedLM) -> Self {
+        MaskedLm::ModernBert(model)
+    }
 }
 
 impl From<RobertaForMaskedLM> for MaskedLm {
@@ -279,12 +329,16 @@ impl MaskedLm {
     pub fn new(config: &ModelConfig, device: &Device) -> Result<Self, ConfigError> {
         Ok(match config {
             ModelConfig::Roberta(c) => MaskedLm::Roberta(RobertaForMaskedLM::new(c, device)?),
+            ModelConfig::ModernBert(c) => {
+                MaskedLm::ModernBert(ModernBertForMaskedLM::new(c, device)?)
+            }
         })
     }
 
     pub fn family(&self) -> Family {
         match self {
             MaskedLm::Roberta(_) => Family::Roberta,
+            MaskedLm::ModernBert(_) => Family::ModernBert,
         }
     }
 
@@ -296,6 +350,7 @@ impl MaskedLm {
     pub fn forward(&self, input_ids: Tensor<2, Int>, attention_mask: Tensor<2, Int>) -> Tensor<3> {
         match self {
             MaskedLm::Roberta(m) => m.forward(input_ids, attention_mask),
+            MaskedLm::ModernBert(m) => m.forward(input_ids, attention_mask),
         }
     }
 
@@ -312,6 +367,7 @@ impl MaskedLm {
     ) -> Tensor<2> {
         match self {
             MaskedLm::Roberta(m) => m.forward_at(input_ids, attention_mask, positions),
+            MaskedLm::ModernBert(m) => m.forward_at(input_ids, attention_mask, positions),
         }
     }
 
@@ -319,6 +375,7 @@ impl MaskedLm {
     pub fn with_new_rows(self, sources: &[Vec<u32>]) -> Self {
         match self {
             MaskedLm::Roberta(m) => MaskedLm::Roberta(m.with_new_rows(sources)),
+            MaskedLm::ModernBert(m) => MaskedLm::ModernBert(m.with_new_rows(sources)),
         }
     }
 
@@ -326,6 +383,7 @@ impl MaskedLm {
     pub fn with_attention(self, implementation: AttentionImpl) -> Self {
         match self {
             MaskedLm::Roberta(m) => MaskedLm::Roberta(m.with_attention(implementation)),
+            MaskedLm::ModernBert(m) => MaskedLm::ModernBert(m.with_attention(implementation)),
         }
     }
 
@@ -333,6 +391,7 @@ impl MaskedLm {
     pub fn word_embeddings(&self) -> Tensor<2> {
         match self {
             MaskedLm::Roberta(m) => m.word_embeddings(),
+            MaskedLm::ModernBert(m) => m.word_embeddings(),
         }
     }
 
@@ -341,6 +400,7 @@ impl MaskedLm {
     pub fn seed_dropout(&self, seed: u64, device: &Device) {
         match self {
             MaskedLm::Roberta(m) => m.dropout_stream().seed(seed, device),
+            MaskedLm::ModernBert(m) => m.dropout_stream().seed(seed, device),
         }
     }
 
@@ -351,6 +411,7 @@ impl MaskedLm {
     pub fn save_weights_into<S: ModuleStore>(&self, store: &mut S) -> Result<(), S::Error> {
         match self {
             MaskedLm::Roberta(m) => m.save_into(store),
+            MaskedLm::ModernBert(m) => m.save_into(store),
         }
     }
 
@@ -361,6 +422,7 @@ impl MaskedLm {
     ) -> Result<ApplyResult, S::Error> {
         match self {
             MaskedLm::Roberta(m) => m.load_from(store),
+            MaskedLm::ModernBert(m) => m.load_from(store),
         }
     }
 }

@@ -34,6 +34,7 @@ mod dropout;
 mod family;
 pub mod memory;
 mod model;
+pub mod modernbert;
 
 use std::path::PathBuf;
 
@@ -45,6 +46,7 @@ pub use model::{
     RobertaForMaskedLM, RobertaIntermediate, RobertaLMHead, RobertaLayer, RobertaModel,
     RobertaOutput, RobertaSelfAttention, attention_bias, mlm_loss, position_ids,
 };
+pub use modernbert::{ModernBertConfig, ModernBertForMaskedLM};
 
 /// Why a model configuration could not be used.
 #[derive(Debug, thiserror::Error)]

@@ -58,14 +58,14 @@ fn embedding(
 }
 
 /// `x` in `dtype` (burn's cast is a no-op when it already is).
-fn cast<const D: usize>(x: Tensor<D>, dtype: DType) -> Tensor<D> {
+pub(crate) fn cast<const D: usize>(x: Tensor<D>, dtype: DType) -> Tensor<D> {
     x.cast(FloatDType::from(dtype))
 }
 
 /// A Linear layer applied in its weight's dtype. Under mixed precision (masklm-train's
 /// autocast) only Linear weights are half precision: matmuls run in bf16/f16 while
 /// embeddings, LayerNorm, softmax and the loss stay in f32, as torch.autocast does.
-fn dense<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
+pub(crate) fn dense<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
     let weight = layer.weight.val();
     let dtype = weight.dtype();
     crate::cpu_ops::linear(cast(x, dtype), weight, layer.bias.as_ref().map(|b| b.val()))
@@ -77,7 +77,7 @@ fn layer_norm(config: &RobertaConfig, device: &Device) -> LayerNorm {
         .init(device)
 }
 
-fn activate<const D: usize>(act: HiddenAct, x: Tensor<D>) -> Tensor<D> {
+pub(crate) fn activate<const D: usize>(act: HiddenAct, x: Tensor<D>) -> Tensor<D> {
     match act {
         HiddenAct::Gelu if needs_composite_gelu(&x.device()) => {
             // 0.5 x (1 + erf(x / sqrt 2)), differentiated op by op: exact both ways.
@@ -245,7 +245,7 @@ impl KeyMask {
 
 /// What `true` in the boolean mask of burn's fused `attention` means on a device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum MaskMeaning {
+pub(crate) enum MaskMeaning {
     /// burn's documented meaning: the key is masked out.
     TrueMasks,
     /// PyTorch's SDPA meaning: the key takes part. burn-tch 0.22.1 hands burn's mask to
@@ -257,7 +257,7 @@ enum MaskMeaning {
 /// the eager path runs). Probed once per device rather than by backend name, as
 /// [`needs_composite_gelu`]: one query, two equal-scoring keys with values 1 and 3, key 1
 /// masked. The answer is 1 if `true` masks, 3 if it attends.
-fn fused_mask_meaning(device: &Device) -> Option<MaskMeaning> {
+pub(crate) fn fused_mask_meaning(device: &Device) -> Option<MaskMeaning> {
     // Keyed by autodiff too: `Device` equality ignores it, and autodiff runs burn's own
     // (composite) attention while the plain device runs the backend's kernel.
     static PROBED: std::sync::Mutex<Vec<(Device, bool, Option<MaskMeaning>)>> =

@@ -178,7 +178,6 @@ mod tests {
         };
         let model = MaskedLm::new(&config.into(), &Device::flex()).unwrap();
         let half = autocast(&model, FloatDType::F16);
-        #[allow(unreachable_patterns)]
         let roberta = |m: &MaskedLm| match m {
             MaskedLm::Roberta(m) => m.clone(),
             _ => panic!("a RoBERTa config builds a RoBERTa model"),
