@@ -49,14 +49,16 @@ def main() -> int:
 
     old_emb = old_model.get_input_embeddings().weight.detach()
     new_emb = new_model.get_input_embeddings().weight.detach()
-    old_bias, new_bias = old_model.lm_head.bias.detach(), new_model.lm_head.bias.detach()
+    # The decoder (RoBERTa's lm_head.decoder, ModernBERT's decoder), whatever the family.
+    old_out, new_out = old_model.get_output_embeddings(), new_model.get_output_embeddings()
+    old_bias, new_bias = old_out.bias.detach(), new_out.bias.detach()
     v = old_emb.shape[0]
     check(new_emb.shape[0] == report["new_vocab_size"], f"embedding rows {new_emb.shape[0]}")
     check(torch.equal(new_emb[:v], old_emb), "old embedding rows bit-identical")
     check(torch.equal(new_bias[:v], old_bias), "old LM-head bias bit-identical")
     # The decoder is tied: the output projection is the (grown) embedding matrix.
-    check(new_model.lm_head.decoder.weight.data_ptr() == new_emb.data_ptr() or
-          torch.equal(new_model.lm_head.decoder.weight, new_emb), "decoder tied to embeddings")
+    check(new_out.weight.data_ptr() == new_emb.data_ptr() or
+          torch.equal(new_out.weight, new_emb), "decoder tied to embeddings")
 
     def expand(pieces):
         return torch.tensor(pieces, dtype=torch.long)

@@ -75,6 +75,16 @@ impl Family {
     }
 }
 
+/// The ids of a tokenizer's special tokens that a model config names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpecialIds {
+    pub pad: usize,
+    /// The token a sequence starts with (`<s>`, `[CLS]`).
+    pub start: usize,
+    /// The token a sequence ends with (`</s>`, `[SEP]`).
+    pub end: usize,
+}
+
 /// The `config.json` of a model of any family.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModelConfig {
@@ -167,6 +177,23 @@ impl ModelConfig {
         };
         keys.extend(extra.iter().map(|k| k.to_string()));
         keys
+    }
+
+    /// The special-token keys of `family`'s config.json and their ids in a tokenizer: what a
+    /// run that trains from scratch fills in from its tokenizer when `[model]` does not say.
+    /// RoBERTa's `bos_token_id`/`eos_token_id` are left at their defaults: BERT has none, and
+    /// masklm's own tokenizers put `<s>`/`</s>` at RoBERTa's ids.
+    pub fn special_token_keys(family: Family, ids: SpecialIds) -> Vec<(&'static str, usize)> {
+        match family {
+            Family::Roberta => vec![("pad_token_id", ids.pad)],
+            Family::ModernBert => vec![
+                ("pad_token_id", ids.pad),
+                ("bos_token_id", ids.start),
+                ("cls_token_id", ids.start),
+                ("eos_token_id", ids.end),
+                ("sep_token_id", ids.end),
+            ],
+        }
     }
 
     pub fn family(&self) -> Family {

@@ -40,7 +40,7 @@ use std::path::PathBuf;
 
 pub use config::{HiddenAct, RobertaConfig};
 pub use dropout::{DropoutStream, MlmDropout};
-pub use family::{Family, MaskedLm, ModelConfig};
+pub use family::{Family, MaskedLm, ModelConfig, SpecialIds};
 pub use model::{
     AttentionImpl, KeyMask, RobertaAttention, RobertaEmbeddings, RobertaEncoder,
     RobertaForMaskedLM, RobertaIntermediate, RobertaLMHead, RobertaLayer, RobertaModel,

@@ -21,7 +21,7 @@
 use std::path::{Path, PathBuf};
 
 use masklm_data::{CorpusOptions, MaskingConfig, Packing};
-use masklm_model::{Family, ModelConfig};
+use masklm_model::{Family, ModelConfig, SpecialIds};
 use serde::{Deserialize, Serialize};
 
 use crate::{OptimizerConfig, ScheduleConfig, TrainError};
@@ -560,27 +560,7 @@ impl TrainConfig {
                 format!("{} does not exist", path.display()),
             );
         }
-        let family = match self.model.config.get("model_type") {
-            None => Family::Roberta,
-            Some(toml::Value::String(name)) => match Family::of_model_type(name) {
-                Some(family) => family,
-                None => {
-                    return bad(
-                        "model.model_type",
-                        format!(
-                            "{name:?} is not a family masklm knows; it trains {}",
-                            Family::known_model_types()
-                        ),
-                    );
-                }
-            },
-            Some(other) => {
-                return bad(
-                    "model.model_type",
-                    format!("{other} is not a string; write e.g. model_type = \"roberta\""),
-                );
-            }
-        };
+        let family = self.family()?;
         if self.model.init_from.is_some() {
             // The family is the loaded folder's; open_model checks the keys against it.
             let dropout: Vec<&str> = Family::ALL
@@ -619,9 +599,33 @@ impl TrainConfig {
         Ok(())
     }
 
-    /// The model config for training from scratch, with `vocab_size` from the tokenizer when
-    /// the file does not give one.
-    pub fn model_config(&self, tokenizer_vocab: usize) -> Result<ModelConfig, TrainError> {
+    /// The family `[model] model_type` names (RoBERTa when it names none).
+    pub fn family(&self) -> Result<Family, TrainError> {
+        match self.model.config.get("model_type") {
+            None => Ok(Family::Roberta),
+            Some(toml::Value::String(name)) => Family::of_model_type(name).ok_or_else(|| {
+                TrainError::Config {
+                    key: "model.model_type".to_string(),
+                    reason: format!(
+                        "{name:?} is not a family masklm knows; it trains {}",
+                        Family::known_model_types()
+                    ),
+                }
+            }),
+            Some(other) => Err(TrainError::Config {
+                key: "model.model_type".to_string(),
+                reason: format!("{other} is not a string; write e.g. model_type = \"roberta\""),
+            }),
+        }
+    }
+
+    /// The model config for training from scratch: `[model]`'s keys, with `vocab_size` and the
+    /// special-token ids from the tokenizer where the file does not give them.
+    pub fn model_config(
+        &self,
+        tokenizer_vocab: usize,
+        specials: SpecialIds,
+    ) -> Result<ModelConfig, TrainError> {
         let mut json =
             serde_json::to_value(&self.model.config).map_err(|e| TrainError::Config {
                 key: "model".to_string(),
@@ -631,6 +635,9 @@ impl TrainConfig {
             object
                 .entry("vocab_size")
                 .or_insert(serde_json::Value::from(tokenizer_vocab));
+            for (key, id) in ModelConfig::special_token_keys(self.family()?, specials) {
+                object.entry(key).or_insert(serde_json::Value::from(id));
+            }
         }
         let text = json.to_string();
         ModelConfig::from_json(&text).map_err(|e| TrainError::Config {
@@ -734,7 +741,16 @@ mod tests {
         assert_eq!(config.optimizer.lr, 5e-4);
         assert_eq!(config.training.max_steps, Some(3));
         assert_eq!(config.data.packing, Packing::Line);
-        let model = config.model_config(300).unwrap();
+        let model = config
+            .model_config(
+                300,
+                SpecialIds {
+                    pad: 1,
+                    start: 0,
+                    end: 2,
+                },
+            )
+            .unwrap();
         assert_eq!(model.vocab_size(), 300);
         assert_eq!(model.hidden_size(), 32);
     }

@@ -818,7 +818,12 @@ fn initial_model(
             (model_config, model)
         }
         None => {
-            let model_config = config.model_config(tokenizer.vocab_size())?;
+            let specials = masklm_model::SpecialIds {
+                pad: tokenizer.pad_id as usize,
+                start: tokenizer.bos_id as usize,
+                end: tokenizer.eos_id as usize,
+            };
+            let model_config = config.model_config(tokenizer.vocab_size(), specials)?;
             // Initialise on the CPU backend, then move: each backend has its own random
             // generator, and this keeps the initial weights the same whatever the device.
             let host = Device::flex();
