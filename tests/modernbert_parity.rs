@@ -90,7 +90,10 @@ fn logits_match_transformers_at_every_token() {
              {:e}); at pads {pad_diff:e}",
             diff / scale
         );
-        assert!(ours.iter().all(|v| v.is_finite()), "{name}: non-finite logits");
+        assert!(
+            ours.iter().all(|v| v.is_finite()),
+            "{name}: non-finite logits"
+        );
         assert!(
             diff <= 1e-5 * scale,
             "{name} {attention:?}: logits differ from transformers by {diff} (largest {scale})"
@@ -126,7 +129,10 @@ fn masked_loss_matches_transformers_and_forward_at_is_forward() {
             .reshape([batch * seq, config.vocab_size])
             .select(0, positions);
         let diff = common::max_abs_diff(&values(picked), &values(full));
-        assert!(diff <= 1e-5, "{name}: forward_at differs from forward by {diff}");
+        assert!(
+            diff <= 1e-5,
+            "{name}: forward_at differs from forward by {diff}"
+        );
     }
 }
 
@@ -192,14 +198,23 @@ fn gradients_match_transformers() {
             true,
         );
         check("head.dense.weight", model.head.dense.weight.val(), true);
-        check_1d("model.final_norm.weight", Some(&model.model.final_norm.gamma));
+        check_1d(
+            "model.final_norm.weight",
+            Some(&model.model.final_norm.gamma),
+        );
         check_1d("head.norm.weight", Some(&model.head.norm.gamma));
         check_1d("decoder.bias", model.decoder.bias.as_ref());
     }
 }
 
 /// Asserts a gradient within 1e-4 of transformers', relative to its largest element.
-fn compare(name: &str, attention: AttentionImpl, hf_name: &str, got: &[f32], reference: &Reference) {
+fn compare(
+    name: &str,
+    attention: AttentionImpl,
+    hf_name: &str,
+    got: &[f32],
+    reference: &Reference,
+) {
     let expected = reference.f32(&format!("grad.{hf_name}"));
     let (diff, scale) = diff_where(got, &expected.data, |_| true);
     println!(
@@ -225,12 +240,22 @@ fn both_config_spellings_resolve_as_transformers_does() {
     // layer_types ["full", "sliding", "sliding", "full"]; thetas 1000 / 300 in the new file.
     assert_eq!(
         describe(&new),
-        [(None, 1000.0), (Some(4), 300.0), (Some(4), 300.0), (None, 1000.0)]
+        [
+            (None, 1000.0),
+            (Some(4), 300.0),
+            (Some(4), 300.0),
+            (None, 1000.0)
+        ]
     );
     // global_attn_every_n_layers 3, global_rope_theta 20000, local_rope_theta absent: 10000.
     assert_eq!(
         describe(&old),
-        [(None, 20000.0), (Some(4), 10000.0), (Some(4), 10000.0), (None, 20000.0)]
+        [
+            (None, 20000.0),
+            (Some(4), 10000.0),
+            (Some(4), 10000.0),
+            (None, 20000.0)
+        ]
     );
     // Resolved into transformers 5's spelling on reading.
     assert!(old.layer_types.is_some() && old.global_rope_theta.is_none());
@@ -423,7 +448,8 @@ fn with_new_rows_grows_embeddings_and_decoder_bias_alike() {
     assert_eq!(bias.len(), v + 2);
     assert!((bias[v] - (before_bias[10] + before_bias[20]) / 2.0).abs() < 1e-6);
     // The grown model runs and predicts over the grown vocabulary.
-    let ids = Tensor::<2, Int>::from_data(TensorData::new(vec![796i64, 10, 800, 797], [1, 4]), &device);
+    let ids =
+        Tensor::<2, Int>::from_data(TensorData::new(vec![796i64, 10, 800, 797], [1, 4]), &device);
     let logits = grown.forward(ids, Tensor::ones([1, 4], &device));
     assert_eq!(logits.dims(), [1, 4, v + 2]);
 }

@@ -21,8 +21,8 @@ use burn::tensor::Device;
 use masklm_model::{ModernBertConfig, ModernBertForMaskedLM};
 
 use crate::{
-    HubError, LoadReport, WeightNames, config_path, read_weights, save_safetensors,
-    tensor_shapes, weights_file, write_folder,
+    HubError, LoadReport, WeightNames, config_path, read_weights, save_safetensors, tensor_shapes,
+    weights_file, write_folder,
 };
 
 /// Module path -> HF key: burn's LayerNorm names back to PyTorch's.

@@ -39,12 +39,12 @@ use std::path::PathBuf;
 
 pub use config::{HiddenAct, RobertaConfig};
 pub use dropout::{MlmDropout, seed_dropout};
-pub use modernbert::{ModernBertConfig, ModernBertForMaskedLM};
 pub use model::{
     AttentionImpl, KeyMask, RobertaAttention, RobertaEmbeddings, RobertaEncoder,
     RobertaForMaskedLM, RobertaIntermediate, RobertaLMHead, RobertaLayer, RobertaModel,
     RobertaOutput, RobertaSelfAttention, attention_bias, mlm_loss, position_ids,
 };
+pub use modernbert::{ModernBertConfig, ModernBertForMaskedLM};
 
 /// Why a model configuration could not be used.
 #[derive(Debug, thiserror::Error)]

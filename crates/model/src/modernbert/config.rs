@@ -283,7 +283,11 @@ impl ModernBertConfig {
         let mut rope = self.rope_parameters.take().unwrap_or_default();
         for (kind, old, default) in [
             (FULL_ATTENTION, self.global_rope_theta, DEFAULT_GLOBAL_THETA),
-            (SLIDING_ATTENTION, self.local_rope_theta, DEFAULT_LOCAL_THETA),
+            (
+                SLIDING_ATTENTION,
+                self.local_rope_theta,
+                DEFAULT_LOCAL_THETA,
+            ),
         ] {
             let entry = rope
                 .entry(kind.to_string())
@@ -662,9 +666,15 @@ mod tests {
         assert_eq!(config.global_rope_theta, None, "resolved away");
         let json: serde_json::Value = serde_json::from_str(&config.to_json()).unwrap();
         assert_eq!(json["layer_types"][1], SLIDING_ATTENTION);
-        assert_eq!(json["rope_parameters"][FULL_ATTENTION]["rope_theta"], 1000.0);
+        assert_eq!(
+            json["rope_parameters"][FULL_ATTENTION]["rope_theta"],
+            1000.0
+        );
         assert!(json.get("global_rope_theta").is_none());
-        assert_eq!(ModernBertConfig::from_json(&config.to_json()).unwrap(), config);
+        assert_eq!(
+            ModernBertConfig::from_json(&config.to_json()).unwrap(),
+            config
+        );
     }
 
     #[test]
@@ -710,9 +720,18 @@ mod tests {
                 r#"{"classifier_activation": "tanh"}"#,
                 "classifier_activation",
             ),
-            (r#"{"hidden_size": 30, "num_attention_heads": 4}"#, "hidden_size"),
-            (r#"{"hidden_size": 36, "num_attention_heads": 4}"#, "num_attention_heads"),
-            (r#"{"num_hidden_layers": 2, "layer_types": ["full_attention"]}"#, "layer_types"),
+            (
+                r#"{"hidden_size": 30, "num_attention_heads": 4}"#,
+                "hidden_size",
+            ),
+            (
+                r#"{"hidden_size": 36, "num_attention_heads": 4}"#,
+                "num_attention_heads",
+            ),
+            (
+                r#"{"num_hidden_layers": 2, "layer_types": ["full_attention"]}"#,
+                "layer_types",
+            ),
             (
                 r#"{"num_hidden_layers": 1, "layer_types": ["global"]}"#,
                 "layer_types",
@@ -730,7 +749,10 @@ mod tests {
             ),
             (r#"{"mlp_dropout": 1.0}"#, "mlp_dropout"),
             (r#"{"tie_word_embeddings": false}"#, "tie_word_embeddings"),
-            (r#"{"global_attn_every_n_layers": 0}"#, "global_attn_every_n_layers"),
+            (
+                r#"{"global_attn_every_n_layers": 0}"#,
+                "global_attn_every_n_layers",
+            ),
         ] {
             let msg = error_for(json);
             assert!(msg.contains(key), "{json}: {msg}");

@@ -17,11 +17,10 @@ mod config;
 mod model;
 
 pub use config::{
-    FULL_ATTENTION, LayerAttention, ModernBertConfig, RopeParameters, SLIDING_ATTENTION,
-    TokenIds,
+    FULL_ATTENTION, LayerAttention, ModernBertConfig, RopeParameters, SLIDING_ATTENTION, TokenIds,
 };
 pub use model::{
     ModernBertAttention, ModernBertDecoder, ModernBertEmbeddings, ModernBertEncoderLayer,
-    ModernBertForMaskedLM, ModernBertMLP, ModernBertModel, ModernBertPredictionHead, geglu,
-    rotary, rotary_tables, sliding_window_bias,
+    ModernBertForMaskedLM, ModernBertMLP, ModernBertModel, ModernBertPredictionHead, geglu, rotary,
+    rotary_tables, sliding_window_bias,
 };

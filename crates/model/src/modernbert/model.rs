@@ -237,7 +237,11 @@ struct LayerInputs {
 }
 
 impl LayerInputs {
-    fn new(attention_mask: Tensor<2, Int>, layers: &[ModernBertEncoderLayer], head_dim: usize) -> Self {
+    fn new(
+        attention_mask: Tensor<2, Int>,
+        layers: &[ModernBertEncoderLayer],
+        head_dim: usize,
+    ) -> Self {
         let [_, seq] = attention_mask.dims();
         let device = attention_mask.device();
         let mut rope: Vec<(f64, [Tensor<4>; 2])> = Vec::new();
@@ -399,7 +403,10 @@ impl ModernBertAttention {
         let probs = crate::cpu_ops::softmax_last(cast(scores, bias.dtype()) + bias);
         let probs = self.drop.forward(cast(probs, v.dtype()));
         // [batch, heads, seq, head_dim] -> [batch, seq, hidden]
-        probs.matmul(v).swap_dims(1, 2).reshape([batch, seq, hidden])
+        probs
+            .matmul(v)
+            .swap_dims(1, 2)
+            .reshape([batch, seq, hidden])
     }
 }
 
@@ -474,7 +481,9 @@ impl ModernBertEncoderLayer {
             None => x.clone(),
         };
         let x = x.clone() + cast(self.attn.forward(normed, inputs), x.dtype());
-        let mlp = self.mlp.forward(norm(&self.mlp_norm, self.norm_eps, x.clone()));
+        let mlp = self
+            .mlp
+            .forward(norm(&self.mlp_norm, self.norm_eps, x.clone()));
         x.clone() + cast(mlp, x.dtype())
     }
 }
@@ -556,7 +565,12 @@ impl ModernBertDecoder {
     /// # Shapes
     /// - `x`: `[..., hidden]`, `weight`: `[vocab, hidden]`
     /// - output: `[..., vocab]`
-    pub fn forward<const D: usize>(&self, x: Tensor<D>, weight: Tensor<2>, dtype: DType) -> Tensor<D> {
+    pub fn forward<const D: usize>(
+        &self,
+        x: Tensor<D>,
+        weight: Tensor<2>,
+        dtype: DType,
+    ) -> Tensor<D> {
         crate::cpu_ops::linear(
             cast(x, dtype),
             cast(weight, dtype).transpose(),
@@ -669,9 +683,7 @@ impl ModernBertForMaskedLM {
         if let Some(bias) = self.decoder.bias.take() {
             // The bias as a [vocab, 1] column, grown the same way.
             let column = bias.val().unsqueeze_dim::<2>(1);
-            self.decoder.bias = Some(Param::from_tensor(
-                mean_rows(column).squeeze_dim::<1>(1),
-            ));
+            self.decoder.bias = Some(Param::from_tensor(mean_rows(column).squeeze_dim::<1>(1)));
         }
         self
     }
