@@ -13,6 +13,11 @@
 //! 5. [`mlm_loss`]: cross-entropy over masked tokens only, on logits from
 //!    [`RobertaForMaskedLM::forward_at`], which projects only the masked positions.
 //!
+//! [`ModernBertForMaskedLM`] (module [`modernbert`]) is transformers' ModernBERT with the same
+//! public shape (`new`, `forward`, `forward_at`, `with_new_rows`, `with_attention`,
+//! `word_embeddings`) and the same shared [`mlm_loss`]: rotary positions, alternating full and
+//! sliding-window attention, GeGLU feed-forward blocks.
+//!
 //! ```no_run
 //! use burn::tensor::{Device, Int, Tensor};
 //! use masklm_model::{RobertaConfig, RobertaForMaskedLM, mlm_loss};
