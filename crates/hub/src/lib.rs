@@ -14,6 +14,9 @@
 //! | BERT `cls.predictions.transform.{dense,LayerNorm}.*` | `lm_head.{dense,layer_norm}.*` |
 //! | BERT `cls.predictions.bias`              | `lm_head.bias` |
 //!
+//! ModernBERT folders (`model_type` "modernbert") load with [`load_modernbert`] and export
+//! with [`export_modernbert`]; their module paths are the HF keys (see `modernbert.rs`).
+//!
 //! Tensors that are expected to be absent or extra are not reported: the tied decoder
 //! (`lm_head.decoder.*`, `cls.predictions.decoder.*`), `*.pooler.*` and
 //! `cls.seq_relationship.*` (unused by MLM), and the `position_ids` / `token_type_ids` buffers

@@ -1,4 +1,4 @@
-//! The masklm model: a RoBERTa-style encoder with its masked-language-modelling head, in burn.
+//! The masklm models: masked-language-model encoders of several families, in burn.
 //!
 //! [`RobertaForMaskedLM`] mirrors transformers' class of the same name: on the same weights it
 //! gives the same logits, loss and gradients (checked against fixtures dumped by
@@ -12,6 +12,15 @@
 //!    matrix.
 //! 5. [`mlm_loss`]: cross-entropy over masked tokens only, on logits from
 //!    [`RobertaForMaskedLM::forward_at`], which projects only the masked positions.
+//!
+//! [`ModernBertForMaskedLM`] (module [`modernbert`]) is transformers' ModernBERT with the same
+//! public shape (`new`, `forward`, `forward_at`, `with_new_rows`, `with_attention`,
+//! `word_embeddings`) and the same shared [`mlm_loss`]: rotary positions, alternating full and
+//! sliding-window attention, GeGLU feed-forward blocks.
+//!
+//! Everything outside this crate holds a model through the family seam: [`ModelConfig`] and
+//! [`MaskedLm`], enums over the families ([`Family`]) chosen once from `config.json`'s
+//! `model_type`. Each model draws its dropout masks from its own [`DropoutStream`].
 //!
 //! ```no_run
 //! use burn::tensor::{Device, Int, Tensor};

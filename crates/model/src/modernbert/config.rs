@@ -762,6 +762,18 @@ mod tests {
     }
 
     #[test]
+    fn training_bytes_grow_with_the_batch_and_saturate() {
+        let config = ModernBertConfig::default();
+        let params = config.parameter_count();
+        let one = config.training_bytes(1, 512, 0.3);
+        assert!(one > 16 * params, "{one}");
+        assert!(config.training_bytes(64, 512, 0.3) > 32 * (one - 16 * params));
+        assert_eq!(config.training_bytes(usize::MAX, usize::MAX, 1.0), u64::MAX);
+        // ModernBERT-base: 149e6 parameters with the tied decoder counted once.
+        assert!((148e6..151e6).contains(&(params as f64)), "{params}");
+    }
+
+    #[test]
     fn parameter_count_is_the_models_own() {
         use burn::module::Module;
         let device = burn::tensor::Device::flex();
