@@ -12,14 +12,14 @@
 //!     target/release/examples/bench_window --batch 4 --window 128
 //! ```
 //! Each cell is the median of 3 runs, the three paths alternating (after one warm-up each).
-//! `--max-composite-seq N` skips the composite above N (it holds several
-//! `[batch, heads, seq, seq]` tensors: ~5 GB at 2048).
+//! `--max-composite-seq N` / `--max-dense-seq N` skip those paths above N (the composite holds
+//! several `[batch, heads, seq, seq]` tensors: ~5 GB at 2048); `--seqs 512,4096` picks lengths.
 
 use std::time::{Duration, Instant};
 
 // The kernels are crate-private: compile them into the benchmark, as `masklm`'s bench does
 // with the CLI's backend module.
-#[allow(dead_code)]
+#[allow(dead_code, unused_imports)]
 #[path = "../src/cpu_ops/mod.rs"]
 mod cpu_ops;
 
@@ -116,6 +116,7 @@ fn main() {
     let (batch, heads, d) = (arg("--batch", 4), arg("--heads", 12), arg("--head-dim", 64));
     let window = arg("--window", 128);
     let max_composite = arg("--max-composite-seq", usize::MAX);
+    let max_dense = arg("--max-dense-seq", usize::MAX);
     let threads = rayon::current_num_threads();
     println!(
         "sliding-window attention, forward + backward, batch {batch}, {heads} heads x {d}, \
@@ -123,11 +124,21 @@ fn main() {
     );
     println!("| seq | windowed | dense kernel | composite (window mask) | windowed / seq (us) |");
     println!("|---:|---:|---:|---:|---:|");
-    for seq in [128, 512, 1024, 2048] {
+    let seqs: Vec<usize> = match std::env::args().position(|a| a == "--seqs") {
+        Some(i) => std::env::args()
+            .nth(i + 1)
+            .unwrap_or_default()
+            .split(',')
+            .filter_map(|s| s.parse().ok())
+            .collect(),
+        None => vec![128, 512, 1024, 2048],
+    };
+    for seq in seqs {
         let shape = [batch, seq, heads, d];
         let paths: Vec<Path> = [Path::Windowed, Path::DenseKernel, Path::Composite]
             .into_iter()
             .filter(|&p| p != Path::Composite || seq <= max_composite)
+            .filter(|&p| p != Path::DenseKernel || seq <= max_dense)
             .collect();
         for &p in &paths {
             time(p, shape, window);
@@ -138,7 +149,7 @@ fn main() {
                 times[p as usize].push(time(p, shape, window));
             }
         }
-        let ms = |p: Path| {
+        let mut ms = |p: Path| {
             let t = std::mem::take(&mut times[p as usize]);
             if t.is_empty() {
                 "-".to_string()
