@@ -22,27 +22,45 @@ pub(crate) fn attention(
     bias: &Tensor<4>,
     dropout: Option<&dyn Fn(usize) -> Vec<f32>>,
 ) -> Option<Tensor<3>> {
-    let [batch, seq, hidden] = q.dims();
-    if [q.dtype(), k.dtype(), v.dtype(), bias.dtype()]
-        .iter()
-        .any(|&d| d != DType::F32)
-        || heads == 0
-        || hidden % heads != 0
-        || k.dims() != q.dims()
-        || v.dims() != q.dims()
-        || bias.dims() != [batch, 1, 1, seq]
-    {
-        return None;
-    }
-    let shape = Attention {
-        batch,
-        seq,
-        hidden,
-        heads,
-    };
+    let shape = Attention::of(q, k, v, heads, bias)?;
     let bias: Vec<f32> = bias.to_data().convert::<f32>().try_into_vec::<f32>().ok()?;
-    let probs = batch * heads * seq * seq;
-    let draw = |n: usize| {
+    run(shape, q, k, v, &bias, dropout)
+}
+
+/// A fused attention computation over `[batch, seq, hidden]` projections, one rayon task per
+/// (batch, head): dense ([`Attention`]) or banded ([`super::window::Window`]). They share the
+/// dispatch below and the autodiff node.
+pub(super) trait Kernel: std::fmt::Debug + Clone + Send + Sync + 'static {
+    /// Elements of the dropout mask.
+    fn mask_len(&self) -> usize;
+
+    /// `(context [batch, seq, hidden], probabilities before dropout)`, the latter in whatever
+    /// layout `backward` reads.
+    fn forward(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        bias: &[f32],
+        dropout: Option<&Vec<f32>>,
+    ) -> (Vec<f32>, Vec<f32>);
+
+    /// `(dq, dk, dv)` from the context's gradient `g`, `[batch, seq, hidden]` each.
+    fn backward(&self, state: &AttentionState<Self>, g: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>);
+}
+
+/// Runs `kernel` on flex f32 tensors (all autodiff or all plain), recording one autodiff node;
+/// `None` for any other backend. The dropout mask is drawn only once the kernel runs.
+pub(super) fn run<K: Kernel>(
+    kernel: K,
+    q: &Tensor<3>,
+    k: &Tensor<3>,
+    v: &Tensor<3>,
+    bias: &[f32],
+    dropout: Option<&dyn Fn(usize) -> Vec<f32>>,
+) -> Option<Tensor<3>> {
+    let draw = || {
+        let n = kernel.mask_len();
         let mask = dropout.map(|draw| draw(n));
         debug_assert!(mask.as_ref().is_none_or(|m| m.len() == n));
         mask.map(std::sync::Arc::new)
@@ -57,18 +75,19 @@ pub(crate) fn attention(
             contiguous(kt.primitive()),
             contiguous(vt.primitive()),
         );
-        let dropout = draw(probs);
-        let (context, probs) = shape.forward(
+        let dropout = draw();
+        let (context, probs) = kernel.forward(
             f32_slice(&qc),
             f32_slice(&kc),
             f32_slice(&vc),
-            &bias,
+            bias,
             dropout.as_deref(),
         );
         let output = from_vec(context, qc.layout().shape());
         let inputs = [&qt, &kt, &vt];
-        let out = record(AttentionBackward, inputs, output, || AttentionState {
-            shape,
+        let backward = AttentionBackward(std::marker::PhantomData::<K>);
+        let out = record(backward, inputs, output, || AttentionState {
+            shape: kernel,
             q: qc,
             k: kc,
             v: vc,
@@ -83,12 +102,12 @@ pub(crate) fn attention(
         v.clone().try_into_primitive::<Flex>(),
     ) {
         let (qc, kc, vc) = (contiguous(&qt), contiguous(&kt), contiguous(&vt));
-        let dropout = draw(probs);
-        let (context, _) = shape.forward(
+        let dropout = draw();
+        let (context, _) = kernel.forward(
             f32_slice(&qc),
             f32_slice(&kc),
             f32_slice(&vc),
-            &bias,
+            bias,
             dropout.as_deref(),
         );
         return Some(Tensor::from_primitive::<Flex>(from_vec(
@@ -100,51 +119,91 @@ pub(crate) fn attention(
 }
 
 #[derive(Debug, Clone, Copy)]
-struct Attention {
-    batch: usize,
-    seq: usize,
-    hidden: usize,
-    heads: usize,
+pub(super) struct Attention {
+    pub(super) batch: usize,
+    pub(super) seq: usize,
+    pub(super) hidden: usize,
+    pub(super) heads: usize,
 }
 
 #[derive(Debug, Clone)]
-struct AttentionState {
-    shape: Attention,
-    q: FlexTensor,
-    k: FlexTensor,
-    v: FlexTensor,
-    /// softmax probabilities before dropout, `[batch, heads, seq, seq]`.
-    probs: std::sync::Arc<Vec<f32>>,
-    dropout: Option<std::sync::Arc<Vec<f32>>>,
+pub(super) struct AttentionState<K> {
+    pub(super) shape: K,
+    pub(super) q: FlexTensor,
+    pub(super) k: FlexTensor,
+    pub(super) v: FlexTensor,
+    /// softmax probabilities before dropout, in the kernel's layout (`[batch, heads, seq,
+    /// seq]` for the dense one).
+    pub(super) probs: std::sync::Arc<Vec<f32>>,
+    pub(super) dropout: Option<std::sync::Arc<Vec<f32>>>,
 }
 
 /// A pointer the rayon tasks write through; each task writes its own (batch, head) column
 /// block, so the writes never overlap.
 #[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
+pub(super) struct SharedMut(pub(super) *mut f32);
 // SAFETY: tasks write disjoint elements (see the type's doc).
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
 
 impl SharedMut {
     /// The pointer (a method, so closures capture the whole Sync wrapper, not the raw field).
-    fn at(self, offset: usize) -> *mut f32 {
+    pub(super) fn at(self, offset: usize) -> *mut f32 {
         self.0.wrapping_add(offset)
     }
 }
 
 impl Attention {
-    fn head_dim(&self) -> usize {
+    /// The shape of an attention over these inputs, or `None` where the kernels do not apply
+    /// (not f32, shapes that disagree, an empty sequence).
+    pub(super) fn of(
+        q: &Tensor<3>,
+        k: &Tensor<3>,
+        v: &Tensor<3>,
+        heads: usize,
+        bias: &Tensor<4>,
+    ) -> Option<Self> {
+        let [batch, seq, hidden] = q.dims();
+        let f32_inputs = [q.dtype(), k.dtype(), v.dtype(), bias.dtype()]
+            .iter()
+            .all(|&d| d == DType::F32);
+        (f32_inputs
+            && heads > 0
+            && hidden % heads == 0
+            && batch * seq * hidden > 0
+            && k.dims() == q.dims()
+            && v.dims() == q.dims()
+            && bias.dims() == [batch, 1, 1, seq])
+        .then_some(Self {
+            batch,
+            seq,
+            hidden,
+            heads,
+        })
+    }
+
+    pub(super) fn head_dim(&self) -> usize {
         self.hidden / self.heads
     }
 
-    /// Offset of (batch b, head h)'s `[seq, head_dim]` block in a `[batch, seq, hidden]` tensor.
     fn block(&self, task: usize) -> usize {
-        let (b, h) = (task / self.heads, task % self.heads);
-        b * self.seq * self.hidden + h * self.head_dim()
+        head_block(self.seq, self.hidden, self.heads, task)
+    }
+}
+
+/// Offset of (batch b, head h)'s `[seq, head_dim]` block in a `[batch, seq, hidden]` tensor,
+/// `task = b * heads + h`.
+pub(super) fn head_block(seq: usize, hidden: usize, heads: usize, task: usize) -> usize {
+    let (b, h) = (task / heads, task % heads);
+    b * seq * hidden + h * (hidden / heads)
+}
+
+impl Kernel for Attention {
+    fn mask_len(&self) -> usize {
+        self.batch * self.heads * self.seq * self.seq
     }
 
-    /// `(context [batch, seq, hidden], probs [batch, heads, seq, seq])`.
+    /// Probabilities `[batch, heads, seq, seq]`.
     fn forward(
         &self,
         q: &[f32],
@@ -207,8 +266,7 @@ impl Attention {
         (context, probs)
     }
 
-    /// `(dq, dk, dv)` from the context's gradient `g`, `[batch, seq, hidden]` each.
-    fn backward(&self, state: &AttentionState, g: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    fn backward(&self, state: &AttentionState<Self>, g: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let Attention { seq, hidden, .. } = *self;
         let d = self.head_dim();
         let scale = 1.0 / (d as f32).sqrt();
@@ -297,12 +355,12 @@ impl Attention {
 }
 
 #[derive(Debug)]
-struct AttentionBackward;
+struct AttentionBackward<K>(std::marker::PhantomData<K>);
 
-impl Backward<Flex, 3> for AttentionBackward {
-    type State = AttentionState;
+impl<K: Kernel> Backward<Flex, 3> for AttentionBackward<K> {
+    type State = AttentionState<K>;
 
-    fn backward(self, ops: Ops<AttentionState, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+    fn backward(self, ops: Ops<AttentionState<K>, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [node_q, node_k, node_v] = ops.parents;
         let grad = contiguous(&grads.consume::<Flex>(&ops.node));
         let state = ops.state;
@@ -317,7 +375,7 @@ impl Backward<Flex, 3> for AttentionBackward {
 }
 
 /// The probabilities after dropout: `p * mask`, or `p` itself without dropout.
-fn with_dropout<'a>(p: &'a [f32], mask: Option<&[f32]>) -> std::borrow::Cow<'a, [f32]> {
+pub(super) fn with_dropout<'a>(p: &'a [f32], mask: Option<&[f32]>) -> std::borrow::Cow<'a, [f32]> {
     match mask {
         Some(mask) => p.iter().zip(mask).map(|(&p, &m)| p * m).collect(),
         None => std::borrow::Cow::Borrowed(p),

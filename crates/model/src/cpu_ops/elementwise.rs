@@ -156,7 +156,7 @@ fn map_rows(
 }
 
 #[inline(always)]
-fn gelu_f(x: f32) -> f32 {
+pub(super) fn gelu_f(x: f32) -> f32 {
     0.5 * x * (1.0 + erf_with_exp(x * std::f32::consts::FRAC_1_SQRT_2).0)
 }
 

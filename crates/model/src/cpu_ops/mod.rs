@@ -14,7 +14,11 @@
 //! - [`attention`]: multi-head attention as one task per (batch, head), gemms reading the
 //!   `[batch, seq, hidden]` projections in place (no head split/merge copies), softmax and
 //!   dropout in between.
-//! - [`gelu`], [`softmax_last`], [`layer_norm`], [`cross_entropy`], [`mul_constant`]
+//! - [`attention_windowed`]: the same for ModernBERT's sliding-window layers, computing only
+//!   the band of keys each block of queries sees (cost linear in the sequence length).
+//! - [`rotary`]: ModernBERT's rotate-half RoPE on q or k in the projection layout, with
+//!   transformers' f32 tables ([`rope_cos_sin`]).
+//! - [`gelu`], [`geglu`], [`softmax_last`], [`layer_norm`], [`cross_entropy`], [`mul_constant`]
 //!   (dropout): one node each where burn's autodiff chains 3-20 primitive ops.
 //!
 //! Each op routes by where its input lives: flex tensors (plain or autodiff) take the kernels
@@ -29,15 +33,26 @@
 
 mod attention;
 mod elementwise;
+// ModernBERT's kernels: the allows go once its model (wt-modernbert) calls them.
+#[allow(dead_code)]
+mod geglu;
 mod linear;
 mod loss;
 mod norm;
+#[allow(dead_code)]
+mod rotary;
+#[allow(dead_code)]
+mod window;
 
 pub(crate) use attention::attention;
 pub(crate) use elementwise::{gelu, mul_constant, softmax_last};
+#[allow(unused_imports)]
+pub(crate) use geglu::geglu;
 pub(crate) use linear::linear;
 pub(crate) use loss::cross_entropy;
 pub(crate) use norm::layer_norm;
+#[allow(unused_imports)]
+pub(crate) use {rotary::rope_cos_sin, rotary::rotary, window::attention_windowed};
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
