@@ -1,33 +1,30 @@
 //! GeGLU, the gated GELU of ModernBERT's MLP.
 
-use super::elementwise::{gelu, gelu_f};
+use super::elementwise::gelu_f;
 use super::*;
 
 /// GeGLU, `gelu(x[..., :inter]) * x[..., inter:]` with `2 * inter` the last dimension:
 /// ModernBERT's MLP (`input, gate = Wi(h).chunk(2, dim=-1); act(input) * gate`, act the exact
 /// erf GELU). burn's path is a chunk, GELU and multiply, each a node (GELU's backward three
-/// more); here one pass each way, sharing one erf per element. burn's ops off flex or off f32.
-pub(crate) fn geglu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+/// more); here one pass each way, sharing one erf per element. `None` off flex or off f32:
+/// the caller then runs its composite (which knows how to get GELU's exact gradient there).
+pub(crate) fn geglu<const D: usize>(x: Tensor<D>) -> Option<Tensor<D>> {
     let width = x.dims()[D - 1];
-    if x.dtype() == DType::F32 && width % 2 == 0 {
-        if let Ok(t) = x.clone().try_into_primitive::<FlexAd>() {
-            drop(x);
-            let input = t.primitive().clone();
-            let output = geglu_forward(&input);
-            let out = record(GegluBackward, [&t], output, || input);
-            return Tensor::from_primitive::<FlexAd>(out);
-        }
-        if let Ok(t) = x.clone().try_into_primitive::<Flex>() {
-            drop(x);
-            return Tensor::from_primitive::<Flex>(geglu_forward(&t));
-        }
+    if x.dtype() != DType::F32 || width % 2 != 0 {
+        return None;
     }
-    // `Wi` is `2 * intermediate_size` wide by construction.
-    debug_assert!(width % 2 == 0, "geglu: odd last dimension {width}");
-    let inter = width / 2;
-    let input = x.clone().narrow(D - 1, 0, inter);
-    let gate = x.narrow(D - 1, inter, inter);
-    gelu(input) * gate
+    if let Ok(t) = x.clone().try_into_primitive::<FlexAd>() {
+        drop(x);
+        let input = t.primitive().clone();
+        let output = geglu_forward(&input);
+        let out = record(GegluBackward, [&t], output, || input);
+        return Some(Tensor::from_primitive::<FlexAd>(out));
+    }
+    if let Ok(t) = x.clone().try_into_primitive::<Flex>() {
+        drop(x);
+        return Some(Tensor::from_primitive::<Flex>(geglu_forward(&t)));
+    }
+    None
 }
 
 /// `gelu(input) * gate` for each row `[input | gate]` of `x`, `[..., inter]`.
@@ -128,7 +125,7 @@ mod tests {
             let x = random(n, 32, &device).require_grad();
             let x3 = x.clone().reshape([batch, seq, 2 * inter]);
             let y = if fused {
-                geglu(x3)
+                geglu(x3).expect("an f32 flex tensor")
             } else {
                 // transformers' ModernBertMLP: `input, gate = ....chunk(2, dim=-1)`.
                 let input = x3.clone().narrow(2, 0, inter);
@@ -147,7 +144,7 @@ mod tests {
         assert_close("dx", &got.1, &want.1, 1e-6);
         let x = random(n, 32, &plain).reshape([batch, seq, 2 * inter]);
         assert_eq!(
-            values(geglu(x).reshape([n / 2])),
+            values(geglu(x).expect("an f32 flex tensor").reshape([n / 2])),
             got.0,
             "plain flex = autodiff flex"
         );

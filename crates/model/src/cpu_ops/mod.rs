@@ -33,25 +33,19 @@
 
 mod attention;
 mod elementwise;
-// ModernBERT's kernels: the allows go once its model (wt-modernbert) calls them.
-#[allow(dead_code)]
 mod geglu;
 mod linear;
 mod loss;
 mod norm;
-#[allow(dead_code)]
 mod rotary;
-#[allow(dead_code)]
 mod window;
 
 pub(crate) use attention::attention;
 pub(crate) use elementwise::{gelu, mul_constant, softmax_last};
-#[allow(unused_imports)]
 pub(crate) use geglu::geglu;
 pub(crate) use linear::linear;
 pub(crate) use loss::cross_entropy;
 pub(crate) use norm::layer_norm;
-#[allow(unused_imports)]
 pub(crate) use {rotary::rope_cos_sin, rotary::rotary, window::attention_windowed};
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;

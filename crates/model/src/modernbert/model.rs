@@ -149,24 +149,12 @@ impl ModernBertEmbeddings {
 /// angles `position * inv_freq` repeated twice along the head dimension (`cat(freqs, freqs)`).
 ///
 /// # Shapes
-/// - output: two `[1, seq, 1, head_dim]` tensors (broadcast over batch and heads)
-pub fn rotary_tables(seq: usize, head_dim: usize, theta: f64, device: &Device) -> [Tensor<4>; 2] {
-    let half = head_dim / 2;
-    let inv_freq: Vec<f32> = (0..half)
-        .map(|j| 1.0 / (theta as f32).powf((2 * j) as f32 / head_dim as f32))
-        .collect();
-    let mut cos = Vec::with_capacity(seq * head_dim);
-    let mut sin = Vec::with_capacity(seq * head_dim);
-    for position in 0..seq {
-        for _ in 0..2 {
-            for f in &inv_freq {
-                let angle = position as f32 * f;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
-            }
-        }
-    }
-    [cos, sin].map(|t| Tensor::from_data(TensorData::new(t, [1, seq, 1, head_dim]), device))
+/// - output: two `[1, seq, head_dim]` tensors (broadcast over batch; heads are folded into
+///   the hidden dimension by the caller)
+pub fn rotary_tables(seq: usize, head_dim: usize, theta: f64, device: &Device) -> [Tensor<3>; 2] {
+    let positions = Tensor::<1, Int>::arange(0..seq as i64, device).reshape([1, seq]);
+    let (cos, sin) = crate::cpu_ops::rope_cos_sin(&positions, head_dim, theta, device);
+    [cos, sin]
 }
 
 /// Rotary position embedding of q or k, `x cos + rotate_half(x) sin` with
@@ -175,17 +163,25 @@ pub fn rotary_tables(seq: usize, head_dim: usize, theta: f64, device: &Device) -
 /// as transformers does.
 ///
 /// # Shapes
-/// - `x`: `[batch, seq, heads, head_dim]`, `cos`, `sin`: `[1, seq, 1, head_dim]`
-/// - output: `[batch, seq, heads, head_dim]`
-pub fn rotary(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
+/// - `x`: `[batch, seq, heads * head_dim]`, `cos`, `sin`: `[1, seq, head_dim]`
+/// - output: `[batch, seq, heads * head_dim]`
+pub fn rotary(x: Tensor<3>, cos: &Tensor<3>, sin: &Tensor<3>, heads: usize) -> Tensor<3> {
     let dtype = x.dtype();
     let x = cast(x, DType::F32);
-    let [.., head_dim] = x.dims();
+    if let Some(rotated) = crate::cpu_ops::rotary(&x, cos, sin, heads) {
+        // The CPU backend's fused kernel, in place on the projection layout.
+        return cast(rotated, dtype);
+    }
+    let [batch, seq, hidden] = x.dims();
+    let head_dim = hidden / heads;
     let half = head_dim / 2;
+    // [batch, seq, hidden] -> [batch, seq, heads, head_dim]
+    let x = x.reshape([batch, seq, heads, head_dim]);
+    let [cos, sin] = [cos, sin].map(|t| t.clone().reshape([1, seq, 1, head_dim]));
     let x1 = x.clone().narrow(3, 0, half);
     let x2 = x.clone().narrow(3, half, half);
     let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    cast(x * cos.clone() + rotated * sin.clone(), dtype)
+    cast((x * cos + rotated * sin).reshape([batch, seq, hidden]), dtype)
 }
 
 /// The additive mask of a sliding-attention layer: 0 where query `i` may see key `j`
@@ -223,6 +219,12 @@ pub fn sliding_window_bias(attention_mask: Tensor<2, Int>, half_window: usize) -
 /// - `x`: `[..., 2 * intermediate]`
 /// - output: `[..., intermediate]`
 pub fn geglu<const D: usize>(act: HiddenAct, x: Tensor<D>) -> Tensor<D> {
+    if act == HiddenAct::Gelu
+        && let Some(y) = crate::cpu_ops::geglu(x.clone())
+    {
+        // The CPU backend's fused kernel (one pass each way).
+        return y;
+    }
     let width = x.dims()[D - 1] / 2;
     let input = x.clone().narrow(D - 1, 0, width);
     let gate = x.narrow(D - 1, width, width);
@@ -233,9 +235,11 @@ pub fn geglu<const D: usize>(act: HiddenAct, x: Tensor<D>) -> Tensor<D> {
 struct LayerInputs {
     keys: KeyMask,
     /// `[cos, sin]` per distinct RoPE base, with the base.
-    rope: Vec<(f64, [Tensor<4>; 2])>,
-    /// The sliding-window bias per distinct half window.
-    windows: Vec<(usize, Tensor<4>)>,
+    rope: Vec<(f64, [Tensor<3>; 2])>,
+    /// The attention mask, for the sliding-window bias of the composite path (built only
+    /// where the fused windowed kernel does not run, once per half window).
+    attention_mask: Tensor<2, Int>,
+    windows: std::cell::RefCell<Vec<(usize, Tensor<4>)>>,
 }
 
 impl LayerInputs {
@@ -246,35 +250,36 @@ impl LayerInputs {
     ) -> Self {
         let [_, seq] = attention_mask.dims();
         let device = attention_mask.device();
-        let mut rope: Vec<(f64, [Tensor<4>; 2])> = Vec::new();
-        let mut windows: Vec<(usize, Tensor<4>)> = Vec::new();
+        let mut rope: Vec<(f64, [Tensor<3>; 2])> = Vec::new();
         for layer in layers {
             let theta = layer.attn.rope_theta;
             if !rope.iter().any(|(t, _)| *t == theta) {
                 rope.push((theta, rotary_tables(seq, head_dim, theta, &device)));
             }
-            if let Some(half) = layer.attn.half_window
-                && !windows.iter().any(|(w, _)| *w == half)
-            {
-                windows.push((half, sliding_window_bias(attention_mask.clone(), half)));
-            }
         }
         Self {
-            keys: KeyMask::new(attention_mask),
+            keys: KeyMask::new(attention_mask.clone()),
             rope,
-            windows,
+            attention_mask,
+            windows: Default::default(),
         }
     }
 
-    fn rope(&self, theta: f64) -> &[Tensor<4>; 2] {
+    fn rope(&self, theta: f64) -> &[Tensor<3>; 2] {
         let found = self.rope.iter().find(|(t, _)| *t == theta);
         // Every layer's base was added in `new`.
         &found.expect("rotary tables for every layer").1
     }
 
-    fn window(&self, half: usize) -> &Tensor<4> {
-        let found = self.windows.iter().find(|(w, _)| *w == half);
-        &found.expect("a window bias for every sliding layer").1
+    /// The `[batch, 1, seq, seq]` bias of a sliding layer ([`sliding_window_bias`]).
+    fn window(&self, half: usize) -> Tensor<4> {
+        let mut windows = self.windows.borrow_mut();
+        if let Some((_, bias)) = windows.iter().find(|(w, _)| *w == half) {
+            return bias.clone();
+        }
+        let bias = sliding_window_bias(self.attention_mask.clone(), half);
+        windows.push((half, bias.clone()));
+        bias
     }
 }
 
@@ -323,20 +328,18 @@ impl ModernBertAttention {
     /// - `x`: `[batch, seq, hidden]`
     /// - output: `[batch, seq, hidden]`
     fn forward(&self, x: Tensor<3>, inputs: &LayerInputs) -> Tensor<3> {
-        let [batch, seq, hidden] = x.dims();
-        let head_dim = hidden / self.num_heads;
+        let [.., hidden] = x.dims();
         // [batch, seq, 3 * hidden] -> three [batch, seq, hidden]
         let qkv = dense(&self.Wqkv, x);
         let [q, k, v] = [0, 1, 2].map(|i| qkv.clone().narrow(2, i * hidden, hidden));
         let [cos, sin] = inputs.rope(self.rope_theta);
-        let rotate = |t: Tensor<3>| {
-            let t = t.reshape([batch, seq, self.num_heads, head_dim]);
-            rotary(t, cos, sin).reshape([batch, seq, hidden])
-        };
-        let (q, k) = (rotate(q), rotate(k));
+        let (q, k) = (
+            rotary(q, cos, sin, self.num_heads),
+            rotary(k, cos, sin, self.num_heads),
+        );
         let context = match self.half_window {
             None => self.full(q, k, v, &inputs.keys),
-            Some(half) => self.windowed(q, k, v, inputs.window(half).clone()),
+            Some(half) => self.windowed(q, k, v, half, inputs),
         };
         self.out_drop.forward(dense(&self.Wo, context))
     }
@@ -384,10 +387,31 @@ impl ModernBertAttention {
         context.swap_dims(1, 2).reshape([batch, seq, hidden])
     }
 
-    /// Sliding-window attention, eager with the window's additive bias (a pad query far from
-    /// every token has no visible key, which fused kernels turn into NaN).
-    fn windowed(&self, q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, bias: Tensor<4>) -> Tensor<3> {
-        self.eager(q, k, v, bias)
+    /// Sliding-window attention: on the CPU backend the fused kernel that computes only the
+    /// band of `2 * half + 1` keys around each query (cost linear in the sequence length);
+    /// elsewhere eager with the window's additive bias (a pad query far from every token has
+    /// no visible key, which fused kernels turn into NaN).
+    fn windowed(
+        &self,
+        q: Tensor<3>,
+        k: Tensor<3>,
+        v: Tensor<3>,
+        half: usize,
+        inputs: &LayerInputs,
+    ) -> Tensor<3> {
+        let device = q.device();
+        let draw = |n: usize| self.drop.draw_host_mask(n);
+        let dropout = self
+            .drop
+            .active(&device)
+            .then_some(&draw as &dyn Fn(usize) -> Vec<f32>);
+        let bias = &inputs.keys.bias;
+        if let Some(context) =
+            crate::cpu_ops::attention_windowed(&q, &k, &v, self.num_heads, bias, 2 * half, dropout)
+        {
+            return context;
+        }
+        self.eager(q, k, v, inputs.window(half))
     }
 
     /// softmax(q k^T / sqrt(d) + bias) v with dropout on the probabilities: transformers'
