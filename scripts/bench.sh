@@ -53,6 +53,14 @@ base="--hidden 768 --layers 12 --heads 12 --ffn 3072 --vocab 50265 --seq 128 --b
 # The roberta-base shape at the GPU check's two block lengths (scripts/gpu-check.sh).
 b128="--hidden 768 --layers 12 --heads 12 --ffn 3072 --vocab 50265 --seq 128 --batch 64 --steps 10 --warmup 3"
 b512="--hidden 768 --layers 12 --heads 12 --ffn 3072 --vocab 50265 --seq 512 --batch 16 --steps 10 --warmup 3"
+# ModernBERT: a small shape, and ModernBERT-base (22 layers, GeGLU 1152, window 128, global
+# every 3rd layer) at 128 and 512 tokens; mb1024/mb2048 for the growth with length.
+# CONFIGS="mbsmall mb128 mb512" bash scripts/bench.sh
+mbsmall="--model-type modernbert --hidden 256 --layers 6 --heads 4 --ffn 512 --vocab 8192 --seq 256 --batch 8 --steps 10 --warmup 2 --window 64"
+mb128="--model-type modernbert --hidden 768 --layers 22 --heads 12 --ffn 1152 --vocab 50368 --seq 128 --batch 8 --steps 3 --warmup 1"
+mb512="--model-type modernbert --hidden 768 --layers 22 --heads 12 --ffn 1152 --vocab 50368 --seq 512 --batch 2 --steps 3 --warmup 1"
+mb1024="--model-type modernbert --hidden 768 --layers 22 --heads 12 --ffn 1152 --vocab 50368 --seq 1024 --batch 1 --steps 2 --warmup 1"
+mb2048="--model-type modernbert --hidden 768 --layers 22 --heads 12 --ffn 1152 --vocab 50368 --seq 2048 --batch 1 --steps 2 --warmup 1"
 GPU_MEM=${GPU_MEM:-0}
 # SIDE_TIMEOUT=S: each measurement gets S seconds; one that runs over is a "failed" row and the
 # other rows still print (scripts/gpu-check.sh sets it).

@@ -12,7 +12,8 @@ import resource
 import time
 
 import torch
-from transformers import DataCollatorForLanguageModeling, RobertaConfig, RobertaForMaskedLM
+from transformers import (DataCollatorForLanguageModeling, ModernBertConfig, ModernBertForMaskedLM,
+                          RobertaConfig, RobertaForMaskedLM)
 
 
 class Vocab:
@@ -66,6 +67,9 @@ def main():
                           ("seq", 128), ("batch", 16), ("steps", 20), ("threads", 2), ("warmup", 3)]:
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (scripts/gpu-check.sh)")
+    p.add_argument("--model-type", default="roberta", choices=["roberta", "modernbert"])
+    p.add_argument("--window", type=int, default=128, help="ModernBERT local_attention")
+    p.add_argument("--global-every", type=int, default=3, help="ModernBERT global_attn_every_n_layers")
     p.add_argument("--precision", default="f32", choices=["f32", "bf16", "f16"],
                    help="bf16/f16: torch.autocast (+ GradScaler for f16)")
     a = p.parse_args()
@@ -75,10 +79,19 @@ def main():
     scaler = torch.amp.GradScaler(device.type, enabled=a.precision == "f16")
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    config = RobertaConfig(vocab_size=a.vocab, hidden_size=a.hidden, num_hidden_layers=a.layers,
-                           num_attention_heads=a.heads, intermediate_size=a.ffn,
-                           max_position_embeddings=a.seq + 2, type_vocab_size=1, layer_norm_eps=1e-5)
-    model = RobertaForMaskedLM(config).to(device)
+    if a.model_type == "modernbert":
+        # The same shape as examples/bench.rs's, with the batches' special ids (0, 1, 2).
+        config = ModernBertConfig(vocab_size=a.vocab, hidden_size=a.hidden, num_hidden_layers=a.layers,
+                                  num_attention_heads=a.heads, intermediate_size=a.ffn,
+                                  max_position_embeddings=max(a.seq, 512), local_attention=a.window,
+                                  global_attn_every_n_layers=a.global_every, pad_token_id=1,
+                                  bos_token_id=0, cls_token_id=0, sep_token_id=2, eos_token_id=2)
+        model = ModernBertForMaskedLM(config).to(device)
+    else:
+        config = RobertaConfig(vocab_size=a.vocab, hidden_size=a.hidden, num_hidden_layers=a.layers,
+                               num_attention_heads=a.heads, intermediate_size=a.ffn,
+                               max_position_embeddings=a.seq + 2, type_vocab_size=1, layer_norm_eps=1e-5)
+        model = RobertaForMaskedLM(config).to(device)
     params = sum(p.numel() for p in model.parameters())
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]

@@ -5,7 +5,8 @@
 //! compiled in is tested: on a machine without its driver these tests fail, by design.
 //!
 //! - the fixture models' logits, masked loss and gradients match transformers within 1e-4
-//!   (the same fixtures as tests/model_parity.rs, written by scripts/make_reference.py);
+//!   (the same fixtures as tests/model_parity.rs and tests/modernbert_parity.rs, written by
+//!   scripts/make_reference.py);
 //! - `masklm train` for 20 steps gives the same losses as on the CPU backend within 1e-3;
 //! - a checkpoint trained on one backend gives the same fill-mask top-5 and the same
 //!   perplexity on every backend;
@@ -108,6 +109,90 @@ fn fixture_models_match_transformers_on_every_backend() {
                 diff <= 1e-4,
                 "{backend} {name}: query gradient differs by {diff}"
             );
+        }
+    }
+}
+
+#[test]
+fn modernbert_fixtures_match_transformers_on_every_backend() {
+    // The composite paths (rotary, GeGLU, the sliding window as an additive bias, burn's
+    // fused attention on full layers), which the CPU backend replaces with its own kernels.
+    for (backend, device) in backends() {
+        for (name, attention) in ["modernbert-tiny", "modernbert-tiny-old"]
+            .into_iter()
+            .flat_map(|n| [AttentionImpl::Auto, AttentionImpl::Eager].map(|a| (n, a)))
+        {
+            let backend = format!("{backend} {attention:?}");
+            let reference = Reference::load(name);
+            let dir = common::fixture(name);
+            let (config, model, _) = masklm_hub::load_modernbert(&dir, &device).unwrap();
+            let model = model.with_attention(attention);
+            let logits = values(model.forward(
+                reference.int2("input_ids", &device),
+                reference.int2("attention_mask", &device),
+            ));
+            // At real tokens (transformers' own eager and sdpa paths disagree at pads).
+            let mask = reference.i64("attention_mask").data;
+            let expected = reference.f32("logits").data;
+            let (mut diff, mut scale) = (0.0f32, 0.0f32);
+            for (i, (a, b)) in logits.iter().zip(&expected).enumerate() {
+                if mask[i / config.vocab_size] == 1 {
+                    diff = diff.max((a - b).abs());
+                    scale = scale.max(b.abs());
+                }
+            }
+            println!("{backend} {name}: logits max abs diff {diff:e} (largest {scale:e})");
+            assert!(logits.iter().all(|v| v.is_finite()), "{backend} {name}");
+            assert!(
+                diff <= 1e-4 * scale,
+                "{backend} {name}: logits differ by {diff}"
+            );
+
+            // Loss and gradients on the autodiff device, dropout off as in the reference.
+            let device = device.clone().autodiff();
+            let model = match common::fixture_masked_lm(name, &device) {
+                masklm_model::MaskedLm::ModernBert(model) => model,
+                other => panic!("{name} loaded as {:?}", other.family()),
+            };
+            let model = model.with_attention(attention);
+            let (positions, labels) = common::masked(&reference, &device);
+            let picked = model.forward_at(
+                reference.int2("input_ids", &device),
+                reference.int2("attention_mask", &device),
+                positions,
+            );
+            let loss = masklm_model::mlm_loss(picked, labels);
+            let grads = loss.backward();
+            let (loss, expected) = (values(loss)[0], reference.f32("loss").data[0]);
+            assert!(
+                (loss - expected).abs() <= 1e-4 * expected.abs(),
+                "{backend} {name}: loss {loss} vs transformers {expected}"
+            );
+            let wqkv = model.model.layers[1].attn.Wqkv.weight.val();
+            let [rows, cols] = wqkv.dims();
+            for (key, grad) in [
+                (
+                    "model.embeddings.tok_embeddings.weight",
+                    values(model.word_embeddings().grad(&grads).expect("a gradient")),
+                ),
+                (
+                    "model.layers.1.attn.Wqkv.weight",
+                    transpose(
+                        &values(wqkv.grad(&grads).expect("a gradient")),
+                        rows,
+                        cols,
+                    ),
+                ),
+            ] {
+                let expected = reference.f32(&format!("grad.{key}")).data;
+                let scale = expected.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                let diff = max_abs_diff(&grad, &expected);
+                println!("{backend} {name}: {key} gradient max abs diff {diff:e}");
+                assert!(
+                    diff <= 1e-4 * scale,
+                    "{backend} {name}: {key} gradient differs by {diff} (largest {scale})"
+                );
+            }
         }
     }
 }

@@ -11,7 +11,9 @@
 //! Prints `MASKLM_BENCH train_tps=... eval_tps=... rss_mb=... params=...`. `--backend wgpu|tch`
 //! (and `--device`) run it on an optional backend, in a build with that feature;
 //! `--attention eager` turns the fused attention kernel off (it runs wherever attention
-//! dropout is inactive: here, evaluation).
+//! dropout is inactive: here, evaluation). `--model-type modernbert` benchmarks ModernBERT
+//! (`--ffn` is its `intermediate_size`; `--window` its `local_attention`, default 128;
+//! `--global-every` its `global_attn_every_n_layers`, default 3).
 
 use std::time::Instant;
 
@@ -22,7 +24,7 @@ mod backend;
 use burn::module::Module;
 use burn::tensor::Device;
 use masklm_data::{MaskVocab, MaskingConfig, collate, mask_tokens};
-use masklm_model::{AttentionImpl, MaskedLm, ModelConfig, RobertaConfig};
+use masklm_model::{AttentionImpl, MaskedLm, ModelConfig, ModernBertConfig, RobertaConfig};
 use masklm_train::{LossScaler, OptimizerConfig, Precision, train_step};
 
 fn arg(name: &str, default: usize) -> usize {
@@ -65,16 +67,42 @@ fn main() {
         arg("--batch", 16),
         arg("--steps", 20),
     );
-    let config = RobertaConfig {
-        vocab_size: vocab,
-        hidden_size: hidden,
-        num_hidden_layers: layers,
-        num_attention_heads: heads,
-        intermediate_size: ffn,
-        max_position_embeddings: seq + 2,
-        type_vocab_size: 1,
-        layer_norm_eps: 1e-5,
-        ..RobertaConfig::default()
+    let config: ModelConfig = match text_arg("--model-type").as_deref() {
+        None | Some("roberta") => RobertaConfig {
+            vocab_size: vocab,
+            hidden_size: hidden,
+            num_hidden_layers: layers,
+            num_attention_heads: heads,
+            intermediate_size: ffn,
+            max_position_embeddings: seq + 2,
+            type_vocab_size: 1,
+            layer_norm_eps: 1e-5,
+            ..RobertaConfig::default()
+        }
+        .into(),
+        // The special ids of the batches below (<s> 0, <pad> 1, </s> 2).
+        Some("modernbert") => ModernBertConfig {
+            vocab_size: vocab,
+            hidden_size: hidden,
+            num_hidden_layers: layers,
+            num_attention_heads: heads,
+            intermediate_size: ffn,
+            max_position_embeddings: seq.max(512),
+            local_attention: arg("--window", 128),
+            global_attn_every_n_layers: Some(arg("--global-every", 3)),
+            pad_token_id: 1,
+            bos_token_id: Some(0),
+            cls_token_id: Some(0),
+            sep_token_id: Some(2),
+            eos_token_id: None,
+            ..ModernBertConfig::default()
+        }
+        .resolved()
+        .into(),
+        Some(other) => {
+            eprintln!("bench: --model-type {other}: expected roberta or modernbert");
+            std::process::exit(2);
+        }
     };
     let name = text_arg("--backend").unwrap_or_else(|| "cpu".to_string());
     let Ok(choice) = <backend::Backend as clap::ValueEnum>::from_str(&name, true) else {
@@ -98,7 +126,7 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let mut model = MaskedLm::new(&ModelConfig::from(config), &ad)
+    let mut model = MaskedLm::new(&config, &ad)
         .expect("valid shape")
         .with_attention(attention);
     let params = model.num_params();
