@@ -118,7 +118,7 @@ fn patience_ends_the_run_with_a_checkpoint_and_a_resume_says_how_to_go_on() {
     );
     assert_eq!(outcome.last_step, 20);
     assert!(outcome.checkpoint.ends_with("step-0000020"));
-    masklm_train::checkpoint::verify_checkpoint(&outcome.checkpoint).unwrap();
+    masklm_infer::checkpoint::verify_checkpoint(&outcome.checkpoint).unwrap();
     // The loss still fell, so `best` moved on (min_delta only gates the patience count).
     assert_eq!(state_of(&outcome.checkpoint)["best_step"], 20);
 
@@ -144,11 +144,12 @@ fn probe_ranks_and_mrr_match_transformers() {
     let (_, model, _) = masklm_hub::load_model(&dir, &device).unwrap();
     let tokenizer = masklm_data::load_tokenizer(&dir).unwrap();
     let (probes, notices) =
-        masklm_train::load_probes(&dir.join("probes.tsv"), &tokenizer, 64).unwrap();
+        masklm_infer::load_probes_from(&dir.join("probes.tsv"), &tokenizer, 64, "probes.tsv")
+            .unwrap();
     // "transport" is two tokens in this vocabulary: ignored, with a notice naming it.
     assert_eq!(notices.len(), 1);
     assert!(notices[0].contains("transport") && notices[0].contains(":3:"));
-    let report = masklm_train::run_probes(&model, &probes, &tokenizer, &device).unwrap();
+    let report = masklm_infer::run_probes(&model, &probes, &tokenizer, &device).unwrap();
 
     let text = std::fs::read_to_string(dir.join("probes_reference.json")).unwrap();
     let reference: Value = serde_json::from_str(&text).unwrap();
@@ -196,7 +197,7 @@ fn bad_probe_files_name_the_line() {
     ] {
         let path = dir.path().join("probes.tsv");
         std::fs::write(&path, content).unwrap();
-        let err = masklm_train::load_probes(&path, &tokenizer, 64).unwrap_err();
+        let err = masklm_infer::load_probes_from(&path, &tokenizer, 64, "eval.probes").unwrap_err();
         assert!(err.to_string().contains(expected), "{content:?}: {err}");
     }
 }

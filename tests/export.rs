@@ -116,8 +116,9 @@ fn export_round_trips_and_matches_transformers_layout() {
 
     // The export loads back with the same logits as the checkpoint.
     let device = Device::flex();
-    let (_, trained) =
-        masklm_train::checkpoint::load_model(&checkpoint, &device, &Default::default()).unwrap();
+    let trained = masklm_infer::load_model(&checkpoint, &device)
+        .unwrap()
+        .model;
     let (_, exported, report) = masklm_hub::load_roberta(&export, &device).unwrap();
     assert!(report.unexpected.is_empty());
     let ids = Tensor::<2, Int>::from_data(

@@ -1114,7 +1114,7 @@ fn kill_9_during_saves_never_costs_the_last_checkpoint() {
         child.wait().unwrap();
         let name = std::fs::read_to_string(&latest).unwrap();
         let checkpoint = run.join("checkpoints").join(name.trim());
-        masklm_train::checkpoint::verify_checkpoint(&checkpoint)
+        masklm_infer::checkpoint::verify_checkpoint(&checkpoint)
             .unwrap_or_else(|e| panic!("trial {trial}: {e}"));
         let out = masklm(&s(&[
             "train",
@@ -1133,7 +1133,7 @@ fn kill_9_during_saves_never_costs_the_last_checkpoint() {
         // tokenizer once rotation deleted the folder the resume read it from): every one
         // verifies and holds the tokenizer, the run answers fill-mask and resumes again.
         for dir in masklm_train::checkpoint::step_checkpoints(&run) {
-            masklm_train::checkpoint::verify_checkpoint(&dir)
+            masklm_infer::checkpoint::verify_checkpoint(&dir)
                 .unwrap_or_else(|e| panic!("trial {trial}: {e}"));
             for file in masklm_train::checkpoint::REQUIRED_FILES {
                 assert!(
@@ -1304,7 +1304,7 @@ fn a_full_disk_stops_the_run_with_the_last_checkpoint_intact() {
     assert!(stderr.contains("No space left on device"), "{stderr}");
     assert!(stderr.contains(&p(&run)), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
-    let latest = masklm_train::checkpoint::latest_checkpoint(&run)
+    let latest = masklm_infer::checkpoint::latest_checkpoint(&run)
         .expect("a checkpoint before the disk filled");
-    masklm_train::checkpoint::verify_checkpoint(&latest).unwrap();
+    masklm_infer::checkpoint::verify_checkpoint(&latest).unwrap();
 }

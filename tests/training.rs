@@ -65,7 +65,7 @@ fn tiny_model_learns_and_leaves_a_complete_run() {
     );
     let events = std::fs::read_dir(run.join("tensorboard")).unwrap().count();
     assert!(events >= 1);
-    masklm_train::checkpoint::verify_checkpoint(&outcome.checkpoint).unwrap();
+    masklm_infer::checkpoint::verify_checkpoint(&outcome.checkpoint).unwrap();
     assert!(outcome.checkpoint.join("tokenizer.json").is_file());
 
     // A second run in the same directory is refused rather than overwriting it.
@@ -202,9 +202,9 @@ fn mixed_precision_follows_f32_and_keeps_f32_weights() {
             "{precision}: identical to f32, so nothing ran in half precision"
         );
         // The master weights, and so the checkpoint, stay f32.
-        let (_, model) =
-            masklm_train::checkpoint::load_model(&checkpoint, &Device::flex(), &Default::default())
-                .unwrap();
+        let model = masklm_infer::load_model(&checkpoint, &Device::flex())
+            .unwrap()
+            .model;
         let weight = common::roberta(model).roberta.encoder.layer[0]
             .attention
             .self_attn
@@ -580,7 +580,7 @@ fn assert_self_contained(run: &Path) {
         for file in masklm_train::checkpoint::REQUIRED_FILES {
             assert!(dir.join(file).is_file(), "{name} has no {file}");
         }
-        masklm_train::checkpoint::verify_checkpoint(&dir).unwrap();
+        masklm_infer::checkpoint::verify_checkpoint(&dir).unwrap();
         masklm_data::load_tokenizer(&dir).unwrap_or_else(|e| panic!("{name}: {e}"));
     }
     let out = common::masklm_ok([
@@ -659,8 +659,7 @@ fn best_names_the_weights_of_the_best_evaluation_off_the_save_schedule() {
     // Its weights reproduce the logged perplexity: the run's own evaluation, redone.
     let best = run.join("checkpoints").join(format!("step-{best_step:07}"));
     let device = Device::flex();
-    let (_, model) =
-        masklm_train::checkpoint::load_model(&best, &device, &Default::default()).unwrap();
+    let model = masklm_infer::load_model(&best, &device).unwrap().model;
     let cache = dir.path().join("cache");
     let manifest = masklm_data::read_manifest(&cache).unwrap();
     let split = masklm_data::SplitReader::open(&cache, &manifest, "validation").unwrap();
@@ -668,13 +667,13 @@ fn best_names_the_weights_of_the_best_evaluation_off_the_save_schedule() {
         .unwrap()
         .mask_vocab()
         .unwrap();
-    let settings = masklm_train::EvalSettings {
+    let settings = masklm_infer::EvalSettings {
         masking: config.masking.clone(),
         seed: config.eval.seed,
         batch_size: config.eval.batch_size,
         max_batches: config.eval.max_batches,
     };
-    let result = masklm_train::eval::evaluate_splits(&model, &[&split], &vocab, &settings, &device);
+    let result = masklm_infer::evaluate_splits(&model, &[&split], &vocab, &settings, &device);
     assert!(
         (result.perplexity - best_perplexity).abs() <= 1e-6 * best_perplexity,
         "best's weights give perplexity {} but the best evaluation logged {best_perplexity}",

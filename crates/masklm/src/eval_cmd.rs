@@ -9,7 +9,7 @@ use masklm_data::{
     MaskingConfig, NoProgress, Packing, PrepareOptions, SplitReader, Validation, prepare,
     read_manifest,
 };
-use masklm_train::{EvalSettings, evaluate};
+use masklm_infer::{EvalSettings, evaluate};
 use serde_json::json;
 
 use crate::data_cmd::CorpusArgs;
@@ -45,8 +45,8 @@ pub struct EvalArgs {
 }
 
 pub fn eval_cmd(args: EvalArgs, device: &Device) -> Result<()> {
-    let (loaded, tokenizer) = load_model_and_tokenizer(&args.model, device, "to evaluate text")?;
-    let (config, model) = (loaded.config, loaded.model);
+    let loaded = load_model_and_tokenizer(&args.model, device, "to evaluate text")?;
+    let (config, model, tokenizer) = (loaded.config, loaded.model, loaded.tokenizer);
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
@@ -84,7 +84,7 @@ pub fn eval_cmd(args: EvalArgs, device: &Device) -> Result<()> {
     }
     let pseudo = if args.pseudo_perplexity {
         let continuous = args.packing == Packing::Full;
-        let p = masklm_train::pseudo_perplexity(
+        let p = masklm_infer::pseudo_perplexity(
             &model,
             &split,
             &vocab,
@@ -146,8 +146,8 @@ pub struct ExportArgs {
 }
 
 pub fn export_cmd(args: ExportArgs, device: &Device) -> Result<()> {
-    let checkpoint = masklm_train::checkpoint::resolve_checkpoint(&args.checkpoint);
-    if !masklm_train::checkpoint::is_checkpoint(&checkpoint) {
+    let checkpoint = masklm_infer::checkpoint::resolve_checkpoint(&args.checkpoint);
+    if !masklm_infer::checkpoint::is_checkpoint(&checkpoint) {
         bail!(
             "{} is not a masklm checkpoint (no model.bpk + manifest.json); give a folder such as runs/NAME/checkpoints/step-0000100",
             args.checkpoint.display()
@@ -167,11 +167,15 @@ pub fn export_cmd(args: ExportArgs, device: &Device) -> Result<()> {
         );
     }
     let _lock = masklm_data::lock_folder(&args.out, "export")?;
-    let (config, model) =
-        masklm_train::checkpoint::load_model(&checkpoint, device, &Default::default())?;
+    let loaded = masklm_infer::load_model(&checkpoint, device)?;
     // Built beside --out and moved in whole: a failed export leaves --out as it was.
     let staging = masklm_hub::Staging::new(&args.out)?;
-    masklm_hub::export_model(&model, &config, Some(&checkpoint), staging.path())?;
+    masklm_hub::export_model(
+        &loaded.model,
+        &loaded.config,
+        Some(&checkpoint),
+        staging.path(),
+    )?;
     staging.publish()?;
     println!(
         "exported {} -> {} (load with AutoModelForMaskedLM.from_pretrained or pipeline(\"fill-mask\", model=...))",
@@ -196,11 +200,11 @@ pub struct ProbeArgs {
 
 /// `masklm probe`: the knowledge probes of `[eval] probes`, on any model.
 pub fn probe_cmd(args: ProbeArgs, device: &Device) -> Result<()> {
-    let (loaded, tokenizer) =
-        load_model_and_tokenizer(&args.model, device, "to rank the probes' answers")?;
-    let (probes, notices) = masklm_train::load_probes_from(
+    let loaded = load_model_and_tokenizer(&args.model, device, "to rank the probes' answers")?;
+    let tokenizer = &loaded.tokenizer;
+    let (probes, notices) = masklm_infer::load_probes_from(
         &args.probes,
-        &tokenizer,
+        tokenizer,
         loaded.config.max_sequence_length(),
         "--probes",
     )
@@ -208,7 +212,7 @@ pub fn probe_cmd(args: ProbeArgs, device: &Device) -> Result<()> {
     for notice in notices {
         eprintln!("warning: {notice}");
     }
-    let report = masklm_train::run_probes(&loaded.model, &probes, &tokenizer, device)?;
+    let report = masklm_infer::run_probes(&loaded.model, &probes, tokenizer, device)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());

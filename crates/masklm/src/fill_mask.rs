@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
 use clap::Args;
-use masklm_data::load_tokenizer;
+use masklm_infer::fill::{FillText, encode_for_fill, pipeline_output, target_ids, top_candidates};
+use masklm_infer::{InferError, Loaded, Source};
 use masklm_model::{MaskedLm, ModelConfig};
-use masklm_train::fill::{FillText, encode_for_fill, pipeline_output, target_ids, top_candidates};
 
 #[derive(Args, Debug)]
 pub struct FillMaskArgs {
@@ -35,37 +35,44 @@ pub struct FillMaskArgs {
     pub text: Vec<String>,
 }
 
-/// Loads a masklm checkpoint (or run folder, or `best`/`latest`) or a Hugging Face folder
-/// for inference, warning about unused weights.
-pub fn load_model(path: &Path, device: &Device) -> Result<masklm_train::Loaded> {
-    let loaded = masklm_train::load_for_inference(path, device)?;
-    for name in &loaded.unused {
+/// Warns about the tensors of a Hugging Face weight file that no parameter took.
+fn warn_unused<T>(loaded: &Loaded<T>) {
+    for name in loaded.unused() {
         eprintln!("warning: unused tensor {name} in {}", loaded.dir.display());
     }
-    Ok(loaded)
 }
 
-/// Loads a model and the tokenizer beside its weights (checked to fit it), for a command that
-/// reads text; `purpose` completes "DIR needs its tokenizer files ..." when there is none.
-pub fn load_model_and_tokenizer(
+/// Loads a masklm checkpoint (or run folder, or `best`/`latest`) or a Hugging Face folder and
+/// the tokenizer beside its weights (checked to fit it), for a command that reads text;
+/// `no_tokenizer` says what to do when that folder has no usable tokenizer.
+fn load(
     path: &Path,
     device: &Device,
-    purpose: &str,
-) -> Result<(masklm_train::Loaded, masklm_data::MlmTokenizer)> {
-    let loaded = load_model(path, device).with_context(|| format!("loading {}", path.display()))?;
-    let tokenizer = load_tokenizer(&loaded.dir).with_context(|| {
-        format!(
-            "{} needs its tokenizer files {purpose}",
-            loaded.dir.display()
-        )
-    })?;
-    masklm_train::check_tokenizer_fits(&tokenizer, &loaded.config)?;
-    Ok((loaded, tokenizer))
+    no_tokenizer: impl FnOnce(&Path) -> String,
+) -> Result<Loaded> {
+    let source = Source::open(path).with_context(|| format!("loading {}", path.display()))?;
+    let dir = source.dir().to_path_buf();
+    match source.load(device) {
+        Ok(loaded) => {
+            warn_unused(&loaded);
+            Ok(loaded)
+        }
+        Err(InferError::Tokenizer(e)) => Err(e).context(no_tokenizer(&dir)),
+        Err(e @ InferError::TokenizerTooLarge { .. }) => Err(e.into()),
+        Err(e) => Err(e).with_context(|| format!("loading {}", path.display())),
+    }
+}
+
+/// [`load`] for a command that needs the tokenizer `purpose` ("to evaluate text").
+pub fn load_model_and_tokenizer(path: &Path, device: &Device, purpose: &str) -> Result<Loaded> {
+    load(path, device, |dir| {
+        format!("{} needs its tokenizer files {purpose}", dir.display())
+    })
 }
 
 /// Ranks the vocabulary (or `targets`) at each mask of `ids`; one list per mask.
 fn predict(model: &MaskedLm, text: &FillText, device: &Device) -> Result<Vec<Vec<f32>>> {
-    let mut rows = masklm_train::fill::mask_probabilities(
+    let mut rows = masklm_infer::fill::mask_probabilities(
         model,
         &[&text.ids],
         std::slice::from_ref(&text.masks),
@@ -76,22 +83,32 @@ fn predict(model: &MaskedLm, text: &FillText, device: &Device) -> Result<Vec<Vec
 }
 
 pub fn fill_mask(args: FillMaskArgs, device: &Device) -> Result<()> {
-    let loaded = load_model(&args.model, device)
-        .with_context(|| format!("loading {}", args.model.display()))?;
-    let (config, model) = (loaded.config, loaded.model);
+    if let Some(ids) = &args.ids {
+        let loaded = masklm_infer::load_model(&args.model, device)
+            .with_context(|| format!("loading {}", args.model.display()))?;
+        warn_unused(&loaded);
+        if args.top_k == 0 {
+            bail!("--top-k must be at least 1");
+        }
+        return fill_ids(
+            &loaded.model,
+            &loaded.config,
+            ids,
+            args.mask_id,
+            args.top_k,
+            device,
+        );
+    }
+    let loaded = load(&args.model, device, |dir| {
+        format!(
+            "{} has no usable tokenizer; pass token ids with --ids, or use a folder with tokenizer.json",
+            dir.display()
+        )
+    })?;
+    let (config, model, tokenizer) = (loaded.config, loaded.model, loaded.tokenizer);
     if args.top_k == 0 {
         bail!("--top-k must be at least 1");
     }
-    if let Some(ids) = &args.ids {
-        return fill_ids(&model, &config, ids, args.mask_id, args.top_k, device);
-    }
-    let tokenizer = load_tokenizer(&loaded.dir).with_context(|| {
-        format!(
-            "{} has no usable tokenizer; pass token ids with --ids, or use a folder with tokenizer.json",
-            loaded.dir.display()
-        )
-    })?;
-    masklm_train::check_tokenizer_fits(&tokenizer, &config)?;
     let targets = match &args.targets {
         Some(words) => {
             let (ids, notices) = target_ids(&tokenizer, words).context("--targets")?;

@@ -127,28 +127,27 @@ fn run(cli: Cli) -> Result<()> {
 /// checkpoint (step folder, run folder, `best`/`latest`).
 fn inspect(path: &std::path::Path, device: &Device) -> Result<()> {
     use burn::module::Module;
-    let dir = masklm_train::checkpoint::resolve_checkpoint(path);
-    if masklm_train::checkpoint::is_checkpoint(&dir) {
-        let (config, model) =
-            masklm_train::checkpoint::load_model(&dir, device, &Default::default())?;
-        println!("{}", config.to_json());
-        println!("masklm checkpoint: {}", dir.display());
-        println!("parameters: {}", model.num_params());
-        println!("stored dtype: F32");
-        return Ok(());
-    }
-    let (config, model, report) = masklm_hub::load_model(&dir, device)?;
-    println!("{}", config.to_json());
-    println!("parameters: {}", model.num_params());
-    println!(
-        "stored dtype: {} (loaded as F32)",
-        report.stored_dtypes.join(", ")
-    );
-    for name in &report.unexpected {
-        println!(
-            "warning: unused tensor {name} in {}",
-            report.weights.display()
-        );
+    let loaded = masklm_infer::load_model(path, device)?;
+    println!("{}", loaded.config.to_json());
+    match &loaded.origin {
+        masklm_infer::Origin::Checkpoint => {
+            println!("masklm checkpoint: {}", loaded.dir.display());
+            println!("parameters: {}", loaded.model.num_params());
+            println!("stored dtype: F32");
+        }
+        masklm_infer::Origin::Hub(report) => {
+            println!("parameters: {}", loaded.model.num_params());
+            println!(
+                "stored dtype: {} (loaded as F32)",
+                report.stored_dtypes.join(", ")
+            );
+            for name in &report.unexpected {
+                println!(
+                    "warning: unused tensor {name} in {}",
+                    report.weights.display()
+                );
+            }
+        }
     }
     Ok(())
 }

@@ -88,7 +88,7 @@ fn options(text_field: &str) -> CorpusOptions {
 
 /// The tokenizer folder of a model path (a checkpoint's `best`/`latest`/run folder resolved).
 fn tokenizer_of(model: &std::path::Path) -> Result<masklm_data::MlmTokenizer> {
-    let dir = masklm_train::checkpoint::resolve_checkpoint(model);
+    let dir = masklm_infer::checkpoint::resolve_checkpoint(model);
     load_tokenizer(&dir).with_context(|| format!("loading the tokenizer of {}", model.display()))
 }
 
@@ -180,7 +180,7 @@ fn check_out(args: &ExtendArgs) -> Result<()> {
     if args.out.is_file() {
         bail!("--out {} is a file; give a folder", args.out.display());
     }
-    let model = masklm_train::checkpoint::resolve_checkpoint(&args.model);
+    let model = masklm_infer::checkpoint::resolve_checkpoint(&args.model);
     crate::out_path::refuse_overlap(&args.out, &model, "--model")?;
     crate::out_path::refuse_overlap_inputs(&args.out, &args.input, "--input")?;
     if let Some(words) = &args.words {

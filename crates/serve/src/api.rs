@@ -11,7 +11,7 @@ use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use masklm_train::fill::{FillError, FillText, encode_for_fill, excerpt, target_ids};
+use masklm_infer::fill::{FillError, FillText, encode_for_fill, excerpt, target_ids};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;

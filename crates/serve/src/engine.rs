@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use burn::tensor::Device;
 use masklm_data::{MaskVocab, MlmTokenizer};
+use masklm_infer::fill::{FillText, mask_probabilities, pipeline_output};
+use masklm_infer::pseudo_log_likelihood_passes;
 use masklm_model::{MaskedLm, ModelConfig};
-use masklm_train::fill::{FillText, mask_probabilities, pipeline_output};
-use masklm_train::pseudo_log_likelihood_passes;
 use serde_json::Value;
 use tokio::sync::oneshot;
 
@@ -419,9 +419,9 @@ impl Worker<'_> {
     }
 }
 
-/// Runs `f`, turning a panic (a backend failure) into its message for a 500. Not
-/// `masklm_train::catch_backend_panic`: its quiet hook silences every thread's panic message
-/// while inside it, and the model thread is inside for every batch.
+/// Runs `f`, turning a panic (a backend failure) into its message for a 500. Not the CLI's
+/// device probe (`masklm_train::catch_backend_panic`): its quiet hook silences every thread's
+/// panic message while inside it, and the model thread is inside for every batch.
 fn catch_panic<T>(f: impl FnOnce() -> T) -> Result<T, String> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|panic| {
         panic

@@ -1,4 +1,5 @@
-//! masklm's HTTP server and run reports.
+//! masklm's HTTP server and run reports. Models are loaded and run through `masklm_infer`;
+//! the server does not depend on the trainer.
 //!
 //! - [`engine`]: the model thread; requests that arrive together run as one batch;
 //! - [`api`]: the routes (`/v1/fill-mask`, `/v1/score`, `/v1/models`, `/v1/runs`, `/healthz`,
@@ -30,6 +31,7 @@ use burn::module::Module;
 use burn::tensor::Device;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use masklm_infer::InferError;
 
 pub use api::Limits;
 pub use engine::Batching;
@@ -44,9 +46,9 @@ pub enum ServeError {
     Load {
         name: String,
         path: PathBuf,
-        // Boxed: TrainError is large, and every Result of this crate would carry its size.
+        // Boxed: InferError is large, and every Result of this crate would carry its size.
         #[source]
-        source: Box<masklm_train::TrainError>,
+        source: Box<masklm_infer::InferError>,
     },
     /// A `--model` folder has no usable tokenizer.
     #[error("model {name:?} ({}): the server needs the tokenizer files beside the weights: {source}", path.display())]
@@ -152,19 +154,20 @@ impl Server {
         let mut models = Vec::new();
         let mut infos = Vec::new();
         for (name, path) in &options.models {
-            let load_error = |source| ServeError::Load {
-                name: name.clone(),
-                path: path.clone(),
-                source: Box::new(source),
-            };
-            let loaded = masklm_train::load_for_inference(path, &device).map_err(load_error)?;
             let tokenizer_error = |source| ServeError::Tokenizer {
                 name: name.clone(),
                 path: path.clone(),
                 source,
             };
-            let tokenizer = masklm_data::load_tokenizer(&loaded.dir).map_err(tokenizer_error)?;
-            masklm_train::check_tokenizer_fits(&tokenizer, &loaded.config).map_err(load_error)?;
+            let loaded = masklm_infer::load(path, &device).map_err(|e| match e {
+                InferError::Tokenizer(source) => tokenizer_error(source),
+                e => ServeError::Load {
+                    name: name.clone(),
+                    path: path.clone(),
+                    source: Box::new(e),
+                },
+            })?;
+            let tokenizer = loaded.tokenizer;
             let vocab = tokenizer.mask_vocab().map_err(tokenizer_error)?;
             infos.push(engine::ModelInfo {
                 name: name.clone(),

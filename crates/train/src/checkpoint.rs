@@ -11,6 +11,9 @@
 //! | `state.json` | step, samples seen, best validation perplexity, seeds |
 //! | `manifest.json` | format version and the SHA-256 of every file above, written last |
 //!
+//! Reading one back (pointer resolution, checksums, the weights) is `masklm_infer::checkpoint`'s,
+//! which also defines the manifest this module writes.
+//!
 //! A checkpoint is built in a hidden temporary folder, each file fsynced, then renamed into
 //! place; `checkpoints/latest` and `checkpoints/best` name the newest and the best one and are
 //! replaced atomically too. A crash at any moment leaves the previous checkpoint intact.
@@ -21,16 +24,17 @@ use std::path::{Path, PathBuf};
 
 use burn::optim::ModuleOptimizer;
 use burn::store::BurnpackStore;
-use burn::tensor::Device;
+use masklm_infer::checkpoint::{CHECKPOINT_VERSION, Manifest, pointer};
+pub(crate) use masklm_infer::checkpoint::{
+    checkpoints_dir, is_checkpoint, latest_checkpoint, resolve_checkpoint, sha256_file,
+    verify_checkpoint,
+};
 use masklm_model::{MaskedLm, ModelConfig};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::TrainError;
 use crate::policy::{CheckpointPolicy, step_number};
-
-/// Version of the checkpoint layout.
-pub const CHECKPOINT_VERSION: u32 = 1;
 /// Where training stands: everything besides weights and optimizer that resuming needs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainState {
@@ -66,13 +70,6 @@ pub struct TrainState {
     pub source_tokens: Vec<u64>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Manifest {
-    format_version: u32,
-    step: usize,
-    files: BTreeMap<String, String>,
-}
-
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
     move |source| TrainError::Io {
         path: path.to_path_buf(),
@@ -82,14 +79,6 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
     masklm_data::write_synced(path, bytes).map_err(io(path))
-}
-
-/// The SHA-256 of a file, streamed (checkpoints of large models do not fit in memory twice).
-pub fn sha256_file(path: &Path) -> Result<String, TrainError> {
-    let mut file = File::open(path).map_err(io(path))?;
-    let mut hasher = Sha256::new();
-    std::io::copy(&mut file, &mut hasher).map_err(io(path))?;
-    Ok(format!("{:x}", hasher.finalize()))
 }
 
 fn sync_dir(dir: &Path) {
@@ -117,11 +106,6 @@ pub fn write_atomic(path: &Path, text: &str) -> Result<(), TrainError> {
         sync_dir(parent);
     }
     Ok(())
-}
-
-/// The checkpoints folder of a run.
-pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
-    run_dir.join("checkpoints")
 }
 
 /// The files every checkpoint holds: without any of them it cannot be loaded for fill-mask,
@@ -279,14 +263,6 @@ pub fn mark_best(run_dir: &Path, checkpoint: &Path) -> Result<(), TrainError> {
     write_atomic(&checkpoints_dir(run_dir).join("best"), &name)
 }
 
-/// The step folder name a `latest`/`best` pointer holds.
-pub fn pointer(run_dir: &Path, which: &str) -> Option<String> {
-    std::fs::read_to_string(checkpoints_dir(run_dir).join(which))
-        .ok()
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-}
-
 /// Deletes the step folders `policy` gives up (see [`CheckpointPolicy::to_delete`]).
 pub fn rotate(run_dir: &Path, policy: &CheckpointPolicy) -> Result<(), TrainError> {
     let root = checkpoints_dir(run_dir);
@@ -301,11 +277,6 @@ pub fn rotate(run_dir: &Path, policy: &CheckpointPolicy) -> Result<(), TrainErro
         std::fs::remove_dir_all(&path).map_err(io(&path))?;
     }
     Ok(())
-}
-
-/// The newest checkpoint of a run, if any.
-pub fn latest_checkpoint(run_dir: &Path) -> Option<PathBuf> {
-    pointer(run_dir, "latest").map(|name| checkpoints_dir(run_dir).join(name))
 }
 
 /// The `step-*` checkpoint folders of a run, newest (highest step) first.
@@ -492,102 +463,6 @@ pub fn start_branch(
         }
     }
     Ok(notices)
-}
-
-/// Where a checkpoint path given by a user really is: a `latest`/`best` pointer file, or a run
-/// folder (its latest checkpoint), become the step folder they name; anything else is kept.
-pub fn resolve_checkpoint(path: &Path) -> PathBuf {
-    if path.is_file()
-        && let Some(name) = path.file_name().and_then(|n| n.to_str())
-        && matches!(name, "latest" | "best")
-        && let Ok(target) = std::fs::read_to_string(path)
-        && let Some(dir) = path.parent()
-    {
-        return dir.join(target.trim());
-    }
-    if path.is_dir()
-        && checkpoints_dir(path).join("latest").is_file()
-        && let Some(latest) = latest_checkpoint(path)
-    {
-        return latest;
-    }
-    path.to_path_buf()
-}
-
-/// Checks a checkpoint folder's manifest and checksums.
-pub fn verify_checkpoint(dir: &Path) -> Result<(), TrainError> {
-    let manifest_path = dir.join("manifest.json");
-    let corrupt = |path: &Path, reason: String| TrainError::Checkpoint {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let text = std::fs::read_to_string(&manifest_path).map_err(|e| {
-        corrupt(
-            &manifest_path,
-            format!(
-                "{e}; the checkpoint is incomplete: resume from an earlier one with \
-                 `masklm train --resume RUN --from step-N` (or without --from: the newest valid one)"
-            ),
-        )
-    })?;
-    let manifest: Manifest = serde_json::from_str(&text)
-        .map_err(|e| corrupt(&manifest_path, format!("unreadable manifest: {e}")))?;
-    if manifest.format_version != CHECKPOINT_VERSION {
-        return Err(corrupt(
-            &manifest_path,
-            format!(
-                "checkpoint format {} but this masklm reads {CHECKPOINT_VERSION}; use the masklm version that wrote it",
-                manifest.format_version
-            ),
-        ));
-    }
-    for (file, sum) in &manifest.files {
-        let path = dir.join(file);
-        let actual = sha256_file(&path)?;
-        if &actual != sum {
-            return Err(corrupt(
-                &path,
-                "checksum mismatch: the file is truncated or was modified; resume from an earlier \
-                 checkpoint with `masklm train --resume RUN --from step-N` (or without --from: \
-                 the newest valid one)"
-                    .to_string(),
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// Whether `dir` is a masklm checkpoint folder.
-pub fn is_checkpoint(dir: &Path) -> bool {
-    dir.join("model.bpk").is_file() && dir.join("manifest.json").is_file()
-}
-
-/// Loads a checkpoint's model (with its parameter ids) onto `device`, with `keys` of its
-/// config.json replaced first (a continuing run's dropout).
-pub fn load_model(
-    dir: &Path,
-    device: &Device,
-    keys: &serde_json::Map<String, serde_json::Value>,
-) -> Result<(ModelConfig, MaskedLm), TrainError> {
-    verify_checkpoint(dir)?;
-    let config_error = |e: masklm_model::ConfigError| TrainError::Config {
-        key: "config.json".to_string(),
-        reason: e.to_string(),
-    };
-    let mut config = ModelConfig::from_file(&dir.join("config.json")).map_err(config_error)?;
-    if !keys.is_empty() {
-        config = config.with_keys(keys).map_err(config_error)?;
-    }
-    let mut model = MaskedLm::new(&config, device).map_err(config_error)?;
-    let path = dir.join("model.bpk");
-    let mut store = BurnpackStore::from_file(&path);
-    model
-        .load_weights_from(&mut store)
-        .map_err(|e| TrainError::Checkpoint {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
-    Ok((config, model))
 }
 
 /// Reads a checkpoint's training state (step, seed, best so far, hashes).

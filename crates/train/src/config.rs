@@ -232,7 +232,7 @@ pub struct EvalSection {
     /// an improvement for `patience` (transformers' `early_stopping_threshold`).
     pub min_delta: f64,
     /// Knowledge probes: a tab-separated file of masked sentences and their expected
-    /// answers (see `masklm_train::probes`), ranked at every evaluation.
+    /// answers (see `masklm_infer::probes`), ranked at every evaluation.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub probes: Option<PathBuf>,
 }

@@ -4,24 +4,21 @@
 //! - [`optim`]: AdamW with HF Trainer parameter groups, global-norm clipping, warmup/decay;
 //! - [`step`]: one optimizer step with gradient accumulation;
 //! - [`precision`]: mixed precision (bf16/f16 matmuls, f32 master weights, f16 loss scaling);
-//! - [`eval`]: held-out perplexity and masked-token accuracy;
-//! - [`checkpoint`]: atomic, checksummed, self-contained checkpoints;
+//! - [`checkpoint`]: atomic, checksummed, self-contained checkpoints (read back by
+//!   `masklm_infer::checkpoint`);
 //! - [`policy`]: what to save, mark best, keep and delete (one unit-tested object);
-//! - [`inference`]: loading any checkpoint or Hugging Face folder for fill-mask and eval;
-//! - [`fill`]: the vocabulary distribution at masked positions (fill-mask, probes);
-//! - [`probes`]: knowledge probes (cloze sentences ranked at every evaluation);
 //! - [`vocab`]: vocabulary extension of a model (new tokens, rows from their pieces);
 //! - [`trainer`]: the step-based loop with exact resume, metrics.jsonl and TensorBoard.
+//!
+//! Evaluation (held-out perplexity, knowledge probes) and loading a trained model or a Hub
+//! folder (`init_from`) are `masklm_infer`'s: the trainer runs them, the server and the CLI
+//! use them without it.
 
 pub mod checkpoint;
 pub mod config;
-pub mod eval;
-pub mod fill;
-pub mod inference;
 pub mod optim;
 pub mod policy;
 pub mod precision;
-pub mod probes;
 pub mod step;
 pub mod trainer;
 pub mod vocab;
@@ -29,14 +26,10 @@ pub mod vocab;
 use std::path::PathBuf;
 
 pub use config::TrainConfig;
-pub use eval::{
-    EvalResult, EvalSettings, PseudoPerplexity, count_words, evaluate, evaluate_splits,
-    pseudo_log_likelihood, pseudo_log_likelihood_passes, pseudo_perplexity,
-};
-pub use inference::{Loaded, check_tokenizer_fits, load_for_inference};
+// The evaluation results an [`Observer`] receives.
+pub use masklm_infer::{EvalResult, ProbeReport};
 pub use optim::{Decay, OptimizerConfig, ScheduleConfig, no_decay_params};
 pub use precision::{LossScaler, Precision};
-pub use probes::{Probe, ProbeReport, ProbeResult, load_probes, load_probes_from, run_probes};
 pub use step::{StepStats, train_step};
 pub use trainer::{EvalReport, Observer, RunInfo, RunOutcome, Silent, Start, StepLog, train};
 pub use vocab::{ExtendReport, extend_vocabulary};
@@ -193,4 +186,7 @@ pub enum TrainError {
     /// A Hugging Face folder could not be loaded.
     #[error(transparent)]
     Hub(#[from] masklm_hub::HubError),
+    /// A model could not be loaded, evaluated or probed.
+    #[error(transparent)]
+    Infer(#[from] masklm_infer::InferError),
 }

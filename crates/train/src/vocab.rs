@@ -6,11 +6,11 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
 use masklm_data::vocab::{Extension, NewToken, WordPieces, extend_tokenizer};
-use masklm_data::{MlmTokenizer, load_tokenizer, lock_folder};
+use masklm_data::{MlmTokenizer, lock_folder};
 use serde::Serialize;
 use tokenizers::models::ModelWrapper;
 
-use crate::{TrainError, check_tokenizer_fits, load_for_inference};
+use crate::TrainError;
 
 /// What [`extend_vocabulary`] did.
 #[derive(Debug, Clone, Serialize)]
@@ -101,11 +101,10 @@ pub fn extend_vocabulary(
     device: &Device,
 ) -> Result<ExtendReport, TrainError> {
     let _lock = lock_folder(out, "vocab extend")?;
-    let loaded = load_for_inference(model, device)?;
-    let tokenizer = load_tokenizer(&loaded.dir)?;
-    check_tokenizer_fits(&tokenizer, &loaded.config)?;
+    let loaded = masklm_infer::load(model, device)?;
+    let tokenizer = &loaded.tokenizer;
     let old_vocab_size = loaded.config.vocab_size();
-    let (extension, dropped) = extend_within(&tokenizer, words, old_vocab_size as u32, limit)?;
+    let (extension, dropped) = extend_within(tokenizer, words, old_vocab_size as u32, limit)?;
     let sources: Vec<Vec<u32>> = extension.added.iter().map(|t| t.pieces.clone()).collect();
     let model = loaded.model.with_new_rows(&sources);
     let config = loaded

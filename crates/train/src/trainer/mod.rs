@@ -30,11 +30,11 @@ use crate::checkpoint::{
     TokenizerFiles, TrainState, checkpoints_dir, mark_best, rotate, save_checkpoint,
 };
 use crate::config::VALIDATION;
-use crate::eval::{EvalResult, EvalSettings, evaluate_splits};
 use crate::policy::{CheckpointAction, CheckpointPolicy, StepEnd};
-use crate::probes::{Probe, ProbeReport, run_probes};
 use crate::{Precision, StepStats, TrainConfig, TrainError, train_step};
 use logs::Logs;
+use masklm_infer::eval::{EvalResult, EvalSettings, evaluate_splits};
+use masklm_infer::probes::{Probe, ProbeReport, run_probes};
 
 /// How a run starts.
 #[derive(Debug, Clone, PartialEq)]

@@ -20,15 +20,16 @@ use masklm_model::{MaskedLm, ModelConfig};
 
 use super::logs::Logs;
 use super::{EvalSet, Observer, Run, RunInfo, Start};
+use masklm_infer::Source;
+use masklm_infer::eval::EvalSettings;
+use masklm_infer::probes::load_probes_from;
+
 use crate::checkpoint::{
-    TokenizerFiles, TrainState, has_checkpoints, is_checkpoint, later_checkpoints, load_model,
-    load_optimizer, load_state, resolve_checkpoint, resume_checkpoint, sha256_file, start_branch,
-    write_atomic,
+    TokenizerFiles, TrainState, has_checkpoints, later_checkpoints, load_optimizer, load_state,
+    resolve_checkpoint, resume_checkpoint, sha256_file, start_branch, write_atomic,
 };
 use crate::config::VALIDATION;
-use crate::eval::EvalSettings;
 use crate::policy::CheckpointPolicy;
-use crate::probes::load_probes;
 use crate::{TrainConfig, TrainError};
 
 /// The checkpoint a resumed run continues from, and its state.
@@ -85,8 +86,8 @@ impl<'a> Run<'a> {
         check_step_memory(config, &data, &model_config)?;
         let probes = match &config.eval.probes {
             Some(path) => {
-                let (probes, notices) =
-                    load_probes(path, &tokenizer, model_config.max_sequence_length())?;
+                let max_len = model_config.max_sequence_length();
+                let (probes, notices) = load_probes_from(path, &tokenizer, max_len, "eval.probes")?;
                 for notice in notices {
                     observer.on_notice(&notice);
                 }
@@ -433,8 +434,8 @@ fn open_model(
 ) -> Result<(ModelConfig, MaskedLm, ModuleOptimizer), TrainError> {
     match resume {
         Some(resume) => {
-            let (model_config, model) =
-                load_model(&resume.checkpoint, ad_device, &Default::default())?;
+            let loaded = Source::open(&resume.checkpoint)?.load_model(ad_device)?;
+            let (model_config, model) = (loaded.config, loaded.model);
             let optimizer = load_optimizer(&resume.checkpoint, config.optimizer.build(&model))?;
             Ok((model_config, model, optimizer))
         }
@@ -799,23 +800,15 @@ fn initial_model(
         }),
         None => Ok(()),
     };
-    let (model_config, model) = match config.model.init_from.as_deref().map(resolve_checkpoint) {
-        Some(dir) if is_checkpoint(&dir) => {
-            let (model_config, model) = load_model(&dir, device, &keys)?;
-            check_keys(&model_config)?;
-            (model_config, model)
-        }
-        Some(dir) => {
-            let dir = dir.as_path();
-            let mut model_config = masklm_hub::read_config(dir)?;
-            check_keys(&model_config)?;
-            masklm_hub::check_weights(&model_config, dir)?;
-            if !keys.is_empty() {
-                model_config = model_config.with_keys(&keys).map_err(config_error)?;
-            }
-            let mut model = MaskedLm::new(&model_config, device).map_err(config_error)?;
-            masklm_hub::load_weights(&mut model, dir)?;
-            (model_config, model)
+    let (model_config, model) = match config.model.init_from.as_deref() {
+        Some(path) => {
+            let source = Source::open(path)?;
+            check_keys(source.config())?;
+            let loaded = source
+                .with_keys(&keys)
+                .map_err(config_error)?
+                .load_model(device)?;
+            (loaded.config, loaded.model)
         }
         None => {
             let specials = masklm_model::SpecialIds {

@@ -1,4 +1,6 @@
-//! Held-out perplexity: exp of the mean cross-entropy over every masked token of a split.
+//! Held-out perplexity: exp of the mean cross-entropy over every masked token of a split
+//! (what a run evaluates and `masklm eval` reports), and pseudo-perplexity (each token masked
+//! in turn: what the server's `/v1/score` and `masklm eval --pseudo-perplexity` compute).
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};

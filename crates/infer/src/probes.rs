@@ -1,6 +1,6 @@
 //! Knowledge probes (LAMA-style cloze sentences): does the model put the expected word at the
-//! mask? Logged at every evaluation, so a domain-adaptation run shows knowledge arriving, not
-//! only a falling loss.
+//! mask? A run logs them at every evaluation (`[eval] probes`), so a domain-adaptation run
+//! shows knowledge arriving, not only a falling loss; `masklm probe` ranks them on any model.
 //!
 //! A probe file is tab-separated, one probe per line: the sentence with one `<mask>` (or the
 //! model's own mask token), then one or more accepted answers. Blank lines and lines starting
@@ -18,7 +18,7 @@ use masklm_data::MlmTokenizer;
 use masklm_model::MaskedLm;
 use serde::Serialize;
 
-use crate::TrainError;
+use crate::InferError;
 use crate::fill::{mask_probabilities, rank_of, token_in_context};
 
 /// One probe, tokenized.
@@ -58,20 +58,11 @@ pub struct ProbeReport {
     pub probes: Vec<ProbeResult>,
 }
 
-fn probe_error(source: &str, path: &Path, line: usize, reason: String) -> TrainError {
-    TrainError::Config {
+fn probe_error(source: &str, path: &Path, line: usize, reason: String) -> InferError {
+    InferError::Config {
         key: source.to_string(),
         reason: format!("{}:{line}: {reason}", path.display()),
     }
-}
-
-/// [`load_probes_from`] for the file of the config key `eval.probes`.
-pub fn load_probes(
-    path: &Path,
-    tokenizer: &MlmTokenizer,
-    max_len: usize,
-) -> Result<(Vec<Probe>, Vec<String>), TrainError> {
-    load_probes_from(path, tokenizer, max_len, "eval.probes")
 }
 
 /// Reads and tokenizes a probe file, which errors name by `source`, the option or config key
@@ -83,10 +74,10 @@ pub fn load_probes_from(
     tokenizer: &MlmTokenizer,
     max_len: usize,
     source: &str,
-) -> Result<(Vec<Probe>, Vec<String>), TrainError> {
+) -> Result<(Vec<Probe>, Vec<String>), InferError> {
     let probe_error = |line, reason| probe_error(source, path, line, reason);
     let mut notices = Vec::new();
-    let text = std::fs::read_to_string(path).map_err(|source| TrainError::Io {
+    let text = std::fs::read_to_string(path).map_err(|source| InferError::Io {
         path: PathBuf::from(path),
         source,
     })?;
@@ -168,7 +159,7 @@ pub fn load_probes_from(
         });
     }
     if probes.is_empty() {
-        return Err(TrainError::Config {
+        return Err(InferError::Config {
             key: source.to_string(),
             reason: format!("{} holds no probe", path.display()),
         });
@@ -182,7 +173,7 @@ pub fn run_probes(
     probes: &[Probe],
     tokenizer: &MlmTokenizer,
     device: &Device,
-) -> Result<ProbeReport, TrainError> {
+) -> Result<ProbeReport, InferError> {
     let mut results = Vec::with_capacity(probes.len());
     for chunk in probes.chunks(32) {
         let sequences: Vec<&[u32]> = chunk.iter().map(|p| p.ids.as_slice()).collect();

@@ -6,7 +6,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use masklm_data::MlmTokenizer;
 use masklm_model::MaskedLm;
 
-use crate::TrainError;
+use crate::InferError;
 
 /// Probabilities over the vocabulary at `masks[i]` of each sequence `i`, as one padded batch:
 /// `out[i][m]` is the distribution at the `m`-th mask of sequence `i`.
@@ -19,7 +19,7 @@ pub fn mask_probabilities(
     masks: &[Vec<usize>],
     pad_id: u32,
     device: &Device,
-) -> Result<Vec<Vec<Vec<f32>>>, TrainError> {
+) -> Result<Vec<Vec<Vec<f32>>>, InferError> {
     let batch = sequences.len();
     let seq = sequences.iter().map(|s| s.len()).max().unwrap_or(0);
     let total: usize = masks.iter().map(Vec::len).sum();
@@ -45,12 +45,12 @@ pub fn mask_probabilities(
     let probs: Vec<f32> = probs
         .into_data()
         .try_to_vec()
-        .map_err(|e| TrainError::Config {
+        .map_err(|e| InferError::Config {
             key: "model".to_string(),
             reason: format!("reading the model's output: {e:?}"),
         })?;
     if probs.iter().any(|p| !p.is_finite()) {
-        return Err(TrainError::Config {
+        return Err(InferError::Config {
             key: "model".to_string(),
             reason: "the model's scores are not finite (NaN/inf): its weights are broken, e.g. \
                      saved from a diverged run; use an earlier checkpoint"
@@ -79,7 +79,7 @@ pub fn token_in_context(
     tokenizer: &MlmTokenizer,
     text: &str,
     word: &str,
-) -> Result<Option<u32>, TrainError> {
+) -> Result<Option<u32>, InferError> {
     let masked = tokenizer.encode(text)?;
     let Some(at) = masked.iter().position(|&t| t == tokenizer.mask_id) else {
         return Ok(None);
