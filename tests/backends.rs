@@ -177,11 +177,7 @@ fn modernbert_fixtures_match_transformers_on_every_backend() {
                 ),
                 (
                     "model.layers.1.attn.Wqkv.weight",
-                    transpose(
-                        &values(wqkv.grad(&grads).expect("a gradient")),
-                        rows,
-                        cols,
-                    ),
+                    transpose(&values(wqkv.grad(&grads).expect("a gradient")), rows, cols),
                 ),
             ] {
                 let expected = reference.f32(&format!("grad.{key}")).data;

@@ -277,7 +277,10 @@ log_steps = 1
     // inspect names the family of both a Hub folder and a checkpoint.
     for model in [&base, &best] {
         let printed = common::masklm_ok(["inspect", "--model", &s(model)]);
-        assert!(printed.contains("\"model_type\": \"modernbert\""), "{printed}");
+        assert!(
+            printed.contains("\"model_type\": \"modernbert\""),
+            "{printed}"
+        );
     }
 }
 

@@ -522,8 +522,8 @@ pub(crate) fn read_weights<M: ModuleSnapshot + burn::module::Module>(
         .missing
         .iter()
         .map(|(name, _)| name.as_str())
-        .filter(|name| !(names.expected_extra)(*name))
-        .map(|name| hf_name(name))
+        .filter(|name| !(names.expected_extra)(name))
+        .map(hf_name)
         .collect();
     if !missing.is_empty() {
         return Err(HubError::MissingTensors {

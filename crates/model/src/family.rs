@@ -86,6 +86,8 @@ pub struct SpecialIds {
 }
 
 /// The `config.json` of a model of any family.
+// A config is made a few times per run; boxing the larger variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModelConfig {
     Roberta(RobertaConfig),

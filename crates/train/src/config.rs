@@ -603,15 +603,15 @@ impl TrainConfig {
     pub fn family(&self) -> Result<Family, TrainError> {
         match self.model.config.get("model_type") {
             None => Ok(Family::Roberta),
-            Some(toml::Value::String(name)) => Family::of_model_type(name).ok_or_else(|| {
-                TrainError::Config {
+            Some(toml::Value::String(name)) => {
+                Family::of_model_type(name).ok_or_else(|| TrainError::Config {
                     key: "model.model_type".to_string(),
                     reason: format!(
                         "{name:?} is not a family masklm knows; it trains {}",
                         Family::known_model_types()
                     ),
-                }
-            }),
+                })
+            }
             Some(other) => Err(TrainError::Config {
                 key: "model.model_type".to_string(),
                 reason: format!("{other} is not a string; write e.g. model_type = \"roberta\""),

@@ -10,7 +10,7 @@ use super::*;
 /// the caller then runs its composite (which knows how to get GELU's exact gradient there).
 pub(crate) fn geglu<const D: usize>(x: Tensor<D>) -> Option<Tensor<D>> {
     let width = x.dims()[D - 1];
-    if x.dtype() != DType::F32 || width % 2 != 0 {
+    if x.dtype() != DType::F32 || !width.is_multiple_of(2) {
         return None;
     }
     if let Ok(t) = x.clone().try_into_primitive::<FlexAd>() {

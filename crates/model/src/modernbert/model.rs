@@ -181,7 +181,10 @@ pub fn rotary(x: Tensor<3>, cos: &Tensor<3>, sin: &Tensor<3>, heads: usize) -> T
     let x1 = x.clone().narrow(3, 0, half);
     let x2 = x.clone().narrow(3, half, half);
     let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    cast((x * cos + rotated * sin).reshape([batch, seq, hidden]), dtype)
+    cast(
+        (x * cos + rotated * sin).reshape([batch, seq, hidden]),
+        dtype,
+    )
 }
 
 /// The additive mask of a sliding-attention layer: 0 where query `i` may see key `j`
