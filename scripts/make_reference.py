@@ -416,14 +416,13 @@ PPPL_LINES = [
 ]
 
 
-def make_pseudo_perplexity_reference() -> None:
-    """Pseudo-perplexity (Salazar et al. 2020) of roberta-tiny on PPPL_LINES: each non-special
-    token masked in turn, exp of the mean negative log-likelihood over all of them."""
-    from transformers import AutoTokenizer
+def make_pseudo_perplexity_reference(name: str = "roberta-tiny") -> None:
+    """Pseudo-perplexity (Salazar et al. 2020) of the fixture `name` on PPPL_LINES: each
+    non-special token masked in turn, exp of the mean negative log-likelihood over all of them."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    name = "roberta-tiny"
     tokenizer = AutoTokenizer.from_pretrained(FIXTURES / name)
-    model = RobertaForMaskedLM.from_pretrained(FIXTURES / name).eval()
+    model = AutoModelForMaskedLM.from_pretrained(FIXTURES / name).eval()
     nll, count = 0.0, 0
     with torch.no_grad():
         for line in PPPL_LINES:
@@ -785,6 +784,7 @@ def make_modernbert_fixtures() -> None:
         vocab_words=words,
     )
     make_modernbert_fill_mask_reference("modernbert-tiny")
+    make_pseudo_perplexity_reference("modernbert-tiny")
     make_modernbert_fixture(
         "modernbert-tiny-old",
         dict(

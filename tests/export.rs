@@ -245,37 +245,41 @@ fn bert_export_has_the_names_transformers_saves_and_round_trips() {
 
 #[test]
 fn pseudo_perplexity_matches_transformers() {
-    // tests/fixtures/roberta-tiny/pseudo_perplexity.json, by scripts/make_reference.py.
-    let reference: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(common::fixture("roberta-tiny").join("pseudo_perplexity.json"))
-            .unwrap(),
-    )
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let input = dir.path().join("lines.txt");
-    let lines: Vec<&str> = reference["lines"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l.as_str().unwrap())
-        .collect();
-    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
-    let model = common::fixture("roberta-tiny");
-    let doc = masklm_json(&[
-        "eval",
-        "--model",
-        model.to_str().unwrap(),
-        "--input",
-        input.to_str().unwrap(),
-        "--packing",
-        "line",
-        "--pseudo-perplexity",
-        "--json",
-    ]);
-    let ours = doc["pseudo_perplexity"].as_f64().unwrap();
-    let theirs = reference["pseudo_perplexity"].as_f64().unwrap();
-    assert!(
-        (ours - theirs).abs() <= 1e-4 * theirs,
-        "pseudo-perplexity {ours} vs transformers {theirs}"
-    );
+    // tests/fixtures/{roberta,modernbert}-tiny/pseudo_perplexity.json, by
+    // scripts/make_reference.py.
+    for name in ["roberta-tiny", "modernbert-tiny"] {
+        let reference: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(common::fixture(name).join("pseudo_perplexity.json"))
+                .unwrap(),
+        )
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("lines.txt");
+        let lines: Vec<&str> = reference["lines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l.as_str().unwrap())
+            .collect();
+        std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+        let model = common::fixture(name);
+        let doc = masklm_json(&[
+            "eval",
+            "--model",
+            model.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--packing",
+            "line",
+            "--pseudo-perplexity",
+            "--json",
+        ]);
+        let ours = doc["pseudo_perplexity"].as_f64().unwrap();
+        let theirs = reference["pseudo_perplexity"].as_f64().unwrap();
+        assert_eq!(doc["pseudo_tokens"], reference["tokens"], "{name}");
+        assert!(
+            (ours - theirs).abs() <= 1e-4 * theirs,
+            "{name}: pseudo-perplexity {ours} vs transformers {theirs}"
+        );
+    }
 }
