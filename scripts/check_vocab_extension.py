@@ -43,6 +43,14 @@ def main() -> int:
         sentence = f"The {t['word']} of the cell."
         ids = new_tok(sentence)["input_ids"]
         check(t["id"] in ids, f"{sentence!r} -> {ids}")
+    # Every special token keeps its id (ModernBERT's specials sit after the BPE vocabulary).
+    for name in ["mask_token", "pad_token", "cls_token", "sep_token", "bos_token", "eos_token", "unk_token"]:
+        token = getattr(old_tok, name, None)
+        if token is not None:
+            old_id, new_id = old_tok.convert_tokens_to_ids(token), new_tok.convert_tokens_to_ids(token)
+            check(old_id == new_id, f"{name} {token!r} keeps id {old_id} (now {new_id})")
+    masked = f"The {old_tok.mask_token} of the cell."
+    check(new_tok(masked)["input_ids"] == old_tok(masked)["input_ids"], f"{masked!r} encodes as before")
     plain = "Any process that activates or increases the frequency of cell division."
     if not any(t["word"] in plain.split() for t in words):
         check(new_tok(plain)["input_ids"] == old_tok(plain)["input_ids"], "text without new words unchanged")

@@ -107,6 +107,21 @@ fn modernbert_goes_through_the_dapt_steps() {
     );
     assert_eq!(new, old + report["added"].as_array().unwrap().len() as u64);
     assert!(new > old, "{report}");
+    // The specials keep their ids: ModernBERT's sit after its BPE vocabulary, where the new
+    // tokens go.
+    let (before_tok, after_tok) = (
+        masklm_data::load_tokenizer(&base).unwrap(),
+        masklm_data::load_tokenizer(&extended).unwrap(),
+    );
+    assert_eq!(
+        (after_tok.mask_id, after_tok.pad_id, after_tok.bos_id, after_tok.eos_id),
+        (before_tok.mask_id, before_tok.pad_id, before_tok.bos_id, before_tok.eos_id)
+    );
+    let masked = "The [MASK] of a protein.";
+    assert_eq!(
+        after_tok.encode(masked).unwrap(),
+        before_tok.encode(masked).unwrap()
+    );
     let audit: Value = serde_json::from_str(&common::masklm_ok([
         "vocab",
         "audit",

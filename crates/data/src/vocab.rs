@@ -260,6 +260,7 @@ pub fn extend_tokenizer(
         added: Vec::new(),
         expansion: HashMap::new(),
     };
+    growing.pin_added_tokens();
     match kind.as_str() {
         "BPE" => growing.add_bpe(&wanted, &old_pieces, splittable)?,
         "WordPiece" => growing.add_wordpiece(&wanted, &old_pieces, &splittable)?,
@@ -336,6 +337,30 @@ impl Growing<'_> {
             .get(token)
             .cloned()
             .unwrap_or_else(|| self.old_ids(std::slice::from_ref(token)))
+    }
+
+    /// Puts every added token (`[MASK]`, `[CLS]`, ...) that the model's vocabulary lacks into
+    /// it, at the id it has. When tokenizer.json is loaded, `tokenizers` (Rust and Python
+    /// alike) gives an added token that its model does not know the next id after the model's
+    /// vocabulary, whatever id the file says. ModernBERT's specials sit after its BPE
+    /// vocabulary: without this, the new tokens appended there would take the specials' ids and
+    /// the specials would move past them (`[MASK]` becoming a new word's id). The specials are
+    /// matched before the model runs, so the model never produces them itself.
+    fn pin_added_tokens(&mut self) {
+        let added: Vec<(String, u64)> = self.json["added_tokens"]
+            .as_array()
+            .map(|tokens| {
+                tokens
+                    .iter()
+                    .filter_map(|t| Some((t["content"].as_str()?.to_string(), t["id"].as_u64()?)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for (content, id) in added {
+            if self.json["model"]["vocab"].get(&content).is_none() {
+                self.json["model"]["vocab"][&content] = serde_json::json!(id);
+            }
+        }
     }
 
     /// Gives `token` the next id; its embedding will start as the mean of `pieces`.
