@@ -249,8 +249,7 @@ fn pseudo_perplexity_matches_transformers() {
     // scripts/make_reference.py.
     for name in ["roberta-tiny", "modernbert-tiny"] {
         let reference: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(common::fixture(name).join("pseudo_perplexity.json"))
-                .unwrap(),
+            &std::fs::read_to_string(common::fixture(name).join("pseudo_perplexity.json")).unwrap(),
         )
         .unwrap();
         let dir = tempfile::tempdir().unwrap();

@@ -114,8 +114,18 @@ fn modernbert_goes_through_the_dapt_steps() {
         masklm_data::load_tokenizer(&extended).unwrap(),
     );
     assert_eq!(
-        (after_tok.mask_id, after_tok.pad_id, after_tok.bos_id, after_tok.eos_id),
-        (before_tok.mask_id, before_tok.pad_id, before_tok.bos_id, before_tok.eos_id)
+        (
+            after_tok.mask_id,
+            after_tok.pad_id,
+            after_tok.bos_id,
+            after_tok.eos_id
+        ),
+        (
+            before_tok.mask_id,
+            before_tok.pad_id,
+            before_tok.bos_id,
+            before_tok.eos_id
+        )
     );
     let masked = "The [MASK] of a protein.";
     assert_eq!(

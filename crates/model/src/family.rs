@@ -129,7 +129,20 @@ impl ModelConfig {
     /// The family a parsed `config.json` names.
     pub fn family_of(value: &serde_json::Value) -> Result<Family, ConfigError> {
         let model_type = match value.get("model_type") {
-            None => return Ok(Family::Roberta),
+            // transformers' AutoConfig needs model_type; older RoBERTa files lack it, so a
+            // missing one is RoBERTa's unless `architectures` names another family's class.
+            None => {
+                let architectures = value.get("architectures").and_then(|a| a.as_array());
+                let names_modernbert = architectures.is_some_and(|a| {
+                    a.iter()
+                        .any(|n| n.as_str().is_some_and(|n| n.starts_with("ModernBert")))
+                });
+                return Ok(if names_modernbert {
+                    Family::ModernBert
+                } else {
+                    Family::Roberta
+                });
+            }
             Some(serde_json::Value::String(name)) => name.as_str(),
             Some(other) => {
                 return Err(ConfigError::Invalid {
@@ -453,5 +466,47 @@ impl MaskedLm {
             MaskedLm::Roberta(m) => m.load_from(store),
             MaskedLm::ModernBert(m) => m.load_from(store),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_family_comes_from_model_type_or_the_architecture_it_names() {
+        let family = |text: &str| ModelConfig::family_of(&serde_json::from_str(text).unwrap());
+        assert_eq!(
+            family(r#"{"model_type": "xlm-roberta"}"#).unwrap(),
+            Family::Roberta
+        );
+        assert_eq!(
+            family(r#"{"model_type": "modernbert"}"#).unwrap(),
+            Family::ModernBert
+        );
+        // No model_type: RoBERTa's default, unless the architecture is another family's.
+        assert_eq!(family("{}").unwrap(), Family::Roberta);
+        assert_eq!(
+            family(r#"{"architectures": ["ModernBertForMaskedLM"]}"#).unwrap(),
+            Family::ModernBert
+        );
+        let error = family(r#"{"model_type": "gpt2"}"#).unwrap_err().to_string();
+        assert!(
+            error.contains("model_type") && error.contains("gpt2"),
+            "{error}"
+        );
+        assert!(
+            error.contains("\"modernbert\""),
+            "names what it reads: {error}"
+        );
+        // A config read without model_type is built as its family's class.
+        let config = ModelConfig::from_json(
+            r#"{"architectures": ["ModernBertForMaskedLM"], "vocab_size": 40, "hidden_size": 16,
+                "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 8,
+                "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "cls_token_id": 1,
+                "sep_token_id": 2}"#,
+        )
+        .unwrap();
+        assert_eq!(config.family(), Family::ModernBert);
     }
 }

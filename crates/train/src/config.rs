@@ -577,9 +577,17 @@ impl TrainConfig {
                 return bad(
                     &format!("model.{key}"),
                     format!(
-                        "cannot change the shape of a model loaded with init_from (only its \
-                         dropout may be set: {})",
-                        dropout.join(", ")
+                        "cannot change the architecture of a model loaded with init_from; only \
+                         its dropout may be set ({})",
+                        Family::ALL
+                            .iter()
+                            .map(|&f| format!(
+                                "{}: {}",
+                                f.name(),
+                                ModelConfig::default_for(f).dropout_keys().join(", ")
+                            ))
+                            .collect::<Vec<_>>()
+                            .join("; ")
                     ),
                 );
             }
