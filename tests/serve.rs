@@ -46,7 +46,13 @@ fn fill_mask_and_score_equal_the_cli_alone_and_under_concurrency() {
     let tiny = common::fixture("roberta-tiny");
     // A second model with another tokenizer (WordPiece, [MASK]) and its own sentences.
     let other = common::fixture("bert-tiny");
-    let opts = options(&[("tiny", tiny.clone()), ("other", other.clone())]);
+    // And a model of another family: ModernBERT ([MASK] that swallows the space before it).
+    let modern = common::fixture("modernbert-tiny");
+    let opts = options(&[
+        ("tiny", tiny.clone()),
+        ("other", other.clone()),
+        ("modern", modern.clone()),
+    ]);
     // Pseudo-perplexity runs a line's masked copies `max_batch` at a time; the CLI below uses
     // the same batches. (Across batch sizes the figure moves by float rounding, ~2e-7 here:
     // the CPU kernels' results depend on how many rows a batch has.)
@@ -62,11 +68,18 @@ fn fill_mask_and_score_equal_the_cli_alone_and_under_concurrency() {
         .iter()
         .map(|m| m["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["tiny", "other"]);
+    assert_eq!(names, ["tiny", "other", "modern"]);
+    let masks: Vec<&str> = models["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["mask_token"].as_str().unwrap())
+        .collect();
+    assert_eq!(masks, ["<mask>", "[MASK]", "[MASK]"]);
     let (status, health) = get(addr, "/healthz");
     assert_eq!((status, &health["status"]), (200, &json!("ok")), "{health}");
 
-    for (name, dir) in [("tiny", &tiny), ("other", &other)] {
+    for (name, dir) in [("tiny", &tiny), ("other", &other), ("modern", &modern)] {
         let sentences = fixture_sentences(dir.file_name().unwrap().to_str().unwrap());
         let dir_arg = dir.display().to_string();
         let mut args = vec!["fill-mask", "--model", &dir_arg, "--json", "--top-k", "5"];
