@@ -15,6 +15,13 @@ pub(crate) fn linear<const D: usize>(
     weight: Tensor<2>,
     bias: Option<Tensor<1>>,
 ) -> Tensor<D> {
+    // Without a bias (ModernBERT's layers), the fused path starts from zero rows: an
+    // untracked constant, so its backward computes no bias gradient.
+    let given = bias.is_some();
+    let bias = bias.or_else(|| {
+        (x.dtype() == DType::F32 && weight.dtype() == DType::F32)
+            .then(|| Tensor::<1>::zeros([weight.dims()[1]], &weight.device()))
+    });
     let f32s = x.dtype() == DType::F32
         && weight.dtype() == DType::F32
         && bias.as_ref().is_some_and(|b| b.dtype() == DType::F32);
@@ -38,7 +45,7 @@ pub(crate) fn linear<const D: usize>(
             return Tensor::from_primitive::<Flex>(linear_forward(&contiguous(&xt), &wt, &bt));
         }
     }
-    burn::tensor::module::linear(x, weight, bias)
+    burn::tensor::module::linear(x, weight, bias.filter(|_| given))
 }
 
 /// Whether `x [..., k]`, `W [k, n]` and `b [n]` are shapes the fused path handles. It writes

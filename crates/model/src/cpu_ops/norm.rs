@@ -14,7 +14,11 @@ pub(crate) fn layer_norm<const D: usize>(
     x: Tensor<D>,
 ) -> Tensor<D> {
     let gamma = norm.gamma.val();
-    let beta = norm.beta.as_ref().map(|b| b.val());
+    // Without a bias (ModernBERT's norms) the fused path adds zeros: an untracked constant,
+    // so its backward computes no bias gradient.
+    let beta = norm.beta.as_ref().map(|b| b.val()).or_else(|| {
+        (gamma.dtype() == DType::F32).then(|| Tensor::<1>::zeros(gamma.dims(), &gamma.device()))
+    });
     let all_f32 = x.dtype() == DType::F32
         && gamma.dtype() == DType::F32
         && beta.as_ref().is_none_or(|b| b.dtype() == DType::F32);
