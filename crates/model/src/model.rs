@@ -650,24 +650,8 @@ impl RobertaForMaskedLM {
     /// - word embeddings `[vocab, hidden]` -> `[vocab + sources.len(), hidden]`
     pub fn with_new_rows(mut self, sources: &[Vec<u32>]) -> Self {
         let embeddings = self.word_embeddings();
-        let device = embeddings.device();
         let [vocab, _] = embeddings.dims();
-        let mean_rows = |table: Tensor<2>| -> Tensor<2> {
-            let rows: Vec<Tensor<2>> = sources
-                .iter()
-                .map(|ids| {
-                    let ids: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
-                    let n = ids.len();
-                    let index = Tensor::<1, Int>::from_data(
-                        burn::tensor::TensorData::new(ids, [n]),
-                        &device,
-                    );
-                    // [pieces, hidden] -> [1, hidden]
-                    table.clone().select(0, index).mean_dim(0)
-                })
-                .collect();
-            Tensor::cat([vec![table], rows].concat(), 0)
-        };
+        let mean_rows = |table: Tensor<2>| grow_rows(table, sources);
         let grown = mean_rows(embeddings);
         debug_assert_eq!(grown.dims()[0], vocab + sources.len());
         self.roberta.embeddings.word_embeddings.weight = Param::from_tensor(grown);
@@ -695,6 +679,27 @@ impl RobertaForMaskedLM {
     pub fn dropout_stream(&self) -> &Arc<DropoutStream> {
         &self.roberta.embeddings.dropout.stream
     }
+}
+
+/// `table` with one row appended per entry of `sources`, each the mean of the rows it lists
+/// (vocabulary extension, for every family: embeddings and decoder bias alike).
+///
+/// # Shapes
+/// - `table`: `[rows, width]` -> `[rows + sources.len(), width]`
+pub(crate) fn grow_rows(table: Tensor<2>, sources: &[Vec<u32>]) -> Tensor<2> {
+    let device = table.device();
+    let rows: Vec<Tensor<2>> = sources
+        .iter()
+        .map(|ids| {
+            let ids: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+            let n = ids.len();
+            let index =
+                Tensor::<1, Int>::from_data(burn::tensor::TensorData::new(ids, [n]), &device);
+            // [pieces, width] -> [1, width]
+            table.clone().select(0, index).mean_dim(0)
+        })
+        .collect();
+    Tensor::cat([vec![table], rows].concat(), 0)
 }
 
 /// Cross-entropy averaged over masked tokens only: HF's loss with labels -100 elsewhere.

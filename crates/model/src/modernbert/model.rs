@@ -21,7 +21,7 @@ use burn::module::{Module, Param};
 use burn::nn::{Embedding, LayerNorm, LayerNormConfig, Linear};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, DType, Device, Distribution, Int, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Device, Distribution, Int, Tensor};
 
 use super::config::{LayerAttention, ModernBertConfig};
 use std::sync::Arc;
@@ -707,20 +707,7 @@ impl ModernBertForMaskedLM {
     /// - token embeddings `[vocab, hidden]` -> `[vocab + sources.len(), hidden]`
     pub fn with_new_rows(mut self, sources: &[Vec<u32>]) -> Self {
         let embeddings = self.word_embeddings();
-        let device = embeddings.device();
-        let mean_rows = |table: Tensor<2>| -> Tensor<2> {
-            let rows: Vec<Tensor<2>> = sources
-                .iter()
-                .map(|ids| {
-                    let ids: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
-                    let n = ids.len();
-                    let index = Tensor::<1, Int>::from_data(TensorData::new(ids, [n]), &device);
-                    // [pieces, hidden] -> [1, hidden]
-                    table.clone().select(0, index).mean_dim(0)
-                })
-                .collect();
-            Tensor::cat([vec![table], rows].concat(), 0)
-        };
+        let mean_rows = |table: Tensor<2>| crate::model::grow_rows(table, sources);
         self.model.embeddings.tok_embeddings.weight = Param::from_tensor(mean_rows(embeddings));
         if let Some(bias) = self.decoder.bias.take() {
             // The bias as a [vocab, 1] column, grown the same way.
@@ -730,8 +717,8 @@ impl ModernBertForMaskedLM {
         self
     }
 
-    /// The same model with every full-attention layer computed by `implementation`
-    /// (sliding layers are always eager for now).
+    /// The same model with every full-attention layer computed by `implementation` (sliding
+    /// layers run the CPU backend's band kernel, or eager with the window mask elsewhere).
     pub fn with_attention(mut self, implementation: AttentionImpl) -> Self {
         for layer in &mut self.model.layers {
             layer.attn.implementation = implementation;
