@@ -191,7 +191,7 @@ fn bad_probe_files_name_the_line() {
         ("The <mask> grows.\n", ":1: no answer"),
         (
             "The <mask> grows.\ttransport\n",
-            ":1: no answer is one token",
+            "holds no usable probe:\n",
         ),
         ("# only comments\n", "holds no probe"),
     ] {
@@ -200,6 +200,17 @@ fn bad_probe_files_name_the_line() {
         let err = masklm_infer::load_probes_from(&path, &tokenizer, 64, "eval.probes").unwrap_err();
         assert!(err.to_string().contains(expected), "{content:?}: {err}");
     }
+
+    // A probe whose answers all split is skipped with a notice naming its line; the others
+    // still count.
+    let path = dir.path().join("probes.tsv");
+    std::fs::write(&path, "The <mask> grows.\ttransport\nThe <mask> divides.\tcell\n").unwrap();
+    let (probes, notices) =
+        masklm_infer::load_probes_from(&path, &tokenizer, 64, "eval.probes").unwrap();
+    assert_eq!(probes.iter().map(|p| p.line).collect::<Vec<_>>(), [2]);
+    assert_eq!(notices.len(), 1, "{notices:?}");
+    assert!(notices[0].contains("probes.tsv:1: skipping this probe"), "{notices:?}");
+    assert!(notices[0].contains("\"transport\" (splits into: "), "{notices:?}");
 }
 
 #[test]

@@ -245,7 +245,7 @@ fn incomplete_checkpoint(dir: &Path) -> Option<HubError> {
 /// tracks gradients, and returns the dtypes found.
 fn upcast_to_f32<M: burn::module::Module>(model: M) -> (M, Vec<String>) {
     use burn::module::{ModuleMapper, Param};
-    use burn::tensor::{DType, FloatDType, Tensor};
+    use burn::tensor::{DType, Tensor};
     struct Upcast(std::collections::BTreeSet<String>);
     impl ModuleMapper for Upcast {
         fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
@@ -254,11 +254,15 @@ fn upcast_to_f32<M: burn::module::Module>(model: M) -> (M, Vec<String>) {
             if dtype == DType::F32 {
                 param
             } else {
-                // A cast is a graph node, not a leaf: on an autodiff device the upcast
-                // parameter is made a tracked leaf again, or it would get no gradient.
+                // Converted on the host, not by a cast kernel on the device: wgpu has no
+                // bf16 kernels (on lavapipe the cast panicked in cubecl's worker and left
+                // garbage), and the host conversion is exact. The new tensor is a leaf,
+                // tracked again when the parameter was.
                 param.map(|t| {
                     let tracked = t.is_require_grad();
-                    t.cast(FloatDType::F32).detach().set_require_grad(tracked)
+                    let device = t.device();
+                    let data = t.into_data().convert_dtype(DType::F32);
+                    Tensor::from_data(data, &device).set_require_grad(tracked)
                 })
             }
         }

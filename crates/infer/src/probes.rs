@@ -68,7 +68,8 @@ fn probe_error(source: &str, path: &Path, line: usize, reason: String) -> InferE
 /// Reads and tokenizes a probe file, which errors name by `source`, the option or config key
 /// that gave it (`--probes`, `eval.probes`). A rank is only defined for a single prediction,
 /// so only answers that are one token in their sentence count (see [`token_in_context`]); the
-/// others are named in the returned notices, and a probe with none is an error.
+/// others are named in the returned notices, a probe with none is skipped with a notice, and
+/// a file left with no probe is an error.
 pub fn load_probes_from(
     path: &Path,
     tokenizer: &MlmTokenizer,
@@ -128,20 +129,24 @@ pub fn load_probes_from(
                         .tokenizer
                         .encode(format!(" {answer}"), false)
                         .map(|e| e.get_tokens().join(" "))
-                        .unwrap_or_default();
+                        .map_err(|e| {
+                            InferError::Tokenizer(masklm_data::DataError::Tokenizer(format!(
+                                "{answer:?}: {e}"
+                            )))
+                        })?;
                     split.push(format!("{answer:?} (splits into: {pieces})"));
                 }
             }
         }
         if resolved.is_empty() {
-            return Err(probe_error(
-                line,
-                format!(
-                    "no answer is one token of this tokenizer here: {}; a probe answer must be a \
-                     single token: choose another, or add the word with `masklm vocab extend`",
-                    split.join(", ")
-                ),
+            // A rank is undefined here; the rest of the file still counts.
+            notices.push(format!(
+                "{}:{line}: skipping this probe: no answer is one token of this tokenizer here: \
+                 {}; choose another answer, or add the word with `masklm vocab extend`",
+                path.display(),
+                split.join(", ")
             ));
+            continue;
         }
         if !split.is_empty() {
             notices.push(format!(
@@ -161,7 +166,11 @@ pub fn load_probes_from(
     if probes.is_empty() {
         return Err(InferError::Config {
             key: source.to_string(),
-            reason: format!("{} holds no probe", path.display()),
+            reason: if notices.is_empty() {
+                format!("{} holds no probe", path.display())
+            } else {
+                format!("{} holds no usable probe:\n{}", path.display(), notices.join("\n"))
+            },
         });
     }
     Ok((probes, notices))
