@@ -189,10 +189,7 @@ fn bad_probe_files_name_the_line() {
             ":3: a probe needs exactly one",
         ),
         ("The <mask> grows.\n", ":1: no answer"),
-        (
-            "The <mask> grows.\ttransport\n",
-            "holds no usable probe:\n",
-        ),
+        ("The <mask> grows.\ttransport\n", "holds no usable probe:\n"),
         ("# only comments\n", "holds no probe"),
     ] {
         let path = dir.path().join("probes.tsv");
@@ -204,13 +201,23 @@ fn bad_probe_files_name_the_line() {
     // A probe whose answers all split is skipped with a notice naming its line; the others
     // still count.
     let path = dir.path().join("probes.tsv");
-    std::fs::write(&path, "The <mask> grows.\ttransport\nThe <mask> divides.\tcell\n").unwrap();
+    std::fs::write(
+        &path,
+        "The <mask> grows.\ttransport\nThe <mask> divides.\tcell\n",
+    )
+    .unwrap();
     let (probes, notices) =
         masklm_infer::load_probes_from(&path, &tokenizer, 64, "eval.probes").unwrap();
     assert_eq!(probes.iter().map(|p| p.line).collect::<Vec<_>>(), [2]);
     assert_eq!(notices.len(), 1, "{notices:?}");
-    assert!(notices[0].contains("probes.tsv:1: skipping this probe"), "{notices:?}");
-    assert!(notices[0].contains("\"transport\" (splits into: "), "{notices:?}");
+    assert!(
+        notices[0].contains("probes.tsv:1: skipping this probe"),
+        "{notices:?}"
+    );
+    assert!(
+        notices[0].contains("\"transport\" (splits into: "),
+        "{notices:?}"
+    );
 }
 
 #[test]

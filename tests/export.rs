@@ -282,3 +282,49 @@ fn pseudo_perplexity_matches_transformers() {
         );
     }
 }
+
+#[test]
+fn export_caps_the_tokenizers_model_max_length_at_the_models_positions() {
+    // roberta-tiny: 130 positions, pad 1 -> 128 tokens, but its tokenizer says 512; a
+    // tokenizer saved without a length says nothing (transformers then assumes 1e30).
+    let device = Device::flex();
+    let fixture = common::fixture("roberta-tiny");
+    let (config, model, _) = masklm_hub::load_model(&fixture, &device).unwrap();
+    assert_eq!(config.max_sequence_length(), 128);
+    let read = |path: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    };
+    let original = read(&fixture.join("tokenizer_config.json"));
+    let unlimited = tempfile::tempdir().unwrap();
+    for file in masklm_hub::TOKENIZER_FILES {
+        std::fs::copy(fixture.join(file), unlimited.path().join(file)).unwrap();
+    }
+    let mut without = original.clone();
+    without.as_object_mut().unwrap().remove("model_max_length");
+    std::fs::write(
+        unlimited.path().join("tokenizer_config.json"),
+        without.to_string(),
+    )
+    .unwrap();
+    for tokenizer in [fixture.as_path(), unlimited.path()] {
+        let out = tempfile::tempdir().unwrap();
+        masklm_hub::export_model(&model, &config, Some(tokenizer), out.path()).unwrap();
+        let exported = read(&out.path().join("tokenizer_config.json"));
+        assert_eq!(exported["model_max_length"], 128, "{}", tokenizer.display());
+        let mut rest = exported.clone();
+        rest.as_object_mut().unwrap().remove("model_max_length");
+        assert_eq!(rest, without, "only the length changes");
+        masklm_data::load_tokenizer(out.path()).unwrap();
+    }
+
+    // A length within the model's is copied byte for byte.
+    let fixture = common::fixture("modernbert-tiny");
+    let (config, model, _) = masklm_hub::load_model(&fixture, &device).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    masklm_hub::export_model(&model, &config, Some(&fixture), out.path()).unwrap();
+    let file = "tokenizer_config.json";
+    assert_eq!(
+        std::fs::read(out.path().join(file)).unwrap(),
+        std::fs::read(fixture.join(file)).unwrap()
+    );
+}

@@ -787,6 +787,14 @@ fn hostile_training_configs() {
         s(&["train", "--config", &p(&config), "--from", "step-1"]),
         fails(&["--resume"]),
     );
+    // A refused run leaves no folder behind (r9 and r-huge-batch are refused after the run
+    // folder was locked; the others before).
+    let left: Vec<String> = std::fs::read_dir(root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("r"))
+        .collect();
+    assert!(left.is_empty(), "refused runs left folders: {left:?}");
 
     c.finish("hostile_training_configs");
 }

@@ -15,16 +15,41 @@ use crate::DataError;
 pub struct FolderLock {
     _file: File,
     pub path: PathBuf,
+    /// The folder [`lock_folder`] created for this lock: removed on release when nothing but
+    /// the lock file was written into it (a refused run leaves no empty folder behind).
+    created: Option<PathBuf>,
 }
 
 /// Locks `dir` (created if needed) for this process through `dir/.lock`, or says who holds
 /// it. `what` names the folder's role in the message ("run", "prepare").
 pub fn lock_folder(dir: &Path, what: &str) -> Result<FolderLock, DataError> {
+    let existed = dir.exists();
     std::fs::create_dir_all(dir).map_err(|source| DataError::Write {
         path: dir.to_path_buf(),
         source,
     })?;
-    lock_file(&dir.join(".lock"), dir, what)
+    let mut lock = lock_file(&dir.join(".lock"), dir, what)?;
+    lock.created = (!existed).then(|| dir.to_path_buf());
+    Ok(lock)
+}
+
+impl Drop for FolderLock {
+    fn drop(&mut self) {
+        let Some(dir) = &self.created else {
+            return;
+        };
+        let only_the_lock = std::fs::read_dir(dir).is_ok_and(|entries| {
+            entries
+                .map(|e| e.map(|e| e.path()))
+                .all(|p| p.is_ok_and(|p| p == self.path))
+        });
+        if only_the_lock {
+            // Best effort: `remove_dir` fails, leaving the folder, if another process has
+            // written into it meanwhile.
+            let _ = std::fs::remove_file(&self.path);
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
 }
 
 /// Locks the lock file `path` (created if needed), guarding `guarded` (named in the message).
@@ -64,12 +89,38 @@ pub fn lock_file(path: &Path, guarded: &Path, what: &str) -> Result<FolderLock, 
         .and_then(|()| file.rewind())
         .and_then(|()| file.write_all(pid.as_bytes()))
         .map_err(write_err(&path))?;
-    Ok(FolderLock { _file: file, path })
+    Ok(FolderLock {
+        _file: file,
+        path,
+        created: None,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_folder_made_for_a_lock_and_left_empty_goes_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("run");
+        drop(lock_folder(&run, "run").unwrap());
+        assert!(!run.exists(), "a refused run leaves no folder");
+
+        let lock = lock_folder(&run, "run").unwrap();
+        std::fs::write(run.join("metrics.jsonl"), "{}\n").unwrap();
+        drop(lock);
+        assert!(
+            run.join("metrics.jsonl").is_file(),
+            "a folder with work in it stays"
+        );
+
+        // A folder that was there before is never removed, empty or not.
+        let existing = dir.path().join("existing");
+        std::fs::create_dir(&existing).unwrap();
+        drop(lock_folder(&existing, "run").unwrap());
+        assert!(existing.is_dir());
+    }
 
     #[test]
     fn a_second_holder_is_refused_until_the_first_lets_go() {

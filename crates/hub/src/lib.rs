@@ -611,16 +611,22 @@ fn export_roberta(
     } else {
         "RobertaForMaskedLM".to_string()
     }];
-    write_folder(&config.to_json(), tokenizer_dir, out, |weights| {
-        write_weights(model, config.is_bert(), weights)
-    })
+    let max_tokens = config.max_sequence_length();
+    write_folder(
+        &config.to_json(),
+        max_tokens,
+        tokenizer_dir,
+        out,
+        |weights| write_weights(model, config.is_bert(), weights),
+    )
 }
 
 /// Writes a Hugging Face folder: `config.json` (the text `config_json`), `model.safetensors`
 /// (by `write_weights`, given its path), and the tokenizer files found in `tokenizer_dir`,
-/// which must be another folder than `out`.
+/// which must be another folder than `out`, their `model_max_length` capped at `max_tokens`.
 pub(crate) fn write_folder(
     config_json: &str,
+    max_tokens: usize,
     tokenizer_dir: Option<&Path>,
     out: &Path,
     write_weights: impl FnOnce(&Path) -> Result<(), HubError>,
@@ -645,12 +651,47 @@ pub(crate) fn write_folder(
     if let Some(dir) = tokenizer_dir {
         for file in TOKENIZER_FILES {
             let from = dir.join(file);
-            if from.is_file() {
-                std::fs::copy(&from, out.join(file)).map_err(|e| write_err(&out.join(file), e))?;
+            let to = out.join(file);
+            if file == "tokenizer_config.json" && from.is_file() {
+                let text = capped_tokenizer_config(&from, max_tokens)?;
+                std::fs::write(&to, text).map_err(|e| write_err(&to, e))?;
+            } else if from.is_file() {
+                std::fs::copy(&from, &to).map_err(|e| write_err(&to, e))?;
             }
         }
     }
     Ok(())
+}
+
+/// `tokenizer_config.json` with `model_max_length` at most `max_tokens`, the longest input the
+/// model's position table takes. Tokenizers trained or saved without one carry transformers'
+/// "unlimited" 1e30, so the exported model's fill-mask pipeline would not truncate a long text
+/// and fail inside the model instead.
+fn capped_tokenizer_config(path: &Path, max_tokens: usize) -> Result<String, HubError> {
+    let text = std::fs::read_to_string(path).map_err(|e| HubError::ReadWeights {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let mut value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| HubError::ReadWeights {
+            path: path.to_path_buf(),
+            reason: format!("not valid JSON: {e}"),
+        })?;
+    let Some(object) = value.as_object_mut() else {
+        return Err(HubError::ReadWeights {
+            path: path.to_path_buf(),
+            reason: "not a JSON object".to_string(),
+        });
+    };
+    let fits = object
+        .get("model_max_length")
+        .and_then(serde_json::Value::as_f64)
+        .is_some_and(|n| n <= max_tokens as f64);
+    if fits {
+        return Ok(text);
+    }
+    object.insert("model_max_length".to_string(), max_tokens.into());
+    Ok(format!("{value:#}\n"))
 }
 
 /// `model.safetensors` with HF names and layouts.

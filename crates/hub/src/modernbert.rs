@@ -138,9 +138,14 @@ pub fn export_modernbert(
     let mut config = config.clone();
     config.model_type = "modernbert".to_string();
     config.architectures = vec!["ModernBertForMaskedLM".to_string()];
-    write_folder(&config.to_json(), tokenizer_dir, out, |weights| {
-        save_safetensors(model, KeyRemapper::new(), weights)
-    })
+    let max_tokens = config.max_sequence_length();
+    write_folder(
+        &config.to_json(),
+        max_tokens,
+        tokenizer_dir,
+        out,
+        |weights| save_safetensors(model, KeyRemapper::new(), weights),
+    )
 }
 
 #[cfg(test)]

@@ -169,7 +169,11 @@ pub fn load_probes_from(
             reason: if notices.is_empty() {
                 format!("{} holds no probe", path.display())
             } else {
-                format!("{} holds no usable probe:\n{}", path.display(), notices.join("\n"))
+                format!(
+                    "{} holds no usable probe:\n{}",
+                    path.display(),
+                    notices.join("\n")
+                )
             },
         });
     }
