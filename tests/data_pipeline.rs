@@ -512,6 +512,125 @@ fn parquet_written_by_pyarrow_reads_row_by_row_with_clear_errors() {
     assert!(err.contains("garbled.parquet"), "{err}");
 }
 
+/// The documents of the `datasets` folder `input` (split `split`), or the first error.
+fn dataset_documents(
+    input: &Path,
+    split: Option<&str>,
+    field: &str,
+) -> Result<Vec<String>, masklm_data::DataError> {
+    let inputs = [input.display().to_string()];
+    let (files, _) = masklm_data::resolve_corpus_inputs(&inputs, split)?;
+    let options = CorpusOptions {
+        text_field: field.to_string(),
+        split: split.map(str::to_string),
+        ..CorpusOptions::default()
+    };
+    masklm_data::Documents::new(files, options).collect()
+}
+
+#[test]
+fn datasets_folders_read_as_datasets_reads_them() {
+    // Written by `datasets` 5.2.0 (scripts/make_datasets_fixture.py), with the text column
+    // as `datasets` reads it back; our documents are its non-blank, non-null rows, in order.
+    let dir = common::fixture("datasets");
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let rows = |key: &str| -> Vec<String> {
+        expected[key]
+            .as_array()
+            .unwrap_or_else(|| panic!("{key} in expected.json"))
+            .iter()
+            .filter_map(|v| v.as_str())
+            .filter(|t| !t.trim().is_empty())
+            .map(str::to_string)
+            .collect()
+    };
+    for (folder, split, key) in [
+        ("saved", None, "saved"),
+        ("saved-dict", None, "saved-dict/train"),
+        ("saved-dict", Some("train"), "saved-dict/train"),
+        ("saved-dict", Some("validation"), "saved-dict/validation"),
+        ("saved-dict/validation", None, "saved-dict/validation"),
+        ("load-cache", None, "load-cache/train"),
+        ("load-cache", Some("test"), "load-cache/test"),
+    ] {
+        let documents = dataset_documents(&dir.join(folder), split, "text").unwrap();
+        assert_eq!(documents, rows(key), "{folder} {split:?}");
+        assert!(!documents.is_empty());
+    }
+    // The sharded train split reads shard 0 then shard 1, rows in order.
+    assert_eq!(rows("saved-dict/train"), rows("saved"));
+
+    // A split the folder lacks names the ones it has.
+    let err = dataset_documents(&dir.join("saved-dict"), Some("test"), "text")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("saved-dict") && err.contains("train, validation") && err.contains("--split"),
+        "{err}"
+    );
+    let err = dataset_documents(&dir.join("load-cache"), Some("validation"), "text")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("no split \"validation\"") && err.contains("--split"),
+        "{err}"
+    );
+    // Columns: missing, and not text.
+    let err = dataset_documents(&dir.join("saved"), None, "body")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("data-00000-of-00001.arrow")
+            && err.contains("no column \"body\" (columns: text, id)"),
+        "{err}"
+    );
+    let err = dataset_documents(&dir.join("saved"), None, "id")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("column \"id\" holds Int64, not strings"),
+        "{err}"
+    );
+
+    // Damaged folders and files: a listed shard missing, a shard cut short, garbage.
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = tmp.path().join("copy");
+    std::fs::create_dir(&copy).unwrap();
+    for file in [
+        "state.json",
+        "dataset_info.json",
+        "data-00000-of-00001.arrow",
+    ] {
+        std::fs::copy(dir.join("saved").join(file), copy.join(file)).unwrap();
+    }
+    let arrow = copy.join("data-00000-of-00001.arrow");
+    let bytes = std::fs::read(&arrow).unwrap();
+    std::fs::write(&arrow, &bytes[..bytes.len() * 2 / 3]).unwrap();
+    let err = dataset_documents(&copy, None, "text")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("data-00000-of-00001.arrow"), "{err}");
+    let mut garbled = bytes.clone();
+    for b in &mut garbled[8..] {
+        *b = 0xA5;
+    }
+    std::fs::write(&arrow, &garbled).unwrap();
+    let err = dataset_documents(&copy, None, "text")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("data-00000-of-00001.arrow"), "{err}");
+    std::fs::remove_file(&arrow).unwrap();
+    let err = dataset_documents(&copy, None, "text")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("state.json")
+            && err.contains("lists data-00000-of-00001.arrow, which is missing"),
+        "{err}"
+    );
+}
+
 #[test]
 fn a_json_array_reads_element_by_element() {
     let tmp = tempfile::tempdir().unwrap();

@@ -353,9 +353,10 @@ pub fn prepare_with(
     rebuild: Rebuild,
 ) -> Result<Prepared, DataError> {
     check_options(options)?;
-    let (files, skipped_special) = resolve_inputs_reporting(inputs)?;
+    let split = options.corpus.split.as_deref();
+    let (files, skipped_special) = resolve_corpus_inputs(inputs, split)?;
     let validation_files = match &options.validation {
-        Validation::Inputs(v) => resolve_inputs(v)?,
+        Validation::Inputs(v) => resolve_corpus_inputs(v, split)?.0,
         _ => Vec::new(),
     };
     let manifest = empty_manifest(tokenizer, options, &files, &validation_files)?;

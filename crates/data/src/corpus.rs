@@ -11,6 +11,9 @@
 //!   text field or a string, read element by element;
 //! - Parquet (`.parquet`): the text column [`CorpusOptions::text_field`], read row group by
 //!   row group (only that column is decoded); errors name the row;
+//! - Arrow IPC (`.arrow`), and `datasets` folders (`save_to_disk`, the `load_dataset` cache)
+//!   as their Arrow files of one split ([`crate::datasets`]): the text column, record batch
+//!   by record batch;
 //! - gzip (`.gz`) and zstd (`.zst`) versions of the text and JSON formats, by extension.
 //!
 //! A file whose first bytes show UTF-16/32 or binary data is refused ([`crate::sniff`]). A line
@@ -41,6 +44,10 @@ pub struct CorpusOptions {
     pub paragraphs: bool,
     /// Fail on the first non-UTF-8 line instead of skipping it.
     pub strict: bool,
+    /// The split of a `datasets` folder with several (`None`: `train`); see
+    /// [`crate::datasets`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split: Option<String>,
 }
 
 impl Default for CorpusOptions {
@@ -49,6 +56,7 @@ impl Default for CorpusOptions {
             text_field: "text".to_string(),
             paragraphs: false,
             strict: false,
+            split: None,
         }
     }
 }
@@ -191,10 +199,22 @@ pub fn resolve_inputs(inputs: &[String]) -> Result<Vec<PathBuf>, DataError> {
 pub fn resolve_inputs_reporting(
     inputs: &[String],
 ) -> Result<(Vec<PathBuf>, Vec<PathBuf>), DataError> {
+    resolve_corpus_inputs(inputs, None)
+}
+
+/// [`resolve_inputs_reporting`] reading `split` of the `datasets` folders among the inputs
+/// ([`crate::datasets`]: their Arrow files, in shard order; `None`: `train`).
+pub fn resolve_corpus_inputs(
+    inputs: &[String],
+    split: Option<&str>,
+) -> Result<(Vec<PathBuf>, Vec<PathBuf>), DataError> {
     if inputs.is_empty() {
         return Err(DataError::Input("no input given".to_string()));
     }
-    let mut walk = Walk::default();
+    let mut walk = Walk {
+        split: split.map(str::to_string),
+        ..Walk::default()
+    };
     for input in inputs {
         if input.contains(['*', '?', '[']) {
             let paths = glob::glob(input)
@@ -202,7 +222,7 @@ pub fn resolve_inputs_reporting(
             let before = walk.files.len();
             for path in paths.flatten() {
                 if path.is_file() {
-                    walk.files.push(path);
+                    walk.files.push((path.clone(), vec![path]));
                 }
             }
             if walk.files.len() == before {
@@ -222,7 +242,7 @@ pub fn resolve_inputs_reporting(
                 )));
             }
         } else if path.is_file() {
-            walk.files.push(path);
+            walk.files.push((path.clone(), vec![path]));
         } else if path.exists() {
             return Err(DataError::Input(format!(
                 "{input}: not a regular file (a FIFO, socket or device); give text files"
@@ -233,15 +253,22 @@ pub fn resolve_inputs_reporting(
             )));
         }
     }
-    walk.files.sort();
-    walk.files.dedup();
-    Ok((walk.files, walk.special))
+    // Text files in name order; a datasets folder's Arrow files in its own shard order,
+    // each folder where its name sorts.
+    walk.files.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut files: Vec<PathBuf> = walk.files.into_iter().flat_map(|(_, f)| f).collect();
+    let mut seen = std::collections::HashSet::new();
+    files.retain(|f| seen.insert(f.clone()));
+    Ok((files, walk.special))
 }
 
 #[derive(Default)]
 struct Walk {
-    files: Vec<PathBuf>,
+    /// Sort key (a path) and the files it stands for: one file, or a datasets folder's shards.
+    files: Vec<(PathBuf, Vec<PathBuf>)>,
     special: Vec<PathBuf>,
+    /// The split of datasets folders.
+    split: Option<String>,
     /// Real paths of the directories walked so far.
     seen: std::collections::HashSet<PathBuf>,
 }
@@ -255,6 +282,10 @@ impl Walk {
         };
         let real = std::fs::canonicalize(dir).map_err(read_err)?;
         if !self.seen.insert(real) {
+            return Ok(());
+        }
+        if let Some(shards) = crate::datasets::dataset_files(dir, self.split.as_deref())? {
+            self.files.push((dir.to_path_buf(), shards));
             return Ok(());
         }
         let entries = std::fs::read_dir(dir).map_err(read_err)?;
@@ -271,7 +302,7 @@ impl Walk {
             if path.is_dir() {
                 self.dir(&path)?;
             } else if path.is_file() {
-                self.files.push(path);
+                self.files.push((path.clone(), vec![path]));
             } else if path.exists() {
                 self.special.push(path);
             }
@@ -287,6 +318,8 @@ enum Format {
     /// `.json` that starts with `[` (decided when the file is opened).
     JsonArray,
     Parquet,
+    /// Arrow IPC (`.arrow`): the files of `datasets` folders.
+    Arrow,
 }
 
 /// Format by the extension under any compression suffix.
@@ -304,6 +337,8 @@ fn format_of(path: &Path) -> Format {
         Format::JsonLines
     } else if name.ends_with(".parquet") {
         Format::Parquet
+    } else if name.ends_with(".arrow") {
+        Format::Arrow
     } else {
         Format::Text
     }
@@ -465,6 +500,11 @@ impl Documents {
                             Some(crate::structured::parquet(&path, &self.options.text_field));
                         Box::new(std::io::empty())
                     }
+                    Format::Arrow => {
+                        self.records =
+                            Some(crate::structured::arrow(&path, &self.options.text_field));
+                        Box::new(std::io::empty())
+                    }
                     _ => {
                         let mut reader = open(&path)?;
                         if format == Format::Text {
@@ -485,7 +525,7 @@ impl Documents {
             let format = self.current.as_ref().map(|c| c.1).unwrap_or(Format::Text);
             let document = match format {
                 Format::JsonLines => self.next_json_document()?,
-                Format::JsonArray | Format::Parquet => self.next_record()?,
+                Format::JsonArray | Format::Parquet | Format::Arrow => self.next_record()?,
                 Format::Text if self.options.paragraphs => self.next_paragraph()?,
                 Format::Text => self.next_text_line()?,
             };
@@ -502,7 +542,7 @@ impl Documents {
         }
     }
 
-    /// The next non-empty record of a Parquet or JSON-array file.
+    /// The next non-empty record of a Parquet, Arrow or JSON-array file.
     fn next_record(&mut self) -> Result<Option<String>, DataError> {
         let Some(records) = self.records.as_mut() else {
             return Ok(None);

@@ -15,6 +15,7 @@
 pub mod batch;
 pub mod cache;
 pub mod corpus;
+pub mod datasets;
 pub mod lock;
 pub mod masking;
 pub mod sampler;
@@ -30,7 +31,10 @@ pub use cache::{
     Manifest, NoProgress, Packing, PrepareOptions, Prepared, Progress, Rebuild, SplitReader, Stale,
     Validation, prepare, prepare_with, read_manifest, write_synced,
 };
-pub use corpus::{CorpusOptions, CorpusStats, Documents, resolve_inputs, resolve_inputs_reporting};
+pub use corpus::{
+    CorpusOptions, CorpusStats, Documents, resolve_corpus_inputs, resolve_inputs,
+    resolve_inputs_reporting,
+};
 pub use lock::{FolderLock, lock_file, lock_folder};
 pub use masking::{MaskVocab, MaskedExample, MaskingConfig, WordBoundary, mask_tokens};
 pub use sampler::{StepBatches, StepSampler, source_seed};

@@ -1,5 +1,6 @@
 //! Corpus formats read on a thread of their own and handed over one document at a time:
-//! Parquet (row group by row group, only the text column) and JSON arrays (element by
+//! Parquet (row group by row group, only the text column), Arrow IPC (the files of `datasets`
+//! folders: record batch by record batch, only the text column) and JSON arrays (element by
 //! element). Neither is ever held whole in memory; a panic inside a decoder on a damaged file
 //! becomes an error naming the file.
 
@@ -151,6 +152,101 @@ fn read_parquet(path: &PathBuf, field: &str, tx: &SyncSender<Item>) -> Result<()
                 }
             };
             if tx.send(Ok(text)).is_err() {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The text column `field` of an Arrow IPC file: the stream format `datasets` writes
+/// (`save_to_disk`, the `load_dataset` cache), or the file format (`ARROW1`).
+pub(crate) fn arrow(path: &Path, field: &str) -> Threaded {
+    let (owned, field) = (path.to_path_buf(), field.to_string());
+    spawn(path, move |tx| read_arrow(&owned, &field, tx))
+}
+
+/// An Arrow IPC reader of either format, decoding only the columns in `projection`.
+fn arrow_batches(
+    path: &Path,
+    projection: Option<Vec<usize>>,
+) -> Result<Box<dyn arrow_array::RecordBatchReader + Send>, DataError> {
+    use std::io::{Read, Seek};
+    let mut file = File::open(path).map_err(|source| DataError::Read {
+        path: path.to_path_buf(),
+        line: None,
+        source,
+    })?;
+    let mut magic = [0u8; 6];
+    let n = file.read(&mut magic).unwrap_or(0);
+    file.rewind().map_err(|source| DataError::Read {
+        path: path.to_path_buf(),
+        line: None,
+        source,
+    })?;
+    let not_arrow = |e: arrow_schema::ArrowError| {
+        structured_error(path, None, format!("not a readable Arrow file: {e}"))
+    };
+    if n == 6 && &magic == b"ARROW1" {
+        Ok(Box::new(
+            arrow_ipc::reader::FileReader::try_new_buffered(file, projection).map_err(not_arrow)?,
+        ))
+    } else {
+        Ok(Box::new(
+            arrow_ipc::reader::StreamReader::try_new_buffered(file, projection)
+                .map_err(not_arrow)?,
+        ))
+    }
+}
+
+fn read_arrow(path: &Path, field: &str, tx: &SyncSender<Item>) -> Result<(), DataError> {
+    use arrow_array::{Array, LargeStringArray, StringArray, StringViewArray};
+    use arrow_schema::DataType;
+    let bad = |record: Option<u64>, reason: String| structured_error(path, record, reason);
+    let schema = arrow_batches(path, None)?.schema();
+    let Some((index, column)) = schema.column_with_name(field) else {
+        let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+        return Err(bad(
+            None,
+            format!(
+                "no column {field:?} (columns: {}); choose one with --text-field",
+                names.join(", ")
+            ),
+        ));
+    };
+    let data_type = column.data_type().clone();
+    if !matches!(
+        data_type,
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
+    ) {
+        return Err(bad(
+            None,
+            format!(
+                "column {field:?} holds {data_type}, not strings; choose a text column with \
+                 --text-field"
+            ),
+        ));
+    }
+    let mut row = 0u64;
+    for batch in arrow_batches(path, Some(vec![index]))? {
+        let batch = batch.map_err(|e| bad(Some(row + 1), format!("after row {row}: {e}")))?;
+        let column = batch.column(0);
+        let any = column.as_any();
+        let text_at = |i: usize| -> Option<&str> {
+            if column.is_null(i) {
+                return None;
+            }
+            if let Some(a) = any.downcast_ref::<StringArray>() {
+                Some(a.value(i))
+            } else if let Some(a) = any.downcast_ref::<LargeStringArray>() {
+                Some(a.value(i))
+            } else {
+                any.downcast_ref::<StringViewArray>().map(|a| a.value(i))
+            }
+        };
+        for i in 0..batch.num_rows() {
+            row += 1;
+            if tx.send(Ok(text_at(i).map(str::to_string))).is_err() {
                 return Ok(());
             }
         }

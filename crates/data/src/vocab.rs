@@ -48,7 +48,7 @@ pub fn words(text: &str) -> impl Iterator<Item = &str> {
 
 /// Counts the words of the documents of `inputs`.
 pub fn count_words(inputs: &[String], options: &CorpusOptions) -> Result<WordCounts, DataError> {
-    let files = resolve_inputs(inputs)?;
+    let (files, _) = crate::resolve_corpus_inputs(inputs, options.split.as_deref())?;
     let mut counts = WordCounts::default();
     let mut documents = Documents::new(files, options.clone());
     for document in documents.by_ref() {

@@ -8,7 +8,7 @@ use clap::Args;
 use masklm_data::corpus::no_text_error;
 use masklm_data::{
     CorpusOptions, Documents, Packing, PrepareOptions, Progress, TrainOptions, Validation,
-    load_tokenizer, prepare, resolve_inputs_reporting, train_tokenizer,
+    load_tokenizer, prepare, resolve_corpus_inputs, train_tokenizer,
 };
 
 use crate::progress::Bar;
@@ -17,7 +17,8 @@ use crate::progress::Bar;
 #[derive(Args, Debug, Clone)]
 pub struct CorpusArgs {
     /// Input files, directories (recursive) or glob patterns: plain text, JSON Lines
-    /// (.jsonl/.json/.ndjson), optionally .gz or .zst compressed.
+    /// (.jsonl/.json/.ndjson), optionally .gz or .zst compressed, Parquet, Arrow, and
+    /// `datasets` folders (save_to_disk, the load_dataset cache).
     #[arg(long, required = true, num_args = 1..)]
     pub input: Vec<String>,
     /// JSON Lines field holding the text.
@@ -29,6 +30,10 @@ pub struct CorpusArgs {
     /// Fail on a non-UTF-8 line (naming file:line) instead of skipping it.
     #[arg(long)]
     pub strict: bool,
+    /// The split of a `datasets` folder (save_to_disk or the load_dataset cache) with several
+    /// [default: train].
+    #[arg(long)]
+    pub split: Option<String>,
 }
 
 impl CorpusArgs {
@@ -37,6 +42,7 @@ impl CorpusArgs {
             text_field: self.text_field.clone(),
             paragraphs: self.paragraphs,
             strict: self.strict,
+            split: self.split.clone(),
         }
     }
 }
@@ -73,7 +79,7 @@ pub fn tokenizer_train(args: TokenizerTrainArgs) -> Result<()> {
         );
     }
     crate::out_path::refuse_overlap_inputs(&args.out, &args.corpus.input, "--input")?;
-    let (files, special) = resolve_inputs_reporting(&args.corpus.input)?;
+    let (files, special) = resolve_corpus_inputs(&args.corpus.input, args.corpus.split.as_deref())?;
     warn_special(&special);
     let total = files
         .iter()

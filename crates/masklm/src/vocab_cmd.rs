@@ -18,12 +18,16 @@ pub enum VocabCommand {
 
 #[derive(Args, Debug)]
 pub struct CorpusArgs {
-    /// Corpus files, folders or globs (text, JSON Lines, JSON arrays, Parquet; .gz/.zst).
+    /// Corpus files, folders or globs (text, JSON Lines, JSON arrays, Parquet, Arrow;
+    /// .gz/.zst; `datasets` folders).
     #[arg(long, required = true, num_args = 1..)]
     pub input: Vec<String>,
-    /// JSON/Parquet field holding the text.
+    /// JSON/Parquet/Arrow field holding the text.
     #[arg(long, default_value = "text")]
     pub text_field: String,
+    /// The split of a `datasets` folder with several [default: train].
+    #[arg(long)]
+    pub split: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -51,6 +55,9 @@ pub struct ExtendArgs {
     pub input: Vec<String>,
     #[arg(long, default_value = "text")]
     pub text_field: String,
+    /// The split of a `datasets` folder with several [default: train].
+    #[arg(long)]
+    pub split: Option<String>,
     /// How many new tokens (vocabulary rows) to add at most. Words are taken by tokens saved
     /// (count x (pieces - 1)); a BPE word of P pieces needs up to P - 1 new tokens (the
     /// prefixes its merges build), a WordPiece word one; a word needing more than is left is
@@ -79,9 +86,10 @@ pub fn vocab_cmd(command: VocabCommand, device: &Device) -> Result<()> {
     }
 }
 
-fn options(text_field: &str) -> CorpusOptions {
+fn options(text_field: &str, split: Option<&str>) -> CorpusOptions {
     CorpusOptions {
         text_field: text_field.to_string(),
+        split: split.map(str::to_string),
         ..CorpusOptions::default()
     }
 }
@@ -93,8 +101,12 @@ fn tokenizer_of(model: &std::path::Path) -> Result<masklm_data::MlmTokenizer> {
 }
 
 /// Reads the word counts of a corpus, warning about the lines it skipped.
-fn counted(inputs: &[String], text_field: &str) -> Result<masklm_data::vocab::WordCounts> {
-    let counts = count_words(inputs, &options(text_field))?;
+fn counted(
+    inputs: &[String],
+    text_field: &str,
+    split: Option<&str>,
+) -> Result<masklm_data::vocab::WordCounts> {
+    let counts = count_words(inputs, &options(text_field, split))?;
     if let Some(note) = counts.corpus.skipped_note() {
         eprintln!("warning: {note}: their words are not counted; convert the files to UTF-8");
     }
@@ -117,7 +129,11 @@ fn print_table(title: &str, rows: &[WordPieces]) {
 
 fn audit_cmd(args: AuditArgs) -> Result<()> {
     let tokenizer = tokenizer_of(&args.model)?;
-    let counts = counted(&args.corpus.input, &args.corpus.text_field)?;
+    let counts = counted(
+        &args.corpus.input,
+        &args.corpus.text_field,
+        args.corpus.split.as_deref(),
+    )?;
     let audit = audit(&tokenizer, &counts, args.top.max(1))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&audit)?);
@@ -198,7 +214,7 @@ fn check_out(args: &ExtendArgs) -> Result<()> {
 /// The corpus words worth the most tokens saved that fit in `max_tokens` new tokens.
 fn words_to_add(args: &ExtendArgs, max_tokens: usize) -> Result<Vec<String>> {
     let tokenizer = tokenizer_of(&args.model)?;
-    let counts = counted(&args.input, &args.text_field)?;
+    let counts = counted(&args.input, &args.text_field, args.split.as_deref())?;
     let ranked = candidates(&tokenizer, &counts, usize::MAX, args.min_count)?;
     if ranked.is_empty() {
         bail!(

@@ -61,6 +61,9 @@ pub struct DataSection {
     pub text_field: Option<String>,
     #[serde(default)]
     pub paragraphs: bool,
+    /// The split of `datasets` folders among the inputs (`None`: `train`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split: Option<String>,
     /// Rebuild a cache whose settings or inputs differ even when other runs still train on
     /// it (they can then no longer resume). Not part of the run's frozen settings.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -149,6 +152,7 @@ impl DataSection {
                 .unwrap_or_else(|| "text".to_string()),
             paragraphs: self.paragraphs,
             strict: false,
+            split: self.split.clone(),
         }
     }
 }
