@@ -86,8 +86,7 @@ impl<'r, 'p> Client<'r, 'p> {
             .timeout_recv_response(timeout)
             .timeout_recv_body(timeout)
             .http_status_as_error(false)
-            // Redirects are followed by hand: only relative ones, as huggingface_hub does
-            // (an absolute one is the LFS storage, whose headers are not the Hub's).
+            // Redirects are followed by hand (see `probe`).
             .max_redirects(0)
             .user_agent(USER_AGENT)
             .build()
@@ -127,8 +126,9 @@ impl<'r, 'p> Client<'r, 'p> {
         )
     }
 
-    /// A HEAD request for `file` at `revision`, following relative redirects (a renamed repo),
-    /// as huggingface_hub's `get_hf_file_metadata` does.
+    /// A HEAD request for `file` at `revision`, following redirects that stay on the Hub's
+    /// origin (a renamed repo), as huggingface_hub's `get_hf_file_metadata` does: a redirect
+    /// elsewhere is the LFS storage, and the Hub's headers are on the redirect itself.
     fn probe(&self, revision: &str, file: &str) -> Result<Remote, ResolveError> {
         let mut url = self.url(revision, file);
         for _ in 0..10 {
@@ -146,9 +146,9 @@ impl<'r, 'p> Client<'r, 'p> {
             };
             let status = response.status().as_u16();
             if response.status().is_redirection()
-                && let Some(location) = header("location").filter(|l| l.starts_with('/'))
+                && let Some(target) = header("location").and_then(|l| same_origin(&url, &l))
             {
-                url = format!("{}{location}", self.resolver.settings.endpoint);
+                url = target;
                 continue;
             }
             if status < 400 {
@@ -313,6 +313,34 @@ impl<'r, 'p> Client<'r, 'p> {
             },
         }
     }
+}
+
+/// `scheme://host:port` of an absolute http(s) URL, the port made explicit.
+fn origin(url: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    let scheme = scheme.to_ascii_lowercase();
+    let authority = rest.split(['/', '?', '#']).next()?.to_ascii_lowercase();
+    let default = match scheme.as_str() {
+        "http" => "80",
+        "https" => "443",
+        _ => return None,
+    };
+    let has_port = authority.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok());
+    Some(match has_port {
+        true => format!("{scheme}://{authority}"),
+        false => format!("{scheme}://{authority}:{default}"),
+    })
+}
+
+/// The URL a redirect from `url` to `location` leads to, when it stays on `url`'s origin (an
+/// absolute path, or an absolute URL of the same scheme, host and port).
+fn same_origin(url: &str, location: &str) -> Option<String> {
+    if location.starts_with('/') && !location.starts_with("//") {
+        let (scheme, rest) = url.split_once("://")?;
+        let authority = rest.split(['/', '?', '#']).next()?;
+        return Some(format!("{scheme}://{authority}{location}"));
+    }
+    (origin(location)? == origin(url)?).then(|| location.to_string())
 }
 
 /// The files of one commit, fetched into its snapshot.
