@@ -507,3 +507,120 @@ pub(crate) fn fetch(
     }
     Ok(repo.snapshot(&commit))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{HubSettings, NoDownloadProgress};
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+    use std::time::{Duration, Instant};
+
+    fn settings(endpoint: &str, cache: &Path) -> HubSettings {
+        HubSettings {
+            cache: cache.to_path_buf(),
+            endpoint: endpoint.to_string(),
+            token: None,
+            offline: false,
+            timeout: Duration::from_millis(500),
+        }
+    }
+
+    /// Resolves `org/m` against `endpoint` with an empty cache; the error.
+    fn error(endpoint: &str) -> ResolveError {
+        let cache = tempfile::tempdir().unwrap();
+        let resolver = Resolver::new(settings(endpoint, cache.path()), &NoDownloadProgress);
+        let id = ModelId::parse("org/m").unwrap();
+        match resolver.resolve_id(&id, Need::Model) {
+            Ok(path) => panic!("resolved to {}", path.display()),
+            Err(e) => e,
+        }
+    }
+
+    /// A server on 127.0.0.1 answering every request with `status` and `headers`.
+    fn canned(status: u16, headers: &'static [(&'static str, &'static str)]) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for mut stream in listener.incoming().flatten() {
+                let mut request = Vec::new();
+                let mut byte = [0u8];
+                while !request.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
+                    request.push(byte[0]);
+                }
+                let mut answer = format!("HTTP/1.1 {status} X\r\nContent-Length: 0\r\n");
+                for (name, value) in headers {
+                    answer += &format!("{name}: {value}\r\n");
+                }
+                let _ = stream.write_all(format!("{answer}Connection: close\r\n\r\n").as_bytes());
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    #[test]
+    fn a_closed_port_is_unreachable_and_a_silent_server_times_out() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let closed = format!("http://{}", listener.local_addr().unwrap());
+        drop(listener);
+        let start = Instant::now();
+        let e = error(&closed);
+        assert!(matches!(e, ResolveError::Unreachable { .. }), "{e}");
+        assert!(start.elapsed() < Duration::from_secs(3));
+
+        let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", silent.local_addr().unwrap());
+        let start = Instant::now();
+        let e = error(&endpoint);
+        assert!(
+            e.to_string()
+                .contains("no answer from http://127.0.0.1:"),
+            "{e}"
+        );
+        assert!(matches!(e, ResolveError::Timeout { ref file, .. } if file == "config.json"));
+        assert!(start.elapsed() < Duration::from_secs(3), "{:?}", start.elapsed());
+        drop(silent);
+    }
+
+    #[test]
+    fn error_answers_are_read_as_huggingface_hub_reads_them() {
+        let cases: [(u16, &'static [(&str, &str)], &str); 7] = [
+            (404, &[("X-Error-Code", "RepoNotFound")], "no such repository"),
+            (401, &[("X-Error-Code", "RepoNotFound")], "no such repository"),
+            (404, &[("X-Error-Code", "RevisionNotFound")], "no revision main"),
+            (401, &[("X-Error-Code", "GatedRepo")], "is gated (HTTP 401)"),
+            (403, &[("X-Error-Message", "no")], "refused access (HTTP 403: no)"),
+            (503, &[], "answered HTTP 503"),
+            (
+                404,
+                &[("X-Error-Code", "EntryNotFound"), ("X-Repo-Commit", "0123456789abcdef0123456789abcdef01234567")],
+                "has no config.json (HTTP 404)",
+            ),
+        ];
+        for (status, headers, expected) in cases {
+            let e = error(&canned(status, headers)).to_string();
+            assert!(e.contains(expected), "{status} {headers:?}: {e}");
+        }
+        // A 200 without the Hub's headers is not a Hub.
+        let e = error(&canned(200, &[("ETag", "\"x\"")])).to_string();
+        assert!(e.contains("no X-Repo-Commit header"), "{e}");
+    }
+
+    #[test]
+    fn redirects_are_followed_only_on_the_same_origin() {
+        let url = "http://127.0.0.1:8000/a/resolve/main/x";
+        assert_eq!(
+            same_origin(url, "/b/resolve/main/x").as_deref(),
+            Some("http://127.0.0.1:8000/b/resolve/main/x")
+        );
+        let same = "http://127.0.0.1:8000/c";
+        assert_eq!(same_origin(url, same).as_deref(), Some(same));
+        assert_eq!(same_origin(url, "http://127.0.0.1:8001/c"), None);
+        assert_eq!(same_origin(url, "https://cdn.example/c"), None);
+        assert_eq!(same_origin(url, "//cdn.example/c"), None);
+        assert_eq!(
+            origin("https://HF.co/x").as_deref(),
+            Some("https://hf.co:443")
+        );
+    }
+}
