@@ -169,8 +169,9 @@ fn a_cache_laid_out_by_huggingface_hub_resolves_offline() {
     // huggingface_hub recorded refs/main only: a tag it never saw is not in the cache.
     let msg = stderr_of_failure(&fill(offline(), &format!("{ROBERTA}@v1"), "roberta-tiny"));
     assert!(
-        msg.contains(&format!("model {ROBERTA}@v1: config.json is not in the Hub cache"))
-            && msg.contains(&cache_arg)
+        msg.contains(&format!(
+            "model {ROBERTA}@v1: config.json is not in the Hub cache"
+        )) && msg.contains(&cache_arg)
             && msg.contains("offline mode is on"),
         "{msg}"
     );
@@ -196,9 +197,18 @@ fn a_download_loads_equal_to_the_folder_and_huggingface_hub_reads_the_cache() {
     for (id, fixture) in models {
         let repo = repo_dir(&cache, id);
         let commit = fixture_repo(fixture).commit;
-        assert_eq!(std::fs::read_to_string(repo.join("refs/main")).unwrap(), commit);
-        assert!(!repo.join("refs").join(&commit).exists(), "a ref named by its commit");
-        let weights = repo.join("snapshots").join(&commit).join("model.safetensors");
+        assert_eq!(
+            std::fs::read_to_string(repo.join("refs/main")).unwrap(),
+            commit
+        );
+        assert!(
+            !repo.join("refs").join(&commit).exists(),
+            "a ref named by its commit"
+        );
+        let weights = repo
+            .join("snapshots")
+            .join(&commit)
+            .join("model.safetensors");
         let link = std::fs::read_link(&weights).unwrap();
         let bytes = std::fs::read(common::fixture(fixture).join("model.safetensors")).unwrap();
         let sha = format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(&bytes));
@@ -223,7 +233,10 @@ fn a_download_loads_equal_to_the_folder_and_huggingface_hub_reads_the_cache() {
             let seen = hub_cache_script(&python, &args);
             let commit = fixture_repo(fixture).commit;
             let snapshot = repo_dir(&cache, id).join("snapshots").join(&commit);
-            assert_eq!(seen["snapshot"].as_str().unwrap(), snapshot.to_str().unwrap());
+            assert_eq!(
+                seen["snapshot"].as_str().unwrap(),
+                snapshot.to_str().unwrap()
+            );
             for file in MODEL_FILES {
                 let found = &seen["files"][file];
                 if common::fixture(fixture).join(file).is_file() {
@@ -263,8 +276,9 @@ fn offline_mode_with_an_empty_cache_refuses_to_download() {
     let msg = stderr_of_failure(&fill(command, ROBERTA, "roberta-tiny"));
     let cache = repo_dir(&home.path().join("hub"), ROBERTA);
     assert!(
-        msg.contains(&format!("model {ROBERTA}@main: config.json is not in the Hub cache"))
-            && msg.contains(cache.to_str().unwrap())
+        msg.contains(&format!(
+            "model {ROBERTA}@main: config.json is not in the Hub cache"
+        )) && msg.contains(cache.to_str().unwrap())
             && msg.contains("offline mode is on (HF_HUB_OFFLINE=1)"),
         "{msg}"
     );
@@ -298,23 +312,32 @@ fn hub_errors_say_which_and_what_to_do() {
 
     let msg = failure("masklm-test/nope");
     assert!(
-        msg.contains(&format!("model masklm-test/nope: no such repository on {endpoint} (HTTP 404)"))
-            && msg.contains("HF_TOKEN"),
+        msg.contains(&format!(
+            "model masklm-test/nope: no such repository on {endpoint} (HTTP 404)"
+        )) && msg.contains("HF_TOKEN"),
         "{msg}"
     );
     let msg = failure(&format!("{ROBERTA}@v9"));
-    assert!(msg.contains("no revision v9") && msg.contains("HTTP 404"), "{msg}");
+    assert!(
+        msg.contains("no revision v9") && msg.contains("HTTP 404"),
+        "{msg}"
+    );
     let msg = failure("masklm-test/no-weights");
     assert!(
         msg.contains("has no model.safetensors, model.safetensors.index.json or pytorch_model.bin"),
         "{msg}"
     );
     let msg = failure("no-config");
-    assert!(msg.contains("model no-config@main on") && msg.contains("has no config.json"), "{msg}");
+    assert!(
+        msg.contains("model no-config@main on") && msg.contains("has no config.json"),
+        "{msg}"
+    );
     let msg = failure("masklm-test/gated");
     assert!(
         msg.contains("model masklm-test/gated is gated (HTTP 401)")
-            && msg.contains(&format!("accept its conditions at {endpoint}/masklm-test/gated"))
+            && msg.contains(&format!(
+                "accept its conditions at {endpoint}/masklm-test/gated"
+            ))
             && msg.contains("HF_TOKEN"),
         "{msg}"
     );
@@ -329,7 +352,11 @@ fn hub_errors_say_which_and_what_to_do() {
     );
     // The token file huggingface_hub's login writes (HF_HOME/token) opens the gated repo.
     std::fs::write(home.path().join("token"), "hf_secret\n").unwrap();
-    let out = fill(masklm(home.path(), &endpoint), "masklm-test/gated", "roberta-tiny");
+    let out = fill(
+        masklm(home.path(), &endpoint),
+        "masklm-test/gated",
+        "roberta-tiny",
+    );
     assert_eq!(stdout(&out), expected_fill("roberta-tiny"));
 }
 
@@ -340,11 +367,17 @@ fn an_unreachable_or_silent_hub_fails_within_the_timeout() {
     let start = Instant::now();
     let msg = stderr_of_failure(&fill(masklm(home.path(), &closed), ROBERTA, "roberta-tiny"));
     assert!(
-        msg.contains(&format!("model {ROBERTA}: cannot reach the Hub at {closed}"))
+        msg.contains(&format!(
+            "model {ROBERTA}: cannot reach the Hub at {closed}"
+        )) && msg.contains(&format!("no folder {ROBERTA} exists here"))
             && msg.contains("HF_HUB_OFFLINE=1"),
         "{msg}"
     );
-    assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
 
     let silent = silent_server();
     let mut command = masklm(home.path(), &silent);
@@ -352,11 +385,16 @@ fn an_unreachable_or_silent_hub_fails_within_the_timeout() {
     let start = Instant::now();
     let msg = stderr_of_failure(&fill(command, ROBERTA, "roberta-tiny"));
     assert!(
-        msg.contains(&format!("no answer from {silent} for 1s while fetching config.json"))
-            && msg.contains("MASKLM_HUB_TIMEOUT"),
+        msg.contains(&format!(
+            "no answer from {silent} for 1s while fetching config.json"
+        )) && msg.contains("MASKLM_HUB_TIMEOUT"),
         "{msg}"
     );
-    assert!(start.elapsed() < Duration::from_secs(8), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        start.elapsed()
+    );
 
     // A Hub that answers the metadata, then stalls in the middle of the weights: hf-hub's own
     // client has no timeout; masklm gives up when its progress stops.
@@ -371,7 +409,11 @@ fn an_unreachable_or_silent_hub_fails_within_the_timeout() {
         msg.contains("for 1s while fetching model.safetensors"),
         "{msg}"
     );
-    assert!(start.elapsed() < Duration::from_secs(8), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        start.elapsed()
+    );
 }
 
 /// Writes `fixture`'s weights into `out` as two shards and `model.safetensors.index.json`
@@ -410,7 +452,8 @@ fn shard_fixture(fixture: &str, out: &Path) {
         }
         safetensors::serialize_to_file(views, metadata.clone(), &out.join(shard)).unwrap();
     }
-    let index = serde_json::json!({"metadata": {"total_size": bytes.len()}, "weight_map": weight_map});
+    let index =
+        serde_json::json!({"metadata": {"total_size": bytes.len()}, "weight_map": weight_map});
     std::fs::write(out.join("model.safetensors.index.json"), index.to_string()).unwrap();
 }
 
@@ -439,11 +482,19 @@ fn sharded_safetensors_load_equal_to_unsharded() {
     std::fs::rename(&shard, dirs.path().join("aside")).unwrap();
     let out = run(
         Command::new(env!("CARGO_BIN_EXE_masklm")),
-        &["fill-mask", "--json", "--model", broken.to_str().unwrap(), "a <mask>"],
+        &[
+            "fill-mask",
+            "--json",
+            "--model",
+            broken.to_str().unwrap(),
+            "a <mask>",
+        ],
     );
     let msg = stderr_of_failure(&out);
     assert!(
-        msg.contains("names the shard model-00002-of-00002.safetensors, which is not in the folder"),
+        msg.contains(
+            "names the shard model-00002-of-00002.safetensors, which is not in the folder"
+        ),
         "{msg}"
     );
 
@@ -453,11 +504,16 @@ fn sharded_safetensors_load_equal_to_unsharded() {
     let home = tempfile::tempdir().unwrap();
     for (id, fixture) in [(ROBERTA, "roberta-tiny"), (MODERNBERT, "modernbert-tiny")] {
         let out = fill(masklm(home.path(), &server.endpoint()), id, fixture);
-        assert_eq!(stdout(&out), expected_fill(fixture), "{id} sharded, downloaded");
+        assert_eq!(
+            stdout(&out),
+            expected_fill(fixture),
+            "{id} sharded, downloaded"
+        );
     }
     let log = server.log();
     assert!(
-        log.iter().any(|l| l.ends_with("/model-00002-of-00002.safetensors")),
+        log.iter()
+            .any(|l| l.ends_with("/model-00002-of-00002.safetensors")),
         "{log:?}"
     );
 }
@@ -466,16 +522,23 @@ fn sharded_safetensors_load_equal_to_unsharded() {
 fn ids_work_for_vocab_prepare_and_train() {
     let server = HubServer::start(vec![(ROBERTA, fixture_repo("roberta-tiny"))]);
     let home = tempfile::tempdir().unwrap();
-    let corpus = common::fixture("tokenizer-corpus.txt").display().to_string();
+    let corpus = common::fixture("tokenizer-corpus.txt")
+        .display()
+        .to_string();
 
     // A tokenizer alone: only the tokenizer files are fetched.
     let out = run(
         masklm(home.path(), &server.endpoint()),
-        &["vocab", "audit", "--model", ROBERTA, "--input", &corpus, "--json"],
+        &[
+            "vocab", "audit", "--model", ROBERTA, "--input", &corpus, "--json",
+        ],
     );
     stdout(&out);
     let log = server.log();
-    assert!(!log.iter().any(|l| l.contains("model.safetensors")), "{log:?}");
+    assert!(
+        !log.iter().any(|l| l.contains("model.safetensors")),
+        "{log:?}"
+    );
     let work = tempfile::tempdir().unwrap();
     let cache = work.path().join("cache");
     let out = run(

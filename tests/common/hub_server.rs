@@ -92,8 +92,12 @@ impl HubServer {
         let bind = || TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
         let (hub, cdn) = (bind(), bind());
         let (addr, cdn_addr) = (hub.local_addr().unwrap(), cdn.local_addr().unwrap());
-        let repos: Arc<BTreeMap<String, HubRepo>> =
-            Arc::new(repos.into_iter().map(|(id, r)| (id.to_string(), r)).collect());
+        let repos: Arc<BTreeMap<String, HubRepo>> = Arc::new(
+            repos
+                .into_iter()
+                .map(|(id, r)| (id.to_string(), r))
+                .collect(),
+        );
         let requests = Arc::new(AtomicUsize::new(0));
         let log = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
@@ -108,8 +112,7 @@ impl HubServer {
                             break;
                         }
                         let Ok(stream) = stream else { continue };
-                        let (repos, requests, log) =
-                            (repos.clone(), requests.clone(), log.clone());
+                        let (repos, requests, log) = (repos.clone(), requests.clone(), log.clone());
                         std::thread::spawn(move || {
                             let _ = answer(stream, cdn_addr, &repos, &requests, &log);
                         });

@@ -132,10 +132,7 @@ impl<'r, 'p> Client<'r, 'p> {
     fn probe(&self, revision: &str, file: &str) -> Result<Remote, ResolveError> {
         let mut url = self.url(revision, file);
         for _ in 0..10 {
-            let mut request = self
-                .agent
-                .head(&url)
-                .header("Accept-Encoding", "identity");
+            let mut request = self.agent.head(&url).header("Accept-Encoding", "identity");
             if let Some(token) = &self.resolver.settings.token {
                 request = request.header("Authorization", format!("Bearer {token}"));
             }
@@ -160,7 +157,12 @@ impl<'r, 'p> Client<'r, 'p> {
                 }
                 return Ok(Remote::Found { commit });
             }
-            return self.refused(status, header("x-error-code"), header("x-error-message"), &url);
+            return self.refused(
+                status,
+                header("x-error-code"),
+                header("x-error-message"),
+                &url,
+            );
         }
         Err(ResolveError::Http {
             id: self.id.repo.clone(),
@@ -235,7 +237,9 @@ impl<'r, 'p> Client<'r, 'p> {
         use std::io::ErrorKind;
         match error {
             ureq::Error::Timeout(_) => self.timeout(file),
-            ureq::Error::Io(e) if matches!(e.kind(), ErrorKind::TimedOut | ErrorKind::WouldBlock) => {
+            ureq::Error::Io(e)
+                if matches!(e.kind(), ErrorKind::TimedOut | ErrorKind::WouldBlock) =>
+            {
                 self.timeout(file)
             }
             error => ResolveError::Unreachable {
@@ -325,7 +329,9 @@ fn origin(url: &str) -> Option<String> {
         "https" => "443",
         _ => return None,
     };
-    let has_port = authority.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok());
+    let has_port = authority
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok());
     Some(match has_port {
         true => format!("{scheme}://{authority}"),
         false => format!("{scheme}://{authority}:{default}"),
@@ -573,27 +579,52 @@ mod tests {
         let start = Instant::now();
         let e = error(&endpoint);
         assert!(
-            e.to_string()
-                .contains("no answer from http://127.0.0.1:"),
+            e.to_string().contains("no answer from http://127.0.0.1:"),
             "{e}"
         );
         assert!(matches!(e, ResolveError::Timeout { ref file, .. } if file == "config.json"));
-        assert!(start.elapsed() < Duration::from_secs(3), "{:?}", start.elapsed());
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            start.elapsed()
+        );
         drop(silent);
     }
 
+    /// An answer's status and headers, and what the error must say.
+    type Case = (u16, &'static [(&'static str, &'static str)], &'static str);
+
     #[test]
     fn error_answers_are_read_as_huggingface_hub_reads_them() {
-        let cases: [(u16, &'static [(&str, &str)], &str); 7] = [
-            (404, &[("X-Error-Code", "RepoNotFound")], "no such repository"),
-            (401, &[("X-Error-Code", "RepoNotFound")], "no such repository"),
-            (404, &[("X-Error-Code", "RevisionNotFound")], "no revision main"),
+        let cases: [Case; 7] = [
+            (
+                404,
+                &[("X-Error-Code", "RepoNotFound")],
+                "no such repository",
+            ),
+            (
+                401,
+                &[("X-Error-Code", "RepoNotFound")],
+                "no such repository",
+            ),
+            (
+                404,
+                &[("X-Error-Code", "RevisionNotFound")],
+                "no revision main",
+            ),
             (401, &[("X-Error-Code", "GatedRepo")], "is gated (HTTP 401)"),
-            (403, &[("X-Error-Message", "no")], "refused access (HTTP 403: no)"),
+            (
+                403,
+                &[("X-Error-Message", "no")],
+                "refused access (HTTP 403: no)",
+            ),
             (503, &[], "answered HTTP 503"),
             (
                 404,
-                &[("X-Error-Code", "EntryNotFound"), ("X-Repo-Commit", "0123456789abcdef0123456789abcdef01234567")],
+                &[
+                    ("X-Error-Code", "EntryNotFound"),
+                    ("X-Repo-Commit", "0123456789abcdef0123456789abcdef01234567"),
+                ],
                 "has no config.json (HTTP 404)",
             ),
         ];

@@ -43,8 +43,9 @@ pub enum ResolveError {
     /// A file the model needs is not in the cache, and offline mode forbids downloading it.
     #[error(
         "model {id}@{revision}: {file} is not in the Hub cache ({cache}) and offline mode is on \
-         (HF_HUB_OFFLINE=1); unset HF_HUB_OFFLINE to download it, or fill the cache where the \
-         Hub is reachable (e.g. `hf download {id} --revision {revision}`)",
+         (HF_HUB_OFFLINE=1), and no folder {id} exists here; unset HF_HUB_OFFLINE to download \
+         it, or fill the cache where the Hub is reachable (e.g. `hf download {id} --revision \
+         {revision}`)",
         cache = cache.display()
     )]
     NotCached {
@@ -142,8 +143,9 @@ pub enum ResolveError {
     },
     /// The Hub could not be reached (connection refused, no route, DNS).
     #[error(
-        "model {id}: cannot reach the Hub at {endpoint}; check the network and HF_ENDPOINT, \
-         or set HF_HUB_OFFLINE=1 to use only the models in the cache"
+        "model {id}: cannot reach the Hub at {endpoint} (and no folder {id} exists here); check \
+         the path, or the network and HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use only the \
+         models in the cache"
     )]
     Unreachable {
         id: String,
@@ -266,10 +268,7 @@ fn check_repo(repo: &str) -> Result<(), String> {
         if bytes.is_empty() || bytes.len() > 96 {
             return Err("each part of an id has 1 to 96 characters".to_string());
         }
-        if !bytes
-            .iter()
-            .all(|&b| word(b) || matches!(b, b'-' | b'.'))
-        {
+        if !bytes.iter().all(|&b| word(b) || matches!(b, b'-' | b'.')) {
             return Err("an id uses only letters, digits, '-', '_' and '.'".to_string());
         }
         if !word(bytes[0]) || !word(bytes[bytes.len() - 1]) {
@@ -293,7 +292,10 @@ fn check_revision(revision: &str) -> Result<(), String> {
                 .to_string(),
         );
     }
-    if revision.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+    if revision
+        .split('/')
+        .any(|c| c.is_empty() || c == "." || c == "..")
+    {
         return Err("a revision has no empty, '.' or '..' component".to_string());
     }
     Ok(())
@@ -483,7 +485,7 @@ pub fn set_download_progress(sink: Box<dyn DownloadProgress + Send>) {
 /// id is resolved in the Hub cache (downloading what is missing, per [`HubSettings::from_env`])
 /// to its snapshot folder; anything else is [`ResolveError::NoSuchFolder`].
 pub fn resolve_model(path: &Path, need: Need) -> Result<PathBuf, ResolveError> {
-    if path.exists() {
+    if is_path(path) {
         return Ok(path.to_path_buf());
     }
     // Settings are read only for an id, so a bad variable never stops a command on folders.
@@ -493,6 +495,12 @@ pub fn resolve_model(path: &Path, need: Need) -> Result<PathBuf, ResolveError> {
         None => &NoDownloadProgress,
     };
     Resolver::new(HubSettings::from_env()?, progress).resolve_id(&id, need)
+}
+
+/// Whether something exists at `path`, a dangling symlink included (the loader then says what
+/// is wrong with it, rather than the Hub being asked for a model of that name).
+fn is_path(path: &Path) -> bool {
+    path.symlink_metadata().is_ok()
 }
 
 /// `path` as a model id, or why it is neither a folder nor an id.
@@ -614,7 +622,7 @@ impl<'a> Resolver<'a> {
 
     /// [`resolve_model`] with these settings.
     pub fn resolve(&self, path: &Path, need: Need) -> Result<PathBuf, ResolveError> {
-        if path.exists() {
+        if is_path(path) {
             return Ok(path.to_path_buf());
         }
         self.resolve_id(&parse_id(path)?, need)
@@ -678,14 +686,26 @@ mod tests {
     #[test]
     fn ids_follow_huggingface_hub_validation() {
         let id = ModelId::parse("FacebookAI/roberta-base").unwrap();
-        assert_eq!((id.repo.as_str(), id.revision.as_str()), ("FacebookAI/roberta-base", "main"));
+        assert_eq!(
+            (id.repo.as_str(), id.revision.as_str()),
+            ("FacebookAI/roberta-base", "main")
+        );
         assert_eq!(id.folder_name(), "models--FacebookAI--roberta-base");
         let id = ModelId::parse("bert-base-uncased@v1.0").unwrap();
-        assert_eq!((id.repo.as_str(), id.revision.as_str()), ("bert-base-uncased", "v1.0"));
+        assert_eq!(
+            (id.repo.as_str(), id.revision.as_str()),
+            ("bert-base-uncased", "v1.0")
+        );
         assert_eq!(id.folder_name(), "models--bert-base-uncased");
         let commit = "0123456789abcdef0123456789abcdef01234567";
-        assert_eq!(ModelId::parse(&format!("a/b@{commit}")).unwrap().revision, commit);
-        assert_eq!(ModelId::parse("a/b@refs/pr/1").unwrap().revision, "refs/pr/1");
+        assert_eq!(
+            ModelId::parse(&format!("a/b@{commit}")).unwrap().revision,
+            commit
+        );
+        assert_eq!(
+            ModelId::parse("a/b@refs/pr/1").unwrap().revision,
+            "refs/pr/1"
+        );
         for bad in [
             "/abs/path",
             "a/b/c",
@@ -715,7 +735,10 @@ mod tests {
         let home = std::env::home_dir().unwrap();
         let cache = |vars: &[(&str, &str)]| settings(vars).cache;
         assert_eq!(cache(&[]), home.join(".cache/huggingface/hub"));
-        assert_eq!(cache(&[("XDG_CACHE_HOME", "/x")]), PathBuf::from("/x/huggingface/hub"));
+        assert_eq!(
+            cache(&[("XDG_CACHE_HOME", "/x")]),
+            PathBuf::from("/x/huggingface/hub")
+        );
         let hf_home = [("XDG_CACHE_HOME", "/x"), ("HF_HOME", "/h")];
         assert_eq!(cache(&hf_home), PathBuf::from("/h/hub"));
         let legacy = [("HF_HOME", "/h"), ("HUGGINGFACE_HUB_CACHE", "/legacy")];
@@ -727,9 +750,16 @@ mod tests {
         ];
         assert_eq!(cache(&all), PathBuf::from("/c"));
         // Empty counts as unset; `~` and `$VAR` expand as in Python.
-        assert_eq!(cache(&[("HF_HUB_CACHE", ""), ("HF_HOME", "/h")]), PathBuf::from("/h/hub"));
+        assert_eq!(
+            cache(&[("HF_HUB_CACHE", ""), ("HF_HOME", "/h")]),
+            PathBuf::from("/h/hub")
+        );
         assert_eq!(cache(&[("HF_HOME", "~/hf")]), home.join("hf/hub"));
-        let vars = [("HF_HUB_CACHE", "$BASE/${SUB}/$UNSET/c"), ("BASE", "/b"), ("SUB", "s")];
+        let vars = [
+            ("HF_HUB_CACHE", "$BASE/${SUB}/$UNSET/c"),
+            ("BASE", "/b"),
+            ("SUB", "s"),
+        ];
         assert_eq!(cache(&vars), PathBuf::from("/b/s/$UNSET/c"));
     }
 
@@ -766,7 +796,10 @@ mod tests {
             (name == "MASKLM_HUB_TIMEOUT").then(|| "soon".to_string())
         });
         let msg = bad.unwrap_err().to_string();
-        assert!(msg.contains("MASKLM_HUB_TIMEOUT") && msg.contains("soon"), "{msg}");
+        assert!(
+            msg.contains("MASKLM_HUB_TIMEOUT") && msg.contains("soon"),
+            "{msg}"
+        );
     }
 
     /// Writes a cache entry for `repo`: `refs/main` -> `commit`, the snapshot's `files`.
@@ -804,7 +837,9 @@ mod tests {
         assert_eq!(resolve(&format!("org/m@{old}")).unwrap(), old_snapshot);
         let msg = resolve("org/m@v2").unwrap_err().to_string();
         assert!(
-            msg.contains("org/m@v2") && msg.contains("config.json") && msg.contains("HF_HUB_OFFLINE"),
+            msg.contains("org/m@v2")
+                && msg.contains("config.json")
+                && msg.contains("HF_HUB_OFFLINE"),
             "{msg}"
         );
         // An existing path keeps its meaning, whatever it looks like.
@@ -822,9 +857,15 @@ mod tests {
         let resolver = Resolver::new(offline(cache.path()), &NoDownloadProgress);
         let resolve = |need| resolver.resolve(Path::new("org/m"), need);
         let msg = resolve(Need::Model).unwrap_err().to_string();
-        assert!(msg.contains("model.safetensors is not in the Hub cache"), "{msg}");
+        assert!(
+            msg.contains("model.safetensors is not in the Hub cache"),
+            "{msg}"
+        );
         let msg = resolve(Need::Tokenizer).unwrap_err().to_string();
-        assert!(msg.contains("tokenizer.json is not in the Hub cache"), "{msg}");
+        assert!(
+            msg.contains("tokenizer.json is not in the Hub cache"),
+            "{msg}"
+        );
         std::fs::write(snapshot.join("tokenizer.json"), "{}").unwrap();
         assert_eq!(resolve(Need::Tokenizer).unwrap(), snapshot);
         // A sharded checkpoint is complete only with every shard its index names.
@@ -833,11 +874,19 @@ mod tests {
         std::fs::write(snapshot.join("model.safetensors.index.json"), index).unwrap();
         std::fs::write(snapshot.join("model-00001-of-00002.safetensors"), "").unwrap();
         let msg = resolve(Need::Model).unwrap_err().to_string();
-        assert!(msg.contains("model-00002-of-00002.safetensors is not in"), "{msg}");
+        assert!(
+            msg.contains("model-00002-of-00002.safetensors is not in"),
+            "{msg}"
+        );
         std::fs::write(snapshot.join("model-00002-of-00002.safetensors"), "").unwrap();
         assert_eq!(resolve(Need::Model).unwrap(), snapshot);
         // pytorch_model.bin alone is a complete set too.
-        let other = cached(cache.path(), "bin", &commit, &["config.json", "pytorch_model.bin"]);
+        let other = cached(
+            cache.path(),
+            "bin",
+            &commit,
+            &["config.json", "pytorch_model.bin"],
+        );
         let bin = resolver.resolve(Path::new("bin"), Need::Model).unwrap();
         assert_eq!(bin, other);
     }

@@ -18,6 +18,10 @@
 //! ModernBERT folders (`model_type` "modernbert") load with [`load_modernbert`] and export
 //! with [`export_modernbert`]; their module paths are the HF keys (see `modernbert.rs`).
 //!
+//! A model named by Hub id (`org/name[@revision]`) rather than by folder is resolved to its
+//! snapshot in the local Hub cache, downloading what is missing, by [`resolve_model`] (the
+//! [`ids`] module; the rules are in its doc).
+//!
 //! Tensors that are expected to be absent or extra are not reported: the tied decoder
 //! (`lm_head.decoder.*`, `cls.predictions.decoder.*`), `*.pooler.*` and
 //! `cls.seq_relationship.*` (unused by MLM), and the `position_ids` / `token_type_ids` buffers
@@ -218,11 +222,8 @@ fn check_shapes(
 }
 
 /// Weight files of a Hub folder, in transformers' order of preference.
-pub(crate) const WEIGHT_FILES: [&str; 3] = [
-    "model.safetensors",
-    SAFETENSORS_INDEX,
-    "pytorch_model.bin",
-];
+pub(crate) const WEIGHT_FILES: [&str; 3] =
+    ["model.safetensors", SAFETENSORS_INDEX, "pytorch_model.bin"];
 
 /// The index of sharded safetensors weights: `{"weight_map": {tensor: shard file}}`.
 pub const SAFETENSORS_INDEX: &str = "model.safetensors.index.json";
