@@ -126,7 +126,7 @@ fn folder_without_config_or_weights() {
     std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
     let msg = load_error(dir.path()).to_string();
     assert!(
-        msg.contains("no model.safetensors or pytorch_model.bin"),
+        msg.contains("no model.safetensors, model.safetensors.index.json or pytorch_model.bin"),
         "{msg}"
     );
 

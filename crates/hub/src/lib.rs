@@ -1,7 +1,8 @@
 //! Hugging Face checkpoint folders to and from masklm models.
 //!
-//! A Hub folder holds `config.json` and `model.safetensors` (or the older
-//! `pytorch_model.bin`). [`load_roberta`] reads both through burn-store for the RoBERTa family
+//! A Hub folder holds `config.json` and `model.safetensors`, or
+//! `model.safetensors.index.json` and the shards its `weight_map` names, or the older
+//! `pytorch_model.bin` (transformers' order of preference). [`load_roberta`] reads both through burn-store for the RoBERTa family
 //! (`roberta`, `xlm-roberta`, `camembert`) and BERT (`bert`); [`export_model`] writes them back.
 //! The weight names need a short documented remapping, everything else is the HF key itself:
 //!
@@ -16,6 +17,10 @@
 //!
 //! ModernBERT folders (`model_type` "modernbert") load with [`load_modernbert`] and export
 //! with [`export_modernbert`]; their module paths are the HF keys (see `modernbert.rs`).
+//!
+//! A model named by Hub id (`org/name[@revision]`) rather than by folder is resolved to its
+//! snapshot in the local Hub cache, downloading what is missing, by [`resolve_model`] (the
+//! [`ids`] module; the rules are in its doc).
 //!
 //! Tensors that are expected to be absent or extra are not reported: the tied decoder
 //! (`lm_head.decoder.*`, `cls.predictions.decoder.*`), `*.pooler.*` and
@@ -32,8 +37,14 @@ use burn::store::{
 use burn::tensor::Device;
 use masklm_model::{ConfigError, Family, MaskedLm, ModelConfig, RobertaConfig, RobertaForMaskedLM};
 
+mod download;
+pub mod ids;
 mod modernbert;
 
+pub use ids::{
+    DownloadProgress, HubSettings, ModelId, Need, NoDownloadProgress, ResolveError, Resolver,
+    resolve_model, set_download_progress,
+};
 pub use modernbert::{
     check_modernbert_weights, export_modernbert, load_modernbert, load_modernbert_weights,
     read_modernbert_config,
@@ -59,9 +70,19 @@ pub enum HubError {
         Family::known_model_types()
     )]
     UnsupportedModelType { path: PathBuf, model_type: String },
-    /// Neither `model.safetensors` nor `pytorch_model.bin` is in the folder.
-    #[error("{0}: no model.safetensors or pytorch_model.bin")]
+    /// Neither `model.safetensors`, `model.safetensors.index.json` nor `pytorch_model.bin` is
+    /// in the folder.
+    #[error("{0}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")]
     NoWeights(PathBuf),
+    /// `model.safetensors.index.json` names a shard that is not in the folder.
+    #[error(
+        "{}: names the shard {shard}, which is not in the folder; download the model again",
+        index.display()
+    )]
+    MissingShard { index: PathBuf, shard: String },
+    /// A model id could not be resolved to a folder (not in the Hub cache, not downloadable).
+    #[error(transparent)]
+    Resolve(#[from] ids::ResolveError),
     /// A masklm checkpoint folder lacking a file its save writes (the manifest, last): the
     /// save was interrupted or files were removed.
     #[error(
@@ -200,21 +221,109 @@ fn check_shapes(
     Ok(())
 }
 
-/// The weights file of a Hub folder: `model.safetensors`, else `pytorch_model.bin`.
-pub(crate) fn weights_file(dir: &Path) -> Result<PathBuf, HubError> {
-    ["model.safetensors", "pytorch_model.bin"]
+/// Weight files of a Hub folder, in transformers' order of preference.
+pub(crate) const WEIGHT_FILES: [&str; 3] =
+    ["model.safetensors", SAFETENSORS_INDEX, "pytorch_model.bin"];
+
+/// The index of sharded safetensors weights: `{"weight_map": {tensor: shard file}}`.
+pub const SAFETENSORS_INDEX: &str = "model.safetensors.index.json";
+
+/// The weights of a Hub folder: one file, or the shards of `model.safetensors.index.json`.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Weights {
+    /// The file named in messages: the weights file, or the index of the shards.
+    pub path: PathBuf,
+    /// The files holding the tensors (one unless sharded).
+    pub files: Vec<PathBuf>,
+}
+
+/// The shard file names an index's `weight_map` lists, each once, in order of first use.
+/// A name that would leave the folder (absolute, `..`) is refused: an index is data from the
+/// Hub, not a licence to read elsewhere.
+pub fn read_safetensors_index(index: &Path) -> Result<Vec<String>, HubError> {
+    let bad = |reason: String| HubError::ReadWeights {
+        path: index.to_path_buf(),
+        reason,
+    };
+    let text = std::fs::read_to_string(index).map_err(|e| bad(e.to_string()))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    let map = value
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| bad("no weight_map object".to_string()))?;
+    let mut shards: Vec<String> = Vec::new();
+    for (tensor, shard) in map {
+        let shard = shard
+            .as_str()
+            .ok_or_else(|| bad(format!("weight_map[{tensor:?}] is not a file name")))?;
+        let inside = Path::new(shard)
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+        if shard.is_empty() || !inside {
+            return Err(bad(format!(
+                "weight_map[{tensor:?}] = {shard:?} is not a file inside the folder"
+            )));
+        }
+        if !shards.iter().any(|s| s == shard) {
+            shards.push(shard.to_string());
+        }
+    }
+    if shards.is_empty() {
+        return Err(bad("weight_map is empty".to_string()));
+    }
+    Ok(shards)
+}
+
+/// The weights of a Hub folder: `model.safetensors`, else the shards of
+/// `model.safetensors.index.json` (each must be there), else `pytorch_model.bin`.
+pub(crate) fn weights_of(dir: &Path) -> Result<Weights, HubError> {
+    let path = WEIGHT_FILES
         .map(|name| dir.join(name))
         .into_iter()
         .find(|path| path.is_file())
-        .ok_or_else(|| HubError::NoWeights(dir.to_path_buf()))
+        .ok_or_else(|| HubError::NoWeights(dir.to_path_buf()))?;
+    if !path.ends_with(SAFETENSORS_INDEX) {
+        return Ok(Weights {
+            files: vec![path.clone()],
+            path,
+        });
+    }
+    let files = read_safetensors_index(&path)?
+        .into_iter()
+        .map(|shard| {
+            let file = dir.join(&shard);
+            if file.is_file() {
+                Ok(file)
+            } else {
+                Err(HubError::MissingShard {
+                    index: path.clone(),
+                    shard,
+                })
+            }
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(Weights { path, files })
+}
+
+/// The names and shapes of every tensor of a folder's weights (all shards), from their
+/// headers.
+pub(crate) fn weight_shapes(weights: &Weights) -> Result<Vec<(String, Vec<usize>)>, HubError> {
+    let mut all = Vec::new();
+    for file in &weights.files {
+        all.extend(tensor_shapes(file)?);
+    }
+    Ok(all)
 }
 
 /// Checks `config` against the folder's weights file (its header, not its tensors) and the
 /// memory available, before any model is allocated.
 pub fn check_weights(config: &ModelConfig, dir: &Path) -> Result<(), HubError> {
-    let file = weights_file(dir)?;
+    let weights = weights_of(dir)?;
     match config {
-        ModelConfig::Roberta(config) => check_shapes(config, &file, &tensor_shapes(&file)?)?,
+        ModelConfig::Roberta(config) => {
+            check_shapes(config, &weights.path, &weight_shapes(&weights)?)?
+        }
         ModelConfig::ModernBert(config) => return check_modernbert_weights(config, dir),
     }
     config.check_memory().map_err(|source| HubError::Memory {
@@ -228,7 +337,7 @@ pub fn check_weights(config: &ModelConfig, dir: &Path) -> Result<(), HubError> {
 fn incomplete_checkpoint(dir: &Path) -> Option<HubError> {
     let has = |name: &str| dir.join(name).is_file();
     let masklm = ["model.bpk", "manifest.json", "state.json", "optimizer.bpk"];
-    if !masklm.into_iter().any(has) || has("model.safetensors") || has("pytorch_model.bin") {
+    if !masklm.into_iter().any(has) || WEIGHT_FILES.into_iter().any(has) {
         return None;
     }
     let missing: Vec<&'static str> = ["manifest.json", "model.bpk"]
@@ -461,82 +570,68 @@ pub(crate) struct WeightNames<'a> {
     pub expected_extra: &'a dyn Fn(&str) -> bool,
 }
 
-/// Reads the weights file of `dir` into `model`: safetensors or `pytorch_model.bin`, any float
-/// dtype, upcast to f32. Missing tensors, wrong shapes and unreadable tensors are errors naming
-/// the Hub key and the file; unused tensors are reported.
+/// Applies one weights file (safetensors or `pytorch_model.bin`) to `model`, partially: a
+/// sharded checkpoint holds each tensor in one of its files.
+fn apply_file<M: ModuleSnapshot>(
+    model: &mut M,
+    file: &Path,
+    names: &WeightNames<'_>,
+) -> Result<burn::store::ApplyResult, HubError> {
+    if file.extension().is_some_and(|e| e == "bin") {
+        // PytorchStore applies PyTorchToBurnAdapter itself.
+        let store = PytorchStore::from_file(file)
+            .remap(names.remapper.clone())
+            .validate(false)
+            .allow_partial(true);
+        apply_store(model, store, file)
+    } else {
+        let store = SafetensorsStore::from_file(file)
+            .with_from_adapter(PyTorchToBurnAdapter)
+            .remap(names.remapper.clone())
+            .validate(false)
+            .allow_partial(true);
+        apply_store(model, store, file)
+    }
+}
+
+/// Reads the weights of `dir` into `model`: `model.safetensors`, its shards, or
+/// `pytorch_model.bin`, any float dtype, upcast to f32. Missing tensors, wrong shapes and
+/// unreadable tensors are errors naming the Hub key and the file; unused tensors are reported.
 pub(crate) fn read_weights<M: ModuleSnapshot + burn::module::Module>(
     model: &mut M,
     dir: &Path,
     names: &WeightNames<'_>,
 ) -> Result<LoadReport, HubError> {
     let hf_name = names.hf_name;
-    let path = weights_file(dir)?;
-    let result = if path.extension().is_some_and(|e| e == "bin") {
-        // PytorchStore applies PyTorchToBurnAdapter itself.
-        let store = PytorchStore::from_file(&path)
-            .remap(names.remapper.clone())
-            .validate(false)
-            .allow_partial(true);
-        apply_store(model, store, &path)?
-    } else {
-        let store = SafetensorsStore::from_file(&path)
-            .with_from_adapter(PyTorchToBurnAdapter)
-            .remap(names.remapper.clone())
-            .validate(false)
-            .allow_partial(true);
-        apply_store(model, store, &path)?
-    };
-
-    if let Some(error) = result.errors.first() {
-        return Err(match error {
-            ApplyError::ShapeMismatch {
-                path: name,
-                expected,
-                found,
-            } => HubError::ShapeMismatch {
-                path,
-                name: hf_name(name),
-                expected: expected.to_vec(),
-                found: found.to_vec(),
-            },
-            ApplyError::DTypeMismatch {
-                path: name,
-                expected,
-                found,
-            } => HubError::Tensor {
-                path,
-                name: hf_name(name),
-                reason: format!("dtype {found:?}, expected {expected:?}"),
-            },
-            ApplyError::AdapterError {
-                path: name,
-                message,
-            }
-            | ApplyError::LoadError {
-                path: name,
-                message,
-            } => HubError::Tensor {
-                path,
-                name: hf_name(name),
-                reason: message.clone(),
-            },
-        });
+    let weights = weights_of(dir)?;
+    // Each file is applied partially; a parameter is missing only when no file held it.
+    let mut applied = std::collections::HashSet::new();
+    let mut missing = Vec::new();
+    let mut unused = Vec::new();
+    for (i, file) in weights.files.iter().enumerate() {
+        let result = apply_file(model, file, names)?;
+        if let Some(error) = result.errors.first() {
+            return Err(apply_error(error, file, hf_name));
+        }
+        if i == 0 {
+            missing = result.missing.into_iter().map(|(name, _)| name).collect();
+        }
+        applied.extend(result.applied);
+        unused.extend(result.unused);
     }
-    let missing: Vec<String> = result
-        .missing
+    let missing: Vec<String> = missing
         .iter()
-        .map(|(name, _)| name.as_str())
-        .filter(|name| !(names.expected_extra)(name))
-        .map(hf_name)
+        .filter(|name| !applied.contains(*name) && !(names.expected_extra)(name))
+        .map(|name| hf_name(name))
         .collect();
+    let path = weights.path;
     if !missing.is_empty() {
         return Err(HubError::MissingTensors {
             path,
             names: missing,
         });
     }
-    let unexpected = result
-        .unused
+    let unexpected = unused
         .iter()
         .filter(|name| !(names.expected_extra)(name.as_str()))
         .map(|name| hf_name(name))
@@ -549,6 +644,44 @@ pub(crate) fn read_weights<M: ModuleSnapshot + burn::module::Module>(
         unexpected,
         stored_dtypes,
     })
+}
+
+/// A tensor that could not be applied, as an error naming its Hub key and `file`.
+fn apply_error(error: &ApplyError, file: &Path, hf_name: &dyn Fn(&str) -> String) -> HubError {
+    let path = file.to_path_buf();
+    match error {
+        ApplyError::ShapeMismatch {
+            path: name,
+            expected,
+            found,
+        } => HubError::ShapeMismatch {
+            path,
+            name: hf_name(name),
+            expected: expected.to_vec(),
+            found: found.to_vec(),
+        },
+        ApplyError::DTypeMismatch {
+            path: name,
+            expected,
+            found,
+        } => HubError::Tensor {
+            path,
+            name: hf_name(name),
+            reason: format!("dtype {found:?}, expected {expected:?}"),
+        },
+        ApplyError::AdapterError {
+            path: name,
+            message,
+        }
+        | ApplyError::LoadError {
+            path: name,
+            message,
+        } => HubError::Tensor {
+            path,
+            name: hf_name(name),
+            reason: message.clone(),
+        },
+    }
 }
 
 /// Tokenizer files copied into an export when present.

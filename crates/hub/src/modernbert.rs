@@ -21,8 +21,8 @@ use burn::tensor::Device;
 use masklm_model::{ModernBertConfig, ModernBertForMaskedLM};
 
 use crate::{
-    HubError, LoadReport, WeightNames, config_path, read_weights, save_safetensors, tensor_shapes,
-    weights_file, write_folder,
+    HubError, LoadReport, WeightNames, config_path, read_weights, save_safetensors, weight_shapes,
+    weights_of, write_folder,
 };
 
 /// Module path -> HF key: burn's LayerNorm names back to PyTorch's.
@@ -60,8 +60,9 @@ pub fn read_modernbert_config(dir: &Path) -> Result<ModernBertConfig, HubError> 
 /// available, before any model is allocated: the layer count and the token-embedding shape
 /// must match.
 pub fn check_modernbert_weights(config: &ModernBertConfig, dir: &Path) -> Result<(), HubError> {
-    let file = weights_file(dir)?;
-    let tensors = tensor_shapes(&file)?;
+    let weights = weights_of(dir)?;
+    let tensors = weight_shapes(&weights)?;
+    let file = weights.path;
     let layers = tensors
         .iter()
         .filter_map(|(name, _)| {
@@ -97,7 +98,7 @@ pub fn check_modernbert_weights(config: &ModernBertConfig, dir: &Path) -> Result
     })
 }
 
-/// Loads a `ModernBertForMaskedLM` checkpoint folder (`model.safetensors` or
+/// Loads a `ModernBertForMaskedLM` checkpoint folder (`model.safetensors`, its shards, or
 /// `pytorch_model.bin`, f32/f16/bf16 weights upcast to f32) onto `device`.
 pub fn load_modernbert(
     dir: &Path,

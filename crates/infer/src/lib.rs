@@ -6,8 +6,8 @@
 //!
 //! - [`checkpoint`]: reading a masklm checkpoint (pointer and run-folder resolution, manifest
 //!   checksums);
-//! - [`load()`](load::load): a checkpoint or a Hugging Face folder, with its tokenizer, as one
-//!   [`Loaded`]; [`Source`] opens one first for callers that adjust its config before loading;
+//! - [`load()`](load::load): a checkpoint, a Hugging Face folder or a Hub model id (in the
+//!   local Hub cache, or downloaded into it), with its tokenizer, as one [`Loaded`]; [`Source`] opens one first for callers that adjust its config before loading;
 //! - [`fill`]: the vocabulary distribution at masked positions, shaped like transformers'
 //!   `pipeline("fill-mask")`;
 //! - [`eval`]: masked-LM perplexity and accuracy over a token cache, and pseudo-perplexity;

@@ -1,13 +1,15 @@
 //! Loading a model for inference from whatever path a user gives (a masklm checkpoint, its run
-//! folder, a `best`/`latest` pointer, or a Hugging Face folder), with the tokenizer beside its
-//! weights. Every front end (fill-mask, eval, probes, the server, export, inspect, vocabulary
-//! extension, a run's `init_from`) loads through [`Source`].
+//! folder, a `best`/`latest` pointer, a Hugging Face folder, or a Hub model id such as
+//! `FacebookAI/roberta-base@main`, found in or downloaded into the Hub cache by
+//! [`masklm_hub::resolve_model`]), with the tokenizer beside its weights. Every front end
+//! (fill-mask, eval, probes, the server, export, inspect, vocabulary extension, a run's
+//! `init_from`) loads through [`Source`].
 
 use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
 use masklm_data::{MlmTokenizer, load_tokenizer};
-use masklm_hub::{HubError, LoadReport};
+use masklm_hub::{HubError, LoadReport, Need};
 use masklm_model::{ConfigError, MaskedLm, ModelConfig};
 
 use crate::InferError;
@@ -54,8 +56,9 @@ impl<T> Loaded<T> {
     }
 }
 
-/// Loads a masklm checkpoint (a step folder, its run folder, or a `best`/`latest` pointer) or
-/// a Hugging Face folder, and the tokenizer beside its weights, checked to fit the model.
+/// Loads a masklm checkpoint (a step folder, its run folder, or a `best`/`latest` pointer), a
+/// Hugging Face folder or a Hub model id, and the tokenizer beside its weights, checked to fit
+/// the model.
 pub fn load(path: &Path, device: &Device) -> Result<Loaded, InferError> {
     Source::open(path)?.load(device)
 }
@@ -66,10 +69,13 @@ pub fn load_model(path: &Path, device: &Device) -> Result<Loaded<()>, InferError
 }
 
 impl Source {
-    /// Resolves `path` ([`resolve_checkpoint`]) and reads its config: a checkpoint's after
-    /// verifying its checksums, a Hugging Face folder's by its `model_type`.
+    /// Resolves `path` (a model id to its Hub cache snapshot, see
+    /// [`masklm_hub::resolve_model`]; a run folder or pointer to its checkpoint, see
+    /// [`resolve_checkpoint`]) and reads its config: a checkpoint's after verifying its
+    /// checksums, a Hugging Face folder's by its `model_type`.
     pub fn open(path: &Path) -> Result<Self, InferError> {
-        let dir = resolve_checkpoint(path);
+        let dir = masklm_hub::resolve_model(path, Need::Model).map_err(HubError::from)?;
+        let dir = resolve_checkpoint(&dir);
         let checkpoint = is_checkpoint(&dir);
         let config = if checkpoint {
             crate::checkpoint::read_config(&dir)?

@@ -146,7 +146,8 @@ fn warn_skipped(stats: &masklm_data::CorpusStats) {
 
 #[derive(Args, Debug)]
 pub struct PrepareArgs {
-    /// Tokenizer folder (tokenizer.json).
+    /// Tokenizer folder (tokenizer.json), or a Hub model id (org/name[@revision]) whose
+    /// tokenizer to use.
     #[arg(long)]
     pub tokenizer: PathBuf,
     #[command(flatten)]
@@ -173,8 +174,9 @@ pub fn prepare_cmd(args: PrepareArgs) -> Result<()> {
     crate::out_path::refuse_overlap_inputs(&args.out, &args.corpus.input, "--input")?;
     let validation_inputs = args.validation_input.as_deref().unwrap_or_default();
     crate::out_path::refuse_overlap_inputs(&args.out, validation_inputs, "--validation-input")?;
-    crate::out_path::refuse_overlap(&args.out, &args.tokenizer, "--tokenizer")?;
-    let tokenizer = load_tokenizer(&args.tokenizer)?;
+    let tokenizer_dir = masklm_hub::resolve_model(&args.tokenizer, masklm_hub::Need::Tokenizer)?;
+    crate::out_path::refuse_overlap(&args.out, &tokenizer_dir, "--tokenizer")?;
+    let tokenizer = load_tokenizer(&tokenizer_dir)?;
     let validation = match args.validation_input {
         Some(inputs) => Validation::Inputs(inputs),
         None if args.validation_split > 0.0 => Validation::Split(args.validation_split),

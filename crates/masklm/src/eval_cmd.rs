@@ -17,7 +17,8 @@ use crate::fill_mask::load_model_and_tokenizer;
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
-    /// A masklm checkpoint or a Hugging Face folder (with its tokenizer files).
+    /// A masklm checkpoint, a Hugging Face folder or a Hub model id (org/name[@revision]), with
+    /// its tokenizer files.
     #[arg(long)]
     pub model: PathBuf,
     #[command(flatten)]
@@ -187,7 +188,8 @@ pub fn export_cmd(args: ExportArgs, device: &Device) -> Result<()> {
 
 #[derive(Args, Debug)]
 pub struct ProbeArgs {
-    /// A masklm checkpoint or a Hugging Face folder (with its tokenizer files).
+    /// A masklm checkpoint, a Hugging Face folder or a Hub model id (org/name[@revision]), with
+    /// its tokenizer files.
     #[arg(long)]
     pub model: PathBuf,
     /// Tab-separated probes: a sentence with one <mask>, then its accepted answers.

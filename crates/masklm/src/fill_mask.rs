@@ -13,7 +13,8 @@ use masklm_model::{MaskedLm, ModelConfig};
 
 #[derive(Args, Debug)]
 pub struct FillMaskArgs {
-    /// A masklm checkpoint (runs/NAME/checkpoints/step-...) or a Hugging Face folder.
+    /// A masklm checkpoint (runs/NAME/checkpoints/step-...), a Hugging Face folder, or a Hub
+    /// model id (org/name[@revision]: from the Hub cache, downloaded if missing).
     #[arg(long)]
     pub model: PathBuf,
     /// Candidates per mask.

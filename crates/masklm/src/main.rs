@@ -56,7 +56,8 @@ enum Command {
     Prepare(data_cmd::PrepareArgs),
     /// Print a checkpoint's configuration and parameter count.
     Inspect {
-        /// A Hugging Face checkpoint folder (config.json + model.safetensors).
+        /// A masklm checkpoint, a Hugging Face folder (config.json + model.safetensors), or a
+        /// Hub model id (org/name[@revision]).
         #[arg(long)]
         model: PathBuf,
     },
@@ -90,6 +91,8 @@ fn main() -> ExitCode {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let cli = Cli::parse();
+    // Models named by Hub id are downloaded deep inside the loaders; their bar is this one.
+    masklm_hub::set_download_progress(Box::new(progress::Bar::new()));
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

@@ -1,4 +1,5 @@
-//! indicatif progress bars behind the libraries' `Progress` sink.
+//! indicatif progress bars behind the libraries' progress sinks (`masklm_data::Progress` for
+//! corpora, `masklm_hub::DownloadProgress` for Hub downloads).
 
 use indicatif::{ProgressBar, ProgressStyle};
 use masklm_data::Progress;
@@ -48,5 +49,19 @@ impl Progress for Bar {
         {
             bar.finish_and_clear();
         }
+    }
+}
+
+impl masklm_hub::DownloadProgress for Bar {
+    fn start(&self, file: &str, total: u64) {
+        Progress::start(self, file, Some(total));
+    }
+
+    fn advance(&self, bytes: u64) {
+        Progress::advance(self, bytes);
+    }
+
+    fn finish(&self) {
+        Progress::finish(self);
     }
 }

@@ -12,8 +12,8 @@ use masklm_serve::{Batching, Limits, ServeOptions, Server};
 #[derive(Args, Debug)]
 pub struct ServeArgs {
     /// A model to serve: DIR (named after the folder) or NAME=DIR; repeat for several. DIR is
-    /// a checkpoint, a run folder (its latest checkpoint) or a Hugging Face folder. The first
-    /// answers requests that name no model.
+    /// a checkpoint, a run folder (its latest checkpoint), a Hugging Face folder or a Hub model
+    /// id (org/name[@revision]). The first answers requests that name no model.
     #[arg(long = "model", required = true)]
     pub models: Vec<String>,
     /// A training run to show as a tab of the web page (its curves, refreshed while it

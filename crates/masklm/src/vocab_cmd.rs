@@ -32,7 +32,8 @@ pub struct CorpusArgs {
 
 #[derive(Args, Debug)]
 pub struct AuditArgs {
-    /// A Hugging Face folder or masklm checkpoint (its tokenizer is audited).
+    /// A masklm checkpoint, a Hugging Face folder or a Hub model id (org/name[@revision]): its
+    /// tokenizer is audited.
     #[arg(long)]
     pub model: PathBuf,
     #[command(flatten)]
@@ -47,7 +48,8 @@ pub struct AuditArgs {
 
 #[derive(Args, Debug)]
 pub struct ExtendArgs {
-    /// A Hugging Face folder or masklm checkpoint, with its tokenizer.
+    /// A masklm checkpoint, a Hugging Face folder or a Hub model id (org/name[@revision]),
+    /// with its tokenizer.
     #[arg(long)]
     pub model: PathBuf,
     /// The corpus to pick words from (with --add).
@@ -94,9 +96,11 @@ fn options(text_field: &str, split: Option<&str>) -> CorpusOptions {
     }
 }
 
-/// The tokenizer folder of a model path (a checkpoint's `best`/`latest`/run folder resolved).
+/// The tokenizer folder of a model path (a checkpoint's `best`/`latest`/run folder resolved,
+/// a Hub model id found in the cache or downloaded).
 fn tokenizer_of(model: &std::path::Path) -> Result<masklm_data::MlmTokenizer> {
-    let dir = masklm_infer::checkpoint::resolve_checkpoint(model);
+    let dir = masklm_hub::resolve_model(model, masklm_hub::Need::Tokenizer)?;
+    let dir = masklm_infer::checkpoint::resolve_checkpoint(&dir);
     load_tokenizer(&dir).with_context(|| format!("loading the tokenizer of {}", model.display()))
 }
 
@@ -196,7 +200,8 @@ fn check_out(args: &ExtendArgs) -> Result<()> {
     if args.out.is_file() {
         bail!("--out {} is a file; give a folder", args.out.display());
     }
-    let model = masklm_infer::checkpoint::resolve_checkpoint(&args.model);
+    let model = masklm_hub::resolve_model(&args.model, masklm_hub::Need::Model)?;
+    let model = masklm_infer::checkpoint::resolve_checkpoint(&model);
     crate::out_path::refuse_overlap(&args.out, &model, "--model")?;
     crate::out_path::refuse_overlap_inputs(&args.out, &args.input, "--input")?;
     if let Some(words) = &args.words {

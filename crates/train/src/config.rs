@@ -3,7 +3,7 @@
 //! ```toml
 //! seed = 42
 //! [model]          # HF config.json keys (vocab_size defaults to the tokenizer's), or
-//! init_from = "..." # a Hugging Face folder or a masklm checkpoint to continue from
+//! init_from = "..." # a Hugging Face folder, a Hub model id or a masklm checkpoint to continue from
 //! [data]           # a prepared cache, or tokenizer + inputs (or weighted sources) to prepare
 //! [masking]        # probability, mask_fraction, random_fraction, whole_word
 //! [optimizer]      # lr, betas, eps, weight_decay, max_grad_norm
@@ -29,7 +29,8 @@ use crate::{OptimizerConfig, ScheduleConfig, TrainError};
 /// `[model]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct ModelSection {
-    /// Continue from a Hugging Face folder or a masklm checkpoint (its config is used).
+    /// Continue from a Hugging Face folder, a Hub model id (`org/name[@revision]`) or a masklm
+    /// checkpoint (its config is used).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_from: Option<PathBuf>,
     /// HF `config.json` keys for a model trained from scratch.
@@ -43,8 +44,9 @@ pub struct ModelSection {
 pub struct DataSection {
     /// A cache made by `masklm prepare`, or where to prepare one from `inputs`.
     pub cache: Option<PathBuf>,
-    /// Tokenizer folder (needed with `inputs` or `sources`; with only a prepared `cache`, the
-    /// tokenizer that prepared it, or `model.init_from`'s when that folder holds one).
+    /// Tokenizer folder or Hub model id (needed with `inputs` or `sources`; with only a
+    /// prepared `cache`, the tokenizer that prepared it, or `model.init_from`'s when that
+    /// folder holds one).
     pub tokenizer: Option<PathBuf>,
     /// Corpus files, directories or globs to prepare from.
     #[serde(default)]
@@ -556,12 +558,18 @@ impl TrainConfig {
     }
 
     fn validate_model(&self) -> Result<(), TrainError> {
+        // A model id is resolved (and downloaded) when the run opens, not here.
         if let Some(path) = &self.model.init_from
             && !path.exists()
+            && let Some(id) = path.to_str()
+            && let Err(reason) = masklm_hub::ModelId::parse(id)
         {
             return bad(
                 "model.init_from",
-                format!("{} does not exist", path.display()),
+                format!(
+                    "{} does not exist, and is not a Hugging Face model id either ({reason})",
+                    path.display()
+                ),
             );
         }
         let family = self.family()?;

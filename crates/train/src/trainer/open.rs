@@ -16,6 +16,7 @@ use masklm_data::{
     DataError, FolderLock, MlmTokenizer, NoProgress, PrepareOptions, Rebuild, SplitReader,
     StepSampler, Validation, load_tokenizer, lock_folder, prepare, prepare_with, read_manifest,
 };
+use masklm_hub::Need;
 use masklm_model::{MaskedLm, ModelConfig};
 
 use super::logs::Logs;
@@ -752,12 +753,21 @@ fn check_cache_tokenizer(cache: &Path, tokenizer: &MlmTokenizer) -> Result<(), T
 
 /// The tokenizer folder of a new run: `data.tokenizer`, else the `init_from` folder when it
 /// holds a tokenizer. Either may name a masklm run folder or its `best`/`latest` pointer, as
-/// everywhere a checkpoint is accepted.
+/// everywhere a checkpoint is accepted, or a Hub model id (resolved in the Hub cache,
+/// downloaded if missing).
 fn tokenizer_dir(config: &TrainConfig) -> Result<PathBuf, TrainError> {
+    let resolve = |path: &Path, need| -> Result<PathBuf, TrainError> {
+        let dir = masklm_hub::resolve_model(path, need).map_err(masklm_hub::HubError::from)?;
+        Ok(resolve_checkpoint(&dir))
+    };
     if let Some(dir) = &config.data.tokenizer {
-        return Ok(resolve_checkpoint(dir));
+        return resolve(dir, Need::Tokenizer);
     }
-    match config.model.init_from.as_deref().map(resolve_checkpoint) {
+    let init_from = match config.model.init_from.as_deref() {
+        Some(path) => Some(resolve(path, Need::Model)?),
+        None => None,
+    };
+    match init_from {
         Some(dir) if dir.join("tokenizer.json").is_file() => Ok(dir),
         _ => Err(TrainError::Config {
             key: "data.tokenizer".to_string(),
