@@ -632,6 +632,33 @@ fn datasets_folders_read_as_datasets_reads_them() {
 }
 
 #[test]
+fn prepare_reads_the_split_it_is_given() {
+    // `--split` reaches the cache: the validation split's 2 rows, or the 7 of train.
+    let dir = common::fixture("datasets").join("saved-dict");
+    let tmp = tempfile::tempdir().unwrap();
+    for (split, documents) in [(Some("validation"), 2), (None, 7)] {
+        let out = tmp.path().join(format!("cache-{split:?}"));
+        let mut args = vec![
+            "prepare".to_string(),
+            "--tokenizer".to_string(),
+            tokenizer_dir().display().to_string(),
+            "--input".to_string(),
+            dir.display().to_string(),
+            "--out".to_string(),
+            out.display().to_string(),
+            "--validation-split".to_string(),
+            "0".to_string(),
+        ];
+        if let Some(split) = split {
+            args.extend(["--split".to_string(), split.to_string()]);
+        }
+        common::masklm_ok(&args);
+        let manifest = read_manifest(&out).unwrap();
+        assert_eq!(manifest.corpus.documents, documents, "{split:?}");
+    }
+}
+
+#[test]
 fn a_json_array_reads_element_by_element() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("corpus.json");
