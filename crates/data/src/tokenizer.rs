@@ -240,83 +240,25 @@ where
             ),
         });
     }
-    let min_frequency = options.min_frequency.unwrap_or(2);
-    let specials = options.model.added_specials();
     let mut tokenizer = match options.model {
-        TokenizerModel::Bpe => {
-            let mut trainer = BpeTrainerBuilder::new()
-                .show_progress(false)
-                .vocab_size(options.vocab_size)
-                .min_frequency(min_frequency)
-                .special_tokens(specials)
-                .initial_alphabet(ByteLevel::alphabet().into_iter().collect::<HashSet<char>>())
-                .build();
-            // As transformers' ByteLevelBPETokenizer / roberta-base: no prefix space, offsets
-            // trimmed.
-            let byte_level = ByteLevel::new(false, true, true);
-            let tokenizer = Builder::<BPE>::new()
-                .with_model(BPE::default())
-                .with_pre_tokenizer(Some(byte_level.into()))
-                .with_decoder(Some(byte_level.into()));
-            train(tokenizer, &mut trainer, documents).map_err(|e| tokenizer_error(out, e))?
+        TokenizerModel::Bpe => train_bpe(documents, options),
+        TokenizerModel::WordPiece => train_wordpiece(documents, options),
+        TokenizerModel::Unigram => train_unigram(documents, options),
+    }
+    .map_err(|e| {
+        if e.downcast_ref::<UnigramTrainerError>().is_some() {
+            DataError::Config {
+                key: "vocab_size".to_string(),
+                reason: format!(
+                    "{} is too small for this corpus: a Unigram vocabulary holds every \
+                     character the corpus uses, and it uses more; raise it",
+                    options.vocab_size
+                ),
+            }
+        } else {
+            tokenizer_error(out, e)
         }
-        TokenizerModel::WordPiece => {
-            // As tokenizers' BertWordPieceTokenizer.train: at most 1000 distinct characters
-            // (rarer ones become [UNK]), `##` continuations.
-            let mut trainer = WordPieceTrainerBuilder::new()
-                .show_progress(false)
-                .vocab_size(options.vocab_size)
-                .min_frequency(min_frequency)
-                .special_tokens(specials)
-                .limit_alphabet(1000)
-                .continuing_subword_prefix("##".to_string())
-                .build();
-            let model = WordPiece::builder()
-                .unk_token("[UNK]".to_string())
-                .continuing_subword_prefix("##".to_string())
-                .build()
-                .map_err(|e| tokenizer_error(out, e))?;
-            let normalizer =
-                BertNormalizer::new(true, true, options.strip_accents, options.lowercase());
-            let tokenizer = Builder::<WordPiece>::new()
-                .with_model(model)
-                .with_normalizer(Some(normalizer.into()))
-                .with_pre_tokenizer(Some(BertPreTokenizer.into()))
-                .with_decoder(Some(WordPieceDecoder::new("##".to_string(), true).into()));
-            train(tokenizer, &mut trainer, documents).map_err(|e| tokenizer_error(out, e))?
-        }
-        TokenizerModel::Unigram => {
-            let mut trainer = UnigramTrainerBuilder::default()
-                .show_progress(false)
-                .vocab_size(options.vocab_size.try_into().unwrap_or(u32::MAX))
-                .special_tokens(specials)
-                .unk_token(Some("<unk>".to_string()))
-                .build()
-                .map_err(|e| tokenizer_error(out, e))?;
-            // transformers' XLMRobertaTokenizer.__init__: WhitespaceSplit, then Metaspace.
-            let metaspace = Metaspace::new('▁', PrependScheme::Always, true);
-            let pre_tokenizer =
-                Sequence::new(vec![WhitespaceSplit.into(), metaspace.clone().into()]);
-            let tokenizer = Builder::<Unigram>::new()
-                .with_model(Unigram::default())
-                .with_pre_tokenizer(Some(pre_tokenizer.into()))
-                .with_decoder(Some(metaspace.into()));
-            train(tokenizer, &mut trainer, documents).map_err(|e| {
-                if e.downcast_ref::<UnigramTrainerError>().is_some() {
-                    DataError::Config {
-                        key: "vocab_size".to_string(),
-                        reason: format!(
-                            "{} is too small for this corpus: a Unigram vocabulary holds every \
-                             character the corpus uses, and it uses more; raise it",
-                            options.vocab_size
-                        ),
-                    }
-                } else {
-                    tokenizer_error(out, e)
-                }
-            })?
-        }
-    };
+    })?;
     let processor = post_processor(options.model, &tokenizer)?;
     tokenizer.with_post_processor(Some(processor));
     check_learned(&tokenizer, options)?;
@@ -337,6 +279,77 @@ where
         &special_tokens_map(options.model),
     )?;
     load_tokenizer(out)
+}
+
+/// Byte-level BPE as transformers' ByteLevelBPETokenizer / roberta-base: no prefix space,
+/// offsets trimmed, all 256 byte symbols in the vocabulary.
+fn train_bpe<I>(documents: I, options: &TrainOptions) -> tokenizers::Result<Tokenizer>
+where
+    I: Iterator<Item = String> + Send,
+{
+    let mut trainer = BpeTrainerBuilder::new()
+        .show_progress(false)
+        .vocab_size(options.vocab_size)
+        .min_frequency(options.min_frequency.unwrap_or(2))
+        .special_tokens(options.model.added_specials())
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect::<HashSet<char>>())
+        .build();
+    let byte_level = ByteLevel::new(false, true, true);
+    let tokenizer = Builder::<BPE>::new()
+        .with_model(BPE::default())
+        .with_pre_tokenizer(Some(byte_level.into()))
+        .with_decoder(Some(byte_level.into()));
+    train(tokenizer, &mut trainer, documents)
+}
+
+/// WordPiece as tokenizers' BertWordPieceTokenizer.train and transformers' BertTokenizer: at
+/// most 1000 distinct characters (rarer ones become [UNK]), `##` continuations.
+fn train_wordpiece<I>(documents: I, options: &TrainOptions) -> tokenizers::Result<Tokenizer>
+where
+    I: Iterator<Item = String> + Send,
+{
+    let mut trainer = WordPieceTrainerBuilder::new()
+        .show_progress(false)
+        .vocab_size(options.vocab_size)
+        .min_frequency(options.min_frequency.unwrap_or(2))
+        .special_tokens(options.model.added_specials())
+        .limit_alphabet(1000)
+        .continuing_subword_prefix("##".to_string())
+        .build();
+    let model = WordPiece::builder()
+        .unk_token("[UNK]".to_string())
+        .continuing_subword_prefix("##".to_string())
+        .build()?;
+    // clean_text and handle_chinese_chars on, as BertTokenizer's `tokenize_chinese_chars`.
+    let normalizer = BertNormalizer::new(true, true, options.strip_accents, options.lowercase());
+    let tokenizer = Builder::<WordPiece>::new()
+        .with_model(model)
+        .with_normalizer(Some(normalizer.into()))
+        .with_pre_tokenizer(Some(BertPreTokenizer.into()))
+        .with_decoder(Some(WordPieceDecoder::new("##".to_string(), true).into()));
+    train(tokenizer, &mut trainer, documents)
+}
+
+/// Unigram as transformers' XLMRobertaTokenizer.__init__ builds it: WhitespaceSplit, then
+/// Metaspace (`▁` before every word), no normalizer (see [`TokenizerModel::Unigram`]).
+fn train_unigram<I>(documents: I, options: &TrainOptions) -> tokenizers::Result<Tokenizer>
+where
+    I: Iterator<Item = String> + Send,
+{
+    let mut trainer = UnigramTrainerBuilder::default()
+        .show_progress(false)
+        // validate() bounds vocab_size far below u32::MAX.
+        .vocab_size(u32::try_from(options.vocab_size)?)
+        .special_tokens(options.model.added_specials())
+        .unk_token(Some("<unk>".to_string()))
+        .build()?;
+    let metaspace = Metaspace::new('▁', PrependScheme::Always, true);
+    let pre_tokenizer = Sequence::new(vec![WhitespaceSplit.into(), metaspace.clone().into()]);
+    let tokenizer = Builder::<Unigram>::new()
+        .with_model(Unigram::default())
+        .with_pre_tokenizer(Some(pre_tokenizer.into()))
+        .with_decoder(Some(metaspace.into()));
+    train(tokenizer, &mut trainer, documents)
 }
 
 /// Builds `tokenizer`, trains it with `trainer` on `documents`, and returns it with its model
