@@ -492,7 +492,13 @@ fn missing_data_path_is_a_clear_error() {
 #[test]
 fn shipped_configs_parse() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    for name in ["quickstart", "roberta-base", "dapt", "dapt-pubmed"] {
+    for name in [
+        "quickstart",
+        "roberta-base",
+        "dapt",
+        "dapt-pubmed",
+        "pubmed-bert-scratch",
+    ] {
         let path = root.join("configs").join(format!("{name}.toml"));
         let mut overrides = Vec::new();
         if name.starts_with("dapt") {
@@ -502,7 +508,7 @@ fn shipped_configs_parse() {
         // Relative paths are relative to the working directory: the repository root.
         let probes = match name {
             "quickstart" => Some("configs/probes-go.tsv"),
-            "dapt-pubmed" => Some("configs/probes-pubmed.tsv"),
+            "dapt-pubmed" | "pubmed-bert-scratch" => Some("configs/probes-pubmed.tsv"),
             _ => None,
         };
         if let Some(probes) = probes {

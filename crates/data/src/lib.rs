@@ -4,7 +4,8 @@
 //!
 //! 1. [`corpus`]: find input files (files, directories, globs), read plain text, JSON Lines,
 //!    gzip or zstd as a stream of documents.
-//! 2. [`tokenizer`]: train a byte-level BPE tokenizer in the RoBERTa convention, or load one.
+//! 2. [`tokenizer`]: train a tokenizer (byte-level BPE as RoBERTa, WordPiece as BERT, or
+//!    Unigram as XLM-R), or load one.
 //! 3. [`cache`]: tokenize in parallel, pack into blocks (`full` or `line`), and write a
 //!    memory-mappable token cache with a manifest.
 //! 4. [`masking`]: dynamic masking, a pure function of (tokens, seed, epoch, index).
@@ -38,7 +39,7 @@ pub use corpus::{
 pub use lock::{FolderLock, lock_file, lock_folder};
 pub use masking::{MaskVocab, MaskedExample, MaskingConfig, WordBoundary, mask_tokens};
 pub use sampler::{StepBatches, StepSampler, source_seed};
-pub use tokenizer::{MlmTokenizer, TrainOptions, load_tokenizer, train_tokenizer};
+pub use tokenizer::{MlmTokenizer, TokenizerModel, TrainOptions, load_tokenizer, train_tokenizer};
 
 pub use masklm_splitmix::splitmix64;
 

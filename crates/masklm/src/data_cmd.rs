@@ -7,8 +7,8 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use masklm_data::corpus::no_text_error;
 use masklm_data::{
-    CorpusOptions, Documents, Packing, PrepareOptions, Progress, TrainOptions, Validation,
-    load_tokenizer, prepare, resolve_corpus_inputs, train_tokenizer,
+    CorpusOptions, DataError, Documents, Packing, PrepareOptions, Progress, TokenizerModel,
+    TrainOptions, Validation, load_tokenizer, prepare, resolve_corpus_inputs, train_tokenizer,
 };
 
 use crate::progress::Bar;
@@ -51,12 +51,30 @@ impl CorpusArgs {
 pub struct TokenizerTrainArgs {
     #[command(flatten)]
     pub corpus: CorpusArgs,
-    /// Vocabulary size, the 5 specials and 256 byte symbols included.
+    /// The tokenizer model, each in its model family's convention: bpe (byte-level BPE, as
+    /// RoBERTa), wordpiece (as BERT: [CLS] [SEP] [MASK], ## continuations), unigram
+    /// (SentencePiece Unigram, as XLM-R: ▁ word starts).
+    #[arg(long, default_value = "bpe")]
+    pub model: TokenizerModel,
+    /// Vocabulary size, the 5 specials and the alphabet (bpe: 256 byte symbols) included.
     #[arg(long, default_value_t = 8192)]
     pub vocab_size: usize,
-    /// Minimum frequency of a pair to be merged.
-    #[arg(long, default_value_t = 2)]
-    pub min_frequency: u64,
+    /// Minimum frequency of a pair to be merged (bpe and wordpiece; default 2).
+    #[arg(long)]
+    pub min_frequency: Option<u64>,
+    /// wordpiece: lowercase the text (the default, as bert-base-uncased and PubMedBERT).
+    #[arg(long, conflicts_with = "no_lowercase")]
+    pub lowercase: bool,
+    /// wordpiece: keep the case (as bert-base-cased).
+    #[arg(long)]
+    pub no_lowercase: bool,
+    /// wordpiece: strip accents (é -> e). Without this or --no-strip-accents, accents are
+    /// stripped exactly when the text is lowercased, as in BERT.
+    #[arg(long, conflicts_with = "no_strip_accents")]
+    pub strip_accents: bool,
+    /// wordpiece: keep accents.
+    #[arg(long)]
+    pub no_strip_accents: bool,
     /// model_max_length written to tokenizer_config.json.
     #[arg(long, default_value_t = 512)]
     pub model_max_length: usize,
@@ -66,12 +84,16 @@ pub struct TokenizerTrainArgs {
 }
 
 pub fn tokenizer_train(args: TokenizerTrainArgs) -> Result<()> {
+    let either = |yes: bool, no: bool| (yes || no).then_some(yes);
     let options = TrainOptions {
+        model: args.model,
         vocab_size: args.vocab_size,
         min_frequency: args.min_frequency,
+        lowercase: either(args.lowercase, args.no_lowercase),
+        strip_accents: either(args.strip_accents, args.no_strip_accents),
         model_max_length: args.model_max_length,
     };
-    options.validate().context("--vocab-size")?;
+    options.validate().map_err(option_error)?;
     if args.out.is_file() {
         bail!(
             "--out {} is a file; give a folder for the tokenizer",
@@ -113,18 +135,33 @@ pub fn tokenizer_train(args: TokenizerTrainArgs) -> Result<()> {
     if stats.documents == 0 {
         return Err(no_text_error(&files, &stats).into());
     }
-    let tokenizer =
-        trained.with_context(|| format!("training a tokenizer into {}", args.out.display()))?;
+    let tokenizer = trained
+        .map_err(option_error)
+        .with_context(|| format!("training a tokenizer into {}", args.out.display()))?;
     warn_skipped(&stats);
     println!(
-        "tokenizer: {} tokens from {} documents ({:.1} MB) in {:.1} s -> {}",
+        "tokenizer: {} {} tokens from {} documents ({:.1} MB) in {:.1} s -> {}",
         tokenizer.vocab_size(),
+        args.model,
         stats.documents,
         stats.bytes as f64 / 1e6,
         start.elapsed().as_secs_f64(),
         args.out.display()
     );
     Ok(())
+}
+
+/// A refused option, under the flag that sets it.
+fn option_error(e: DataError) -> anyhow::Error {
+    let flag = match &e {
+        DataError::Config { key, .. } => match key.as_str() {
+            "lowercase" => "--lowercase/--no-lowercase".to_string(),
+            "strip_accents" => "--strip-accents/--no-strip-accents".to_string(),
+            key => format!("--{}", key.replace('_', "-")),
+        },
+        _ => return e.into(),
+    };
+    anyhow::Error::new(e).context(flag)
 }
 
 fn warn_special(files: &[std::path::PathBuf]) {

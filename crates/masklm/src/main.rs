@@ -78,7 +78,7 @@ enum Command {
 
 #[derive(Subcommand)]
 enum TokenizerCommand {
-    /// Train a byte-level BPE tokenizer (RoBERTa convention) on a corpus.
+    /// Train a tokenizer on a corpus: byte-level BPE (RoBERTa), WordPiece (BERT) or Unigram (XLM-R).
     Train(data_cmd::TokenizerTrainArgs),
 }
 

@@ -115,6 +115,11 @@ impl RobertaConfig {
                     .entry(key)
                     .or_insert(serde_json::Value::from(default));
             }
+            // BertConfig has no bos/eos ids (RobertaConfig's 0 and 2 are [PAD] and [CLS] in a
+            // BERT vocabulary).
+            for key in ["bos_token_id", "eos_token_id"] {
+                object.entry(key).or_insert(serde_json::Value::Null);
+            }
             object
                 .entry("architectures")
                 .or_insert(serde_json::json!(["BertForMaskedLM"]));
@@ -428,6 +433,18 @@ mod tests {
         assert_eq!(config.max_position_embeddings, 512);
         assert_eq!(config.hidden_act, "gelu");
         assert_eq!(config.intermediate_size, 3072);
+    }
+
+    #[test]
+    fn a_bert_config_takes_bert_config_defaults() {
+        let config = RobertaConfig::from_json(
+            r#"{"model_type": "bert", "hidden_size": 8, "num_attention_heads": 2}"#,
+        )
+        .unwrap();
+        assert_eq!(config.vocab_size, 30522);
+        assert_eq!(config.pad_token_id, 0);
+        assert_eq!((config.bos_token_id, config.eos_token_id), (None, None));
+        assert_eq!(config.architectures, ["BertForMaskedLM"]);
     }
 
     #[test]
