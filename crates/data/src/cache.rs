@@ -28,9 +28,7 @@ use memmap2::Mmap;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::corpus::{
-    CorpusOptions, CorpusStats, Documents, no_text_error, resolve_inputs, resolve_inputs_reporting,
-};
+use crate::corpus::{CorpusOptions, CorpusStats, Documents, no_text_error, resolve_corpus_inputs};
 use crate::{DataError, MlmTokenizer};
 
 /// Version of the on-disk layout; bumped on any incompatible change.

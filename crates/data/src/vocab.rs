@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, HashMap};
 use serde::Serialize;
 use tokenizers::Tokenizer;
 
-use crate::{CorpusOptions, CorpusStats, DataError, Documents, MlmTokenizer, resolve_inputs};
+use crate::{CorpusOptions, CorpusStats, DataError, Documents, MlmTokenizer};
 
 /// A word of the corpus and how the tokenizer splits it.
 #[derive(Debug, Clone, Serialize)]
