@@ -5,6 +5,8 @@
 - saved-dict/: DatasetDict.save_to_disk, train in 2 shards, validation in 1
 - load-cache/: the folder load_dataset("json", ...) leaves in its cache (dataset_info.json,
                json-train-0000N-of-00002.arrow, json-test.arrow), copied out of the cache
+- arrow/:      single .arrow files as pyarrow writes them: lz4-compressed file format (feather's
+               default), zstd-compressed stream, a dictionary-encoded text column
 - expected.json: for each folder and split, the `text` column as `datasets` reads it back
                (load_from_disk / load_dataset from that cache), row by row
 
@@ -70,6 +72,27 @@ def main():
         shutil.copytree(folder, os.path.join(OUT, "load-cache"))
         expected["load-cache/train"] = loaded["train"]["text"]
         expected["load-cache/test"] = loaded["test"]["text"]
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    os.makedirs(os.path.join(OUT, "arrow"))
+    table = pa.table({"text": pa.array(TEXTS, pa.string()), "id": list(range(len(TEXTS)))})
+    variants = {
+        "lz4-file.arrow": (ipc.new_file, table, "lz4"),
+        "zstd-stream.arrow": (ipc.new_stream, table, "zstd"),
+        "dictionary.arrow": (
+            ipc.new_stream,
+            table.set_column(0, "text", table.column("text").dictionary_encode()),
+            None,
+        ),
+    }
+    for name, (writer, data, codec) in variants.items():
+        path = os.path.join(OUT, "arrow", name)
+        with writer(path, data.schema, options=ipc.IpcWriteOptions(compression=codec)) as w:
+            w.write_table(data, max_chunksize=4)
+        expected[f"arrow/{name}"] = datasets.Dataset.from_file(path)["text"] if codec != "lz4" else (
+            ipc.open_file(path).read_all().column("text").to_pylist()
+        )
     expected = {k: list(v) for k, v in expected.items()}
     with open(os.path.join(OUT, "expected.json"), "w", encoding="utf-8") as f:
         json.dump(expected, f, ensure_ascii=False, indent=1)

@@ -558,6 +558,13 @@ fn datasets_folders_read_as_datasets_reads_them() {
         assert_eq!(documents, rows(key), "{folder} {split:?}");
         assert!(!documents.is_empty());
     }
+    // Single Arrow files as pyarrow writes them: compressed (lz4 file format, feather's
+    // default; zstd stream), and a dictionary-encoded text column.
+    for name in ["lz4-file.arrow", "zstd-stream.arrow", "dictionary.arrow"] {
+        let documents = documents_of(&dir.join("arrow").join(name), "text").unwrap();
+        assert_eq!(documents, rows(&format!("arrow/{name}")), "{name}");
+        assert_eq!(documents, rows("saved"), "{name}");
+    }
     // The sharded train split reads shard 0 then shard 1, rows in order.
     assert_eq!(rows("saved-dict/train"), rows("saved"));
 

@@ -271,7 +271,7 @@ fn hostile_weights_and_model_configs() {
     c.case(
         "no weights file",
         fill(&dir),
-        fails(&["no model.safetensors or pytorch_model.bin"]),
+        fails(&["no model.safetensors, model.safetensors.index.json or pytorch_model.bin"]),
     );
     let dir = hf_copy(root, "w-dir");
     std::fs::remove_file(dir.join("model.safetensors")).unwrap();
@@ -683,7 +683,7 @@ fn hostile_corpora() {
             "--out",
             &p(&root.join("k15")),
         ]),
-        fails(&["no-tokenizer", "tokenizer.json"]),
+        fails(&["no-tokenizer", "no such folder"]),
     );
 
     c.finish("hostile_corpora");

@@ -136,6 +136,13 @@ fn folder_without_config_or_weights() {
 
     let msg = load_error(&dir.path().join("absent")).to_string();
     assert!(msg.contains("no such checkpoint folder"), "{msg}");
+
+    let file = dir.path().join("tokenizer.json");
+    let msg = load_error(&file).to_string();
+    assert!(
+        msg.contains("tokenizer.json: a file, not a model folder"),
+        "{msg}"
+    );
 }
 
 #[test]

@@ -312,6 +312,14 @@ fn bad_options_are_refused_naming_the_flag() {
             &["--vocab-size", "256 byte symbols"],
         ),
         (
+            &["--model", "bpe", "--vocab-size", "261"],
+            &["--vocab-size", "261 leaves no room for merges"],
+        ),
+        (
+            &["--model-max-length", "0"],
+            &["--model-max-length", "no room for text"],
+        ),
+        (
             &["--model", "unigram", "--lowercase"],
             &["--lowercase", "--model wordpiece"],
         ),

@@ -200,7 +200,8 @@ fn arrow_batches(
 }
 
 fn read_arrow(path: &Path, field: &str, tx: &SyncSender<Item>) -> Result<(), DataError> {
-    use arrow_array::{Array, LargeStringArray, StringArray, StringViewArray};
+    use arrow_array::Array;
+    use arrow_array::cast::AsArray;
     use arrow_schema::DataType;
     let bad = |record: Option<u64>, reason: String| structured_error(path, record, reason);
     let schema = arrow_batches(path, None)?.schema();
@@ -214,11 +215,14 @@ fn read_arrow(path: &Path, field: &str, tx: &SyncSender<Item>) -> Result<(), Dat
             ),
         ));
     };
+    let is_text =
+        |t: &DataType| matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View);
     let data_type = column.data_type().clone();
-    if !matches!(
-        data_type,
-        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
-    ) {
+    let text_column = match &data_type {
+        DataType::Dictionary(_, values) => is_text(values),
+        other => is_text(other),
+    };
+    if !text_column {
         return Err(bad(
             None,
             format!(
@@ -231,27 +235,42 @@ fn read_arrow(path: &Path, field: &str, tx: &SyncSender<Item>) -> Result<(), Dat
     for batch in arrow_batches(path, Some(vec![index]))? {
         let batch = batch.map_err(|e| bad(Some(row + 1), format!("after row {row}: {e}")))?;
         let column = batch.column(0);
-        let any = column.as_any();
-        let text_at = |i: usize| -> Option<&str> {
-            if column.is_null(i) {
-                return None;
-            }
-            if let Some(a) = any.downcast_ref::<StringArray>() {
-                Some(a.value(i))
-            } else if let Some(a) = any.downcast_ref::<LargeStringArray>() {
-                Some(a.value(i))
-            } else {
-                any.downcast_ref::<StringViewArray>().map(|a| a.value(i))
-            }
-        };
+        // A dictionary-encoded column (pyarrow's `dictionary_encode`): each row's key into
+        // its values.
+        let dictionary = column.as_any_dictionary_opt();
+        let keys = dictionary
+            .filter(|d| !d.values().is_empty())
+            .map(|d| d.normalized_keys());
         for i in 0..batch.num_rows() {
             row += 1;
-            if tx.send(Ok(text_at(i).map(str::to_string))).is_err() {
+            let text = match (dictionary, &keys) {
+                _ if column.is_null(i) => None,
+                (Some(d), Some(keys)) => string_at(d.values().as_ref(), keys[i]),
+                (Some(_), None) => None,
+                (None, _) => string_at(column.as_ref(), i),
+            };
+            if tx.send(Ok(text.map(str::to_string))).is_err() {
                 return Ok(());
             }
         }
     }
     Ok(())
+}
+
+/// Row `i` of a string array (any of Arrow's three layouts); `None` for a null.
+fn string_at(array: &dyn arrow_array::Array, i: usize) -> Option<&str> {
+    use arrow_array::{LargeStringArray, StringArray, StringViewArray};
+    if array.is_null(i) {
+        return None;
+    }
+    let any = array.as_any();
+    if let Some(a) = any.downcast_ref::<StringArray>() {
+        Some(a.value(i))
+    } else if let Some(a) = any.downcast_ref::<LargeStringArray>() {
+        Some(a.value(i))
+    } else {
+        any.downcast_ref::<StringViewArray>().map(|a| a.value(i))
+    }
 }
 
 /// The records of a JSON file holding one array: objects (their `field`) or strings.

@@ -554,6 +554,24 @@ impl TrainOptions {
                 ),
             });
         }
+        if model == TokenizerModel::Bpe && self.vocab_size == min_vocab {
+            return Err(DataError::Config {
+                key: "vocab_size".to_string(),
+                reason: format!(
+                    "{} leaves no room for merges: {}; give more",
+                    self.vocab_size,
+                    model.min_vocab_reason()
+                ),
+            });
+        }
+        if self.model_max_length == 0 {
+            return Err(DataError::Config {
+                key: "model_max_length".to_string(),
+                reason: "0 tokens per input leaves no room for text; give the model's input \
+                         length (e.g. 512)"
+                    .to_string(),
+            });
+        }
         // The same bound as a model's vocab_size (masklm-model): far above any real tokenizer.
         if self.vocab_size > 1 << 24 {
             return Err(DataError::Config {

@@ -53,9 +53,12 @@ pub use modernbert::{
 /// Why a checkpoint folder could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
-    /// The folder (or file given as a folder) does not exist.
+    /// The folder does not exist.
     #[error("{0}: no such checkpoint folder")]
     NoFolder(PathBuf),
+    /// A file given where a model folder belongs.
+    #[error("{0}: a file, not a model folder; give the folder that holds it")]
+    FileNotFolder(PathBuf),
     /// No `config.json` in the folder.
     #[error(
         "{0}: no config.json; a Hugging Face checkpoint folder holds config.json and model.safetensors"
@@ -492,6 +495,9 @@ pub fn load_model(
 
 /// `DIR/config.json` of a Hub folder, or why `dir` is not one.
 pub(crate) fn config_path(dir: &Path) -> Result<PathBuf, HubError> {
+    if dir.is_file() {
+        return Err(HubError::FileNotFolder(dir.to_path_buf()));
+    }
     if !dir.is_dir() {
         return Err(HubError::NoFolder(dir.to_path_buf()));
     }

@@ -21,7 +21,7 @@ pub struct CorpusArgs {
     /// `datasets` folders (save_to_disk, the load_dataset cache).
     #[arg(long, required = true, num_args = 1..)]
     pub input: Vec<String>,
-    /// JSON Lines field holding the text.
+    /// The field (JSON) or column (Parquet, Arrow, `datasets` folders) holding the text.
     #[arg(long, default_value = "text")]
     pub text_field: String,
     /// Plain text: one document per blank-line-separated paragraph instead of per line.
