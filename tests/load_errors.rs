@@ -138,6 +138,7 @@ fn folder_without_config_or_weights() {
     assert!(msg.contains("no such checkpoint folder"), "{msg}");
 
     let file = dir.path().join("tokenizer.json");
+    std::fs::write(&file, "{}").unwrap();
     let msg = load_error(&file).to_string();
     assert!(
         msg.contains("tokenizer.json: a file, not a model folder"),
