@@ -114,6 +114,9 @@ pub enum HubError {
         #[source]
         source: ConfigError,
     },
+    /// A tokenizer_config.json that export cannot read (it is rewritten, not copied).
+    #[error("{path}: {reason}; fix the file or remove it from the tokenizer folder")]
+    TokenizerConfig { path: PathBuf, reason: String },
     /// The weights file could not be parsed (truncated download, wrong format).
     #[error("{path}: cannot read weights ({reason}); the file may be truncated: download it again")]
     ReadWeights { path: PathBuf, reason: String },
@@ -807,17 +810,17 @@ pub(crate) fn write_folder(
 /// "unlimited" 1e30, so the exported model's fill-mask pipeline would not truncate a long text
 /// and fail inside the model instead.
 fn capped_tokenizer_config(path: &Path, max_tokens: usize) -> Result<String, HubError> {
-    let text = std::fs::read_to_string(path).map_err(|e| HubError::ReadWeights {
+    let text = std::fs::read_to_string(path).map_err(|e| HubError::TokenizerConfig {
         path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
     let mut value: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| HubError::ReadWeights {
+        serde_json::from_str(&text).map_err(|e| HubError::TokenizerConfig {
             path: path.to_path_buf(),
             reason: format!("not valid JSON: {e}"),
         })?;
     let Some(object) = value.as_object_mut() else {
-        return Err(HubError::ReadWeights {
+        return Err(HubError::TokenizerConfig {
             path: path.to_path_buf(),
             reason: "not a JSON object".to_string(),
         });
