@@ -337,7 +337,7 @@ impl RobertaSelfAttention {
             .active(&device)
             .then_some(&draw as &dyn Fn(usize) -> Vec<f32>);
         if let Some(context) =
-            crate::cpu_ops::attention(&q, &k, &v, self.num_heads, &mask.bias, dropout)
+            crate::cpu_ops::attention(&q, &k, &v, self.num_heads, &mask.bias, None, dropout)
         {
             return context;
         }

@@ -9,9 +9,14 @@ use super::*;
 /// also serves where the fused kernel would (same function without dropout). `None` unless q,
 /// k and v are f32 flex tensors (all autodiff or all plain); the caller then runs burn's ops.
 ///
+/// `runs` (packed rows): the `(first token, length)` runs of the flattened `[batch * seq]`
+/// token axis that attend only among themselves, one per document; tokens outside every run
+/// (a packed row's padding) get a zero output and gradient, and the dropout mask holds
+/// `heads * length^2` entries per run, run by run. `None`: each row is one run.
+///
 /// burn's path reshapes to `[batch, heads, seq, head_dim]` (copies), runs batched matmuls
 /// whose outputs flex allocates zeroed and then copies, and differentiates scale, bias add,
-/// softmax, dropout and both matmuls node by node. Here each (batch, head) is one rayon task
+/// softmax, dropout and both matmuls node by node. Here each (run, head) is one rayon task
 /// of four small gemms reading the projections in place (a head is a column block of
 /// `[seq, hidden]`), forward and backward.
 pub(crate) fn attention(
@@ -20,9 +25,10 @@ pub(crate) fn attention(
     v: &Tensor<3>,
     heads: usize,
     bias: &Tensor<4>,
+    runs: Option<&[(usize, usize)]>,
     dropout: Option<&dyn Fn(usize) -> Vec<f32>>,
 ) -> Option<Tensor<3>> {
-    let shape = Attention::of(q, k, v, heads, bias)?;
+    let shape = Attention::of(q, k, v, heads, bias, runs)?;
     let bias: Vec<f32> = bias.to_data().convert::<f32>().try_into_vec::<f32>().ok()?;
     run(shape, q, k, v, &bias, dropout)
 }
@@ -118,12 +124,16 @@ pub(super) fn run<K: Kernel>(
     None
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(super) struct Attention {
     pub(super) batch: usize,
     pub(super) seq: usize,
     pub(super) hidden: usize,
     pub(super) heads: usize,
+    /// The runs of tokens that attend among themselves, `(first token, length)` on the
+    /// flattened `[batch * seq]` axis: every row, or every document of packed rows. Task
+    /// `t` is head `t % heads` of run `t / heads`.
+    pub(super) runs: std::sync::Arc<Vec<(usize, usize)>>,
 }
 
 #[derive(Debug, Clone)]
@@ -162,15 +172,27 @@ impl Attention {
         v: &Tensor<3>,
         heads: usize,
         bias: &Tensor<4>,
+        runs: Option<&[(usize, usize)]>,
     ) -> Option<Self> {
         let [batch, seq, hidden] = q.dims();
         let f32_inputs = [q.dtype(), k.dtype(), v.dtype(), bias.dtype()]
             .iter()
             .all(|&d| d == DType::F32);
+        let runs = match runs {
+            Some(runs) => runs.to_vec(),
+            None => (0..batch).map(|b| (b * seq, seq)).collect(),
+        };
+        // Runs inside one row each, non-empty and disjoint (in order).
+        let runs_fit = runs
+            .iter()
+            .all(|&(start, len)| len > 0 && start / seq.max(1) == (start + len - 1) / seq.max(1))
+            && runs.windows(2).all(|w| w[0].0 + w[0].1 <= w[1].0)
+            && runs.last().is_none_or(|&(s, l)| s + l <= batch * seq);
         (f32_inputs
             && heads > 0
             && hidden % heads == 0
             && batch * seq * hidden > 0
+            && runs_fit
             && k.dims() == q.dims()
             && v.dims() == q.dims()
             && bias.dims() == [batch, 1, 1, seq])
@@ -179,6 +201,7 @@ impl Attention {
             seq,
             hidden,
             heads,
+            runs: std::sync::Arc::new(runs),
         })
     }
 
@@ -186,24 +209,63 @@ impl Attention {
         self.hidden / self.heads
     }
 
-    fn block(&self, task: usize) -> usize {
-        head_block(self.seq, self.hidden, self.heads, task)
+    /// Tasks: (run, head) pairs.
+    pub(super) fn tasks(&self) -> usize {
+        self.runs.len() * self.heads
+    }
+
+    /// Task `task`'s run `(first token, length)`.
+    pub(super) fn run_of(&self, task: usize) -> (usize, usize) {
+        self.runs[task / self.heads]
+    }
+
+    /// Offset of task `task`'s `[length, head_dim]` block (row stride `hidden`) in a
+    /// `[batch, seq, hidden]` tensor.
+    pub(super) fn block(&self, task: usize) -> usize {
+        self.run_of(task).0 * self.hidden + (task % self.heads) * self.head_dim()
     }
 }
 
-/// Offset of (batch b, head h)'s `[seq, head_dim]` block in a `[batch, seq, hidden]` tensor,
-/// `task = b * heads + h`.
-pub(super) fn head_block(seq: usize, hidden: usize, heads: usize, task: usize) -> usize {
-    let (b, h) = (task / heads, task % heads);
-    b * seq * hidden + h * (hidden / heads)
+/// `buf` cut into consecutive chunks of `lens` (which sum to at most its length).
+pub(super) fn split_lens<'a>(mut buf: &'a mut [f32], lens: &[usize]) -> Vec<&'a mut [f32]> {
+    let mut out = Vec::with_capacity(lens.len());
+    for &n in lens {
+        let (chunk, rest) = std::mem::take(&mut buf).split_at_mut(n);
+        out.push(chunk);
+        buf = rest;
+    }
+    out
+}
+
+/// The start of each of `lens`' chunks, and their total.
+pub(super) fn offsets(lens: &[usize]) -> (Vec<usize>, usize) {
+    let mut total = 0;
+    let starts = lens
+        .iter()
+        .map(|&n| {
+            total += n;
+            total - n
+        })
+        .collect();
+    (starts, total)
+}
+
+impl Attention {
+    /// Probability elements per task: `length^2` of its run.
+    fn task_sizes(&self) -> Vec<usize> {
+        (0..self.tasks())
+            .map(|t| self.run_of(t).1 * self.run_of(t).1)
+            .collect()
+    }
 }
 
 impl Kernel for Attention {
     fn mask_len(&self) -> usize {
-        self.batch * self.heads * self.seq * self.seq
+        self.task_sizes().iter().sum()
     }
 
-    /// Probabilities `[batch, heads, seq, seq]`.
+    /// Probabilities `[length, length]` per task, task after task (`[batch, heads, seq, seq]`
+    /// for unpacked rows).
     fn forward(
         &self,
         q: &[f32],
@@ -212,27 +274,28 @@ impl Kernel for Attention {
         bias: &[f32],
         dropout: Option<&Vec<f32>>,
     ) -> (Vec<f32>, Vec<f32>) {
-        let Attention {
-            seq, hidden, heads, ..
-        } = *self;
+        let hidden = self.hidden;
         let d = self.head_dim();
         let scale = 1.0 / (d as f32).sqrt();
         let mut context = zeros(q.len());
         let out = SharedMut(context.as_mut_ptr());
-        let mut probs = zeros(self.batch * heads * seq * seq);
-        probs
-            .par_chunks_mut(seq * seq)
+        let sizes = self.task_sizes();
+        let (starts, total) = offsets(&sizes);
+        let mut probs = zeros(total);
+        split_lens(&mut probs, &sizes)
+            .into_par_iter()
             .enumerate()
             .for_each(|(task, p)| {
                 let at = self.block(task);
-                let bias = &bias[(task / heads) * seq..][..seq];
-                // SAFETY: the blocks addressed are inside q, k (`at + (seq-1)*hidden + d <= len`)
+                let (first, len) = self.run_of(task);
+                let bias = &bias[first..][..len];
+                // SAFETY: the blocks addressed are inside q, k (`at + (len-1)*hidden + d <= len`)
                 // and p; `out` is written only in this task's block.
                 unsafe {
                     // scores = q k^T / sqrt(d); k^T[a][j] = k[j][a].
                     gemm_into(
-                        (seq, seq, d),
-                        (p.as_mut_ptr(), seq as isize, 1),
+                        (len, len, d),
+                        (p.as_mut_ptr(), len as isize, 1),
                         (q.as_ptr().add(at), hidden as isize, 1),
                         (k.as_ptr().add(at), 1, hidden as isize),
                         scale,
@@ -241,21 +304,21 @@ impl Kernel for Attention {
                     );
                 }
                 simd(|| {
-                    for row in p.chunks_mut(seq) {
+                    for row in p.chunks_mut(len) {
                         for (s, &b) in row.iter_mut().zip(bias) {
                             *s += b;
                         }
                         softmax_in_place(row);
                     }
                 });
-                let mask = dropout.map(|m| &m[task * seq * seq..][..seq * seq]);
+                let mask = dropout.map(|m| &m[starts[task]..][..len * len]);
                 let dropped = with_dropout(p, mask);
                 // SAFETY: as above; context's block for this task is written by this task only.
                 unsafe {
                     gemm_into(
-                        (seq, d, seq),
+                        (len, d, len),
                         (out.at(at), hidden as isize, 1),
-                        (dropped.as_ptr(), seq as isize, 1),
+                        (dropped.as_ptr(), len as isize, 1),
                         (v.as_ptr().add(at), hidden as isize, 1),
                         1.0,
                         false,
@@ -267,7 +330,7 @@ impl Kernel for Attention {
     }
 
     fn backward(&self, state: &AttentionState<Self>, g: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-        let Attention { seq, hidden, .. } = *self;
+        let hidden = self.hidden;
         let d = self.head_dim();
         let scale = 1.0 / (d as f32).sqrt();
         let (q, k, v) = (
@@ -281,75 +344,75 @@ impl Kernel for Attention {
             SharedMut(dk.as_mut_ptr()),
             SharedMut(dv.as_mut_ptr()),
         );
-        state
-            .probs
-            .par_chunks(seq * seq)
-            .enumerate()
-            .for_each(|(task, p)| {
-                let at = self.block(task);
-                let mask = state
-                    .dropout
-                    .as_ref()
-                    .map(|m| &m[task * seq * seq..][..seq * seq]);
-                let mut dp = vec![0.0f32; seq * seq];
-                // SAFETY: every block is inside its buffer; the outputs' blocks are this task's.
-                unsafe {
-                    // dP' = g v^T; v^T[a][j] = v[j][a].
-                    gemm_into(
-                        (seq, seq, d),
-                        (dp.as_mut_ptr(), seq as isize, 1),
-                        (g.as_ptr().add(at), hidden as isize, 1),
-                        (v.as_ptr().add(at), 1, hidden as isize),
-                        1.0,
-                        false,
-                        false,
-                    );
-                    // dv = P'^T g, P' = P * mask.
-                    let dropped = with_dropout(p, mask);
-                    gemm_into(
-                        (seq, d, seq),
-                        (dv_p.at(at), hidden as isize, 1),
-                        (dropped.as_ptr(), 1, seq as isize),
-                        (g.as_ptr().add(at), hidden as isize, 1),
-                        1.0,
-                        false,
-                        false,
-                    );
-                }
-                simd(|| {
-                    // dP = dP' * mask; dS = P * (dP - rowsum(dP * P)).
-                    for (r, (ds, p)) in dp.chunks_mut(seq).zip(p.chunks(seq)).enumerate() {
-                        if let Some(m) = mask {
-                            for (ds, &m) in ds.iter_mut().zip(&m[r * seq..][..seq]) {
-                                *ds *= m;
-                            }
+        let sizes = self.task_sizes();
+        let (starts, _) = offsets(&sizes);
+        (0..self.tasks()).into_par_iter().for_each(|task| {
+            let at = self.block(task);
+            let len = self.run_of(task).1;
+            let p = &state.probs[starts[task]..][..len * len];
+            let mask = state
+                .dropout
+                .as_ref()
+                .map(|m| &m[starts[task]..][..len * len]);
+            let mut dp = vec![0.0f32; len * len];
+            // SAFETY: every block is inside its buffer; the outputs' blocks are this task's.
+            unsafe {
+                // dP' = g v^T; v^T[a][j] = v[j][a].
+                gemm_into(
+                    (len, len, d),
+                    (dp.as_mut_ptr(), len as isize, 1),
+                    (g.as_ptr().add(at), hidden as isize, 1),
+                    (v.as_ptr().add(at), 1, hidden as isize),
+                    1.0,
+                    false,
+                    false,
+                );
+                // dv = P'^T g, P' = P * mask.
+                let dropped = with_dropout(p, mask);
+                gemm_into(
+                    (len, d, len),
+                    (dv_p.at(at), hidden as isize, 1),
+                    (dropped.as_ptr(), 1, len as isize),
+                    (g.as_ptr().add(at), hidden as isize, 1),
+                    1.0,
+                    false,
+                    false,
+                );
+            }
+            simd(|| {
+                // dP = dP' * mask; dS = P * (dP - rowsum(dP * P)).
+                for (r, (ds, p)) in dp.chunks_mut(len).zip(p.chunks(len)).enumerate() {
+                    if let Some(m) = mask {
+                        for (ds, &m) in ds.iter_mut().zip(&m[r * len..][..len]) {
+                            *ds *= m;
                         }
-                        softmax_grad_in_place(p, ds);
                     }
-                });
-                // SAFETY: as above.
-                unsafe {
-                    // dq = dS k / sqrt(d); dk = dS^T q / sqrt(d).
-                    gemm_into(
-                        (seq, d, seq),
-                        (dq_p.at(at), hidden as isize, 1),
-                        (dp.as_ptr(), seq as isize, 1),
-                        (k.as_ptr().add(at), hidden as isize, 1),
-                        scale,
-                        false,
-                        false,
-                    );
-                    gemm_into(
-                        (seq, d, seq),
-                        (dk_p.at(at), hidden as isize, 1),
-                        (dp.as_ptr(), 1, seq as isize),
-                        (q.as_ptr().add(at), hidden as isize, 1),
-                        scale,
-                        false,
-                        false,
-                    );
+                    softmax_grad_in_place(p, ds);
                 }
             });
+            // SAFETY: as above.
+            unsafe {
+                // dq = dS k / sqrt(d); dk = dS^T q / sqrt(d).
+                gemm_into(
+                    (len, d, len),
+                    (dq_p.at(at), hidden as isize, 1),
+                    (dp.as_ptr(), len as isize, 1),
+                    (k.as_ptr().add(at), hidden as isize, 1),
+                    scale,
+                    false,
+                    false,
+                );
+                gemm_into(
+                    (len, d, len),
+                    (dk_p.at(at), hidden as isize, 1),
+                    (dp.as_ptr(), 1, len as isize),
+                    (q.as_ptr().add(at), hidden as isize, 1),
+                    scale,
+                    false,
+                    false,
+                );
+            }
+        });
         (dq, dk, dv)
     }
 }
@@ -420,7 +483,7 @@ mod tests {
                     let draw = dropout
                         .is_some()
                         .then_some(&draw as &dyn Fn(usize) -> Vec<f32>);
-                    attention(&q3, &k3, &v3, heads, &bias, draw).expect("f32 flex autodiff")
+                    attention(&q3, &k3, &v3, heads, &bias, None, draw).expect("f32 flex autodiff")
                 } else {
                     let split = |t: Tensor<3>| t.reshape([batch, seq, heads, d]).swap_dims(1, 2);
                     let scores = split(q3).matmul(split(k3).swap_dims(2, 3)) / (d as f64).sqrt();

@@ -1,7 +1,7 @@
 //! Sliding-window (local) multi-head attention, as ModernBERT's local layers compute it, in
 //! O(seq * window) rather than O(seq^2).
 
-use super::attention::{Attention, AttentionState, Kernel, SharedMut, head_block, run};
+use super::attention::{Attention, AttentionState, Kernel, SharedMut, offsets, run, split_lens};
 use super::*;
 use std::sync::Arc;
 
@@ -31,16 +31,21 @@ const BLOCK: usize = 32;
 /// `start(i) = min(i.saturating_sub(half), seq - width)`, every key in `i`'s window among them
 /// (entries for keys outside the window are drawn but unused). A window that covers the whole
 /// sequence (`half >= seq - 1`) gives `width = seq`, `start = 0`: the dense kernel's layout.
+///
+/// `runs` (packed rows): as in [`super::attention`], each document attends only within itself
+/// (its own window, clipped at its ends, as when it is run alone); `seq` above is then each
+/// run's length and the mask is laid out run by run.
 pub(crate) fn attention_windowed(
     q: &Tensor<3>,
     k: &Tensor<3>,
     v: &Tensor<3>,
     heads: usize,
     bias: &Tensor<4>,
+    runs: Option<&[(usize, usize)]>,
     local_attention: usize,
     dropout: Option<&dyn Fn(usize) -> Vec<f32>>,
 ) -> Option<Tensor<3>> {
-    let shape = Attention::of(q, k, v, heads, bias)?;
+    let shape = Attention::of(q, k, v, heads, bias, runs)?;
     let bias: Vec<f32> = bias.to_data().convert::<f32>().try_into_vec::<f32>().ok()?;
     let window = Window::new(shape, local_attention / 2, &bias);
     run(window, q, k, v, &bias, dropout)
@@ -49,28 +54,34 @@ pub(crate) fn attention_windowed(
 #[derive(Debug, Clone)]
 pub(super) struct Window {
     shape: Attention,
-    /// Keys `i - half ..= i + half` are in query `i`'s window; at most `seq - 1`.
+    /// Keys `i - half ..= i + half` are in query `i`'s window (before clipping to its run).
     half: usize,
-    /// Queries whose window holds only pads, `[batch, seq]`.
+    /// Queries whose window holds only pads, per token of the flattened `[batch * seq]` axis.
     empty: Arc<Vec<bool>>,
+}
+
+/// One run's geometry: `seq` tokens, windows of `half` each side (at most `seq - 1`).
+#[derive(Debug, Clone, Copy)]
+struct Band {
+    seq: usize,
+    half: usize,
 }
 
 impl Window {
     fn new(shape: Attention, half: usize, bias: &[f32]) -> Self {
-        let seq = shape.seq;
-        let half = half.min(seq - 1);
-        let mut empty = Vec::with_capacity(shape.batch * seq);
-        for row in bias.chunks(seq) {
+        let mut empty = vec![false; shape.batch * shape.seq];
+        for &(first, seq) in shape.runs.iter() {
+            let half = half.min(seq - 1);
             // tokens[j] = number of non-pad keys before j.
             let mut tokens = Vec::with_capacity(seq + 1);
             tokens.push(0usize);
-            for &b in row {
+            for &b in &bias[first..][..seq] {
                 tokens.push(tokens[tokens.len() - 1] + usize::from(b > f32::MIN));
             }
-            empty.extend((0..seq).map(|i| {
+            for (i, e) in empty[first..][..seq].iter_mut().enumerate() {
                 let (lo, hi) = (i.saturating_sub(half), (i + half + 1).min(seq));
-                tokens[hi] == tokens[lo]
-            }));
+                *e = tokens[hi] == tokens[lo];
+            }
         }
         Self {
             shape,
@@ -79,76 +90,36 @@ impl Window {
         }
     }
 
-    /// Width of a dropout-mask row (see [`attention_windowed`]).
-    fn width(&self) -> usize {
-        (2 * self.half + 1).min(self.shape.seq)
-    }
-
-    /// The first key of query `i`'s dropout-mask row.
-    fn mask_start(&self, i: usize) -> usize {
-        i.saturating_sub(self.half)
-            .min(self.shape.seq - self.width())
-    }
-
-    /// Keys any query of `i0..i1` sees: `k0..k1`.
-    fn keys(&self, i0: usize, i1: usize) -> (usize, usize) {
-        (
-            i0.saturating_sub(self.half),
-            (i1 + self.half).min(self.shape.seq),
-        )
-    }
-
-    /// Row stride of a block's stored probabilities: the widest key range of a block.
-    fn span(&self) -> usize {
-        (BLOCK + 2 * self.half).min(self.shape.seq)
-    }
-
-    /// Stored probabilities per (batch, head): every block, `BLOCK` rows of `span`.
-    fn per_task(&self) -> usize {
-        self.shape.seq.div_ceil(BLOCK) * BLOCK * self.span()
-    }
-
-    /// Query `i`'s window as columns `lo..hi` of its block, whose keys start at `k0`.
-    fn band(&self, i: usize, k0: usize) -> (usize, usize) {
-        (
-            i.saturating_sub(self.half) - k0,
-            (i + self.half + 1).min(self.shape.seq) - k0,
-        )
-    }
-
-    /// A block's probabilities after dropout (`p` itself without): `rows` rows of `span`,
-    /// the mask read from task `task`'s rows `i0..`.
-    fn dropped<'a>(
-        &self,
-        p: &'a [f32],
-        mask: Option<&[f32]>,
-        (task, i0, k0): (usize, usize, usize),
-        rows: usize,
-    ) -> std::borrow::Cow<'a, [f32]> {
-        let Some(mask) = mask else {
-            return std::borrow::Cow::Borrowed(p);
-        };
-        let (span, width, seq) = (self.span(), self.width(), self.shape.seq);
-        let mut out = vec![0.0f32; rows * span];
-        for r in 0..rows {
-            let i = i0 + r;
-            let (lo, hi) = self.band(i, k0);
-            let m = &mask[(task * seq + i) * width + (k0 + lo - self.mask_start(i))..][..hi - lo];
-            for ((o, &p), &m) in out[r * span + lo..][..hi - lo]
-                .iter_mut()
-                .zip(&p[r * span + lo..][..hi - lo])
-                .zip(m)
-            {
-                *o = p * m;
-            }
+    /// Task `task`'s run geometry.
+    fn band_of(&self, task: usize) -> Band {
+        let seq = self.shape.run_of(task).1;
+        Band {
+            seq,
+            half: self.half.min(seq - 1),
         }
-        std::borrow::Cow::Owned(out)
+    }
+
+    /// Dropout-mask elements per task: `seq * width` of its run.
+    fn mask_sizes(&self) -> Vec<usize> {
+        (0..self.shape.tasks())
+            .map(|t| {
+                let band = self.band_of(t);
+                band.seq * band.width()
+            })
+            .collect()
+    }
+
+    /// Stored probabilities per task.
+    fn prob_sizes(&self) -> Vec<usize> {
+        (0..self.shape.tasks())
+            .map(|t| self.band_of(t).per_task())
+            .collect()
     }
 
     /// The mean of all `seq` values of the head at `at`: the output of a query whose window
     /// holds only pads.
-    fn mean_value(&self, v: &[f32], at: usize) -> Vec<f32> {
-        let Attention { seq, hidden, .. } = self.shape;
+    fn mean_value(&self, v: &[f32], at: usize, seq: usize) -> Vec<f32> {
+        let hidden = self.shape.hidden;
         let d = self.shape.head_dim();
         let mut mean = vec![0.0f32; d];
         for j in 0..seq {
@@ -162,13 +133,77 @@ impl Window {
     }
 }
 
-impl Kernel for Window {
-    fn mask_len(&self) -> usize {
-        self.shape.batch * self.shape.heads * self.shape.seq * self.width()
+impl Band {
+    /// Width of a dropout-mask row (see [`attention_windowed`]).
+    fn width(&self) -> usize {
+        (2 * self.half + 1).min(self.seq)
     }
 
-    /// Probabilities per (batch, head), per block of [`BLOCK`] queries `i0..`: `[BLOCK, span]`,
-    /// column `c` the key `k0 + c` (see [`Window::keys`]), 0 outside each query's window.
+    /// The first key of query `i`'s dropout-mask row.
+    fn mask_start(&self, i: usize) -> usize {
+        i.saturating_sub(self.half).min(self.seq - self.width())
+    }
+
+    /// Keys any query of `i0..i1` sees: `k0..k1`.
+    fn keys(&self, i0: usize, i1: usize) -> (usize, usize) {
+        (i0.saturating_sub(self.half), (i1 + self.half).min(self.seq))
+    }
+
+    /// Row stride of a block's stored probabilities: the widest key range of a block.
+    fn span(&self) -> usize {
+        (BLOCK + 2 * self.half).min(self.seq)
+    }
+
+    /// Stored probabilities per task: every block, `BLOCK` rows of `span`.
+    fn per_task(&self) -> usize {
+        self.seq.div_ceil(BLOCK) * BLOCK * self.span()
+    }
+
+    /// Query `i`'s window as columns `lo..hi` of its block, whose keys start at `k0`.
+    fn band(&self, i: usize, k0: usize) -> (usize, usize) {
+        (
+            i.saturating_sub(self.half) - k0,
+            (i + self.half + 1).min(self.seq) - k0,
+        )
+    }
+
+    /// A block's probabilities after dropout (`p` itself without): `rows` rows of `span`,
+    /// the mask read from the task's mask rows `i0..`.
+    fn dropped<'a>(
+        &self,
+        p: &'a [f32],
+        mask: Option<&[f32]>,
+        (i0, k0): (usize, usize),
+        rows: usize,
+    ) -> std::borrow::Cow<'a, [f32]> {
+        let Some(mask) = mask else {
+            return std::borrow::Cow::Borrowed(p);
+        };
+        let (span, width) = (self.span(), self.width());
+        let mut out = vec![0.0f32; rows * span];
+        for r in 0..rows {
+            let i = i0 + r;
+            let (lo, hi) = self.band(i, k0);
+            let m = &mask[i * width + (k0 + lo - self.mask_start(i))..][..hi - lo];
+            for ((o, &p), &m) in out[r * span + lo..][..hi - lo]
+                .iter_mut()
+                .zip(&p[r * span + lo..][..hi - lo])
+                .zip(m)
+            {
+                *o = p * m;
+            }
+        }
+        std::borrow::Cow::Owned(out)
+    }
+}
+
+impl Kernel for Window {
+    fn mask_len(&self) -> usize {
+        self.mask_sizes().iter().sum()
+    }
+
+    /// Probabilities per task, per block of [`BLOCK`] queries `i0..`: `[BLOCK, span]`,
+    /// column `c` the key `k0 + c` (see [`Band::keys`]), 0 outside each query's window.
     fn forward(
         &self,
         q: &[f32],
@@ -177,29 +212,29 @@ impl Kernel for Window {
         bias: &[f32],
         dropout: Option<&Vec<f32>>,
     ) -> (Vec<f32>, Vec<f32>) {
-        let Attention {
-            batch,
-            seq,
-            hidden,
-            heads,
-        } = self.shape;
+        let hidden = self.shape.hidden;
         let d = self.shape.head_dim();
         let scale = 1.0 / (d as f32).sqrt();
-        let span = self.span();
         let mut context = zeros(q.len());
         let out = SharedMut(context.as_mut_ptr());
-        let mut probs = zeros(batch * heads * self.per_task());
-        probs
-            .par_chunks_mut(self.per_task())
+        let sizes = self.prob_sizes();
+        let (_, total) = offsets(&sizes);
+        let (mask_starts, _) = offsets(&self.mask_sizes());
+        let mut probs = zeros(total);
+        split_lens(&mut probs, &sizes)
+            .into_par_iter()
             .enumerate()
             .for_each(|(task, probs)| {
-                let at = head_block(seq, hidden, heads, task);
-                let bias = &bias[(task / heads) * seq..][..seq];
-                let empty = &self.empty[(task / heads) * seq..][..seq];
-                let mask = dropout.map(|m| m.as_slice());
+                let at = self.shape.block(task);
+                let band = self.band_of(task);
+                let (first, seq) = (self.shape.run_of(task).0, band.seq);
+                let span = band.span();
+                let bias = &bias[first..][..seq];
+                let empty = &self.empty[first..][..seq];
+                let mask = dropout.map(|m| &m[mask_starts[task]..][..seq * band.width()]);
                 for (block, p) in probs.chunks_mut(BLOCK * span).enumerate() {
                     let (i0, i1) = (block * BLOCK, (block * BLOCK + BLOCK).min(seq));
-                    let (k0, k1) = self.keys(i0, i1);
+                    let (k0, k1) = band.keys(i0, i1);
                     // SAFETY: rows i0..i1 of q and k0..k1 of k/v lie inside the head's block
                     // (`at + (seq - 1) * hidden + d <= len`), p holds `(i1 - i0) * span`
                     // elements with `k1 - k0 <= span`, and context's rows i0..i1 of this head
@@ -219,7 +254,7 @@ impl Kernel for Window {
                     simd(|| {
                         for (r, row) in p.chunks_mut(span).take(i1 - i0).enumerate() {
                             let i = i0 + r;
-                            let (lo, hi) = self.band(i, k0);
+                            let (lo, hi) = band.band(i, k0);
                             if empty[i] {
                                 row.fill(0.0);
                                 continue;
@@ -232,7 +267,7 @@ impl Kernel for Window {
                             softmax_in_place(&mut row[lo..hi]);
                         }
                     });
-                    let dropped = self.dropped(p, mask, (task, i0, k0), i1 - i0);
+                    let dropped = band.dropped(p, mask, (i0, k0), i1 - i0);
                     // SAFETY: as above.
                     unsafe {
                         gemm_into(
@@ -247,7 +282,7 @@ impl Kernel for Window {
                     }
                 }
                 if empty.iter().any(|&e| e) {
-                    let mean = self.mean_value(v, at);
+                    let mean = self.mean_value(v, at, seq);
                     for i in (0..seq).filter(|&i| empty[i]) {
                         // SAFETY: row i of this head's block, written by this task only.
                         let row =
@@ -260,12 +295,9 @@ impl Kernel for Window {
     }
 
     fn backward(&self, state: &AttentionState<Self>, g: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-        let Attention {
-            seq, hidden, heads, ..
-        } = self.shape;
+        let hidden = self.shape.hidden;
         let d = self.shape.head_dim();
         let scale = 1.0 / (d as f32).sqrt();
-        let span = self.span();
         let (q, k, v) = (
             f32_slice(&state.q),
             f32_slice(&state.k),
@@ -277,105 +309,111 @@ impl Kernel for Window {
             SharedMut(dk.as_mut_ptr()),
             SharedMut(dv.as_mut_ptr()),
         );
-        let mask = state.dropout.as_ref().map(|m| m.as_slice());
-        state
-            .probs
-            .par_chunks(self.per_task())
-            .enumerate()
-            .for_each(|(task, probs)| {
-                let at = head_block(seq, hidden, heads, task);
-                let mut dp = vec![0.0f32; BLOCK * span];
-                for (block, p) in probs.chunks(BLOCK * span).enumerate() {
-                    let (i0, i1) = (block * BLOCK, (block * BLOCK + BLOCK).min(seq));
-                    let (k0, k1) = self.keys(i0, i1);
-                    let (rows, keys) = (i1 - i0, k1 - k0);
-                    let dropped = self.dropped(p, mask, (task, i0, k0), rows);
-                    // SAFETY: as in the forward; dv, dk rows k0..k1 and dq rows i0..i1 of this
-                    // head are written by this task only.
-                    unsafe {
-                        // dP' = g v^T; v^T[a][j] = v[j][a].
-                        gemm_into(
-                            (rows, keys, d),
-                            (dp.as_mut_ptr(), span as isize, 1),
-                            (g.as_ptr().add(at + i0 * hidden), hidden as isize, 1),
-                            (v.as_ptr().add(at + k0 * hidden), 1, hidden as isize),
-                            1.0,
-                            false,
-                            false,
-                        );
-                        // dv += P'^T g, P' = P * mask (blocks overlap in keys: accumulate).
-                        gemm_into(
-                            (keys, d, rows),
-                            (dv_p.at(at + k0 * hidden), hidden as isize, 1),
-                            (dropped.as_ptr(), 1, span as isize),
-                            (g.as_ptr().add(at + i0 * hidden), hidden as isize, 1),
-                            1.0,
-                            true,
-                            false,
-                        );
-                    }
-                    simd(|| {
-                        // dP = dP' * mask; dS = P * (dP - rowsum(dP * P)) inside the window.
-                        for (r, (ds, p)) in dp
-                            .chunks_mut(span)
-                            .zip(p.chunks(span))
-                            .take(rows)
-                            .enumerate()
-                        {
-                            let i = i0 + r;
-                            let (lo, hi) = self.band(i, k0);
-                            if let Some(mask) = mask {
-                                let m = &mask[(task * seq + i) * self.width()
-                                    + (k0 + lo - self.mask_start(i))..][..hi - lo];
-                                for (ds, &m) in ds[lo..hi].iter_mut().zip(m) {
-                                    *ds *= m;
-                                }
-                            }
-                            softmax_grad_in_place(&p[lo..hi], &mut ds[lo..hi]);
-                            ds[..lo].fill(0.0);
-                            ds[hi..].fill(0.0);
-                        }
-                    });
-                    // SAFETY: as above.
-                    unsafe {
-                        // dq = dS k / sqrt(d); dk += dS^T q / sqrt(d).
-                        gemm_into(
-                            (rows, d, keys),
-                            (dq_p.at(at + i0 * hidden), hidden as isize, 1),
-                            (dp.as_ptr(), span as isize, 1),
-                            (k.as_ptr().add(at + k0 * hidden), hidden as isize, 1),
-                            scale,
-                            false,
-                            false,
-                        );
-                        gemm_into(
-                            (keys, d, rows),
-                            (dk_p.at(at + k0 * hidden), hidden as isize, 1),
-                            (dp.as_ptr(), 1, span as isize),
-                            (q.as_ptr().add(at + i0 * hidden), hidden as isize, 1),
-                            scale,
-                            true,
-                            false,
-                        );
-                    }
-                }
-                let empty = &self.empty[(task / heads) * seq..][..seq];
-                if empty.iter().any(|&e| e) {
-                    let len = (seq - 1) * hidden + d;
-                    // The offset of row j of this head in dq, dk, dv.
-                    let rows = |p: SharedMut| SharedMut(p.at(at));
-                    self.uniform_backward(
-                        empty,
-                        (
-                            &q[at..at + len],
-                            &k[at..at + len],
-                            &v[at..at + len],
-                            &g[at..at + len],
-                        ),
-                        (rows(dq_p), rows(dk_p), rows(dv_p)),
+        let sizes = self.prob_sizes();
+        let (starts, _) = offsets(&sizes);
+        let (mask_starts, _) = offsets(&self.mask_sizes());
+        (0..self.shape.tasks()).into_par_iter().for_each(|task| {
+            let at = self.shape.block(task);
+            let band = self.band_of(task);
+            let (first, seq) = (self.shape.run_of(task).0, band.seq);
+            let span = band.span();
+            let probs = &state.probs[starts[task]..][..sizes[task]];
+            let mask = state
+                .dropout
+                .as_ref()
+                .map(|m| &m[mask_starts[task]..][..seq * band.width()]);
+            let mut dp = vec![0.0f32; BLOCK * span];
+            for (block, p) in probs.chunks(BLOCK * span).enumerate() {
+                let (i0, i1) = (block * BLOCK, (block * BLOCK + BLOCK).min(seq));
+                let (k0, k1) = band.keys(i0, i1);
+                let (rows, keys) = (i1 - i0, k1 - k0);
+                let dropped = band.dropped(p, mask, (i0, k0), rows);
+                // SAFETY: as in the forward; dv, dk rows k0..k1 and dq rows i0..i1 of this
+                // head are written by this task only.
+                unsafe {
+                    // dP' = g v^T; v^T[a][j] = v[j][a].
+                    gemm_into(
+                        (rows, keys, d),
+                        (dp.as_mut_ptr(), span as isize, 1),
+                        (g.as_ptr().add(at + i0 * hidden), hidden as isize, 1),
+                        (v.as_ptr().add(at + k0 * hidden), 1, hidden as isize),
+                        1.0,
+                        false,
+                        false,
+                    );
+                    // dv += P'^T g, P' = P * mask (blocks overlap in keys: accumulate).
+                    gemm_into(
+                        (keys, d, rows),
+                        (dv_p.at(at + k0 * hidden), hidden as isize, 1),
+                        (dropped.as_ptr(), 1, span as isize),
+                        (g.as_ptr().add(at + i0 * hidden), hidden as isize, 1),
+                        1.0,
+                        true,
+                        false,
                     );
                 }
-            });
+                simd(|| {
+                    // dP = dP' * mask; dS = P * (dP - rowsum(dP * P)) inside the window.
+                    for (r, (ds, p)) in dp
+                        .chunks_mut(span)
+                        .zip(p.chunks(span))
+                        .take(rows)
+                        .enumerate()
+                    {
+                        let i = i0 + r;
+                        let (lo, hi) = band.band(i, k0);
+                        if let Some(mask) = mask {
+                            let m = &mask[i * band.width() + (k0 + lo - band.mask_start(i))..]
+                                [..hi - lo];
+                            for (ds, &m) in ds[lo..hi].iter_mut().zip(m) {
+                                *ds *= m;
+                            }
+                        }
+                        softmax_grad_in_place(&p[lo..hi], &mut ds[lo..hi]);
+                        ds[..lo].fill(0.0);
+                        ds[hi..].fill(0.0);
+                    }
+                });
+                // SAFETY: as above.
+                unsafe {
+                    // dq = dS k / sqrt(d); dk += dS^T q / sqrt(d).
+                    gemm_into(
+                        (rows, d, keys),
+                        (dq_p.at(at + i0 * hidden), hidden as isize, 1),
+                        (dp.as_ptr(), span as isize, 1),
+                        (k.as_ptr().add(at + k0 * hidden), hidden as isize, 1),
+                        scale,
+                        false,
+                        false,
+                    );
+                    gemm_into(
+                        (keys, d, rows),
+                        (dk_p.at(at + k0 * hidden), hidden as isize, 1),
+                        (dp.as_ptr(), 1, span as isize),
+                        (q.as_ptr().add(at + i0 * hidden), hidden as isize, 1),
+                        scale,
+                        true,
+                        false,
+                    );
+                }
+            }
+            let empty = &self.empty[first..][..seq];
+            if empty.iter().any(|&e| e) {
+                let len = (seq - 1) * hidden + d;
+                // The offset of row j of this head in dq, dk, dv.
+                let rows = |p: SharedMut| SharedMut(p.at(at));
+                self.uniform_backward(
+                    empty,
+                    (
+                        &q[at..at + len],
+                        &k[at..at + len],
+                        &v[at..at + len],
+                        &g[at..at + len],
+                    ),
+                    (rows(dq_p), rows(dk_p), rows(dv_p)),
+                );
+            }
+        });
         (dq, dk, dv)
     }
 }
@@ -397,11 +435,11 @@ impl Window {
         let row_mut = |p: SharedMut, j: usize| unsafe {
             std::slice::from_raw_parts_mut(p.at(j * self.shape.hidden), self.shape.head_dim())
         };
-        let Attention { seq, hidden, .. } = self.shape;
+        let (seq, hidden) = (empty.len(), self.shape.hidden);
         let d = self.shape.head_dim();
         let c = 1.0 / ((d as f32).sqrt() * seq as f32);
         let row = |t: &[f32], j: usize| -> Vec<f32> { t[j * hidden..][..d].to_vec() };
-        let mean = self.mean_value(v, 0);
+        let mean = self.mean_value(v, 0, seq);
         let centred =
             |j: usize| -> Vec<f32> { row(v, j).iter().zip(&mean).map(|(x, m)| x - m).collect() };
         let (mut m, mut n, mut g_sum) = (vec![0.0f32; d * d], vec![0.0f32; d * d], vec![0.0f32; d]);
@@ -538,11 +576,11 @@ mod tests {
         let draw = dropout.then_some(&draw as &dyn Fn(usize) -> Vec<f32>);
         let context = match path {
             Path::Windowed => {
-                attention_windowed(&q3, &k3, &v3, HEADS, &bias, local_attention, draw)
+                attention_windowed(&q3, &k3, &v3, HEADS, &bias, None, local_attention, draw)
                     .expect("f32 flex")
             }
             Path::DenseKernel => {
-                super::super::attention(&q3, &k3, &v3, HEADS, &bias, draw).expect("f32 flex")
+                super::super::attention(&q3, &k3, &v3, HEADS, &bias, None, draw).expect("f32 flex")
             }
             Path::Composite => {
                 // HF: the padding mask, then `masked_fill(distance > local_attention // 2,
@@ -622,6 +660,88 @@ mod tests {
             let want = run(Path::DenseKernel, 2 * SEQ, dropout, true);
             let got = run(Path::Windowed, 2 * SEQ, dropout, true);
             assert_runs_close(&format!("dropout {dropout}"), &got, &want);
+        }
+    }
+
+    /// `(context, dq, dk, dv)` of the kernel (`local_attention`: windowed, `None`: dense) on
+    /// `[batch, seq, hidden]` inputs `x` (q, k, v) with runs `runs`, no pads, gradient of
+    /// `sum(context * upstream)`.
+    fn kernel_run(
+        (batch, seq): (usize, usize),
+        x: [&[f32]; 3],
+        upstream: &[f32],
+        runs: Option<&[(usize, usize)]>,
+        local_attention: Option<usize>,
+    ) -> Run {
+        let device = Device::flex().autodiff();
+        let hidden = HEADS * D;
+        let n = batch * seq * hidden;
+        let [q, k, v] = x.map(|x| Tensor::<1>::from_floats(x, &device).require_grad());
+        let shape = |t: &Tensor<1>| t.clone().reshape([batch, seq, hidden]);
+        let bias = Tensor::<4>::zeros([batch, 1, 1, seq], &device);
+        let (q3, k3, v3) = (shape(&q), shape(&k), shape(&v));
+        let context = match local_attention {
+            Some(w) => attention_windowed(&q3, &k3, &v3, HEADS, &bias, runs, w, None),
+            None => super::super::attention(&q3, &k3, &v3, HEADS, &bias, runs, None),
+        }
+        .expect("f32 flex");
+        let upstream = Tensor::<1>::from_floats(upstream, &device).reshape([batch, seq, hidden]);
+        let grads = (context.clone() * upstream).sum().backward();
+        let grad = |t: &Tensor<1>| values(t.grad(&grads).expect("a gradient"));
+        (values(context.reshape([n])), grad(&q), grad(&k), grad(&v))
+    }
+
+    #[test]
+    fn packed_runs_attend_only_within_themselves_as_if_each_ran_alone() {
+        // Two rows of 37: row 0 holds documents of 10, 20 and 5 tokens then 2 pads; row 1
+        // one of 3 (shorter than any block or window) and one of 34 (two blocks).
+        let (batch, seq, hidden) = (2, SEQ, HEADS * D);
+        let runs = [(0, 10), (10, 20), (30, 5), (37, 3), (40, 34)];
+        let n = batch * seq * hidden;
+        let plain = Device::flex();
+        let [q, k, v, up] = [14, 15, 16, 13].map(|seed| values(random(n, seed, &plain)));
+        for local_attention in [None, Some(4), Some(16), Some(100)] {
+            let packed = kernel_run(
+                (batch, seq),
+                [&q, &k, &v],
+                &up,
+                Some(&runs),
+                local_attention,
+            );
+            let mut covered = vec![false; batch * seq];
+            for &(first, len) in &runs {
+                let part = |x: &[f32]| x[first * hidden..][..len * hidden].to_vec();
+                let alone = kernel_run(
+                    (1, len),
+                    [&part(&q), &part(&k), &part(&v)],
+                    &part(&up),
+                    None,
+                    local_attention,
+                );
+                let what = format!("window {local_attention:?}, run {first}+{len}");
+                assert_runs_close(
+                    &what,
+                    &(
+                        part(&packed.0),
+                        part(&packed.1),
+                        part(&packed.2),
+                        part(&packed.3),
+                    ),
+                    &alone,
+                );
+                covered[first..first + len]
+                    .iter_mut()
+                    .for_each(|c| *c = true);
+            }
+            // Padding after the last document: no output, no gradient.
+            for (t, _) in covered.iter().enumerate().filter(|(_, c)| !**c) {
+                for x in [&packed.0, &packed.1, &packed.2, &packed.3] {
+                    assert!(
+                        x[t * hidden..][..hidden].iter().all(|&x| x == 0.0),
+                        "pad {t}"
+                    );
+                }
+            }
         }
     }
 }

@@ -362,7 +362,7 @@ impl ModernBertAttention {
             .active(&device)
             .then_some(&draw as &dyn Fn(usize) -> Vec<f32>);
         if let Some(context) =
-            crate::cpu_ops::attention(&q, &k, &v, self.num_heads, &keys.bias, dropout)
+            crate::cpu_ops::attention(&q, &k, &v, self.num_heads, &keys.bias, None, dropout)
         {
             return context;
         }
@@ -409,9 +409,16 @@ impl ModernBertAttention {
             .active(&device)
             .then_some(&draw as &dyn Fn(usize) -> Vec<f32>);
         let bias = &inputs.keys.bias;
-        if let Some(context) =
-            crate::cpu_ops::attention_windowed(&q, &k, &v, self.num_heads, bias, 2 * half, dropout)
-        {
+        if let Some(context) = crate::cpu_ops::attention_windowed(
+            &q,
+            &k,
+            &v,
+            self.num_heads,
+            bias,
+            None,
+            2 * half,
+            dropout,
+        ) {
             return context;
         }
         self.eager(q, k, v, inputs.window(half))
