@@ -10,7 +10,8 @@
 //! - `masklm train` for 20 steps gives the same losses as on the CPU backend within 1e-3;
 //! - a checkpoint trained on one backend gives the same fill-mask top-5 and the same
 //!   perplexity on every backend;
-//! - mixed precision (f16 on wgpu and tch, bf16 on tch) follows the f32 losses.
+//! - mixed precision (f16 on wgpu and tch, bf16 on tch) follows the f32 losses;
+//! - packed rows give each document the logits it gets alone.
 #![cfg(any(feature = "wgpu", feature = "tch"))]
 
 mod common;
@@ -194,6 +195,21 @@ fn modernbert_fixtures_match_transformers_on_every_backend() {
 }
 
 /// `masklm --backend B [--device D] ARGS...`, which must succeed; its stdout.
+/// Packed rows (`[data] packing = "documents"`) take the block-diagonal mask through burn's
+/// fused attention (`Auto`) and the eager path here, and rotary tables per row for ModernBERT.
+#[test]
+fn packed_rows_give_each_document_its_logits_alone_on_every_backend() {
+    for (backend, device) in backends() {
+        for name in ["roberta-tiny", "modernbert-tiny"] {
+            for attention in [AttentionImpl::Auto, AttentionImpl::Eager] {
+                let model = common::fixture_masked_lm(name, &device).with_attention(attention);
+                let what = format!("{backend} {attention:?} {name}");
+                common::assert_packed_rows_equal_documents_alone(&model, &device, &what);
+            }
+        }
+    }
+}
+
 fn masklm_on(backend: &str, args: &[&str]) -> String {
     let mut all: Vec<String> = common::backend_args(backend);
     all.extend(args.iter().map(|a| a.to_string()));

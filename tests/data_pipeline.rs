@@ -701,3 +701,121 @@ fn a_json_array_reads_element_by_element() {
         );
     }
 }
+
+/// The documents of a packed batch, unmasked (labels put back), in row order.
+fn packed_documents(batch: &masklm_data::MlmBatch) -> Vec<Vec<u32>> {
+    let [rows, seq] = batch.input_ids.dims();
+    let mut ids = common::ints(batch.input_ids.clone());
+    for (p, l) in common::ints(batch.positions.clone())
+        .into_iter()
+        .zip(common::ints(batch.labels.clone()))
+    {
+        ids[p as usize] = l;
+    }
+    let mask = common::ints(batch.attention_mask.clone());
+    let documents = batch.documents.as_ref().expect("a packed batch");
+    assert_eq!(documents.len(), rows);
+    let mut out = Vec::new();
+    for (r, lens) in documents.iter().enumerate() {
+        let used: usize = lens.iter().sum();
+        assert!(used <= seq, "row {r} holds {used} tokens in {seq} columns");
+        let real = mask[r * seq..][..seq].iter().filter(|&&m| m == 1).count();
+        assert_eq!(real, used, "row {r}: attention mask vs document lengths");
+        let mut column = r * seq;
+        for &n in lens {
+            out.push(ids[column..][..n].iter().map(|&t| t as u32).collect());
+            column += n;
+        }
+    }
+    out
+}
+
+#[test]
+fn document_packing_fills_rows_with_every_document_once_and_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let Setup {
+        tokenizer, cache, ..
+    } = setup(dir.path(), 1000, Packing::Documents);
+    let manifest = read_manifest(&cache).unwrap();
+    let split = SplitReader::open(&cache, &manifest, "train").unwrap();
+    let n = split.len();
+    let vocab = tokenizer.mask_vocab().unwrap();
+    let masking = MaskingConfig::default();
+    let device = Device::flex();
+    let (batch, accum, row_tokens) = (8, 2, 64);
+    let packed_sampler = || StepSampler::new(n, batch, accum, 5).with_packing(Some(row_tokens));
+    let mut sampler = packed_sampler();
+    // Steps until the first epoch is drawn.
+    let (mut drawn, mut documents, mut steps) = (0u64, Vec::new(), Vec::new());
+    let (mut cells, mut tokens) = (0, 0);
+    while drawn < n as u64 {
+        let out = sampler.step(steps.len(), &[&split], &vocab, &masking, &device);
+        assert_eq!(out.batches.len(), accum);
+        for b in &out.batches {
+            let [rows, cols] = b.input_ids.dims();
+            cells += rows * cols;
+            documents.extend(packed_documents(b));
+        }
+        tokens += out.tokens;
+        drawn += out.samples as u64;
+        steps.push(out);
+    }
+    // Every document of epoch 0 once, then the start of epoch 1's order, as drawn unpacked.
+    let mut want: Vec<Vec<u32>> = (0..n).map(|i| split.get(i).unwrap()).collect();
+    let next = masklm_data::epoch_order(n, 5, 1);
+    want.extend(
+        next[..drawn as usize - n]
+            .iter()
+            .map(|&i| split.get(i).unwrap()),
+    );
+    want.sort();
+    documents.sort();
+    assert_eq!(documents.len(), want.len());
+    assert!(
+        documents == want,
+        "packed steps drew other documents than the stream's"
+    );
+    // First-fit fills the rows far better than one line per row padded to the longest of its
+    // batch (on the same documents, the same number of rows per micro-batch).
+    let fill = tokens as f64 / cells as f64;
+    let mut lines = StepSampler::new(n, batch, accum, 5);
+    let (mut line_cells, mut line_tokens) = (0, 0);
+    for step in 0..n.div_ceil(batch * accum) {
+        let out = lines.step(step, &[&split], &vocab, &masking, &device);
+        line_cells += out
+            .batches
+            .iter()
+            .map(|b| b.input_ids.dims().iter().product::<usize>())
+            .sum::<usize>();
+        line_tokens += out.tokens;
+    }
+    let line_fill = line_tokens as f64 / line_cells as f64;
+    eprintln!("real tokens per cell: packed {fill:.3}, line {line_fill:.3}");
+    assert!(
+        fill > 0.85 && fill > line_fill + 0.05,
+        "packed {fill:.3} vs line {line_fill:.3}"
+    );
+    assert_eq!(
+        packed_sampler().steps_for_samples(n as u64, &[&split]),
+        steps.len(),
+        "steps for one epoch"
+    );
+    // A fresh sampler (a resumed run) at step 5 packs exactly what the first one did.
+    let again = packed_sampler().step(5, &[&split], &vocab, &masking, &device);
+    for (a, b) in again.batches.iter().zip(&steps[5].batches) {
+        assert_eq!(
+            common::ints(a.input_ids.clone()),
+            common::ints(b.input_ids.clone())
+        );
+        assert_eq!(
+            common::ints(a.positions.clone()),
+            common::ints(b.positions.clone())
+        );
+        assert_eq!(
+            common::ints(a.labels.clone()),
+            common::ints(b.labels.clone())
+        );
+        assert_eq!(a.documents, b.documents);
+    }
+    assert_eq!(again.samples, steps[5].samples);
+}

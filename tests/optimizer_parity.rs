@@ -49,6 +49,7 @@ fn batch(reference: &Reference, rows: std::ops::Range<usize>, device: &Device) -
         positions: Tensor::from_data(TensorData::new(positions, [masked]), device),
         labels: Tensor::from_data(TensorData::new(targets, [masked]), device),
         masked,
+        documents: None,
     }
 }
 

@@ -363,3 +363,63 @@ pub fn reference_python(modules: &str) -> Option<String> {
     println!("skipped: {message}");
     None
 }
+
+/// Checks that a packed batch gives every document the logits it gets alone (relative 1e-5):
+/// rows of 30 holding documents of 7, 12 and 3 tokens then padding; 30; 1 and 29. Documents are
+/// longer than ModernBERT fixtures' local windows, and positions must restart at each.
+/// `what` names the run in failures; returns the largest difference relative to the largest
+/// logit.
+pub fn assert_packed_rows_equal_documents_alone(
+    model: &masklm_model::MaskedLm,
+    device: &Device,
+    what: &str,
+) -> f32 {
+    let seq = 30;
+    let documents = vec![vec![7, 12, 3], vec![30], vec![1, 29]];
+    // Token ids from 10 up, away from every fixture's special ids (pads included).
+    let mut next = 0u64;
+    let mut token = || {
+        next = masklm_data::splitmix64(next + 1);
+        10 + (next % 700) as i64
+    };
+    let rows: Vec<Vec<Vec<i64>>> = documents
+        .iter()
+        .map(|lens| {
+            lens.iter()
+                .map(|&n| (0..n).map(|_| token()).collect())
+                .collect()
+        })
+        .collect();
+    // Padding ids do not matter: padding is outside every document.
+    let mut ids = vec![0i64; documents.len() * seq];
+    for (r, row) in rows.iter().enumerate() {
+        let flat: Vec<i64> = row.concat();
+        ids[r * seq..][..flat.len()].copy_from_slice(&flat);
+    }
+    let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [documents.len(), seq]), device);
+    let mask = masklm_model::BatchMask::packed(documents.clone(), seq, device).expect("fits");
+    let packed = model.forward(ids, mask);
+    let vocab = packed.dims()[2];
+    let packed = values(packed);
+    let mut worst = 0.0f32;
+    for (r, row) in rows.iter().enumerate() {
+        let mut column = 0;
+        for document in row {
+            let n = document.len();
+            let alone_ids =
+                Tensor::<2, Int>::from_data(TensorData::new(document.clone(), [1, n]), device);
+            let alone = values(model.forward(alone_ids, Tensor::<2, Int>::ones([1, n], device)));
+            let got = &packed[(r * seq + column) * vocab..][..n * vocab];
+            let scale = alone.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+            let diff = max_abs_diff(got, &alone) / scale;
+            assert!(
+                diff < 1e-5,
+                "{what}: row {r}, document at column {column} ({n} tokens): packed logits differ \
+                 from the document alone by {diff:e} of the largest logit"
+            );
+            worst = worst.max(diff);
+            column += n;
+        }
+    }
+    worst
+}

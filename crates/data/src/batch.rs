@@ -19,6 +19,9 @@ pub struct MlmBatch {
     pub labels: Tensor<1, Int>,
     /// Number of predicted tokens (the loss's denominator).
     pub masked: usize,
+    /// Packed rows (`[data] packing = "documents"`): per row, the lengths of its documents
+    /// from column 0, each to attend only within itself. `None`: one example per row.
+    pub documents: Option<Vec<Vec<usize>>>,
 }
 
 /// Pads examples to the longest one and flattens their masked positions.
@@ -52,6 +55,54 @@ pub fn collate(examples: &[MaskedExample], pad_id: u32, device: &Device) -> Opti
         positions: Tensor::from_data(TensorData::new(positions, [masked]), device),
         labels: Tensor::from_data(TensorData::new(labels, [masked]), device),
         masked,
+        documents: None,
+    })
+}
+
+/// Packs rows of several examples each (documents placed one after the other from column 0)
+/// into a batch as wide as the fullest row, with their lengths in [`MlmBatch::documents`].
+/// Masked positions and labels are those of each example, moved to its place in its row.
+///
+/// Returns `None` when no row holds an example.
+pub fn collate_packed(
+    rows: &[Vec<MaskedExample>],
+    pad_id: u32,
+    device: &Device,
+) -> Option<MlmBatch> {
+    let rows: Vec<&Vec<MaskedExample>> = rows.iter().filter(|r| !r.is_empty()).collect();
+    let width = |row: &Vec<MaskedExample>| row.iter().map(|e| e.input_ids.len()).sum::<usize>();
+    let seq = rows.iter().map(|r| width(r)).max()?;
+    let batch = rows.len();
+    let mut ids = vec![pad_id as i64; batch * seq];
+    let mut mask = vec![0i64; batch * seq];
+    let (mut positions, mut labels) = (Vec::new(), Vec::new());
+    let mut documents = Vec::with_capacity(batch);
+    for (r, row) in rows.iter().enumerate() {
+        let mut column = r * seq;
+        for example in row.iter() {
+            for (i, &t) in example.input_ids.iter().enumerate() {
+                ids[column + i] = t as i64;
+                mask[column + i] = 1;
+            }
+            positions.extend(
+                example
+                    .positions
+                    .iter()
+                    .map(|&p| (column + p as usize) as i64),
+            );
+            labels.extend(example.labels.iter().map(|&l| l as i64));
+            column += example.input_ids.len();
+        }
+        documents.push(row.iter().map(|e| e.input_ids.len()).collect());
+    }
+    let masked = positions.len();
+    Some(MlmBatch {
+        input_ids: Tensor::from_data(TensorData::new(ids, [batch, seq]), device),
+        attention_mask: Tensor::from_data(TensorData::new(mask, [batch, seq]), device),
+        positions: Tensor::from_data(TensorData::new(positions, [masked]), device),
+        labels: Tensor::from_data(TensorData::new(labels, [masked]), device),
+        masked,
+        documents: Some(documents),
     })
 }
 

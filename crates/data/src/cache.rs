@@ -14,6 +14,8 @@
 //! `max_seq_length` tokens framed as `<s> ... </s>`; the corpus's last example may be shorter.
 //! Packing `line` (HF `--line_by_line`): one document per example, `<s> doc </s>`, truncated to
 //! `max_seq_length`, padded per batch later.
+//! Packing `documents`: the cache of `line`; training then packs several whole documents into
+//! each row, none seeing another (see [`crate::StepSampler`]).
 //!
 //! The cache is built in `CACHE.partial` and renamed into place at the end, so an interrupted
 //! run never leaves a cache that looks complete. A run whose manifest settings, tokenizer hash
@@ -46,6 +48,16 @@ pub enum Packing {
     Full,
     /// One document per example, truncated.
     Line,
+    /// One document per example, truncated, as `Line`; training packs several whole documents
+    /// into each row, attending only within themselves (packing without padding).
+    Documents,
+}
+
+impl Packing {
+    /// Whether examples are whole (truncated) documents, one each: `line` and `documents`.
+    pub fn per_document(self) -> bool {
+        matches!(self, Packing::Line | Packing::Documents)
+    }
 }
 
 impl std::str::FromStr for Packing {
@@ -54,8 +66,9 @@ impl std::str::FromStr for Packing {
         match s {
             "full" => Ok(Self::Full),
             "line" => Ok(Self::Line),
+            "documents" => Ok(Self::Documents),
             other => Err(format!(
-                "unknown packing {other:?}; use \"full\" or \"line\""
+                "unknown packing {other:?}; use \"full\", \"line\" or \"documents\""
             )),
         }
     }
@@ -772,7 +785,7 @@ impl SplitWriter {
         self.info.documents += 1;
         let body = self.block - 2;
         match self.packing {
-            Packing::Line => {
+            Packing::Line | Packing::Documents => {
                 let take = document.len().min(body);
                 let mut example = Vec::with_capacity(take + 2);
                 example.push(self.bos);

@@ -27,7 +27,9 @@ pub mod vocab;
 
 use std::path::PathBuf;
 
-pub use batch::{MlmBatch, MlmBatcher, Sample, collate, epoch_order, length_grouped};
+pub use batch::{
+    MlmBatch, MlmBatcher, Sample, collate, collate_packed, epoch_order, length_grouped,
+};
 pub use cache::{
     Manifest, NoProgress, Packing, PrepareOptions, Prepared, Progress, Rebuild, SplitReader, Stale,
     Validation, prepare, prepare_with, read_manifest, write_synced,

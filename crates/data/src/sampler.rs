@@ -15,6 +15,13 @@
 //! similar length and pads less; with several sources the batches mix them, so grouping helps
 //! less there.
 //!
+//! With document packing (`[data] packing = "documents"`), a micro-batch is `batch_size` rows
+//! of `row_tokens` tokens filled with whole documents taken in the same stream order, each
+//! placed in the first row with room for it (first-fit); the first document that fits no row
+//! starts the next micro-batch. A step then takes a varying number of samples, so the position
+//! where step `k` starts is found by packing the lengths of the steps before it (memoised; a
+//! resume packs lengths only, no tokens are masked).
+//!
 //! Either way the batches of a step are a pure function of (seed, step): a resumed run
 //! continues exactly, without replaying data.
 
@@ -23,8 +30,8 @@ use std::collections::HashMap;
 use burn::tensor::Device;
 
 use crate::{
-    MaskVocab, MaskingConfig, MlmBatch, SplitReader, collate, epoch_order, length_grouped,
-    mask_tokens,
+    MaskVocab, MaskedExample, MaskingConfig, MlmBatch, SplitReader, collate, collate_packed,
+    epoch_order, length_grouped, mask_tokens,
 };
 
 /// The micro-batches of one optimizer step.
@@ -37,6 +44,17 @@ pub struct StepBatches {
     pub source_tokens: Vec<u64>,
     /// Masked tokens over all micro-batches (0: the step has nothing to learn from).
     pub masked: usize,
+    /// Samples (examples, or packed documents) drawn for this step.
+    pub samples: usize,
+}
+
+/// One sample of the stream: its source, epoch, masking seed and index in its split.
+#[derive(Debug, Clone, Copy)]
+struct Drawn {
+    source: usize,
+    epoch: u64,
+    seed: u64,
+    index: usize,
 }
 
 /// Draws the masked micro-batches of each step from one or more training splits.
@@ -54,6 +72,10 @@ pub struct StepSampler {
     taken: Vec<u64>,
     /// Shuffled orders of the (source, epoch) pairs the current step reaches into.
     orders: HashMap<(usize, u64), Vec<usize>>,
+    /// Document packing: tokens per row (`None`: one sample per row).
+    row_tokens: Option<usize>,
+    /// Document packing: the global position at which each step starts, as far as computed.
+    step_starts: Vec<u64>,
 }
 
 /// The shuffling and masking seed of source `s` (source 0 keeps the run's seed, so a
@@ -101,7 +123,16 @@ impl StepSampler {
             group_by_length: false,
             position: 0,
             orders: HashMap::new(),
+            row_tokens: None,
+            step_starts: vec![0],
         }
+    }
+
+    /// Packs whole documents into rows of `row_tokens` tokens (see the module doc); `None`
+    /// keeps one sample per row.
+    pub fn with_packing(mut self, row_tokens: Option<usize>) -> Self {
+        self.row_tokens = row_tokens.filter(|&n| n > 0);
+        self
     }
 
     /// Regroups each epoch's order so that batches hold examples of similar length.
@@ -151,6 +182,131 @@ impl StepSampler {
         self.taken.clone()
     }
 
+    /// Orders of epochs before the current position's are no longer needed.
+    fn prune_orders(&mut self) {
+        let firsts: Vec<u64> = self
+            .taken
+            .iter()
+            .zip(&self.sizes)
+            .map(|(&t, &n)| t / n.max(1) as u64)
+            .collect();
+        self.orders.retain(|&(s, e), _| e >= firsts[s]);
+    }
+
+    /// The sample at the current position, and advances past it.
+    fn draw(&mut self, splits: &[&SplitReader]) -> Drawn {
+        let s = self.next_source();
+        let j = self.taken[s] - 1;
+        let n = self.sizes[s] as u64;
+        let (epoch, seed) = (j / n, source_seed(self.seed, s));
+        let (len, batch_size) = (self.sizes[s], self.batch_size);
+        let grouped_by = splits.get(s).filter(|_| self.group_by_length);
+        let order = self.orders.entry((s, epoch)).or_insert_with(|| {
+            let order = epoch_order(len, seed, epoch);
+            match grouped_by {
+                Some(split) => {
+                    length_grouped(order, batch_size, |i| split.example_len(i).unwrap_or(0))
+                }
+                None => order,
+            }
+        });
+        Drawn {
+            source: s,
+            epoch,
+            seed,
+            index: order[(j % n) as usize],
+        }
+    }
+
+    /// Undoes the last [`StepSampler::draw`] (of `source`): the source choice depends only on
+    /// the position and the counts, so the same sample is drawn next.
+    fn undraw(&mut self, source: usize) {
+        self.position -= 1;
+        self.taken[source] -= 1;
+    }
+
+    /// One packed micro-batch: `batch_size` rows of up to `row_tokens` tokens, each a list of
+    /// `(sample, length)`, filled first-fit in stream order until a document fits no row
+    /// (it is left for the next micro-batch). A document longer than a row, which a cache of
+    /// the same `max_seq_length` never holds, is cut to the row when it comes first.
+    fn pack(&mut self, splits: &[&SplitReader], row_tokens: usize) -> Vec<Vec<(Drawn, usize)>> {
+        let mut rows: Vec<(usize, Vec<(Drawn, usize)>)> = vec![(0, Vec::new()); self.batch_size];
+        let mut missing = 0usize;
+        loop {
+            let drawn = self.draw(splits);
+            let len = splits
+                .get(drawn.source)
+                .and_then(|split| split.example_len(drawn.index))
+                .unwrap_or(0);
+            if len == 0 {
+                // An unreadable sample is skipped, as unpacked batches skip it; a split that
+                // reads nothing at all ends the micro-batch instead of spinning.
+                missing += 1;
+                if missing > self.sizes.iter().sum::<usize>() {
+                    break;
+                }
+                continue;
+            }
+            let empty = rows.iter().all(|(used, _)| *used == 0);
+            match rows.iter_mut().find(|(used, _)| used + len <= row_tokens) {
+                Some((used, row)) => {
+                    *used += len;
+                    row.push((drawn, len));
+                }
+                None if empty => {
+                    rows[0] = (row_tokens, vec![(drawn, row_tokens)]);
+                }
+                None => {
+                    self.undraw(drawn.source);
+                    break;
+                }
+            }
+        }
+        rows.into_iter().map(|(_, row)| row).collect()
+    }
+
+    /// Moves to the first sample of step `step`: `step * batch_size * accum` unpacked; packed,
+    /// where packing the steps before it ends (memoised in `step_starts`).
+    fn seek_step(&mut self, step: usize, splits: &[&SplitReader]) {
+        let Some(row_tokens) = self.row_tokens else {
+            self.seek(step as u64 * (self.batch_size * self.accum) as u64);
+            return;
+        };
+        while self.step_starts.len() <= step {
+            let last = self.step_starts.len() - 1;
+            self.seek(self.step_starts[last]);
+            self.prune_orders();
+            for _ in 0..self.accum {
+                self.pack(splits, row_tokens);
+            }
+            self.step_starts.push(self.position);
+        }
+        self.seek(self.step_starts[step]);
+    }
+
+    /// The steps needed to draw `samples` samples (`training.epochs` in steps): a ceiling
+    /// division unpacked; packed, found by packing lengths step after step.
+    pub fn steps_for_samples(&mut self, samples: u64, splits: &[&SplitReader]) -> usize {
+        let per_step = (self.batch_size * self.accum) as u64;
+        if self.row_tokens.is_none() || self.weights.iter().all(|&w| w == 0.0) {
+            return samples.div_ceil(per_step.max(1)) as usize;
+        }
+        let mut steps = 0;
+        loop {
+            self.seek_step(steps, splits);
+            if self.position >= samples {
+                return steps;
+            }
+            let before = self.position;
+            self.seek_step(steps + 1, splits);
+            if self.position == before {
+                // Nothing readable: no number of steps gets there.
+                return steps;
+            }
+            steps += 1;
+        }
+    }
+
     /// The masked micro-batches of optimizer step `step` (0-based) from `splits` (one per
     /// source, in the order of the sizes given to the sampler).
     pub fn step(
@@ -166,57 +322,64 @@ impl StepSampler {
             tokens: 0,
             source_tokens: vec![0; self.sizes.len()],
             masked: 0,
+            samples: 0,
         };
         if self.weights.iter().all(|&w| w == 0.0) {
             return out;
         }
-        let per_step = (self.batch_size * self.accum) as u64;
-        self.seek(step as u64 * per_step);
-        // Orders of epochs before this step's first samples are no longer needed.
-        let firsts: Vec<u64> = self
-            .taken
-            .iter()
-            .zip(&self.sizes)
-            .map(|(&t, &n)| t / n.max(1) as u64)
-            .collect();
-        self.orders.retain(|&(s, e), _| e >= firsts[s]);
-        for _ in 0..self.accum {
-            let mut examples = Vec::with_capacity(self.batch_size);
-            for _ in 0..self.batch_size {
-                let s = self.next_source();
-                let j = self.taken[s] - 1;
-                let n = self.sizes[s] as u64;
-                let (epoch, seed) = (j / n, source_seed(self.seed, s));
-                let (len, batch_size) = (self.sizes[s], self.batch_size);
-                let grouped_by = splits.get(s).filter(|_| self.group_by_length);
-                let order = self.orders.entry((s, epoch)).or_insert_with(|| {
-                    let order = epoch_order(len, seed, epoch);
-                    match grouped_by {
-                        Some(split) => {
-                            length_grouped(order, batch_size, |i| split.example_len(i).unwrap_or(0))
-                        }
-                        None => order,
-                    }
-                });
-                let index = order[(j % n) as usize];
-                let Some(sample) = splits.get(s).and_then(|split| split.get(index)) else {
-                    continue;
-                };
-                out.tokens += sample.len();
-                out.source_tokens[s] += sample.len() as u64;
-                examples.push(mask_tokens(
-                    &sample,
-                    vocab,
-                    masking,
-                    seed,
-                    epoch,
-                    index as u64,
-                ));
+        self.seek_step(step, splits);
+        self.prune_orders();
+        let start = self.position;
+        let mask = |drawn: Drawn, len: Option<usize>, out: &mut StepBatches| {
+            let Some(split) = splits.get(drawn.source) else {
+                return None;
+            };
+            let mut sample = split.get(drawn.index)?;
+            if let Some(len) = len {
+                sample.truncate(len);
             }
-            if let Some(batch) = collate(&examples, vocab.pad_id, device) {
+            out.tokens += sample.len();
+            out.source_tokens[drawn.source] += sample.len() as u64;
+            Some(mask_tokens(
+                &sample,
+                vocab,
+                masking,
+                drawn.seed,
+                drawn.epoch,
+                drawn.index as u64,
+            ))
+        };
+        for _ in 0..self.accum {
+            let batch = match self.row_tokens {
+                None => {
+                    let mut examples = Vec::with_capacity(self.batch_size);
+                    for _ in 0..self.batch_size {
+                        let drawn = self.draw(splits);
+                        examples.extend(mask(drawn, None, &mut out));
+                    }
+                    collate(&examples, vocab.pad_id, device)
+                }
+                Some(row_tokens) => {
+                    let rows: Vec<Vec<MaskedExample>> = self
+                        .pack(splits, row_tokens)
+                        .into_iter()
+                        .map(|row| {
+                            row.into_iter()
+                                .filter_map(|(drawn, len)| mask(drawn, Some(len), &mut out))
+                                .collect()
+                        })
+                        .collect();
+                    collate_packed(&rows, vocab.pad_id, device)
+                }
+            };
+            if let Some(batch) = batch {
                 out.masked += batch.masked;
                 out.batches.push(batch);
             }
+        }
+        out.samples = (self.position - start) as usize;
+        if self.row_tokens.is_some() && self.step_starts.len() == step + 1 {
+            self.step_starts.push(self.position);
         }
         out
     }

@@ -84,10 +84,12 @@ fn time(path: Path, [batch, seq, heads, d]: [usize; 4], window: usize) -> Durati
     });
     let start = Instant::now();
     let context = match path {
-        Path::Windowed => cpu_ops::attention_windowed(&q, &k, &v, heads, &key_bias, window, None)
-            .expect("f32 flex"),
+        Path::Windowed => {
+            cpu_ops::attention_windowed(&q, &k, &v, heads, &key_bias, None, window, None)
+                .expect("f32 flex")
+        }
         Path::DenseKernel => {
-            cpu_ops::attention(&q, &k, &v, heads, &key_bias, None).expect("f32 flex")
+            cpu_ops::attention(&q, &k, &v, heads, &key_bias, None, None).expect("f32 flex")
         }
         Path::Composite => {
             let split = |t: Tensor<3>| t.reshape([batch, seq, heads, d]).swap_dims(1, 2);

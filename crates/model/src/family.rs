@@ -20,7 +20,7 @@ use burn::store::{ApplyResult, ModuleSnapshot, ModuleStore};
 use burn::tensor::{Device, Int, Tensor};
 
 use crate::{
-    AttentionImpl, ConfigError, ModernBertConfig, ModernBertForMaskedLM, RobertaConfig,
+    AttentionImpl, BatchMask, ConfigError, ModernBertConfig, ModernBertForMaskedLM, RobertaConfig,
     RobertaForMaskedLM,
 };
 
@@ -389,7 +389,11 @@ impl MaskedLm {
     /// # Shapes
     /// - `input_ids`, `attention_mask`: `[batch, seq]`
     /// - output: `[batch, seq, vocab]`
-    pub fn forward(&self, input_ids: Tensor<2, Int>, attention_mask: Tensor<2, Int>) -> Tensor<3> {
+    pub fn forward(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: impl Into<BatchMask>,
+    ) -> Tensor<3> {
         match self {
             MaskedLm::Roberta(m) => m.forward(input_ids, attention_mask),
             MaskedLm::ModernBert(m) => m.forward(input_ids, attention_mask),
@@ -404,7 +408,7 @@ impl MaskedLm {
     pub fn forward_at(
         &self,
         input_ids: Tensor<2, Int>,
-        attention_mask: Tensor<2, Int>,
+        attention_mask: impl Into<BatchMask>,
         positions: Tensor<1, Int>,
     ) -> Tensor<2> {
         match self {

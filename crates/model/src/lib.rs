@@ -44,6 +44,7 @@ mod family;
 pub mod memory;
 mod model;
 pub mod modernbert;
+mod rows;
 
 use std::path::PathBuf;
 
@@ -56,6 +57,7 @@ pub use model::{
     RobertaOutput, RobertaSelfAttention, attention_bias, mlm_loss, position_ids,
 };
 pub use modernbert::{ModernBertConfig, ModernBertForMaskedLM};
+pub use rows::BatchMask;
 
 /// Why a model configuration could not be used.
 #[derive(Debug, thiserror::Error)]

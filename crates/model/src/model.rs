@@ -19,7 +19,7 @@ use burn::tensor::{Bool, DType, Device, Distribution, FloatDType, Int, Tensor};
 use std::sync::Arc;
 
 use crate::dropout::{DropoutStream, MlmDropout};
-use crate::{HiddenAct, RobertaConfig};
+use crate::{BatchMask, HiddenAct, RobertaConfig};
 
 /// A Linear layer initialised as HF `_init_weights`: weight ~ N(0, initializer_range) in burn's
 /// `[in, out]` layout, bias 0. Drawn eagerly, so the values come from the device the model is
@@ -181,15 +181,29 @@ impl RobertaEmbeddings {
         }
     }
 
+    /// Positions restart at each packed document (its ids are those it gets alone).
+    ///
     /// # Shapes
     /// - `input_ids`, `token_type_ids`: `[batch, seq]`
     /// - output: `[batch, seq, hidden]`
-    pub fn forward(&self, input_ids: Tensor<2, Int>, token_type_ids: Tensor<2, Int>) -> Tensor<3> {
-        let positions = if self.absolute_positions {
-            let [batch, seq] = input_ids.dims();
-            absolute_position_ids(batch, seq, &input_ids.device())
-        } else {
-            position_ids(input_ids.clone(), self.padding_idx)
+    pub fn forward(
+        &self,
+        input_ids: Tensor<2, Int>,
+        token_type_ids: Tensor<2, Int>,
+        mask: &BatchMask,
+    ) -> Tensor<3> {
+        let pad = self.padding_idx as i64;
+        let packed = match self.absolute_positions {
+            true => mask.document_positions(0, 0),
+            false => mask.document_positions(pad + 1, pad),
+        };
+        let positions = match packed {
+            Some(positions) => positions,
+            None if self.absolute_positions => {
+                let [batch, seq] = input_ids.dims();
+                absolute_position_ids(batch, seq, &input_ids.device())
+            }
+            None => position_ids(input_ids.clone(), self.padding_idx),
         };
         let x = self.word_embeddings.forward(input_ids)
             + self.token_type_embeddings.forward(token_type_ids)
@@ -217,28 +231,46 @@ pub enum AttentionImpl {
     Eager,
 }
 
-/// Which keys each query may see, in the two forms the attention paths take. Built once per
-/// forward from the `[batch, seq]` attention mask.
+/// Which keys each query may see, in the forms the attention paths take. Built once per
+/// forward from the batch's [`BatchMask`].
 #[derive(Debug, Clone)]
 pub struct KeyMask {
-    /// 0 for real keys, the most negative f32 for pads: `[batch, 1, 1, seq]` (eager path).
+    /// Additive bias, 0 where a query sees a key and the most negative f32 where not (eager
+    /// path): `[batch, 1, 1, seq]` masking pads, or `[batch, 1, seq, seq]` block-diagonal
+    /// for packed rows.
     pub bias: Tensor<4>,
-    /// `true` for pads: `[batch, 1, 1, seq]` (fused path).
+    /// `true` where a query may not see a key (fused path), in the same shape as `bias`.
     pub pad: Tensor<4, Bool>,
+    /// The keys' padding bias, `[batch, 1, 1, seq]`: the CPU kernels' input.
+    pub keys: Tensor<4>,
+    /// Packed rows: each document's `(first token, length)` on the flattened token axis,
+    /// for the CPU kernels.
+    pub runs: Option<Vec<(usize, usize)>>,
 }
 
 impl KeyMask {
-    /// # Shapes
-    /// - `attention_mask` (1 = token, 0 = pad): `[batch, seq]`
-    pub fn new(attention_mask: Tensor<2, Int>) -> Self {
-        let [batch, seq] = attention_mask.dims();
-        let pad = attention_mask
+    pub fn new(mask: &BatchMask) -> Self {
+        let [batch, seq] = mask.dims();
+        let keys = attention_bias(mask.attention_mask.clone());
+        let key_pads = mask
+            .attention_mask
             .clone()
             .equal_elem(0)
             .reshape([batch, 1, 1, seq]);
+        let (bias, pad) = match mask.same_document() {
+            Some(same) => {
+                let hidden = same.bool_not();
+                let bias = Tensor::<4>::zeros([batch, 1, seq, seq], &keys.device())
+                    .mask_fill(hidden.clone(), f32::MIN);
+                (bias, hidden)
+            }
+            None => (keys.clone(), key_pads),
+        };
         Self {
-            bias: attention_bias(attention_mask),
+            bias,
             pad,
+            keys,
+            runs: mask.runs(),
         }
     }
 }
@@ -336,8 +368,9 @@ impl RobertaSelfAttention {
             .dropout
             .active(&device)
             .then_some(&draw as &dyn Fn(usize) -> Vec<f32>);
+        let runs = mask.runs.as_deref();
         if let Some(context) =
-            crate::cpu_ops::attention(&q, &k, &v, self.num_heads, &mask.bias, None, dropout)
+            crate::cpu_ops::attention(&q, &k, &v, self.num_heads, &mask.keys, runs, dropout)
         {
             return context;
         }
@@ -351,6 +384,7 @@ impl RobertaSelfAttention {
                 // Pads masked to -inf rather than finfo.min: the same probabilities, as every
                 // query row has at least one real key.
                 let pad = mask.pad.clone().expand([batch, self.num_heads, seq, seq]);
+                // (Packed rows: padding queries see padding keys, so no row is all masked.)
                 let mask = match meaning {
                     MaskMeaning::TrueMasks => pad,
                     MaskMeaning::TrueAttends => pad.bool_not(),
@@ -491,14 +525,21 @@ pub struct RobertaModel {
 
 impl RobertaModel {
     /// # Shapes
-    /// - `input_ids`, `attention_mask` (1 = token, 0 = pad): `[batch, seq]`
+    /// - `input_ids`, `attention_mask` (1 = token, 0 = pad, or packed rows): `[batch, seq]`
     /// - output: `[batch, seq, hidden]`
-    pub fn forward(&self, input_ids: Tensor<2, Int>, attention_mask: Tensor<2, Int>) -> Tensor<3> {
+    pub fn forward(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: impl Into<BatchMask>,
+    ) -> Tensor<3> {
+        let attention_mask = attention_mask.into();
         let [batch, seq] = input_ids.dims();
         let device = input_ids.device();
         let token_type_ids = Tensor::<2, Int>::zeros([batch, seq], &device);
-        let mut x = self.embeddings.forward(input_ids, token_type_ids);
-        let mask = KeyMask::new(attention_mask);
+        let mut x = self
+            .embeddings
+            .forward(input_ids, token_type_ids, &attention_mask);
+        let mask = KeyMask::new(&attention_mask);
         for layer in &self.encoder.layer {
             x = layer.forward(x, &mask);
         }
@@ -613,7 +654,11 @@ impl RobertaForMaskedLM {
     /// # Shapes
     /// - `input_ids`, `attention_mask`: `[batch, seq]`
     /// - output: `[batch, seq, vocab]`
-    pub fn forward(&self, input_ids: Tensor<2, Int>, attention_mask: Tensor<2, Int>) -> Tensor<3> {
+    pub fn forward(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: impl Into<BatchMask>,
+    ) -> Tensor<3> {
         let hidden = self.roberta.forward(input_ids, attention_mask);
         self.lm_head.forward(hidden, self.word_embeddings())
     }
@@ -627,7 +672,7 @@ impl RobertaForMaskedLM {
     pub fn forward_at(
         &self,
         input_ids: Tensor<2, Int>,
-        attention_mask: Tensor<2, Int>,
+        attention_mask: impl Into<BatchMask>,
         positions: Tensor<1, Int>,
     ) -> Tensor<2> {
         let hidden = self.roberta.forward(input_ids, attention_mask);

@@ -3,7 +3,7 @@
 use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::tensor::Tensor;
 use masklm_data::MlmBatch;
-use masklm_model::{MaskedLm, mlm_loss};
+use masklm_model::{BatchMask, MaskedLm, mlm_loss};
 
 use crate::precision::{LossScaler, Precision, autocast};
 
@@ -66,7 +66,7 @@ pub fn train_step(
     for batch in batches.iter().filter(|b| b.masked > 0) {
         let logits = compute.forward_at(
             batch.input_ids.clone(),
-            batch.attention_mask.clone(),
+            batch_mask(batch),
             batch.positions.clone(),
         );
         let loss = mlm_loss(logits, batch.labels.clone());
@@ -116,5 +116,18 @@ fn read_loss_and_sum_squares(
     match both.as_slice::<f32>() {
         Ok(&[loss, sum_squares]) => (loss as f64, sum_squares as f64),
         _ => (f64::NAN, f64::NAN),
+    }
+}
+
+/// The batch's attention mask, with its packed documents when it has them.
+pub fn batch_mask(batch: &MlmBatch) -> BatchMask {
+    match &batch.documents {
+        Some(documents) => {
+            let [_, seq] = batch.input_ids.dims();
+            BatchMask::packed(documents.clone(), seq, &batch.input_ids.device())
+                // `collate_packed` lays each row's documents out within its width.
+                .expect("packed documents fit their rows")
+        }
+        None => batch.attention_mask.clone().into(),
     }
 }

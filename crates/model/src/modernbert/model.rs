@@ -28,7 +28,7 @@ use std::sync::Arc;
 
 use crate::dropout::{DropoutStream, MlmDropout};
 use crate::model::{MaskMeaning, activate, cast, dense, fused_mask_meaning};
-use crate::{AttentionImpl, ConfigError, HiddenAct, KeyMask};
+use crate::{AttentionImpl, BatchMask, ConfigError, HiddenAct, KeyMask};
 
 /// Truncated normal N(0, std) cut at `cutoff * std`, as transformers' ModernBERT
 /// `_init_weights` (`init.trunc_normal_(w, std=std, a=-cutoff*std, b=cutoff*std)`): values
@@ -163,7 +163,7 @@ pub fn rotary_tables(seq: usize, head_dim: usize, theta: f64, device: &Device) -
 /// as transformers does.
 ///
 /// # Shapes
-/// - `x`: `[batch, seq, heads * head_dim]`, `cos`, `sin`: `[1, seq, head_dim]`
+/// - `x`: `[batch, seq, heads * head_dim]`, `cos`, `sin`: `[1 or batch, seq, head_dim]`
 /// - output: `[batch, seq, heads * head_dim]`
 pub fn rotary(x: Tensor<3>, cos: &Tensor<3>, sin: &Tensor<3>, heads: usize) -> Tensor<3> {
     let dtype = x.dtype();
@@ -177,7 +177,9 @@ pub fn rotary(x: Tensor<3>, cos: &Tensor<3>, sin: &Tensor<3>, heads: usize) -> T
     let half = head_dim / 2;
     // [batch, seq, hidden] -> [batch, seq, heads, head_dim]
     let x = x.reshape([batch, seq, heads, head_dim]);
-    let [cos, sin] = [cos, sin].map(|t| t.clone().reshape([1, seq, 1, head_dim]));
+    // Tables shared by every row (`[1, seq, head_dim]`) or per row (packed documents).
+    let rows = cos.dims()[0];
+    let [cos, sin] = [cos, sin].map(|t| t.clone().reshape([rows, seq, 1, head_dim]));
     let x1 = x.clone().narrow(3, 0, half);
     let x2 = x.clone().narrow(3, half, half);
     let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
@@ -197,9 +199,10 @@ pub fn rotary(x: Tensor<3>, cos: &Tensor<3>, sin: &Tensor<3>, heads: usize) -> T
 /// # Shapes
 /// - `attention_mask` (1 = token, 0 = pad): `[batch, seq]`
 /// - output: `[batch, 1, seq, seq]`
-pub fn sliding_window_bias(attention_mask: Tensor<2, Int>, half_window: usize) -> Tensor<4> {
-    let [batch, seq] = attention_mask.dims();
-    let device = attention_mask.device();
+pub fn sliding_window_bias(attention_mask: impl Into<BatchMask>, half_window: usize) -> Tensor<4> {
+    let mask = attention_mask.into();
+    let [batch, seq] = mask.dims();
+    let device = mask.attention_mask.device();
     let positions = Tensor::<1, Int>::arange(0..seq as i64, &device);
     // [seq, seq]: |i - j|
     let distance = (positions.clone().reshape([seq, 1]) - positions.reshape([1, seq])).abs();
@@ -207,11 +210,16 @@ pub fn sliding_window_bias(attention_mask: Tensor<2, Int>, half_window: usize) -
         .lower_equal_elem(half_window as i64)
         .reshape([1, 1, seq, seq])
         .expand([batch, 1, seq, seq]);
-    let real_key: Tensor<4, Bool> = attention_mask
-        .not_equal_elem(0)
-        .reshape([batch, 1, 1, seq])
-        .expand([batch, 1, seq, seq]);
-    let visible = in_window.bool_and(real_key);
+    // Packed rows: keys of the query's own document (padding sees padding, itself included).
+    let visible_key: Tensor<4, Bool> = match mask.same_document() {
+        Some(same) => same,
+        None => mask
+            .attention_mask
+            .not_equal_elem(0)
+            .reshape([batch, 1, 1, seq])
+            .expand([batch, 1, seq, seq]),
+    };
+    let visible = in_window.bool_and(visible_key);
     Tensor::<4>::zeros([batch, 1, seq, seq], &device).mask_fill(visible.bool_not(), f32::MIN)
 }
 
@@ -237,33 +245,39 @@ pub fn geglu<const D: usize>(act: HiddenAct, x: Tensor<D>) -> Tensor<D> {
 /// Masks and rotary tables of one forward, shared by the layers of each type.
 struct LayerInputs {
     keys: KeyMask,
-    /// `[cos, sin]` per distinct RoPE base, with the base.
+    /// `[cos, sin]` per distinct RoPE base, with the base: `[1, seq, head_dim]`, or
+    /// `[batch, seq, head_dim]` for packed rows (positions restart at each document).
     rope: Vec<(f64, [Tensor<3>; 2])>,
-    /// The attention mask, for the sliding-window bias of the composite path (built only
+    /// The batch's mask, for the sliding-window bias of the composite path (built only
     /// where the fused windowed kernel does not run, once per half window).
-    attention_mask: Tensor<2, Int>,
+    mask: BatchMask,
     windows: std::cell::RefCell<Vec<(usize, Tensor<4>)>>,
 }
 
 impl LayerInputs {
-    fn new(
-        attention_mask: Tensor<2, Int>,
-        layers: &[ModernBertEncoderLayer],
-        head_dim: usize,
-    ) -> Self {
-        let [_, seq] = attention_mask.dims();
-        let device = attention_mask.device();
+    fn new(mask: BatchMask, layers: &[ModernBertEncoderLayer], head_dim: usize) -> Self {
+        let [_, seq] = mask.dims();
+        let device = mask.attention_mask.device();
+        let positions = mask.document_positions(0, 0);
         let mut rope: Vec<(f64, [Tensor<3>; 2])> = Vec::new();
         for layer in layers {
             let theta = layer.attn.rope_theta;
             if !rope.iter().any(|(t, _)| *t == theta) {
-                rope.push((theta, rotary_tables(seq, head_dim, theta, &device)));
+                let tables = match &positions {
+                    Some(positions) => {
+                        let (cos, sin) =
+                            crate::cpu_ops::rope_cos_sin(positions, head_dim, theta, &device);
+                        [cos, sin]
+                    }
+                    None => rotary_tables(seq, head_dim, theta, &device),
+                };
+                rope.push((theta, tables));
             }
         }
         Self {
-            keys: KeyMask::new(attention_mask.clone()),
+            keys: KeyMask::new(&mask),
             rope,
-            attention_mask,
+            mask,
             windows: Default::default(),
         }
     }
@@ -280,7 +294,7 @@ impl LayerInputs {
         if let Some((_, bias)) = windows.iter().find(|(w, _)| *w == half) {
             return bias.clone();
         }
-        let bias = sliding_window_bias(self.attention_mask.clone(), half);
+        let bias = sliding_window_bias(self.mask.clone(), half);
         windows.push((half, bias.clone()));
         bias
     }
@@ -361,8 +375,9 @@ impl ModernBertAttention {
             .drop
             .active(&device)
             .then_some(&draw as &dyn Fn(usize) -> Vec<f32>);
+        let runs = keys.runs.as_deref();
         if let Some(context) =
-            crate::cpu_ops::attention(&q, &k, &v, self.num_heads, &keys.bias, None, dropout)
+            crate::cpu_ops::attention(&q, &k, &v, self.num_heads, &keys.keys, runs, dropout)
         {
             return context;
         }
@@ -378,7 +393,8 @@ impl ModernBertAttention {
             t.reshape([batch, seq, self.num_heads, hidden / self.num_heads])
                 .swap_dims(1, 2)
         };
-        // Every query row has a real key here (full attention), so -inf masking is safe.
+        // Every query row has a visible key here (full attention; packed padding sees
+        // padding), so -inf masking is safe.
         let pad = keys.pad.clone().expand([batch, self.num_heads, seq, seq]);
         let mask = match meaning {
             MaskMeaning::TrueMasks => pad,
@@ -547,19 +563,23 @@ pub struct ModernBertModel {
 
 impl ModernBertModel {
     /// Positions are `0..seq` in every row (transformers' default `position_ids`): inputs are
-    /// right-padded.
+    /// right-padded. Packed rows: positions restart at each document.
     ///
     /// # Shapes
-    /// - `input_ids`, `attention_mask` (1 = token, 0 = pad): `[batch, seq]`
+    /// - `input_ids`, `attention_mask` (1 = token, 0 = pad, or packed rows): `[batch, seq]`
     /// - output: `[batch, seq, hidden]`
-    pub fn forward(&self, input_ids: Tensor<2, Int>, attention_mask: Tensor<2, Int>) -> Tensor<3> {
+    pub fn forward(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: impl Into<BatchMask>,
+    ) -> Tensor<3> {
         let mut x = self.embeddings.forward(input_ids);
         let [.., hidden] = x.dims();
         let head_dim = self
             .layers
             .first()
             .map_or(hidden, |l| hidden / l.attn.num_heads);
-        let inputs = LayerInputs::new(attention_mask, &self.layers, head_dim);
+        let inputs = LayerInputs::new(attention_mask.into(), &self.layers, head_dim);
         for layer in &self.layers {
             x = layer.forward(x, &inputs);
         }
@@ -674,7 +694,11 @@ impl ModernBertForMaskedLM {
     /// # Shapes
     /// - `input_ids`, `attention_mask`: `[batch, seq]`
     /// - output: `[batch, seq, vocab]`
-    pub fn forward(&self, input_ids: Tensor<2, Int>, attention_mask: Tensor<2, Int>) -> Tensor<3> {
+    pub fn forward(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: impl Into<BatchMask>,
+    ) -> Tensor<3> {
         let hidden = self.model.forward(input_ids, attention_mask);
         self.logits(hidden)
     }
@@ -688,7 +712,7 @@ impl ModernBertForMaskedLM {
     pub fn forward_at(
         &self,
         input_ids: Tensor<2, Int>,
-        attention_mask: Tensor<2, Int>,
+        attention_mask: impl Into<BatchMask>,
         positions: Tensor<1, Int>,
     ) -> Tensor<2> {
         let hidden = self.model.forward(input_ids, attention_mask);

@@ -296,8 +296,7 @@ impl Run<'_> {
             self.state.loss_scaler = Some(scaler);
         }
         self.state.step += 1;
-        self.state.samples_seen +=
-            (config.training.batch_size * config.training.grad_accum_steps) as u64;
+        self.state.samples_seen += batches.samples as u64;
         self.window.0 += batches.tokens;
         if self.train_splits.len() > 1 {
             for (total, fed) in self

@@ -13,7 +13,7 @@ use burn::module::Module;
 use burn::optim::ModuleOptimizer;
 use burn::tensor::Device;
 use masklm_data::{
-    DataError, FolderLock, MlmTokenizer, NoProgress, PrepareOptions, Rebuild, SplitReader,
+    DataError, FolderLock, MlmTokenizer, NoProgress, Packing, PrepareOptions, Rebuild, SplitReader,
     StepSampler, Validation, load_tokenizer, lock_folder, prepare, prepare_with, read_manifest,
 };
 use masklm_hub::Need;
@@ -78,7 +78,25 @@ impl<'a> Run<'a> {
         follow_tracked_set(&mut state, &data.tracked, observer);
         check_patience(&state, config, run_dir, &data.tracked)?;
         let train_examples: usize = data.train_splits.iter().map(SplitReader::len).sum();
-        state.total_steps = total_steps(config, train_examples);
+        // Packing documents: rows as wide as the widest source's examples.
+        let row_tokens = (config.data.packing == Packing::Documents).then(|| {
+            data.manifests
+                .iter()
+                .map(|m| m.options.max_seq_length)
+                .max()
+                .unwrap_or(config.data.max_seq_length)
+        });
+        let mut sampler = StepSampler::mixed(
+            data.train_splits.iter().map(SplitReader::len).collect(),
+            &data.caches.iter().map(|c| c.weight).collect::<Vec<_>>(),
+            config.training.batch_size,
+            config.training.grad_accum_steps,
+            config.seed,
+        )
+        .with_length_grouping(config.training.group_by_length)
+        .with_packing(row_tokens);
+        let splits: Vec<&SplitReader> = data.train_splits.iter().collect();
+        state.total_steps = total_steps(config, train_examples, &mut sampler, &splits);
         check_unfinished(&state, run_dir)?;
         let ad_device = device.clone().autodiff();
         let (model_config, model, optimizer) =
@@ -151,14 +169,7 @@ impl<'a> Run<'a> {
             ad_device,
             vocab: tokenizer.mask_vocab()?,
             tokenizer: tokenizer_files,
-            sampler: StepSampler::mixed(
-                data.train_splits.iter().map(SplitReader::len).collect(),
-                &data.caches.iter().map(|c| c.weight).collect::<Vec<_>>(),
-                batch_size,
-                config.training.grad_accum_steps,
-                config.seed,
-            )
-            .with_length_grouping(config.training.group_by_length),
+            sampler,
             train_splits: data.train_splits,
             source_names: data.caches.iter().map(|c| c.name.clone()).collect(),
             eval_sets: data.eval_sets,
@@ -398,14 +409,20 @@ fn check_patience(
     )))
 }
 
-/// `training.max_steps`, or the steps `training.epochs` take over `train_examples`.
-fn total_steps(config: &TrainConfig, train_examples: usize) -> usize {
+/// `training.max_steps`, or the steps `training.epochs` take over `train_examples` (with
+/// document packing, found by packing the documents' lengths).
+fn total_steps(
+    config: &TrainConfig,
+    train_examples: usize,
+    sampler: &mut StepSampler,
+    splits: &[&SplitReader],
+) -> usize {
     let training = &config.training;
     match (training.max_steps, training.epochs) {
         (Some(steps), _) => steps,
         (None, Some(epochs)) => {
-            let per_step = (training.batch_size * training.grad_accum_steps) as f64;
-            ((epochs * train_examples as f64) / per_step).ceil() as usize
+            let samples = (epochs * train_examples as f64).ceil() as u64;
+            sampler.steps_for_samples(samples, splits)
         }
         (None, None) => 1,
     }
