@@ -576,6 +576,7 @@ fn select_spans(
             }
             let (size, left) = (words[end].len(), budget - masked);
             if size > left && rng.random::<f64>() * size as f64 >= left as f64 {
+                // The word crossing the budget is left out: the budget counts as spent.
                 budget = masked;
                 break;
             }
