@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use masklm_data::{MaskingConfig, WordBoundary, load_tokenizer, mask_tokens};
+use masklm_data::{MaskingConfig, MaskingStrategy, WordBoundary, load_tokenizer, mask_tokens};
 use serde_json::Value;
 
 const MASKLM: &str = env!("CARGO_BIN_EXE_masklm");
@@ -225,7 +225,7 @@ fn whole_word_masking_masks_whole_wordpiece_and_unigram_words() {
     let text = std::fs::read_to_string(corpus()).unwrap();
     let lines: Vec<&str> = text.lines().take(400).collect();
     let config = MaskingConfig {
-        whole_word: true,
+        strategy: MaskingStrategy::WholeWord,
         ..MaskingConfig::default()
     };
     for model in ["wordpiece", "unigram"] {
@@ -458,7 +458,10 @@ fn shipped_pubmed_bert_recipe_trains_exports_and_fills_masks_in_transformers() {
     }
     common::masklm_ok(&args);
     let effective = std::fs::read_to_string(run.join("config.toml")).unwrap();
-    assert!(effective.contains("whole_word = true"), "{effective}");
+    assert!(
+        effective.contains("strategy = \"whole_word\""),
+        "{effective}"
+    );
 
     // The export command of the config's comment, from the `best` pointer.
     let export = dir.path().join("export");

@@ -181,6 +181,70 @@ fn resume_after_sigkill_reproduces_every_later_loss() {
 }
 
 #[test]
+fn span_masking_trains_resumes_exactly_and_old_whole_word_runs_resume() {
+    // `strategy = "span"` (SpanBERT) on the tiny fixture: a run stopped at step 3 and resumed
+    // gives the uninterrupted run's losses (span masks, like the others, are a function of
+    // (seed, epoch, index)), and they are not the token-masking run's losses.
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::write_tiny_config(dir.path(), "");
+    let span = ["masking.strategy=\"span\""];
+    let whole = dir.path().join("span-whole");
+    common::train_run(&config, &whole, "cpu", 6, &span);
+    let part = dir.path().join("span-part");
+    common::train_run(&config, &part, "cpu", 3, &span);
+    let saved = std::fs::read_to_string(part.join("config.toml")).unwrap();
+    assert!(
+        saved.contains("strategy = \"span\"") && saved.contains("span_max_length = 10"),
+        "{saved}"
+    );
+    let resume = |run: &Path| {
+        common::masklm_ok([
+            "train".as_ref(),
+            "--resume".as_ref(),
+            run.as_os_str(),
+            "--set".as_ref(),
+            "training.max_steps=6".as_ref(),
+        ])
+    };
+    resume(&part);
+    let (span_whole, span_part) = (common::losses(&whole), common::losses(&part));
+    assert_eq!(span_part.len(), 6, "{span_part:?}");
+    let worst = common::worst_loss_diff(&span_whole, &span_part);
+    // Another mask moves a loss by ~1e-2; float reordering, by ~1e-7.
+    assert!(
+        worst <= 1e-5,
+        "resumed span-masking losses differ by {worst}"
+    );
+
+    // A run saved before `strategy` existed (`whole_word = false`) still resumes, and its
+    // config is written back in the new spelling. Its losses are token masking's, which
+    // differ from span masking's.
+    let token = dir.path().join("token");
+    common::train_run(&config, &token, "cpu", 3, &[]);
+    let saved = token.join("config.toml");
+    let text = std::fs::read_to_string(&saved).unwrap();
+    assert!(text.contains("strategy = \"token\"\n"), "{text}");
+    std::fs::write(
+        &saved,
+        text.replace("strategy = \"token\"\n", "whole_word = false\n"),
+    )
+    .unwrap();
+    resume(&token);
+    let text = std::fs::read_to_string(&saved).unwrap();
+    assert!(
+        text.contains("strategy = \"token\"") && !text.contains("whole_word"),
+        "{text}"
+    );
+    let token = common::losses(&token);
+    assert_eq!(token.len(), 6, "{token:?}");
+    let apart = common::worst_loss_diff(&span_whole, &token);
+    assert!(
+        apart > 1e-3,
+        "span and token masking gave the same losses ({apart})"
+    );
+}
+
+#[test]
 fn mixed_precision_follows_f32_and_keeps_f32_weights() {
     // burn's CPU backend runs bf16/f16 too (slowly: it is off by default); the optional
     // backends are covered by tests/backends.rs.
@@ -347,6 +411,10 @@ fn resume_refuses_changed_data_model_or_sampling_and_keeps_the_overrides() {
         (
             "masking.probability=0.3",
             "`masking.probability` was 0.15, now 0.3",
+        ),
+        (
+            "masking.strategy=\"span\"",
+            "`masking.strategy` was \"token\", now \"span\"",
         ),
         (
             "model.hidden_dropout_prob=0.2",

@@ -39,7 +39,10 @@ pub use corpus::{
     resolve_inputs_reporting,
 };
 pub use lock::{FolderLock, lock_file, lock_folder};
-pub use masking::{MaskVocab, MaskedExample, MaskingConfig, WordBoundary, mask_tokens};
+pub use masking::{
+    MaskVocab, MaskedExample, MaskingConfig, MaskingStrategy, SpanLengths, WordBoundary,
+    mask_tokens,
+};
 pub use sampler::{StepBatches, StepSampler, source_seed};
 pub use tokenizer::{MlmTokenizer, TokenizerModel, TrainOptions, load_tokenizer, train_tokenizer};
 

@@ -5,7 +5,9 @@
 //! [model]          # HF config.json keys (vocab_size defaults to the tokenizer's), or
 //! init_from = "..." # a Hugging Face folder, a Hub model id or a masklm checkpoint to continue from
 //! [data]           # a prepared cache, or tokenizer + inputs (or weighted sources) to prepare
-//! [masking]        # probability, mask_fraction, random_fraction, whole_word
+//! [masking]        # probability, mask_fraction, random_fraction,
+//!                  # strategy = token|whole_word|span, span_geometric_p, span_min_length,
+//!                  # span_max_length
 //! [optimizer]      # lr, betas, eps, weight_decay, max_grad_norm
 //! [schedule]       # decay = linear|cosine|constant, warmup_steps | warmup_ratio
 //! [training]       # batch_size, grad_accum_steps, max_steps | epochs, group_by_length
@@ -807,5 +809,113 @@ mod tests {
         );
         let msg = parse(BASE, &["nokey"]).unwrap_err().to_string();
         assert!(msg.contains("section.key=value"), "{msg}");
+    }
+
+    #[test]
+    fn masking_strategy_is_one_key_and_the_old_whole_word_flag_still_loads() {
+        use masklm_data::{MaskingStrategy, SpanLengths};
+        let strategy = |sets: &[&str]| parse(BASE, sets).map(|c| c.masking.strategy);
+        assert_eq!(strategy(&[]).unwrap(), MaskingStrategy::Token);
+        assert_eq!(
+            strategy(&["masking.strategy=\"whole_word\""]).unwrap(),
+            MaskingStrategy::WholeWord
+        );
+        assert_eq!(
+            strategy(&["masking.strategy=\"span\""]).unwrap(),
+            MaskingStrategy::Span(SpanLengths::default())
+        );
+        assert_eq!(
+            strategy(&[
+                "masking.strategy=\"span\"",
+                "masking.span_geometric_p=0.4",
+                "masking.span_max_length=5"
+            ])
+            .unwrap(),
+            MaskingStrategy::Span(SpanLengths {
+                geometric_p: 0.4,
+                min_length: 1,
+                max_length: 5
+            })
+        );
+
+        // A run saved before `strategy` existed says `whole_word = true/false`: it loads as
+        // the same strategy, is written back with `strategy`, and resumes (no frozen key
+        // differs from the same config spelled the new way).
+        for (flag, name, expected) in [
+            (true, "whole_word", MaskingStrategy::WholeWord),
+            (false, "token", MaskingStrategy::Token),
+        ] {
+            let old = parse(BASE, &[&format!("masking.whole_word={flag}")]).unwrap();
+            assert_eq!(old.masking.strategy, expected);
+            let new = parse(BASE, &[&format!("masking.strategy=\"{name}\"")]).unwrap();
+            assert!(old.frozen_differences(&new).is_empty());
+            let written = old.to_toml().unwrap();
+            assert!(
+                written.contains(&format!("strategy = \"{name}\""))
+                    && !written.contains("whole_word ="),
+                "{written}"
+            );
+            assert_eq!(
+                TrainConfig::from_table(written.parse().unwrap()).unwrap(),
+                old
+            );
+            // Both spellings, agreeing, are accepted.
+            let both = [
+                format!("masking.whole_word={flag}"),
+                format!("masking.strategy=\"{name}\""),
+            ];
+            let both: Vec<&str> = both.iter().map(String::as_str).collect();
+            assert_eq!(strategy(&both).unwrap(), expected);
+        }
+        // A span run's lengths are written out, so a resume compares them.
+        let span = parse(BASE, &["masking.strategy=\"span\""]).unwrap();
+        let written = span.to_toml().unwrap();
+        assert!(written.contains("span_geometric_p = 0.2"), "{written}");
+        let longer = parse(
+            BASE,
+            &["masking.strategy=\"span\"", "masking.span_max_length=12"],
+        )
+        .unwrap();
+        let diff = span.frozen_differences(&longer);
+        assert_eq!(
+            diff,
+            [(
+                "masking.span_max_length".to_string(),
+                "10".to_string(),
+                "12".to_string()
+            )]
+        );
+    }
+
+    #[test]
+    fn bad_masking_strategies_name_the_key_and_the_fix() {
+        let msg = |sets: &[&str]| parse(BASE, sets).unwrap_err().to_string();
+        let m = msg(&["masking.strategy=\"spans\""]);
+        assert!(m.contains("spans") && m.contains("`span`"), "{m}");
+        let m = msg(&["masking.whole_word=true", "masking.strategy=\"span\""]);
+        assert!(
+            m.contains("masking.whole_word") && m.contains("remove `whole_word`"),
+            "{m}"
+        );
+        let m = msg(&["masking.span_geometric_p=0.3"]);
+        assert!(
+            m.contains("masking.span_geometric_p") && m.contains("strategy = \"span\""),
+            "{m}"
+        );
+        let m = msg(&[
+            "masking.strategy=\"whole_word\"",
+            "masking.span_max_length=3",
+        ]);
+        assert!(m.contains("masking.span_max_length"), "{m}");
+        for (set, key) in [
+            ("masking.span_geometric_p=0", "masking.span_geometric_p"),
+            ("masking.span_geometric_p=1.5", "masking.span_geometric_p"),
+            ("masking.span_min_length=0", "masking.span_min_length"),
+            ("masking.span_min_length=11", "masking.span_max_length"),
+            ("masking.span_max_length=-1", "span_max_length"),
+        ] {
+            let m = msg(&["masking.strategy=\"span\"", set]);
+            assert!(m.contains(key), "{set}: {m}");
+        }
     }
 }
