@@ -143,13 +143,13 @@ mod tests {
         assert!(BatchMask::packed(vec![vec![3, 3]], 5, &device).is_none());
         assert!(BatchMask::packed(vec![vec![3, 0]], 5, &device).is_none());
         let mask = BatchMask::packed(vec![vec![2, 1], vec![4]], 4, &device).expect("fits");
-        let ints = |t: Tensor<2, Int>| t.into_data().convert::<i64>().to_vec::<i64>().unwrap();
+        let ints = |t: Tensor<2, Int>| t.into_data().convert::<i64>().try_to_vec::<i64>().unwrap();
         assert_eq!(ints(mask.attention_mask.clone()), [1, 1, 1, 0, 1, 1, 1, 1]);
         assert_eq!(mask.runs(), Some(vec![(0, 2), (2, 1), (4, 4)]));
         let positions = mask.document_positions(2, 1).expect("packed");
         assert_eq!(ints(positions), [2, 3, 2, 1, 2, 3, 4, 5]);
         let same = mask.same_document().expect("packed");
-        let same: Vec<bool> = same.into_data().to_vec().unwrap();
+        let same: Vec<bool> = same.into_data().try_to_vec().unwrap();
         #[rustfmt::skip]
         let want = [
             true, true, false, false,  true, true, false, false,

@@ -42,6 +42,10 @@ pub struct TrainState {
     pub step: usize,
     /// Training samples consumed (the data position: resuming does not replay data).
     pub samples_seen: u64,
+    /// Real (non-padding) training tokens consumed; 0 in checkpoints written before it was
+    /// counted.
+    #[serde(default)]
+    pub tokens_seen: u64,
     /// Best validation perplexity so far, and its step.
     pub best_perplexity: Option<f64>,
     pub best_step: Option<usize>,

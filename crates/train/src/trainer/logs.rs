@@ -143,7 +143,7 @@ pub(super) fn scalars(record: &Value) -> Vec<(String, f64)> {
         };
         let tag = match key.as_str() {
             "loss" | "lr" | "grad_norm" | "tokens_per_second" => format!("train/{key}"),
-            "step" | "eval_tokens" | "loss_scale" => continue,
+            "step" | "eval_tokens" | "loss_scale" | "tokens_seen" => continue,
             _ if key.starts_with("tokens/") => format!("data/{key}"),
             _ if key.starts_with("eval/") && key.ends_with("/tokens") => continue,
             _ if key.starts_with("eval/") || key.starts_with("probes/") => key.clone(),

@@ -297,6 +297,7 @@ impl Run<'_> {
         }
         self.state.step += 1;
         self.state.samples_seen += batches.samples as u64;
+        self.state.tokens_seen += batches.tokens as u64;
         self.window.0 += batches.tokens;
         if self.train_splits.len() > 1 {
             for (total, fed) in self
@@ -364,7 +365,7 @@ impl Run<'_> {
         }
         let mut record = json!({"step": step, "loss": stats.loss, "lr": lr,
             "grad_norm": stats.grad_norm, "tokens_per_second": log.tokens_per_second,
-            "skipped": stats.skipped});
+            "tokens_seen": self.state.tokens_seen, "skipped": stats.skipped});
         if let Some(o) = record.as_object_mut() {
             if let Some(scaler) = self.state.loss_scaler {
                 o.insert("loss_scale".to_string(), json!(scaler.scale));

@@ -358,6 +358,7 @@ impl TrainState {
         Self {
             step: 0,
             samples_seen: 0,
+            tokens_seen: 0,
             best_perplexity: None,
             best_step: None,
             seed,
