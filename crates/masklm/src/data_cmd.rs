@@ -195,7 +195,8 @@ pub struct PrepareArgs {
     /// Tokens per example, <s> and </s> included.
     #[arg(long, default_value_t = 512)]
     pub max_seq_length: usize,
-    /// full: concatenate documents into fixed-length blocks; line: one document per example.
+    /// full: concatenate documents into fixed-length blocks; line: one document per example;
+    /// documents: as line, and `train` packs several whole documents per row.
     #[arg(long, default_value = "full")]
     pub packing: Packing,
     /// Fraction of documents held out for validation.

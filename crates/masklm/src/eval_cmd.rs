@@ -26,7 +26,8 @@ pub struct EvalArgs {
     /// Tokens per example (default: 512, or less if the model's positions allow less).
     #[arg(long)]
     pub max_seq_length: Option<usize>,
-    /// full: fixed-length blocks of concatenated documents; line: one document per example.
+    /// full: fixed-length blocks of concatenated documents; line (or documents): one document
+    /// per example.
     #[arg(long, default_value = "full")]
     pub packing: Packing,
     /// Masking seed: the same seed gives the same masks, so results are comparable.
