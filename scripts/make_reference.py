@@ -22,6 +22,11 @@ into tests/fixtures/tokenizer-go/reference.json.
 ModernBERT fixtures (tests/fixtures/modernbert-tiny{,-old}/, see make_modernbert_fixtures) are
 written last; `--only modernbert` writes just those, leaving the others untouched.
 
+`--only optim` writes just the StableAdamW reference (tests/fixtures/roberta-tiny/
+stable_adamw_reference.json and stable_adamw_final.safetensors: torch-optimi's StableAdamW under
+transformers' get_wsd_schedule) and tests/fixtures/wsd_schedule_reference.json (get_wsd_schedule's
+learning rates for every shape).
+
 Regenerate (versions pinned in scripts/requirements.txt):
     python3 -m venv /var/tmp/masklm-venv
     /var/tmp/masklm-venv/bin/pip install -r scripts/requirements.txt
@@ -355,6 +360,163 @@ def make_optimizer_reference() -> None:
         FIXTURES / name / "optimizer_final.safetensors",
     )
     print(f"{name}: optimizer losses {[round(l, 6) for l in losses]}")
+
+
+# ModernBERT's optimizer (its yamls' `decoupled_stableadamw`: betas (0.9, 0.98), eps 1e-6, built
+# with decouple_lr=True so max_lr is the peak lr) under a WSD schedule, on a batch that changes
+# every step so that some tensors' RMS of g^2/v exceeds 1 and their update is clipped. The
+# weight decay is far above ModernBERT's 1e-5 so that its groups and its lr/max_lr scaling show
+# in 5 steps; no global-norm clipping, so only StableAdamW's own clipping acts.
+STABLE_ADAMW = dict(
+    lr=1e-3,
+    betas=(0.9, 0.98),
+    eps=1e-6,
+    weight_decay=0.1,
+    max_grad_norm=0.0,
+    # get_wsd_schedule(num_warmup_steps, num_decay_steps, num_training_steps, decay_type,
+    # min_lr_ratio): lr 0.1 * peak at step 0, the peak at steps 1-2, a 1-sqrt decay at 3-4.
+    warmup_steps=1,
+    decay_steps=2,
+    total_steps=5,
+    decay_type="1-sqrt",
+    min_lr_ratio=0.1,
+    # The fixture batch's rows each step uses.
+    rows=[[0, 3], [0, 1], [1, 3], [2, 3], [0, 2]],
+)
+
+
+def make_stable_adamw_reference() -> None:
+    """tests/fixtures/roberta-tiny/stable_adamw_reference.json and stable_adamw_final.safetensors
+    (every parameter after the last step): five optimi.StableAdamW steps (torch-optimi, pinned in requirements.txt) with the HF
+    Trainer's decay groups, as make_optimizer_reference does for torch.optim.AdamW."""
+    from optimi import StableAdamW
+    from safetensors.torch import load_file, save_file
+    from transformers import Trainer, get_wsd_schedule
+
+    name = "roberta-tiny"
+    config = STABLE_ADAMW
+    torch.manual_seed(0)
+    model = RobertaForMaskedLM.from_pretrained(
+        FIXTURES / name,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        attn_implementation="eager",
+    )
+    model.train()
+    batch = load_file(FIXTURES / name / "reference.safetensors")
+    decay_names = Trainer.get_decay_parameter_names(None, model)
+    decay = [p for n, p in model.named_parameters() if n in decay_names]
+    no_decay = [p for n, p in model.named_parameters() if n not in decay_names]
+    # foreach/triton off: the per-tensor reference loop (_single_stableadamw).
+    optimizer = StableAdamW(
+        [
+            {"params": decay, "weight_decay": config["weight_decay"]},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=config["lr"],
+        betas=config["betas"],
+        eps=config["eps"],
+        decouple_lr=True,
+        foreach=False,
+        triton=False,
+    )
+    scheduler = get_wsd_schedule(
+        optimizer,
+        num_warmup_steps=config["warmup_steps"],
+        num_decay_steps=config["decay_steps"],
+        num_training_steps=config["total_steps"],
+        decay_type=config["decay_type"],
+        min_lr_ratio=config["min_lr_ratio"],
+    )
+    losses, norms, lrs, clipped, max_rms = [], [], [], [], []
+    for step in range(config["total_steps"]):
+        start, end = config["rows"][step]
+        optimizer.zero_grad()
+        out = model(
+            input_ids=batch["input_ids"][start:end],
+            attention_mask=batch["attention_mask"][start:end],
+            labels=batch["labels"][start:end],
+        )
+        out.loss.backward()
+        # max_norm inf: the norm, and a scale of exactly 1.
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+        losses.append(out.loss.item())
+        norms.append(norm.item())
+        # The clipping term optimi used, from the updated v and the untouched gradient.
+        eps_sq = torch.tensor(config["eps"] ** 2)
+        rms = [
+            (p.grad.pow(2) / optimizer.state[p]["exp_avg_sq"].maximum(eps_sq)).mean().sqrt().item()
+            for p in model.parameters()
+        ]
+        clipped.append(sum(r > 1.0 for r in rms))
+        max_rms.append(max(rms))
+    reference = dict(
+        config,
+        optimizer=f"optimi.StableAdamW {__import__('optimi').__version__} decouple_lr=True",
+        losses=losses,
+        grad_norms=norms,
+        lrs=lrs,
+        clipped_tensors=clipped,
+        max_rms=max_rms,
+    )
+    (FIXTURES / name / "stable_adamw_reference.json").write_text(json.dumps(reference, indent=1) + "\n")
+    # Every parameter (the tied decoder once): which tensors were clipped differs by step.
+    save_file(
+        {k: p.detach().contiguous().clone() for k, p in model.named_parameters()},
+        FIXTURES / name / "stable_adamw_final.safetensors",
+    )
+    print(f"{name}: StableAdamW losses {[round(l, 6) for l in losses]}, clipped tensors {clipped}")
+
+
+# transformers' get_wsd_schedule cases for tests/fixtures/wsd_schedule_reference.json: every
+# warmup/decay shape, a floor, no warmup, warmup and decay overlapping (negative stable phase),
+# and a decay given as a share of the total (masklm's decay_fraction: ceil(total * fraction)).
+WSD_CASES = [
+    dict(warmup_steps=w, decay_steps=d, total_steps=t, warmup_type=wt, decay_type=dt, min_lr_ratio=m)
+    for (w, d, t, m) in [(5, 8, 30, 0.0), (3, 10, 25, 0.1)]
+    for wt in ["linear", "cosine", "1-sqrt"]
+    for dt in ["linear", "cosine", "1-sqrt"]
+] + [
+    dict(warmup_steps=0, decay_steps=6, total_steps=20, warmup_type="linear", decay_type="cosine", min_lr_ratio=0.0),
+    dict(warmup_steps=6, decay_steps=8, total_steps=10, warmup_type="linear", decay_type="linear", min_lr_ratio=0.05),
+    dict(warmup_steps=4, decay_fraction=0.3, total_steps=33, warmup_type="linear", decay_type="1-sqrt", min_lr_ratio=0.0),
+]
+
+
+def make_wsd_reference() -> None:
+    """tests/fixtures/wsd_schedule_reference.json: the learning rate of every step (and three
+    past the end) of transformers' get_wsd_schedule for WSD_CASES, at peak lr 3e-4."""
+    import math
+
+    from transformers import get_wsd_schedule
+
+    peak = 3e-4
+    cases = []
+    for case in WSD_CASES:
+        decay_steps = case.get("decay_steps")
+        if decay_steps is None:
+            decay_steps = math.ceil(case["total_steps"] * case["decay_fraction"])
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+        scheduler = get_wsd_schedule(
+            optimizer,
+            num_warmup_steps=case["warmup_steps"],
+            num_decay_steps=decay_steps,
+            num_training_steps=case["total_steps"],
+            warmup_type=case["warmup_type"],
+            decay_type=case["decay_type"],
+            min_lr_ratio=case["min_lr_ratio"],
+        )
+        lrs = []
+        for _ in range(case["total_steps"] + 3):
+            lrs.append(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+        cases.append(dict(case, peak=peak, lrs=lrs))
+    (FIXTURES / "wsd_schedule_reference.json").write_text(json.dumps(cases, indent=1) + "\n")
+    print(f"wsd: {len(cases)} schedules")
 
 
 def make_bert_tokenizer() -> int:
@@ -825,19 +987,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--only",
-        choices=["modernbert"],
-        help="write only this family's fixtures, leaving the others as they are",
+        choices=["modernbert", "optim"],
+        help="write only these fixtures (a model family's, or the StableAdamW and WSD schedule "
+        "references), leaving the others as they are",
     )
     args = parser.parse_args()
     torch.use_deterministic_algorithms(True)
     if args.only == "modernbert":
         make_modernbert_fixtures()
         return
+    if args.only == "optim":
+        make_stable_adamw_reference()
+        make_wsd_reference()
+        return
     FIXTURE_SPECS["bert-tiny"]["config"]["vocab_size"] = make_bert_tokenizer()
     for name, spec in FIXTURE_SPECS.items():
         make_fixture(name, spec)
     make_tokenizer_reference()
     make_optimizer_reference()
+    make_stable_adamw_reference()
+    make_wsd_reference()
     # roberta-tiny shares the 1000-token vocabulary of tokenizer-go: together they make a
     # complete Hugging Face folder for the fill-mask pipeline.
     for file in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]:

@@ -1019,3 +1019,102 @@ fn a_cache_other_runs_train_on_is_not_rebuilt_unless_told_to() {
         .to_string();
     assert!(err.contains("changed since the run started"), "{err}");
 }
+
+/// `step -> (loss, lr)` from a run's metrics.jsonl.
+fn losses_and_lrs(run: &Path) -> std::collections::BTreeMap<u64, (f64, f64)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|v| {
+            Some((
+                v["step"].as_u64()?,
+                (v.get("loss")?.as_f64()?, v.get("lr")?.as_f64()?),
+            ))
+        })
+        .collect()
+}
+
+/// Every parameter of a checkpoint's model, in module order.
+fn all_weights(checkpoint: &Path) -> Vec<Vec<f32>> {
+    struct Collect(Vec<Vec<f32>>);
+    impl burn::module::ModuleVisitor for Collect {
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<burn::Tensor<D>>) {
+            self.0.push(common::values(param.val()));
+        }
+    }
+    let model = masklm_infer::load_model(checkpoint, &Device::flex())
+        .unwrap()
+        .model;
+    let mut collect = Collect(Vec::new());
+    burn::module::Module::visit(&model, &mut collect);
+    collect.0
+}
+
+#[test]
+fn a_wsd_run_resumed_longer_in_its_stable_phase_is_the_longer_run() {
+    // The point of warmup-stable-decay: decide the length late. A StableAdamW run planned for
+    // 14 steps (warmup 5, peak held to step 9, decay over the last 4), continued from its
+    // step-8 checkpoint with max_steps = 20, must be the run planned for 20 steps from the start:
+    // the same lr and loss at every step, bitwise, and the same final weights. This also
+    // takes StableAdamW's state through a checkpoint.
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::write_tiny_config(dir.path(), "");
+    let train = |out: &Path, extra: &[&str]| {
+        let mut args: Vec<String> = vec!["--backend".into(), "cpu".into(), "train".into()];
+        args.extend(["--config".into(), config.display().to_string()]);
+        args.extend(["--out".into(), out.display().to_string()]);
+        for set in [
+            "schedule.decay=\"wsd\"",
+            "schedule.decay_steps=4",
+            "optimizer.name=\"stable_adamw\"",
+            "eval.eval_steps=0",
+            "checkpoint.save_steps=4",
+            "checkpoint.keep_last=5",
+        ]
+        .iter()
+        .chain(extra)
+        {
+            args.extend(["--set".to_string(), set.to_string()]);
+        }
+        common::masklm_ok(args)
+    };
+    let whole = dir.path().join("whole");
+    train(&whole, &["training.max_steps=20"]);
+    let planned_short = dir.path().join("short");
+    train(&planned_short, &["training.max_steps=14"]);
+    let out = common::masklm_ok([
+        "--backend".to_string(),
+        "cpu".to_string(),
+        "train".to_string(),
+        "--resume".to_string(),
+        planned_short.display().to_string(),
+        "--from".to_string(),
+        "step-0000008".to_string(),
+        "--set".to_string(),
+        "training.max_steps=20".to_string(),
+    ]);
+    assert!(out.contains("finished 20 steps"), "{out}");
+
+    let (a, b) = (losses_and_lrs(&whole), losses_and_lrs(&planned_short));
+    assert_eq!(a.len(), 20);
+    assert_eq!(
+        a, b,
+        "uninterrupted 20 steps vs 14 planned, resumed at 8 with 20"
+    );
+    // The run really went through warmup, the held peak and the decay.
+    assert_eq!(a[&10].1, 2e-3, "{a:?}");
+    assert!(a[&19].1 < 2e-3 && a[&1].1 < 2e-3, "{a:?}");
+    let step_20 = |run: &Path| run.join("checkpoints/step-0000020");
+    assert!(
+        all_weights(&step_20(&whole)) == all_weights(&step_20(&planned_short)),
+        "the final weights differ"
+    );
+    // The shorter plan decayed from step 10 on: its checkpoint there is not the longer run's.
+    let archived: Vec<_> = std::fs::read_dir(planned_short.join("branches"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    let short_lrs = losses_and_lrs(&archived[0]);
+    assert!(short_lrs[&12].1 < a[&12].1, "{short_lrs:?}");
+}

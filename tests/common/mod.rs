@@ -42,6 +42,19 @@ impl Reference {
         Self { bytes }
     }
 
+    /// Any safetensors file (an export, say).
+    pub fn load_path(path: &Path) -> Self {
+        let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        Self { bytes }
+    }
+
+    /// The names of its tensors, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.view().names().into_iter().map(String::from).collect();
+        names.sort();
+        names
+    }
+
     fn view(&self) -> SafeTensors<'_> {
         SafeTensors::deserialize(&self.bytes).expect("reference.safetensors is corrupt")
     }

@@ -25,7 +25,7 @@ use burn::module::Module;
 use burn::tensor::Device;
 use masklm_data::{MaskVocab, MaskingConfig, collate, mask_tokens};
 use masklm_model::{AttentionImpl, MaskedLm, ModelConfig, ModernBertConfig, RobertaConfig};
-use masklm_train::{LossScaler, OptimizerConfig, Precision, train_step};
+use masklm_train::{LossScaler, OptimizerConfig, OptimizerName, Precision, train_step};
 
 fn arg(name: &str, default: usize) -> usize {
     let args: Vec<String> = std::env::args().collect();
@@ -131,6 +131,7 @@ fn main() {
         .with_attention(attention);
     let params = model.num_params();
     let optim_config = OptimizerConfig {
+        name: OptimizerName::Adamw,
         lr: 1e-4,
         betas: [0.9, 0.98],
         eps: 1e-6,

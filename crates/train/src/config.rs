@@ -4,12 +4,14 @@
 //! seed = 42
 //! [model]          # HF config.json keys (vocab_size defaults to the tokenizer's), or
 //! init_from = "..." # a Hugging Face folder, a Hub model id or a masklm checkpoint to continue from
-//! [data]           # a prepared cache, or tokenizer + inputs (or weighted sources) to prepare
+//! [data]           # a prepared cache, or tokenizer + inputs (or weighted sources) to prepare;
+//!                  # packing = full|line|documents
 //! [masking]        # probability, mask_fraction, random_fraction,
 //!                  # strategy = token|whole_word|span, span_geometric_p, span_min_length,
 //!                  # span_max_length
-//! [optimizer]      # lr, betas, eps, weight_decay, max_grad_norm
-//! [schedule]       # decay = linear|cosine|constant, warmup_steps | warmup_ratio
+//! [optimizer]      # name = adamw|stable_adamw, lr, betas, eps, weight_decay, max_grad_norm
+//! [schedule]       # decay = linear|cosine|constant|wsd, warmup_steps | warmup_ratio;
+//!                  # wsd: decay_steps | decay_fraction, warmup_type, decay_type, min_lr_ratio
 //! [training]       # batch_size, grad_accum_steps, max_steps | epochs, group_by_length
 //! [eval]           # eval_steps, batch_size, max_batches, seed, on_start, sets, best,
 //!                  # patience, min_delta, probes

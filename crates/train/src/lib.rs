@@ -1,7 +1,9 @@
 //! masklm's training loop: from a TOML config to checkpoints, metrics and perplexity.
 //!
 //! - [`config`]: the TOML file (`configs/*.toml`) and `--set` overrides, validated;
-//! - [`optim`]: AdamW with HF Trainer parameter groups, global-norm clipping, warmup/decay;
+//! - [`optim`]: AdamW or StableAdamW with HF Trainer parameter groups, global-norm clipping,
+//!   warmup/decay and warmup-stable-decay;
+//! - [`stable_adamw`]: ModernBERT's StableAdamW (torch-optimi's) as a burn optimizer;
 //! - [`step`]: one optimizer step with gradient accumulation;
 //! - [`precision`]: mixed precision (bf16/f16 matmuls, f32 master weights, f16 loss scaling);
 //! - [`checkpoint`]: atomic, checksummed, self-contained checkpoints (read back by
@@ -19,6 +21,7 @@ pub mod config;
 pub mod optim;
 pub mod policy;
 pub mod precision;
+pub mod stable_adamw;
 pub mod step;
 pub mod trainer;
 pub mod vocab;
@@ -28,7 +31,7 @@ use std::path::PathBuf;
 pub use config::TrainConfig;
 // The evaluation results an [`Observer`] receives.
 pub use masklm_infer::{EvalResult, ProbeReport};
-pub use optim::{Decay, OptimizerConfig, ScheduleConfig, no_decay_params};
+pub use optim::{Decay, OptimizerConfig, OptimizerName, ScheduleConfig, WsdShape, no_decay_params};
 pub use precision::{LossScaler, Precision};
 pub use step::{StepStats, train_step};
 pub use trainer::{EvalReport, Observer, RunInfo, RunOutcome, Silent, Start, StepLog, train};
