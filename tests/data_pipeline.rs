@@ -819,3 +819,54 @@ fn document_packing_fills_rows_with_every_document_once_and_resumes_exactly() {
     }
     assert_eq!(again.samples, steps[5].samples);
 }
+
+#[test]
+fn batch_size_warmup_grows_rows_with_tokens_and_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let Setup {
+        tokenizer, cache, ..
+    } = setup(dir.path(), 1000, Packing::Documents);
+    let manifest = read_manifest(&cache).unwrap();
+    let split = SplitReader::open(&cache, &manifest, "train").unwrap();
+    let n = split.len();
+    let vocab = tokenizer.mask_vocab().unwrap();
+    let masking = MaskingConfig::default();
+    let device = Device::flex();
+    // From 2 rows to 16 over 1,500 real tokens, unpacked and packed.
+    for packing in [None, Some(64)] {
+        let sampler = || {
+            StepSampler::new(n, 16, 1, 5)
+                .with_packing(packing)
+                .with_batch_size_warmup(Some((2, 1500)))
+        };
+        let mut s = sampler();
+        let (mut tokens, mut rows) = (0u64, Vec::new());
+        let mut steps = Vec::new();
+        for step in 0..12 {
+            let out = s.step(step, &[&split], &vocab, &masking, &device);
+            let r = out.batches[0].input_ids.dims()[0];
+            assert_eq!(r, s.rows_after(tokens), "step {step} ({packing:?})");
+            rows.push(r);
+            tokens += out.tokens as u64;
+            steps.push(out);
+        }
+        assert_eq!(rows[0], 2, "{packing:?}: {rows:?}");
+        assert!(
+            rows.windows(2).all(|w| w[0] <= w[1]),
+            "{packing:?}: {rows:?}"
+        );
+        assert_eq!(*rows.last().unwrap(), 16, "{packing:?}: {rows:?}");
+        // A fresh sampler (a resume) at step 7 draws what the first did.
+        let again = sampler().step(7, &[&split], &vocab, &masking, &device);
+        let (a, b) = (&again.batches[0], &steps[7].batches[0]);
+        assert_eq!(
+            common::ints(a.input_ids.clone()),
+            common::ints(b.input_ids.clone())
+        );
+        assert_eq!(
+            common::ints(a.labels.clone()),
+            common::ints(b.labels.clone())
+        );
+        assert_eq!(a.documents, b.documents);
+    }
+}

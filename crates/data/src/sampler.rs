@@ -22,6 +22,11 @@
 //! where step `k` starts is found by packing the lengths of the steps before it (memoised; a
 //! resume packs lengths only, no tokens are masked).
 //!
+//! With batch-size warmup ([`StepSampler::with_batch_size_warmup`], ModernBERT's
+//! `batch_size_warmup_tokens`), a micro-batch holds fewer rows at first: step `k`'s rows grow
+//! linearly from a minimum to `batch_size` in the real tokens drawn before `k`, found the same
+//! way (packing or summing the lengths of the earlier steps, memoised).
+//!
 //! Either way the batches of a step are a pure function of (seed, step): a resumed run
 //! continues exactly, without replaying data.
 
@@ -74,8 +79,11 @@ pub struct StepSampler {
     orders: HashMap<(usize, u64), Vec<usize>>,
     /// Document packing: tokens per row (`None`: one sample per row).
     row_tokens: Option<usize>,
-    /// Document packing: the global position at which each step starts, as far as computed.
-    step_starts: Vec<u64>,
+    /// Batch-size warmup: `(first rows per micro-batch, tokens to grow over)`.
+    warmup: Option<(usize, u64)>,
+    /// With packing or batch-size warmup: the global position at which each step starts and
+    /// the real tokens drawn before it, as far as computed.
+    step_starts: Vec<(u64, u64)>,
 }
 
 /// The shuffling and masking seed of source `s` (source 0 keeps the run's seed, so a
@@ -124,8 +132,35 @@ impl StepSampler {
             position: 0,
             orders: HashMap::new(),
             row_tokens: None,
-            step_starts: vec![0],
+            warmup: None,
+            step_starts: vec![(0, 0)],
         }
+    }
+
+    /// Batch-size warmup: micro-batches start with `min_rows` rows (at least 1, at most
+    /// `batch_size`) and grow linearly to `batch_size` over `tokens` real tokens. `None`: always
+    /// `batch_size`.
+    pub fn with_batch_size_warmup(mut self, warmup: Option<(usize, u64)>) -> Self {
+        self.warmup = warmup
+            .filter(|&(_, tokens)| tokens > 0)
+            .map(|(min, tokens)| (min.clamp(1, self.batch_size.max(1)), tokens));
+        self
+    }
+
+    /// Rows per micro-batch after `tokens` real tokens.
+    pub fn rows_after(&self, tokens: u64) -> usize {
+        match self.warmup {
+            Some((min, total)) if tokens < total => {
+                let grown = (self.batch_size - min) as u128 * tokens as u128 / total as u128;
+                min + grown as usize
+            }
+            _ => self.batch_size,
+        }
+    }
+
+    /// Whether step starts must be found by replaying lengths (packing or warmup).
+    fn replays(&self) -> bool {
+        self.row_tokens.is_some() || self.warmup.is_some()
     }
 
     /// Packs whole documents into rows of `row_tokens` tokens (see the module doc); `None`
@@ -225,12 +260,17 @@ impl StepSampler {
         self.taken[source] -= 1;
     }
 
-    /// One packed micro-batch: `batch_size` rows of up to `row_tokens` tokens, each a list of
+    /// One packed micro-batch: `rows` rows of up to `row_tokens` tokens, each a list of
     /// `(sample, length)`, filled first-fit in stream order until a document fits no row
     /// (it is left for the next micro-batch). A document longer than a row, which a cache of
     /// the same `max_seq_length` never holds, is cut to the row when it comes first.
-    fn pack(&mut self, splits: &[&SplitReader], row_tokens: usize) -> Vec<Vec<(Drawn, usize)>> {
-        let mut rows: Vec<(usize, Vec<(Drawn, usize)>)> = vec![(0, Vec::new()); self.batch_size];
+    fn pack(
+        &mut self,
+        splits: &[&SplitReader],
+        rows: usize,
+        row_tokens: usize,
+    ) -> Vec<Vec<(Drawn, usize)>> {
+        let mut rows: Vec<(usize, Vec<(Drawn, usize)>)> = vec![(0, Vec::new()); rows];
         let mut missing = 0usize;
         loop {
             let drawn = self.draw(splits);
@@ -265,30 +305,58 @@ impl StepSampler {
         rows.into_iter().map(|(_, row)| row).collect()
     }
 
-    /// Moves to the first sample of step `step`: `step * batch_size * accum` unpacked; packed,
-    /// where packing the steps before it ends (memoised in `step_starts`).
-    fn seek_step(&mut self, step: usize, splits: &[&SplitReader]) {
-        let Some(row_tokens) = self.row_tokens else {
-            self.seek(step as u64 * (self.batch_size * self.accum) as u64);
-            return;
-        };
-        while self.step_starts.len() <= step {
-            let last = self.step_starts.len() - 1;
-            self.seek(self.step_starts[last]);
-            self.prune_orders();
-            for _ in 0..self.accum {
-                self.pack(splits, row_tokens);
-            }
-            self.step_starts.push(self.position);
+    /// The samples of one micro-batch of `rows` rows, each with its length: packed rows, or
+    /// one sample per row (unreadable samples skipped, as [`StepSampler::step`] skips them).
+    fn micro_batch(&mut self, splits: &[&SplitReader], rows: usize) -> Vec<Vec<(Drawn, usize)>> {
+        match self.row_tokens {
+            Some(row_tokens) => self.pack(splits, rows, row_tokens),
+            None => (0..rows)
+                .map(|_| {
+                    let drawn = self.draw(splits);
+                    let len = splits
+                        .get(drawn.source)
+                        .and_then(|split| split.example_len(drawn.index))
+                        .unwrap_or(0);
+                    vec![(drawn, len)]
+                })
+                .collect(),
         }
-        self.seek(self.step_starts[step]);
+    }
+
+    /// Moves to the first sample of step `step` and returns the real tokens drawn before it:
+    /// `step * batch_size * accum` samples (tokens not counted: 0) without packing or warmup;
+    /// otherwise where drawing the steps before it ends (memoised in `step_starts`).
+    fn seek_step(&mut self, step: usize, splits: &[&SplitReader]) -> u64 {
+        if !self.replays() {
+            self.seek(step as u64 * (self.batch_size * self.accum) as u64);
+            return 0;
+        }
+        while self.step_starts.len() <= step {
+            let (position, tokens) = self.step_starts[self.step_starts.len() - 1];
+            self.seek(position);
+            self.prune_orders();
+            let rows = self.rows_after(tokens);
+            let mut drawn = 0u64;
+            for _ in 0..self.accum {
+                let batch = self.micro_batch(splits, rows);
+                drawn += batch
+                    .iter()
+                    .flatten()
+                    .map(|&(_, len)| len as u64)
+                    .sum::<u64>();
+            }
+            self.step_starts.push((self.position, tokens + drawn));
+        }
+        let (position, tokens) = self.step_starts[step];
+        self.seek(position);
+        tokens
     }
 
     /// The steps needed to draw `samples` samples (`training.epochs` in steps): a ceiling
     /// division unpacked; packed, found by packing lengths step after step.
     pub fn steps_for_samples(&mut self, samples: u64, splits: &[&SplitReader]) -> usize {
         let per_step = (self.batch_size * self.accum) as u64;
-        if self.row_tokens.is_none() || self.weights.iter().all(|&w| w == 0.0) {
+        if !self.replays() || self.weights.iter().all(|&w| w == 0.0) {
             return samples.div_ceil(per_step.max(1)) as usize;
         }
         let mut steps = 0;
@@ -327,17 +395,17 @@ impl StepSampler {
         if self.weights.iter().all(|&w| w == 0.0) {
             return out;
         }
-        self.seek_step(step, splits);
+        let tokens_before = self.seek_step(step, splits);
         self.prune_orders();
         let start = self.position;
-        let mask = |drawn: Drawn, len: Option<usize>, out: &mut StepBatches| {
-            let Some(split) = splits.get(drawn.source) else {
-                return None;
-            };
-            let mut sample = split.get(drawn.index)?;
-            if let Some(len) = len {
-                sample.truncate(len);
+        let rows = self.rows_after(tokens_before);
+        let mask = |drawn: Drawn, len: usize, out: &mut StepBatches| {
+            if len == 0 {
+                return None; // unreadable: skipped
             }
+            let split = splits.get(drawn.source)?;
+            let mut sample = split.get(drawn.index)?;
+            sample.truncate(len);
             out.tokens += sample.len();
             out.source_tokens[drawn.source] += sample.len() as u64;
             Some(mask_tokens(
@@ -350,22 +418,22 @@ impl StepSampler {
             ))
         };
         for _ in 0..self.accum {
+            let drawn = self.micro_batch(splits, rows);
             let batch = match self.row_tokens {
                 None => {
-                    let mut examples = Vec::with_capacity(self.batch_size);
-                    for _ in 0..self.batch_size {
-                        let drawn = self.draw(splits);
-                        examples.extend(mask(drawn, None, &mut out));
-                    }
+                    let examples: Vec<MaskedExample> = drawn
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|(d, len)| mask(d, len, &mut out))
+                        .collect();
                     collate(&examples, vocab.pad_id, device)
                 }
-                Some(row_tokens) => {
-                    let rows: Vec<Vec<MaskedExample>> = self
-                        .pack(splits, row_tokens)
+                Some(_) => {
+                    let rows: Vec<Vec<MaskedExample>> = drawn
                         .into_iter()
                         .map(|row| {
                             row.into_iter()
-                                .filter_map(|(drawn, len)| mask(drawn, Some(len), &mut out))
+                                .filter_map(|(d, len)| mask(d, len, &mut out))
                                 .collect()
                         })
                         .collect();
@@ -378,8 +446,9 @@ impl StepSampler {
             }
         }
         out.samples = (self.position - start) as usize;
-        if self.row_tokens.is_some() && self.step_starts.len() == step + 1 {
-            self.step_starts.push(self.position);
+        if self.replays() && self.step_starts.len() == step + 1 {
+            self.step_starts
+                .push((self.position, tokens_before + out.tokens as u64));
         }
         out
     }

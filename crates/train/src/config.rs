@@ -12,7 +12,8 @@
 //! [optimizer]      # name = adamw|stable_adamw, lr, betas, eps, weight_decay, max_grad_norm
 //! [schedule]       # decay = linear|cosine|constant|wsd, warmup_steps | warmup_ratio;
 //!                  # wsd: decay_steps | decay_fraction, warmup_type, decay_type, min_lr_ratio
-//! [training]       # batch_size, grad_accum_steps, max_steps | epochs, group_by_length
+//! [training]       # batch_size, grad_accum_steps, max_steps | epochs, group_by_length,
+//!                  # batch_size_warmup_tokens, batch_size_warmup_min_size
 //! [eval]           # eval_steps, batch_size, max_batches, seed, on_start, sets, best,
 //!                  # patience, min_delta, probes
 //! [checkpoint]     # save_steps, keep_last
@@ -185,6 +186,27 @@ pub struct TrainingSection {
     /// padding with `packing = "line"` and documents of varied length.
     #[serde(default)]
     pub group_by_length: bool,
+    /// Batch-size warmup (ModernBERT's `batch_size_warmup_tokens`, Cramming): the rows per
+    /// micro-batch grow linearly from `batch_size_warmup_min_size` to `batch_size` over this
+    /// many real (non-padding) training tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size_warmup_tokens: Option<u64>,
+    /// The rows per micro-batch at the start of batch-size warmup (ModernBERT's
+    /// `batch_size_warmup_min_size`, here per micro-batch); default `batch_size / 8`, at
+    /// least 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size_warmup_min_size: Option<usize>,
+}
+
+impl TrainingSection {
+    /// Batch-size warmup as `(first rows per micro-batch, tokens)`, when configured.
+    pub fn batch_size_warmup(&self) -> Option<(usize, u64)> {
+        let tokens = self.batch_size_warmup_tokens?;
+        let min = self
+            .batch_size_warmup_min_size
+            .unwrap_or((self.batch_size / 8).max(1));
+        Some((min, tokens))
+    }
 }
 
 fn one() -> usize {
@@ -372,9 +394,9 @@ impl TrainConfig {
     /// optimizer and schedule (as after a divergence), precision, evaluation, checkpointing and
     /// logging. Everything that decides which examples, masks and model a step sees is fixed:
     /// `seed`, `[model]`, `[data]`, `[masking]`, `training.batch_size`,
-    /// `training.grad_accum_steps` and `training.group_by_length`.
+    /// `training.grad_accum_steps`, `training.group_by_length` and batch-size warmup.
     pub fn frozen_differences(&self, now: &TrainConfig) -> Vec<(String, String, String)> {
-        const FROZEN: [&str; 7] = [
+        const FROZEN: [&str; 9] = [
             "seed",
             "model",
             "data",
@@ -382,6 +404,8 @@ impl TrainConfig {
             "training.batch_size",
             "training.grad_accum_steps",
             "training.group_by_length",
+            "training.batch_size_warmup_tokens",
+            "training.batch_size_warmup_min_size",
         ];
         let flat = |config: &TrainConfig| {
             let mut out = std::collections::BTreeMap::new();
@@ -446,6 +470,33 @@ impl TrainConfig {
         }
         if self.training.grad_accum_steps == 0 {
             return bad("training.grad_accum_steps", "must be at least 1");
+        }
+        match (
+            self.training.batch_size_warmup_tokens,
+            self.training.batch_size_warmup_min_size,
+        ) {
+            (Some(0), _) => {
+                return bad(
+                    "training.batch_size_warmup_tokens",
+                    "must be at least 1 (leave it out for no batch-size warmup)",
+                );
+            }
+            (None, Some(_)) => {
+                return bad(
+                    "training.batch_size_warmup_min_size",
+                    "applies only with training.batch_size_warmup_tokens; set that too",
+                );
+            }
+            (Some(_), Some(min)) if min == 0 || min > self.training.batch_size => {
+                return bad(
+                    "training.batch_size_warmup_min_size",
+                    format!(
+                        "{min} must be between 1 and training.batch_size ({})",
+                        self.training.batch_size
+                    ),
+                );
+            }
+            _ => {}
         }
         match (self.training.max_steps, self.training.epochs) {
             (None, None) => bad(

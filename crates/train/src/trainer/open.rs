@@ -94,7 +94,8 @@ impl<'a> Run<'a> {
             config.seed,
         )
         .with_length_grouping(config.training.group_by_length)
-        .with_packing(row_tokens);
+        .with_packing(row_tokens)
+        .with_batch_size_warmup(config.training.batch_size_warmup());
         let splits: Vec<&SplitReader> = data.train_splits.iter().collect();
         state.total_steps = total_steps(config, train_examples, &mut sampler, &splits);
         check_unfinished(&state, run_dir)?;
