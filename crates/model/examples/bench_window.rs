@@ -85,7 +85,7 @@ fn time(path: Path, [batch, seq, heads, d]: [usize; 4], window: usize) -> Durati
     let start = Instant::now();
     let context = match path {
         Path::Windowed => {
-            cpu_ops::attention_windowed(&q, &k, &v, heads, &key_bias, None, window, None)
+            cpu_ops::attention_windowed(&q, &k, &v, heads, (&key_bias, None), window, None)
                 .expect("f32 flex")
         }
         Path::DenseKernel => {

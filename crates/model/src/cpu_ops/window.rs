@@ -32,7 +32,7 @@ const BLOCK: usize = 32;
 /// (entries for keys outside the window are drawn but unused). A window that covers the whole
 /// sequence (`half >= seq - 1`) gives `width = seq`, `start = 0`: the dense kernel's layout.
 ///
-/// `runs` (packed rows): as in [`super::attention`], each document attends only within itself
+/// The keys are their padding `bias` and, for packed rows, `runs`: as in [`super::attention`], each document attends only within itself
 /// (its own window, clipped at its ends, as when it is run alone); `seq` above is then each
 /// run's length and the mask is laid out run by run.
 pub(crate) fn attention_windowed(
@@ -40,8 +40,7 @@ pub(crate) fn attention_windowed(
     k: &Tensor<3>,
     v: &Tensor<3>,
     heads: usize,
-    bias: &Tensor<4>,
-    runs: Option<&[(usize, usize)]>,
+    (bias, runs): (&Tensor<4>, Option<&[(usize, usize)]>),
     local_attention: usize,
     dropout: Option<&dyn Fn(usize) -> Vec<f32>>,
 ) -> Option<Tensor<3>> {
@@ -576,7 +575,7 @@ mod tests {
         let draw = dropout.then_some(&draw as &dyn Fn(usize) -> Vec<f32>);
         let context = match path {
             Path::Windowed => {
-                attention_windowed(&q3, &k3, &v3, HEADS, &bias, None, local_attention, draw)
+                attention_windowed(&q3, &k3, &v3, HEADS, (&bias, None), local_attention, draw)
                     .expect("f32 flex")
             }
             Path::DenseKernel => {
@@ -681,7 +680,7 @@ mod tests {
         let bias = Tensor::<4>::zeros([batch, 1, 1, seq], &device);
         let (q3, k3, v3) = (shape(&q), shape(&k), shape(&v));
         let context = match local_attention {
-            Some(w) => attention_windowed(&q3, &k3, &v3, HEADS, &bias, runs, w, None),
+            Some(w) => attention_windowed(&q3, &k3, &v3, HEADS, (&bias, runs), w, None),
             None => super::super::attention(&q3, &k3, &v3, HEADS, &bias, runs, None),
         }
         .expect("f32 flex");

@@ -424,17 +424,11 @@ impl ModernBertAttention {
             .drop
             .active(&device)
             .then_some(&draw as &dyn Fn(usize) -> Vec<f32>);
-        let bias = &inputs.keys.bias;
-        if let Some(context) = crate::cpu_ops::attention_windowed(
-            &q,
-            &k,
-            &v,
-            self.num_heads,
-            bias,
-            None,
-            2 * half,
-            dropout,
-        ) {
+        // The keys' padding bias and, for packed rows, the documents.
+        let keys = (&inputs.keys.keys, inputs.keys.runs.as_deref());
+        if let Some(context) =
+            crate::cpu_ops::attention_windowed(&q, &k, &v, self.num_heads, keys, 2 * half, dropout)
+        {
             return context;
         }
         self.eager(q, k, v, inputs.window(half))
