@@ -196,3 +196,56 @@ fn project(output: Tensor<3>, upstream: Tensor<3>) -> Tensor<1> {
     let upstream = upstream.cast(burn::tensor::FloatDType::from(output.dtype()));
     (output * upstream).sum()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ModernBertConfig, RobertaConfig};
+    use burn::tensor::Device;
+
+    /// The first pass must record nothing: a layer output that is still tracked keeps the
+    /// layer's whole graph (every activation) alive until the backward, which is the memory
+    /// checkpointing exists to save, while the gradients stay right. (burn's `detach` keeps
+    /// `require_grad` on a leaf: detaching the parameters alone left them tracked.)
+    #[test]
+    fn the_first_pass_records_no_graph_in_either_family() {
+        let device = Device::flex().autodiff();
+        let roberta = RobertaConfig {
+            vocab_size: 50,
+            hidden_size: 16,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            intermediate_size: 32,
+            max_position_embeddings: 20,
+            ..RobertaConfig::default()
+        };
+        let modernbert = ModernBertConfig {
+            vocab_size: 50,
+            hidden_size: 16,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            intermediate_size: 32,
+            pad_token_id: 1,
+            bos_token_id: Some(0),
+            cls_token_id: Some(0),
+            sep_token_id: Some(2),
+            eos_token_id: None,
+            ..ModernBertConfig::default()
+        };
+        for config in [roberta.into(), modernbert.resolved().into()] {
+            let model = MaskedLm::new(&config, &device).expect("valid config");
+            let ids = Tensor::<2, Int>::from_ints([[0, 7, 8, 9, 2]], &device);
+            let mask = BatchMask::from(Tensor::<2, Int>::ones([1, 5], &device));
+            let (embedded, shared) = model.embed(ids, mask);
+            assert!(embedded.is_tracked(), "the embeddings keep their graph");
+            let first = model.layer(0, embedded.clone().detach(), &shared, false);
+            assert!(
+                !first.is_tracked(),
+                "{:?}: first pass tracked",
+                model.family()
+            );
+            let again = model.layer(0, embedded.detach().require_grad(), &shared, true);
+            assert!(again.is_tracked(), "the recomputation is tracked");
+        }
+    }
+}
