@@ -13,7 +13,9 @@
 //! `--attention eager` turns the fused attention kernel off (it runs wherever attention
 //! dropout is inactive: here, evaluation). `--model-type modernbert` benchmarks ModernBERT
 //! (`--ffn` is its `intermediate_size`; `--window` its `local_attention`, default 128;
-//! `--global-every` its `global_attn_every_n_layers`, default 3).
+//! `--global-every` its `global_attn_every_n_layers`, default 3). `--gradient-checkpointing`
+//! trains with `[training] gradient_checkpointing = true`; `--eval-steps 0` skips evaluation
+//! (so that `rss_mb`, the process's peak, is the training's).
 
 use std::time::Instant;
 
@@ -126,9 +128,11 @@ fn main() {
             std::process::exit(2);
         }
     };
+    let checkpointing = std::env::args().any(|a| a == "--gradient-checkpointing");
     let mut model = MaskedLm::new(&config, &ad)
         .expect("valid shape")
-        .with_attention(attention);
+        .with_attention(attention)
+        .with_gradient_checkpointing(checkpointing);
     let params = model.num_params();
     let optim_config = OptimizerConfig {
         name: OptimizerName::Adamw,
@@ -212,8 +216,10 @@ fn main() {
 
     // Evaluation: forward at masked positions, cross-entropy and argmax, no autodiff.
     let eval_model = model.valid();
+    let eval_steps = arg("--eval-steps", steps);
+    let warmup = if eval_steps == 0 { 0 } else { warmup };
     let mut start = Instant::now();
-    for step in 0..warmup + steps {
+    for step in 0..warmup + eval_steps {
         if step == warmup {
             start = Instant::now();
         }
@@ -223,7 +229,7 @@ fn main() {
         let _ = loss.into_scalar::<f32>();
         let _ = logits.argmax(1).into_data();
     }
-    let eval_tps = (steps * batch * seq) as f64 / start.elapsed().as_secs_f64();
+    let eval_tps = (eval_steps * batch * seq) as f64 / start.elapsed().as_secs_f64();
     println!(
         "MASKLM_BENCH train_tps={train_tps:.1} eval_tps={eval_tps:.1} rss_mb={:.0} params={params}",
         peak_rss_mb()

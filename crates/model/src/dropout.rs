@@ -65,6 +65,24 @@ impl DropoutStream {
         }
     }
 
+    /// The number of the next mask: where a replay of what follows must start
+    /// ([`Self::replay_from`]).
+    pub(crate) fn position(&self) -> u64 {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    /// Makes the masks drawn next those drawn after [`Self::position`] gave `call`: the host
+    /// masks are a function of (seed, call) already; a device's generator is reseeded from
+    /// both, so each replay point must also be passed here before its first draw (gradient
+    /// checkpointing marks one per layer and replays each layer's masks in its recomputation).
+    pub(crate) fn replay_from(&self, call: u64, device: &Device) {
+        self.calls.store(call, Ordering::SeqCst);
+        if device.is_autodiff() && !host_resident(device) {
+            let seed = self.seed.load(Ordering::SeqCst);
+            device.seed(splitmix64(seed ^ splitmix64(call ^ 0xC4EC_4901)));
+        }
+    }
+
     /// The seed and number of the next mask.
     fn next_call(&self) -> (u64, u64) {
         let call = self.calls.fetch_add(1, Ordering::SeqCst);

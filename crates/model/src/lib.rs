@@ -37,6 +37,7 @@
 //! # Ok::<(), masklm_model::ConfigError>(())
 //! ```
 
+mod checkpointing;
 mod config;
 mod cpu_ops;
 mod dropout;

@@ -532,18 +532,28 @@ impl RobertaModel {
         input_ids: Tensor<2, Int>,
         attention_mask: impl Into<BatchMask>,
     ) -> Tensor<3> {
-        let attention_mask = attention_mask.into();
-        let [batch, seq] = input_ids.dims();
-        let device = input_ids.device();
-        let token_type_ids = Tensor::<2, Int>::zeros([batch, seq], &device);
-        let mut x = self
-            .embeddings
-            .forward(input_ids, token_type_ids, &attention_mask);
-        let mask = KeyMask::new(&attention_mask);
+        let (mut x, mask) = self.embed(input_ids, &attention_mask.into());
         for layer in &self.encoder.layer {
             x = layer.forward(x, &mask);
         }
         x
+    }
+
+    /// The first layer's input (embeddings, dropout included) and the key mask every layer
+    /// reads.
+    ///
+    /// # Shapes
+    /// - `input_ids`: `[batch, seq]`
+    /// - output: `[batch, seq, hidden]`
+    pub(crate) fn embed(
+        &self,
+        input_ids: Tensor<2, Int>,
+        mask: &BatchMask,
+    ) -> (Tensor<3>, KeyMask) {
+        let [batch, seq] = input_ids.dims();
+        let token_type_ids = Tensor::<2, Int>::zeros([batch, seq], &input_ids.device());
+        let x = self.embeddings.forward(input_ids, token_type_ids, mask);
+        (x, KeyMask::new(mask))
     }
 }
 
@@ -615,6 +625,10 @@ impl RobertaLMHead {
 pub struct RobertaForMaskedLM {
     pub roberta: RobertaModel,
     pub lm_head: RobertaLMHead,
+    /// Recompute each layer in the backward instead of keeping its activations
+    /// ([`crate::MaskedLm::with_gradient_checkpointing`]).
+    #[module(skip)]
+    pub gradient_checkpointing: bool,
 }
 
 impl RobertaForMaskedLM {
@@ -646,6 +660,7 @@ impl RobertaForMaskedLM {
                 },
                 ..RobertaLMHead::new(config, device)
             },
+            gradient_checkpointing: false,
         })
     }
 
@@ -676,6 +691,15 @@ impl RobertaForMaskedLM {
         positions: Tensor<1, Int>,
     ) -> Tensor<2> {
         let hidden = self.roberta.forward(input_ids, attention_mask);
+        self.head_at(hidden, positions)
+    }
+
+    /// The LM head at the given flat positions of the last layer's output.
+    ///
+    /// # Shapes
+    /// - `hidden`: `[batch, seq, hidden]`, `positions`: `[masked]`
+    /// - output: `[masked, vocab]`
+    pub(crate) fn head_at(&self, hidden: Tensor<3>, positions: Tensor<1, Int>) -> Tensor<2> {
         let [batch, seq, width] = hidden.dims();
         // [batch * seq, hidden] -> [masked, hidden]
         let picked = hidden.reshape([batch * seq, width]).select(0, positions);

@@ -13,7 +13,8 @@
 //! [schedule]       # decay = linear|cosine|constant|wsd, warmup_steps | warmup_ratio;
 //!                  # wsd: decay_steps | decay_fraction, warmup_type, decay_type, min_lr_ratio
 //! [training]       # batch_size, grad_accum_steps, max_steps | epochs, group_by_length,
-//!                  # batch_size_warmup_tokens, batch_size_warmup_min_size
+//!                  # batch_size_warmup_tokens, batch_size_warmup_min_size,
+//!                  # gradient_checkpointing
 //! [eval]           # eval_steps, batch_size, max_batches, seed, on_start, sets, best,
 //!                  # patience, min_delta, probes
 //! [checkpoint]     # save_steps, keep_last
@@ -196,6 +197,12 @@ pub struct TrainingSection {
     /// least 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch_size_warmup_min_size: Option<usize>,
+    /// Keep only each encoder layer's input in the forward and recompute the layer in the
+    /// backward (transformers' `gradient_checkpointing=True`): the same gradients for much
+    /// less activation memory and about a third more compute (see masklm_model's
+    /// `MaskedLm::loss_gradients`).
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
 }
 
 impl TrainingSection {

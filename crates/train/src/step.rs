@@ -64,18 +64,20 @@ pub fn train_step(
     let plain = model.word_embeddings().device().without_autodiff();
     let mut loss_sum = Tensor::<1>::zeros([1], &plain);
     for batch in batches.iter().filter(|b| b.masked > 0) {
-        let logits = compute.forward_at(
+        let weight = batch.masked as f64 / total as f64;
+        // Gradients are taken for the f32 parameters of `model`: under autocast they flow
+        // back through the casts. With gradient checkpointing, layer by layer.
+        let grads = compute.loss_gradients(
+            &model,
             batch.input_ids.clone(),
             batch_mask(batch),
             batch.positions.clone(),
+            |logits| {
+                let weighted = mlm_loss(logits, batch.labels.clone()).mul_scalar(weight);
+                loss_sum = loss_sum.clone() + weighted.clone().without_autodiff();
+                weighted.mul_scalar(loss_scale)
+            },
         );
-        let loss = mlm_loss(logits, batch.labels.clone());
-        let weight = batch.masked as f64 / total as f64;
-        let weighted = loss.mul_scalar(weight);
-        loss_sum = loss_sum + weighted.clone().without_autodiff();
-        // Gradients are taken for the f32 parameters of `model`: under autocast they flow
-        // back through the casts.
-        let grads = GradientsParams::from_grads(weighted.mul_scalar(loss_scale).backward(), &model);
         accumulator.accumulate(&model, grads);
     }
     let grads = accumulator.grads();

@@ -19,6 +19,7 @@ mod model;
 pub use config::{
     FULL_ATTENTION, LayerAttention, ModernBertConfig, RopeParameters, SLIDING_ATTENTION, TokenIds,
 };
+pub(crate) use model::LayerInputs;
 pub use model::{
     ModernBertAttention, ModernBertDecoder, ModernBertEmbeddings, ModernBertEncoderLayer,
     ModernBertForMaskedLM, ModernBertMLP, ModernBertModel, ModernBertPredictionHead, geglu, rotary,

@@ -243,7 +243,7 @@ pub fn geglu<const D: usize>(act: HiddenAct, x: Tensor<D>) -> Tensor<D> {
 }
 
 /// Masks and rotary tables of one forward, shared by the layers of each type.
-struct LayerInputs {
+pub(crate) struct LayerInputs {
     keys: KeyMask,
     /// `[cos, sin]` per distinct RoPE base, with the base: `[1, seq, head_dim]`, or
     /// `[batch, seq, head_dim]` for packed rows (positions restart at each document).
@@ -532,7 +532,7 @@ impl ModernBertEncoderLayer {
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]`
     /// - output: `[batch, seq, hidden]`
-    fn forward(&self, x: Tensor<3>, inputs: &LayerInputs) -> Tensor<3> {
+    pub(crate) fn forward(&self, x: Tensor<3>, inputs: &LayerInputs) -> Tensor<3> {
         let normed = match &self.attn_norm {
             Some(attn_norm) => norm(attn_norm, self.norm_eps, x.clone()),
             None => x.clone(),
@@ -567,17 +567,41 @@ impl ModernBertModel {
         input_ids: Tensor<2, Int>,
         attention_mask: impl Into<BatchMask>,
     ) -> Tensor<3> {
-        let mut x = self.embeddings.forward(input_ids);
+        norm(
+            &self.final_norm,
+            self.norm_eps,
+            self.encode(input_ids, attention_mask.into()),
+        )
+    }
+
+    /// The last layer's output, before the final LayerNorm.
+    fn encode(&self, input_ids: Tensor<2, Int>, attention_mask: BatchMask) -> Tensor<3> {
+        let (mut x, inputs) = self.embed(input_ids, attention_mask);
+        for layer in &self.layers {
+            x = layer.forward(x, &inputs);
+        }
+        x
+    }
+
+    /// The first layer's input (embeddings, dropout included) and the masks and rotary tables
+    /// the layers share.
+    ///
+    /// # Shapes
+    /// - `input_ids`: `[batch, seq]`
+    /// - output: `[batch, seq, hidden]`
+    pub(crate) fn embed(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: BatchMask,
+    ) -> (Tensor<3>, LayerInputs) {
+        let x = self.embeddings.forward(input_ids);
         let [.., hidden] = x.dims();
         let head_dim = self
             .layers
             .first()
             .map_or(hidden, |l| hidden / l.attn.num_heads);
-        let inputs = LayerInputs::new(attention_mask.into(), &self.layers, head_dim);
-        for layer in &self.layers {
-            x = layer.forward(x, &inputs);
-        }
-        norm(&self.final_norm, self.norm_eps, x)
+        let inputs = LayerInputs::new(attention_mask, &self.layers, head_dim);
+        (x, inputs)
     }
 }
 
@@ -646,6 +670,10 @@ pub struct ModernBertForMaskedLM {
     pub model: ModernBertModel,
     pub head: ModernBertPredictionHead,
     pub decoder: ModernBertDecoder,
+    /// Recompute each layer in the backward instead of keeping its activations
+    /// ([`crate::MaskedLm::with_gradient_checkpointing`]).
+    #[module(skip)]
+    pub gradient_checkpointing: bool,
 }
 
 impl ModernBertForMaskedLM {
@@ -680,6 +708,7 @@ impl ModernBertForMaskedLM {
                     .decoder_bias
                     .then(|| Param::from_tensor(Tensor::zeros([config.vocab_size], device))),
             },
+            gradient_checkpointing: false,
         })
     }
 
@@ -709,7 +738,18 @@ impl ModernBertForMaskedLM {
         attention_mask: impl Into<BatchMask>,
         positions: Tensor<1, Int>,
     ) -> Tensor<2> {
-        let hidden = self.model.forward(input_ids, attention_mask);
+        let hidden = self.model.encode(input_ids, attention_mask.into());
+        self.head_at(hidden, positions)
+    }
+
+    /// The final LayerNorm, then head and decoder at the given flat positions of the last
+    /// layer's output.
+    ///
+    /// # Shapes
+    /// - `hidden`: `[batch, seq, hidden]`, `positions`: `[masked]`
+    /// - output: `[masked, vocab]`
+    pub(crate) fn head_at(&self, hidden: Tensor<3>, positions: Tensor<1, Int>) -> Tensor<2> {
+        let hidden = norm(&self.model.final_norm, self.model.norm_eps, hidden);
         let [batch, seq, width] = hidden.dims();
         // [batch * seq, hidden] -> [masked, hidden]
         let picked = hidden.reshape([batch * seq, width]).select(0, positions);

@@ -177,7 +177,7 @@ impl<'a> Run<'a> {
             tracked: data.tracked,
             probes,
             model_config,
-            model: Some(model),
+            model: Some(model.with_gradient_checkpointing(config.training.gradient_checkpointing)),
             optimizer,
             total_steps: state.total_steps,
             state,
