@@ -40,8 +40,8 @@ use crate::{BatchMask, KeyMask, MaskedLm};
 
 /// What the layers of one forward share: the key mask, and ModernBERT's rotary tables.
 enum Shared {
-    Roberta(KeyMask),
-    ModernBert(LayerInputs),
+    Roberta(Box<KeyMask>),
+    ModernBert(Box<LayerInputs>),
 }
 
 /// Detaches every parameter: a forward through the result records nothing for the backward.
@@ -145,11 +145,11 @@ impl MaskedLm {
         match self {
             MaskedLm::Roberta(m) => {
                 let (x, keys) = m.roberta.embed(input_ids, &mask);
-                (x, Shared::Roberta(keys))
+                (x, Shared::Roberta(Box::new(keys)))
             }
             MaskedLm::ModernBert(m) => {
                 let (x, inputs) = m.model.embed(input_ids, mask);
-                (x, Shared::ModernBert(inputs))
+                (x, Shared::ModernBert(Box::new(inputs)))
             }
         }
     }
