@@ -1193,12 +1193,24 @@ fn a_second_process_on_a_run_or_a_cache_is_refused() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    // Give it time to take the lock (it holds it until it ends).
+    // Wait until it trains past the run's 2 steps: it then holds the lock (until it ends).
+    // (`.lock` itself outlives the earlier run, so its existence proves nothing; a fixed
+    // sleep lost the race on a loaded CI machine.)
     let start = Instant::now();
-    while !run.join(".lock").exists() && start.elapsed() < Duration::from_secs(30) {
+    let trained_past_2 = || {
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .any(|v| v["step"].as_u64().is_some_and(|step| step > 2))
+    };
+    while !trained_past_2() {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "the first process never trained"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
-    std::thread::sleep(Duration::from_millis(300));
     let out = masklm(&s(&[
         "train",
         "--resume",
