@@ -1118,3 +1118,38 @@ fn a_wsd_run_resumed_longer_in_its_stable_phase_is_the_longer_run() {
     let short_lrs = losses_and_lrs(&archived[0]);
     assert!(short_lrs[&12].1 < a[&12].1, "{short_lrs:?}");
 }
+
+#[test]
+fn a_wsd_run_past_the_start_of_its_decay_refuses_a_new_length() {
+    // Planned for 6 steps with the last 3 decaying: at step 6 the decay has happened, so a
+    // resume to 12 would jump back to the peak. Refused, naming the way out; the same length
+    // resumes (here: nothing left to do) as before.
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::write_tiny_config(dir.path(), "");
+    let run = dir.path().join("wsd");
+    common::train_run(
+        &config,
+        &run,
+        "cpu",
+        6,
+        &["schedule.decay=\"wsd\"", "schedule.decay_steps=3"],
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_masklm"))
+        .args(["train", "--resume"])
+        .arg(&run)
+        .args(["--set", "training.max_steps=12"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("began its decay at step 3 of 6")
+            && stderr.contains("training.max_steps=6"),
+        "{stderr}"
+    );
+    assert_eq!(
+        common::losses(&run).len(),
+        6,
+        "the refused resume wrote nothing"
+    );
+}

@@ -97,7 +97,11 @@ impl<'a> Run<'a> {
         .with_packing(row_tokens)
         .with_batch_size_warmup(config.training.batch_size_warmup());
         let splits: Vec<&SplitReader> = data.train_splits.iter().collect();
+        let planned = state.total_steps;
         state.total_steps = total_steps(config, train_examples, &mut sampler, &splits);
+        if resume.is_some() {
+            check_wsd_length(config, state.step, planned, state.total_steps)?;
+        }
         check_unfinished(&state, run_dir)?;
         let ad_device = device.clone().autodiff();
         let (model_config, model, optimizer) =
@@ -429,6 +433,29 @@ fn total_steps(
         (None, None) => 1,
     }
     .max(1)
+}
+
+/// A warmup-stable-decay run may change its length only until its decay begins: after that,
+/// the steps already decayed would be followed by the peak learning rate again.
+fn check_wsd_length(
+    config: &TrainConfig,
+    step: usize,
+    planned: usize,
+    total: usize,
+) -> Result<(), TrainError> {
+    if config.schedule.decay != crate::Decay::Wsd || planned == total || planned == 0 {
+        return Ok(());
+    }
+    let decay_start = planned.saturating_sub(config.schedule.decay_steps(planned));
+    if step <= decay_start {
+        return Ok(());
+    }
+    Err(TrainError::Resume(format!(
+        "this warmup-stable-decay run began its decay at step {decay_start} of {planned} and is at \
+         step {step}: a new length ({total} steps) would raise the learning rate back to the peak. \
+         Resume with training.max_steps={planned}, or from a checkpoint of the stable phase \
+         (--from step-N with N <= {decay_start})"
+    )))
 }
 
 fn check_unfinished(state: &TrainState, run_dir: &Path) -> Result<(), TrainError> {
