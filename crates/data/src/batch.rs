@@ -28,35 +28,8 @@ pub struct MlmBatch {
 ///
 /// Returns `None` for an empty list of examples.
 pub fn collate(examples: &[MaskedExample], pad_id: u32, device: &Device) -> Option<MlmBatch> {
-    let seq = examples.iter().map(|e| e.input_ids.len()).max()?;
-    let batch = examples.len();
-    let mut ids = vec![pad_id as i64; batch * seq];
-    let mut mask = vec![0i64; batch * seq];
-    let mut positions = Vec::new();
-    let mut labels = Vec::new();
-    for (row, example) in examples.iter().enumerate() {
-        let offset = row * seq;
-        for (i, &t) in example.input_ids.iter().enumerate() {
-            ids[offset + i] = t as i64;
-            mask[offset + i] = 1;
-        }
-        positions.extend(
-            example
-                .positions
-                .iter()
-                .map(|&p| (offset + p as usize) as i64),
-        );
-        labels.extend(example.labels.iter().map(|&l| l as i64));
-    }
-    let masked = positions.len();
-    Some(MlmBatch {
-        input_ids: Tensor::from_data(TensorData::new(ids, [batch, seq]), device),
-        attention_mask: Tensor::from_data(TensorData::new(mask, [batch, seq]), device),
-        positions: Tensor::from_data(TensorData::new(positions, [masked]), device),
-        labels: Tensor::from_data(TensorData::new(labels, [masked]), device),
-        masked,
-        documents: None,
-    })
+    let rows: Vec<&[MaskedExample]> = examples.iter().map(std::slice::from_ref).collect();
+    pad_rows(&rows, pad_id, device)
 }
 
 /// Packs rows of several examples each (documents placed one after the other from column 0)
@@ -69,14 +42,29 @@ pub fn collate_packed(
     pad_id: u32,
     device: &Device,
 ) -> Option<MlmBatch> {
-    let rows: Vec<&Vec<MaskedExample>> = rows.iter().filter(|r| !r.is_empty()).collect();
-    let width = |row: &Vec<MaskedExample>| row.iter().map(|e| e.input_ids.len()).sum::<usize>();
+    let rows: Vec<&[MaskedExample]> = rows
+        .iter()
+        .filter(|r| !r.is_empty())
+        .map(Vec::as_slice)
+        .collect();
+    let mut batch = pad_rows(&rows, pad_id, device)?;
+    batch.documents = Some(
+        rows.iter()
+            .map(|row| row.iter().map(|e| e.input_ids.len()).collect())
+            .collect(),
+    );
+    Some(batch)
+}
+
+/// Rows of examples laid out one after the other from column 0, right-padded to the widest
+/// row, with the masked positions flattened (`row * seq + column`); `documents` unset.
+fn pad_rows(rows: &[&[MaskedExample]], pad_id: u32, device: &Device) -> Option<MlmBatch> {
+    let width = |row: &[MaskedExample]| row.iter().map(|e| e.input_ids.len()).sum::<usize>();
     let seq = rows.iter().map(|r| width(r)).max()?;
     let batch = rows.len();
     let mut ids = vec![pad_id as i64; batch * seq];
     let mut mask = vec![0i64; batch * seq];
     let (mut positions, mut labels) = (Vec::new(), Vec::new());
-    let mut documents = Vec::with_capacity(batch);
     for (r, row) in rows.iter().enumerate() {
         let mut column = r * seq;
         for example in row.iter() {
@@ -93,7 +81,6 @@ pub fn collate_packed(
             labels.extend(example.labels.iter().map(|&l| l as i64));
             column += example.input_ids.len();
         }
-        documents.push(row.iter().map(|e| e.input_ids.len()).collect());
     }
     let masked = positions.len();
     Some(MlmBatch {
@@ -102,7 +89,7 @@ pub fn collate_packed(
         positions: Tensor::from_data(TensorData::new(positions, [masked]), device),
         labels: Tensor::from_data(TensorData::new(labels, [masked]), device),
         masked,
-        documents: Some(documents),
+        documents: None,
     })
 }
 
