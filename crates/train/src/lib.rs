@@ -1,6 +1,7 @@
 //! masklm's training loop: from a TOML config to checkpoints, metrics and perplexity.
 //!
 //! - [`config`]: the TOML file (`configs/*.toml`) and `--set` overrides, validated;
+//! - [`adamw`]: AdamW as burn computes it, fused into one in-place pass on the CPU backend;
 //! - [`optim`]: AdamW or StableAdamW with HF Trainer parameter groups, global-norm clipping,
 //!   warmup/decay and warmup-stable-decay;
 //! - [`stable_adamw`]: ModernBERT's StableAdamW (torch-optimi's) as a burn optimizer;
@@ -16,6 +17,7 @@
 //! folder (`init_from`) are `masklm_infer`'s: the trainer runs them, the server and the CLI
 //! use them without it.
 
+pub mod adamw;
 pub mod checkpoint;
 pub mod config;
 pub mod optim;

@@ -2,11 +2,12 @@
 //! learning-rate schedule (linear, cosine, constant, warmup-stable-decay).
 
 use burn::module::{Module, ModuleVisitor, Param, ParamGroup, ParamId};
-use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::TrainError;
+use crate::adamw::AdamW;
 use crate::stable_adamw::StableAdamW;
 
 /// `[optimizer] name`: which update rule.
@@ -105,16 +106,12 @@ impl OptimizerConfig {
         );
         match self.name {
             OptimizerName::Adamw => {
-                let adamw = |weight_decay: f64| {
-                    AdamWConfig::new()
-                        .with_beta_1(self.betas[0] as f32)
-                        .with_beta_2(self.betas[1] as f32)
-                        .with_epsilon(self.eps as f32)
-                        .with_weight_decay(weight_decay as f32)
-                };
-                adamw(self.weight_decay)
-                    .init()
-                    .with_group(no_decay, adamw(0.0).build(), None)
+                let adamw = |weight_decay: f64| AdamW::new(self.betas, self.eps, weight_decay);
+                ModuleOptimizer::from(adamw(self.weight_decay)).with_group(
+                    no_decay,
+                    adamw(0.0),
+                    None,
+                )
             }
             OptimizerName::StableAdamw => {
                 let stable = |weight_decay: f64| StableAdamW {

@@ -80,6 +80,10 @@ pub fn train_step(
         );
         accumulator.accumulate(&model, grads);
     }
+    // The compute view shares the f32 weights (or is their half-precision copy): dropped
+    // here so that the optimizer finds the weights held only by `model` and updates them in
+    // place (crate::adamw).
+    drop(compute);
     let grads = accumulator.grads();
     let (loss_sum, sum_squares) = read_loss_and_sum_squares(&model, &grads, loss_sum);
     let (grads, grad_norm) =
