@@ -36,13 +36,17 @@ pub(crate) fn linear<const D: usize>(
             && let Ok(wt) = weight.clone().try_into_primitive::<FlexAd>()
             && let Ok(bt) = b.clone().try_into_primitive::<FlexAd>()
         {
-            return Tensor::from_primitive::<FlexAd>(linear_autodiff(xt, wt, bt));
+            return Tensor::from_primitive::<FlexAd>(linear_autodiff(xt, wt, bt, given));
         }
         if let Ok(xt) = x.clone().try_into_primitive::<Flex>()
             && let Ok(wt) = weight.clone().try_into_primitive::<Flex>()
             && let Ok(bt) = b.try_into_primitive::<Flex>()
         {
-            return Tensor::from_primitive::<Flex>(linear_forward(&contiguous(&xt), &wt, &bt));
+            return Tensor::from_primitive::<Flex>(linear_forward(
+                &contiguous(&xt),
+                &wt,
+                given.then_some(&bt),
+            ));
         }
     }
     burn::tensor::module::linear(x, weight, bias.filter(|_| given))
@@ -110,9 +114,10 @@ fn linear_autodiff(
     x: FloatTensor<FlexAd>,
     weight: FloatTensor<FlexAd>,
     bias: FloatTensor<FlexAd>,
+    given: bool,
 ) -> FloatTensor<FlexAd> {
     let input = contiguous(x.primitive());
-    let output = linear_forward(&input, weight.primitive(), bias.primitive());
+    let output = linear_forward(&input, weight.primitive(), given.then(|| bias.primitive()));
     record(LinearBackward, [&x, &weight, &bias], output, || {
         LinearState {
             x: input,
@@ -121,42 +126,52 @@ fn linear_autodiff(
     })
 }
 
-/// `x [..., k] W [k, n] + b [n]` with `x` contiguous.
-fn linear_forward(x: &FlexTensor, weight: &FlexTensor, bias: &FlexTensor) -> FlexTensor {
+/// `x [..., k] W [k, n] + b [n]` with `x` contiguous; without a bias, gemm writes the output
+/// alone (no rows to fill first and read back).
+fn linear_forward(x: &FlexTensor, weight: &FlexTensor, bias: Option<&FlexTensor>) -> FlexTensor {
     let (k, n) = (weight.layout().shape()[0], weight.layout().shape()[1]);
     let m = x.layout().num_elements() / k.max(1);
-    let bias = contiguous(bias);
-    let b = f32_slice(&bias);
     // `linear` routes every other shape to burn; the unsafe writes below rely on these.
     assert!(
-        b.len() == n && m * k == x.layout().num_elements(),
+        m * k == x.layout().num_elements(),
         "fused linear called with mismatched shapes"
     );
-    // The bias in every row: gemm then adds x W to it.
-    let mut out: Vec<f32> = Vec::with_capacity(m * n);
-    out.spare_capacity_mut()[..m * n]
-        .par_chunks_mut(rows_per_task(n) * n)
-        .for_each(|rows| {
-            for row in rows.chunks_mut(n) {
-                for (o, &b) in row.iter_mut().zip(b) {
-                    o.write(b);
-                }
-            }
-        });
-    // SAFETY: every row was written above.
-    unsafe { out.set_len(m * n) };
     let w = matrix(weight);
-    // SAFETY: every pointer/stride pair addresses the matrix it describes, in bounds.
-    unsafe {
-        gemm_into(
-            (m, n, k),
-            (out.as_mut_ptr(), n as isize, 1),
-            (f32_slice(x).as_ptr(), k as isize, 1),
-            w,
-            1.0,
-            true,
-            true,
-        )
+    let lhs = (f32_slice(x).as_ptr(), k as isize, 1);
+    let out = match bias {
+        // SAFETY: every pointer/stride pair addresses the matrix it describes, in bounds.
+        None => unsafe { gemm_new((m, n, k), lhs, w) },
+        Some(bias) => {
+            let bias = contiguous(bias);
+            let b = f32_slice(&bias);
+            assert!(b.len() == n, "fused linear called with mismatched shapes");
+            // The bias in every row: gemm then adds x W to it.
+            let mut out: Vec<f32> = Vec::with_capacity(m * n);
+            out.spare_capacity_mut()[..m * n]
+                .par_chunks_mut(rows_per_task(n) * n)
+                .for_each(|rows| {
+                    for row in rows.chunks_mut(n) {
+                        for (o, &b) in row.iter_mut().zip(b) {
+                            o.write(b);
+                        }
+                    }
+                });
+            // SAFETY: every row was written above.
+            unsafe { out.set_len(m * n) };
+            // SAFETY: every pointer/stride pair addresses the matrix it describes, in bounds.
+            unsafe {
+                gemm_into(
+                    (m, n, k),
+                    (out.as_mut_ptr(), n as isize, 1),
+                    lhs,
+                    w,
+                    1.0,
+                    true,
+                    true,
+                )
+            };
+            out
+        }
     };
     let mut shape = x.layout().shape().clone();
     let last = shape.num_dims() - 1;

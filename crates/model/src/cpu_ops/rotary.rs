@@ -131,22 +131,31 @@ enum Direction {
 
 impl Table {
     /// The rotation (or its transpose) of every `[hidden]` row of `x`, `[batch, seq, hidden]`.
+    ///
+    /// q and k arrive as column slices of the fused qkv projection: rows of `hidden` at a
+    /// stride of `3 hidden`. Those are read where they are instead of copied out first.
     fn apply(&self, x: &FlexTensor, direction: Direction) -> FlexTensor {
-        let x = contiguous(x);
-        let input = f32_slice(&x);
         let (hidden, d, seq) = (self.hidden, self.head_dim, self.seq);
+        let copied;
+        let (input, stride) = match strided_rows(x, hidden) {
+            Some(view) => view,
+            None => {
+                copied = contiguous(x);
+                (f32_slice(&copied), hidden)
+            }
+        };
         let half = d / 2;
-        let mut out = zeros(input.len());
+        let tokens = x.layout().num_elements() / hidden;
+        let mut out = zeros(tokens * hidden);
         let per_task = rows_per_task(hidden);
         out.par_chunks_mut(per_task * hidden)
-            .zip(input.par_chunks(per_task * hidden))
             .enumerate()
-            .for_each(|(chunk, (out, input))| {
+            .for_each(|(chunk, out)| {
                 simd(|| {
-                    for (r, (o, x)) in out.chunks_mut(hidden).zip(input.chunks(hidden)).enumerate()
-                    {
+                    for (r, o) in out.chunks_mut(hidden).enumerate() {
                         // Row (b, s) of x reads table row (b or 0, s).
                         let token = chunk * per_task + r;
+                        let x = &input[token * stride..][..hidden];
                         let at = ((token / seq) % self.rows * seq + token % seq) * d;
                         let (c, s) = (&self.cos[at..][..d], &self.sin[at..][..d]);
                         for (o, x) in o.chunks_mut(d).zip(x.chunks(d)) {
@@ -174,6 +183,31 @@ impl Table {
             });
         from_vec(out, x.layout().shape())
     }
+}
+
+/// The elements of `x` `[batch, seq, hidden]` and its row stride, when its rows are contiguous
+/// and evenly spaced (a contiguous tensor, or a column slice of a wider one): row `t` (batch-major)
+/// is `&slice[t * stride..][..hidden]`.
+fn strided_rows(x: &FlexTensor, hidden: usize) -> Option<(&[f32], usize)> {
+    let layout = x.layout();
+    let dims = layout.shape().dims::<3>();
+    let [batch_stride, row_stride, unit] = <[isize; 3]>::try_from(layout.strides()).ok()?;
+    let stride = usize::try_from(row_stride).ok()?;
+    let rows = dims[0] * dims[1];
+    let fits = dims[2] == hidden
+        && unit == 1
+        && stride >= hidden
+        && (dims[0] <= 1 || batch_stride == row_stride * dims[1] as isize)
+        && x.dtype() == DType::F32;
+    if !fits || rows == 0 {
+        return None;
+    }
+    let storage = x.storage::<f32>();
+    let len = (rows - 1) * stride + hidden;
+    storage
+        .get(layout.start_offset()..)?
+        .get(..len)
+        .map(|s| (s, stride))
 }
 
 #[derive(Debug)]
@@ -315,6 +349,18 @@ mod tests {
                 values(y.reshape([n])),
                 got.0,
                 "{what}: plain flex = autodiff flex"
+            );
+            // q as the fused projection hands it over: the middle third of [b, s, 3 hidden],
+            // read in place; the same values as from a contiguous copy.
+            let wide = random(3 * n, 23, &plain).reshape([batch, seq, 3 * hidden]);
+            let slice = wide.narrow(2, hidden, hidden);
+            let copy = Tensor::<3>::from_data(slice.to_data(), &plain);
+            let in_place = rotary(&slice, &cos, &sin, heads).expect("f32 flex");
+            let copied = rotary(&copy, &cos, &sin, heads).expect("f32 flex");
+            assert_eq!(
+                values(in_place.reshape([n])),
+                values(copied.reshape([n])),
+                "{what}: a column slice = its contiguous copy"
             );
         }
     }
