@@ -201,7 +201,7 @@ fn line_packing_truncates_each_document() {
         tokenizer,
         corpus,
         cache,
-        ..
+        prepared,
     } = setup(dir.path(), 200, Packing::Line);
     let examples = read_all(&cache, "train");
     let lines: Vec<String> = std::fs::read_to_string(&corpus)
@@ -210,17 +210,37 @@ fn line_packing_truncates_each_document() {
         .map(str::to_string)
         .collect();
     assert_eq!(examples.len(), lines.len());
+    let (mut cut, mut dropped) = (0u64, 0u64);
     for (example, line) in examples.iter().zip(&lines) {
         let mut ids = tokenizer
             .encode_batch_plain(vec![line.clone()])
             .unwrap()
             .remove(0);
+        if ids.len() > 62 {
+            cut += 1;
+            dropped += ids.len() as u64 - 62;
+        }
         ids.truncate(62);
         let mut framed = vec![tokenizer.bos_id];
         framed.extend(ids);
         framed.push(tokenizer.eos_id);
         assert_eq!(example, &framed);
     }
+    // The manifest counts what was cut, for the notices of prepare, train and eval.
+    let train = &prepared.manifest.train;
+    assert!(cut > 0, "the fixture has documents longer than 62 tokens");
+    assert_eq!((train.truncated, train.truncated_tokens), (cut, dropped));
+    let note = train
+        .truncation_notice(64, "not scored", "raise it")
+        .unwrap();
+    assert!(
+        note.starts_with(&format!("{cut} of 200 documents were")),
+        "{note}"
+    );
+    assert!(
+        note.contains(&format!("the last {dropped} tokens")),
+        "{note}"
+    );
 }
 
 #[test]

@@ -284,6 +284,61 @@ fn pseudo_perplexity_matches_transformers() {
 }
 
 #[test]
+fn eval_says_how_much_of_the_text_it_cut_and_did_not_score() {
+    // The pseudo-perplexity lines, scored in 8-token examples: most are cut, and eval says so
+    // (stderr, and in --json); at the model's full length nothing is cut and nothing is said.
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(common::fixture("roberta-tiny").join("pseudo_perplexity.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("lines.txt");
+    let lines: Vec<&str> = reference["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap())
+        .collect();
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let model = common::fixture("roberta-tiny");
+    let eval = |max: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_masklm"))
+            .args(["eval", "--model", model.to_str().unwrap(), "--input"])
+            .arg(&input)
+            .args(["--packing", "line", "--max-seq-length", max])
+            .args(["--pseudo-perplexity", "--json"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (doc, String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (whole, quiet) = eval("128");
+    assert_eq!(whole["truncated_documents"], 0);
+    assert!(!quiet.contains("longer than"), "{quiet}");
+    let (short, note) = eval("8");
+    let cut = short["truncated_documents"].as_u64().unwrap();
+    let dropped = short["truncated_tokens"].as_u64().unwrap();
+    assert!(cut > 0 && cut <= lines.len() as u64, "{short}");
+    // The cut tokens are exactly those the 8-token examples do not score.
+    let scored = |doc: &serde_json::Value| doc["pseudo_tokens"].as_u64().unwrap();
+    assert_eq!(scored(&whole) - scored(&short), dropped);
+    assert!(
+        note.contains(&format!(
+            "{cut} of {} documents were longer than max_seq_length 8",
+            lines.len()
+        )) && note.contains(&format!("the last {dropped} tokens"))
+            && note.contains("not scored; raise --max-seq-length (this model takes up to 128)"),
+        "{note}"
+    );
+}
+
+#[test]
 fn export_caps_the_tokenizers_model_max_length_at_the_models_positions() {
     // roberta-tiny: 130 positions, pad 1 -> 128 tokens, but its tokenizer says 512; a
     // tokenizer saved without a length says nothing (transformers then assumes 1e30).

@@ -1152,4 +1152,86 @@ fn a_wsd_run_past_the_start_of_its_decay_refuses_a_new_length() {
         6,
         "the refused resume wrote nothing"
     );
+
+    // Planned for 12 (decay from step 9), branched at step 8 to a 10-step run: that run
+    // would have decayed from step 7, so it cannot go on from step 8 at the peak either.
+    let long = dir.path().join("wsd-long");
+    let out = Command::new(env!("CARGO_BIN_EXE_masklm"))
+        .args(["train", "--config"])
+        .arg(&config)
+        .arg("--out")
+        .arg(&long)
+        .args(["--set", "schedule.decay=\"wsd\"", "--set", "schedule.decay_steps=3"])
+        .args(["--set", "training.max_steps=12", "--set", "checkpoint.save_steps=4"])
+        .args(["--set", "eval.eval_steps=0"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(env!("CARGO_BIN_EXE_masklm"))
+        .args(["train", "--resume"])
+        .arg(&long)
+        .args(["--from", "step-0000008", "--set", "training.max_steps=10"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("run of 10 steps decays from step 7, but this run is at step 8")
+            && stderr.contains("at least 11 steps or 12 as planned"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn steps_with_nothing_masked_and_an_overlapping_wsd_schedule_are_explained() {
+    // Rows of `<s> token </s>` (max_seq_length 3), one per step: 15% masking leaves most steps
+    // with nothing masked, and the CLI must say that, not "loss NaN". A WSD schedule with 5
+    // warmup + 4 decay steps in a 6-step run is allowed (as transformers), and said.
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::write_tiny_config(dir.path(), "");
+    let run = dir.path().join("run");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_masklm"))
+        .args(["train", "--config"])
+        .arg(&config)
+        .arg("--out")
+        .arg(&run)
+        .args(
+            [
+                "data.max_seq_length=3",
+                "training.batch_size=1",
+                "training.max_steps=6",
+                "training.max_skipped_steps=100",
+                "eval.eval_steps=0",
+                "schedule.decay=\"wsd\"",
+                "schedule.decay_steps=4",
+            ]
+            .iter()
+            .flat_map(|s| ["--set", s]),
+        )
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("5 warmup + 4 decay steps are more than the run's 6 steps"),
+        "{stderr}"
+    );
+    let skipped: Vec<u64> = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["skipped"] == true)
+        .filter_map(|r| r["step"].as_u64())
+        .collect();
+    assert!(!skipped.is_empty(), "some step masked nothing");
+    for step in skipped {
+        assert!(
+            stdout.contains(&format!(
+                "step {step}: skipped: no token of the step's batches was masked"
+            )),
+            "step {step}: {stdout}"
+        );
+    }
+    assert!(!stdout.contains("loss NaN"), "{stdout}");
 }

@@ -131,6 +131,42 @@ pub struct SplitInfo {
     pub examples: u64,
     pub tokens: u64,
     pub documents: u64,
+    /// `line` / `documents` packing: documents longer than `max_seq_length` (with its two
+    /// special tokens), cut to it (0 in caches made before masklm counted them).
+    #[serde(default)]
+    pub truncated: u64,
+    /// The tokens those cuts dropped.
+    #[serde(default)]
+    pub truncated_tokens: u64,
+}
+
+impl SplitInfo {
+    /// A notice for a person when documents were cut, naming how much of the text was lost:
+    /// `what` says what the lost tokens miss (not trained on, not scored), `advice` what to do.
+    pub fn truncation_notice(
+        &self,
+        max_seq_length: usize,
+        what: &str,
+        advice: &str,
+    ) -> Option<String> {
+        (self.truncated > 0).then(|| {
+            let kept = self.tokens.saturating_sub(2 * self.examples);
+            let share =
+                100.0 * self.truncated_tokens as f64 / (kept + self.truncated_tokens).max(1) as f64;
+            let (cut, documents) = (self.truncated, self.documents);
+            let were = if cut == 1 { "was" } else { "were" };
+            let tokens = match self.truncated_tokens {
+                1 => "token".to_string(),
+                n => format!("{n} tokens"),
+            };
+            let document_s = if documents == 1 { "" } else { "s" };
+            format!(
+                "{cut} of {documents} document{document_s} {were} longer than max_seq_length \
+                 {max_seq_length} and cut to it: the last {tokens} ({share:.1}% of the text) \
+                 are {what}; {advice}"
+            )
+        })
+    }
 }
 
 /// `CACHE/manifest.json`.
@@ -787,6 +823,10 @@ impl SplitWriter {
         match self.packing {
             Packing::Line | Packing::Documents => {
                 let take = document.len().min(body);
+                if take < document.len() {
+                    self.info.truncated += 1;
+                    self.info.truncated_tokens += (document.len() - take) as u64;
+                }
                 let mut example = Vec::with_capacity(take + 2);
                 example.push(self.bos);
                 example.extend_from_slice(&document[..take]);

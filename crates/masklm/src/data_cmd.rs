@@ -231,6 +231,15 @@ pub fn prepare_cmd(args: PrepareArgs) -> Result<()> {
     let prepared = prepare(&tokenizer, &args.corpus.input, &options, &args.out, &bar)
         .with_context(|| format!("preparing the token cache {}", args.out.display()))?;
     let m = &prepared.manifest;
+    for (split, name) in [(&m.train, "train"), (&m.validation, "validation")] {
+        let (what, advice) = (
+            "left out of the cache",
+            "raise --max-seq-length or use --packing full to keep every token",
+        );
+        if let Some(note) = split.truncation_notice(m.options.max_seq_length, what, advice) {
+            eprintln!("note ({name}): {note}");
+        }
+    }
     if prepared.reused {
         println!(
             "{}: up to date ({} train / {} validation examples); nothing to do",

@@ -73,6 +73,17 @@ pub fn eval_cmd(args: EvalArgs, device: &Device) -> Result<()> {
     )?;
     let manifest = read_manifest(&cache)?;
     let split = SplitReader::open(&cache, &manifest, "train")?;
+    // Cut documents are scored only up to the cut (perplexity and pseudo-perplexity alike).
+    let cut = &manifest.train;
+    let limit = config.max_sequence_length();
+    let advice = if max_seq_length < limit {
+        format!("raise --max-seq-length (this model takes up to {limit}) or use --packing full")
+    } else {
+        "use --packing full to score every token".to_string()
+    };
+    if let Some(note) = cut.truncation_notice(max_seq_length, "not scored", &advice) {
+        eprintln!("note: {note}");
+    }
     let vocab = tokenizer.mask_vocab()?;
     let settings = EvalSettings {
         masking: MaskingConfig::default(),
@@ -106,6 +117,8 @@ pub fn eval_cmd(args: EvalArgs, device: &Device) -> Result<()> {
             "tokens": result.tokens,
             "examples": split.len(),
             "seed": args.seed,
+            "truncated_documents": cut.truncated,
+            "truncated_tokens": cut.truncated_tokens,
         });
         if let (Some(p), Some(o)) = (pseudo, doc.as_object_mut()) {
             o.insert("pseudo_perplexity".to_string(), json!(p.per_token));

@@ -91,6 +91,17 @@ fn main() -> ExitCode {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let cli = Cli::parse();
+    // burn loads a checkpoint's optimizer state onto its default device, the first backend
+    // compiled in (wgpu in a wgpu build: Vulkan opened, and the moments uploaded, for a CPU
+    // run), until the first step moves it. The chosen backend is the default instead.
+    if std::env::var_os("BURN_DEVICE").is_none() {
+        let name = match cli.backend {
+            backend::Backend::Cpu => "flex",
+            other => other.name(),
+        };
+        // SAFETY: no other thread exists yet.
+        unsafe { std::env::set_var("BURN_DEVICE", name) };
+    }
     // Models named by Hub id are downloaded deep inside the loaders; their bar is this one.
     masklm_hub::set_download_progress(Box::new(progress::Bar::new()));
     match run(cli) {

@@ -76,15 +76,27 @@ impl Observer for Bar {
 
     fn on_step(&self, log: &StepLog) {
         self.bar.set_position(log.step as u64);
-        if log.skipped {
+        if log.skipped && log.masked == 0 {
+            self.say(format!(
+                "step {}: skipped: no token of the step's batches was masked (very short \
+                 examples or a very small masking.probability: raise data.max_seq_length or \
+                 the probability, or drop one-word lines); the weights are unchanged",
+                log.step
+            ));
+        } else if log.skipped {
             self.say(format!(
                 "step {}: skipped (loss {}, gradient norm {}); the weights are unchanged",
                 log.step, log.loss, log.grad_norm
             ));
         }
+        let loss = if log.skipped {
+            "skipped".to_string()
+        } else {
+            format!("{:.4}", log.loss)
+        };
         self.bar.set_message(format!(
-            "loss {:.4}  lr {:.2e}  {:.0} tok/s",
-            log.loss, log.lr, log.tokens_per_second
+            "loss {loss}  lr {:.2e}  {:.0} tok/s",
+            log.lr, log.tokens_per_second
         ));
     }
 

@@ -232,46 +232,64 @@ pub enum AttentionImpl {
 }
 
 /// Which keys each query may see, in the forms the attention paths take. Built once per
-/// forward from the batch's [`BatchMask`].
+/// forward from the batch's [`BatchMask`]; the per-query forms ([`KeyMask::bias`],
+/// [`KeyMask::pad`]) only when a path asks for them: for packed rows they are
+/// `[batch, 1, seq, seq]`, which the CPU kernels never read (they take `keys` and `runs`).
 #[derive(Debug, Clone)]
 pub struct KeyMask {
-    /// Additive bias, 0 where a query sees a key and the most negative f32 where not (eager
-    /// path): `[batch, 1, 1, seq]` masking pads, or `[batch, 1, seq, seq]` block-diagonal
-    /// for packed rows.
-    pub bias: Tensor<4>,
-    /// `true` where a query may not see a key (fused path), in the same shape as `bias`.
-    pub pad: Tensor<4, Bool>,
     /// The keys' padding bias, `[batch, 1, 1, seq]`: the CPU kernels' input.
     pub keys: Tensor<4>,
     /// Packed rows: each document's `(first token, length)` on the flattened token axis,
     /// for the CPU kernels.
     pub runs: Option<Vec<(usize, usize)>>,
+    mask: BatchMask,
+    dense: std::sync::OnceLock<(Tensor<4>, Tensor<4, Bool>)>,
 }
 
 impl KeyMask {
     pub fn new(mask: &BatchMask) -> Self {
-        let [batch, seq] = mask.dims();
-        let keys = attention_bias(mask.attention_mask.clone());
-        let key_pads = mask
-            .attention_mask
-            .clone()
-            .equal_elem(0)
-            .reshape([batch, 1, 1, seq]);
-        let (bias, pad) = match mask.same_document() {
-            Some(same) => {
-                let hidden = same.bool_not();
-                let bias = Tensor::<4>::zeros([batch, 1, seq, seq], &keys.device())
-                    .mask_fill(hidden.clone(), f32::MIN);
-                (bias, hidden)
-            }
-            None => (keys.clone(), key_pads),
-        };
         Self {
-            bias,
-            pad,
-            keys,
+            keys: attention_bias(mask.attention_mask.clone()),
             runs: mask.runs(),
+            mask: mask.clone(),
+            dense: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Additive bias, 0 where a query sees a key and the most negative f32 where not (eager
+    /// path): `[batch, 1, 1, seq]` masking pads, or `[batch, 1, seq, seq]` block-diagonal
+    /// for packed rows.
+    pub fn bias(&self) -> Tensor<4> {
+        self.dense().0.clone()
+    }
+
+    /// `true` where a query may not see a key (fused path), in the same shape as
+    /// [`Self::bias`].
+    pub fn pad(&self) -> Tensor<4, Bool> {
+        self.dense().1.clone()
+    }
+
+    fn dense(&self) -> &(Tensor<4>, Tensor<4, Bool>) {
+        self.dense.get_or_init(|| {
+            let [batch, seq] = self.mask.dims();
+            match self.mask.same_document() {
+                Some(same) => {
+                    let hidden = same.bool_not();
+                    let bias = Tensor::<4>::zeros([batch, 1, seq, seq], &self.keys.device())
+                        .mask_fill(hidden.clone(), f32::MIN);
+                    (bias, hidden)
+                }
+                None => {
+                    let key_pads = self
+                        .mask
+                        .attention_mask
+                        .clone()
+                        .equal_elem(0)
+                        .reshape([batch, 1, 1, seq]);
+                    (self.keys.clone(), key_pads)
+                }
+            }
+        })
     }
 }
 
@@ -383,7 +401,7 @@ impl RobertaSelfAttention {
             Some(meaning) => {
                 // Pads masked to -inf rather than finfo.min: the same probabilities, as every
                 // query row has at least one real key.
-                let pad = mask.pad.clone().expand([batch, self.num_heads, seq, seq]);
+                let pad = mask.pad().expand([batch, self.num_heads, seq, seq]);
                 // (Packed rows: padding queries see padding keys, so no row is all masked.)
                 let mask = match meaning {
                     MaskMeaning::TrueMasks => pad,
@@ -391,7 +409,7 @@ impl RobertaSelfAttention {
                 };
                 attention(q, k, v, Some(mask), None, AttentionModuleOptions::default())
             }
-            None => self.eager(q, k, v, mask.bias.clone()),
+            None => self.eager(q, k, v, mask.bias()),
         };
         // [batch, heads, seq, head_dim] -> [batch, seq, hidden]
         context.swap_dims(1, 2).reshape([batch, seq, hidden])

@@ -298,10 +298,13 @@ pub struct ScheduleConfig {
 impl ScheduleConfig {
     /// Warmup steps for a run of `total` steps (HF: `ceil(total * warmup_ratio)`).
     pub fn warmup(&self, total: usize) -> usize {
+        // transformers 4's `TrainingArguments.get_warmup_steps`, which had both keys:
+        // `warmup_steps` when positive, else the ratio (transformers 5 reads a `warmup_steps`
+        // below 1 as the ratio).
         match (self.warmup_steps, self.warmup_ratio) {
-            (Some(steps), _) => steps,
-            (None, Some(ratio)) => (total as f64 * ratio).ceil() as usize,
-            (None, None) => 0,
+            (Some(steps), _) if steps > 0 => steps,
+            (_, Some(ratio)) => (total as f64 * ratio).ceil() as usize,
+            (_, None) => 0,
         }
     }
 

@@ -386,7 +386,7 @@ impl ModernBertAttention {
             _ => None,
         };
         let Some(meaning) = fused else {
-            return self.eager(q, k, v, keys.bias.clone());
+            return self.eager(q, k, v, keys.bias());
         };
         let heads = |t: Tensor<3>| {
             // [batch, seq, hidden] -> [batch, heads, seq, head_dim]
@@ -395,7 +395,7 @@ impl ModernBertAttention {
         };
         // Every query row has a visible key here (full attention; packed padding sees
         // padding), so -inf masking is safe.
-        let pad = keys.pad.clone().expand([batch, self.num_heads, seq, seq]);
+        let pad = keys.pad().expand([batch, self.num_heads, seq, seq]);
         let mask = match meaning {
             MaskMeaning::TrueMasks => pad,
             MaskMeaning::TrueAttends => pad.bool_not(),

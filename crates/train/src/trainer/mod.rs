@@ -73,6 +73,8 @@ pub struct StepLog {
     pub tokens_per_second: f64,
     /// The update was skipped; the weights are unchanged.
     pub skipped: bool,
+    /// Masked tokens in the step's micro-batches (0: nothing to learn from, so skipped).
+    pub masked: usize,
 }
 
 /// Receives the run's events; the CLI draws a progress bar from them.
@@ -357,6 +359,7 @@ impl Run<'_> {
             grad_norm: stats.grad_norm,
             tokens_per_second: tokens as f64 / since.elapsed().as_secs_f64().max(1e-9),
             skipped: stats.skipped,
+            masked: stats.masked,
         };
         observer.on_step(&log);
         let log_steps = self.config.logging.log_steps.max(1);

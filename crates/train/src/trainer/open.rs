@@ -102,6 +102,9 @@ impl<'a> Run<'a> {
         if resume.is_some() {
             check_wsd_length(config, state.step, planned, state.total_steps)?;
         }
+        if let Some(note) = wsd_overlap(config, state.total_steps) {
+            observer.on_notice(&note);
+        }
         check_unfinished(&state, run_dir)?;
         let ad_device = device.clone().autodiff();
         let (model_config, model, optimizer) =
@@ -447,15 +450,48 @@ fn check_wsd_length(
         return Ok(());
     }
     let decay_start = planned.saturating_sub(config.schedule.decay_steps(planned));
-    if step <= decay_start {
-        return Ok(());
-    }
-    Err(TrainError::Resume(format!(
-        "this warmup-stable-decay run began its decay at step {decay_start} of {planned} and is at \
+    let new_start = total.saturating_sub(config.schedule.decay_steps(total));
+    if step > decay_start {
+        return Err(TrainError::Resume(format!(
+            "this warmup-stable-decay run began its decay at step {decay_start} of {planned} and is at \
          step {step}: a new length ({total} steps) would raise the learning rate back to the peak. \
          Resume with training.max_steps={planned}, or from a checkpoint of the stable phase \
          (--from step-N with N <= {decay_start})"
-    )))
+        )));
+    }
+    if step > new_start {
+        // The shorter run would have begun its decay before this step: its schedule cannot
+        // continue from here. The shortest length that can (its decay starting at or after
+        // this step), if there is one below 4x the plan.
+        let shortest = (step..=planned.max(total).saturating_mul(4))
+            .find(|&n| n.saturating_sub(config.schedule.decay_steps(n)) >= step)
+            .map_or(String::new(), |n| format!("at least {n} steps or "));
+        return Err(TrainError::Resume(format!(
+            "a warmup-stable-decay run of {total} steps decays from step {new_start}, but this run \
+             is at step {step}, still at its peak: resume with training.max_steps of \
+             {shortest}{planned} as planned, or from a checkpoint at or before step {new_start}"
+        )));
+    }
+    Ok(())
+}
+
+/// A warmup-stable-decay schedule whose warmup and decay do not both fit in the run: as
+/// transformers' `get_wsd_schedule`, the decay then starts during the warmup (part-way through
+/// its shape) and the peak is never held. Allowed, but said.
+fn wsd_overlap(config: &TrainConfig, total: usize) -> Option<String> {
+    let schedule = &config.schedule;
+    if schedule.decay != crate::Decay::Wsd {
+        return None;
+    }
+    let (warmup, decay) = (schedule.warmup(total), schedule.decay_steps(total));
+    (warmup + decay > total).then(|| {
+        format!(
+            "schedule: {warmup} warmup + {decay} decay steps are more than the run's {total} \
+             steps, so the decay starts during the warmup and the learning rate never holds its \
+             peak (as transformers' get_wsd_schedule); shorten schedule.decay_steps / \
+             decay_fraction or the warmup, or train longer"
+        )
+    })
 }
 
 fn check_unfinished(state: &TrainState, run_dir: &Path) -> Result<(), TrainError> {
@@ -713,6 +749,18 @@ fn prepare_shared(
         && let Some(note) = prepared.manifest.corpus.skipped_note()
     {
         observer.on_notice(&format!("{}: {note}", dir.display()));
+    }
+    // Said on every run, not only the one that built the cache (`masklm prepare` may have).
+    let m = &prepared.manifest;
+    let cut = [
+        (&m.train, "training", "not trained on"),
+        (&m.validation, "validation", "not evaluated"),
+    ];
+    let advice = "raise data.max_seq_length or use packing = \"full\" to keep every token";
+    for (split, name, what) in cut {
+        if let Some(note) = split.truncation_notice(m.options.max_seq_length, what, advice) {
+            observer.on_notice(&format!("{} ({name}): {note}", dir.display()));
+        }
     }
     if let Some(reason) = &prepared.rebuilt_because {
         let also = if others.is_empty() {
