@@ -1161,12 +1161,26 @@ fn a_wsd_run_past_the_start_of_its_decay_refuses_a_new_length() {
         .arg(&config)
         .arg("--out")
         .arg(&long)
-        .args(["--set", "schedule.decay=\"wsd\"", "--set", "schedule.decay_steps=3"])
-        .args(["--set", "training.max_steps=12", "--set", "checkpoint.save_steps=4"])
+        .args([
+            "--set",
+            "schedule.decay=\"wsd\"",
+            "--set",
+            "schedule.decay_steps=3",
+        ])
+        .args([
+            "--set",
+            "training.max_steps=12",
+            "--set",
+            "checkpoint.save_steps=4",
+        ])
         .args(["--set", "eval.eval_steps=0"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = Command::new(env!("CARGO_BIN_EXE_masklm"))
         .args(["train", "--resume"])
         .arg(&long)

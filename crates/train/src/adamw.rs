@@ -191,38 +191,42 @@ fn flex_f32<const D: usize>(tensor: &Tensor<D>) -> Option<FlexTensor> {
     tensor.clone().try_into_primitive::<Flex>().ok()
 }
 
-/// The fused step, or the inputs back when one of them is not a flex f32 tensor of the
-/// parameter's shape (burn's AdamW takes those).
-#[allow(clippy::type_complexity)]
-fn fused<const D: usize>(
-    adamw: &AdamW,
-    lr: LearningRate,
-    tensor: Tensor<D>,
-    grad: Tensor<D>,
-    state: Option<AdamWState<D>>,
-) -> Result<(Tensor<D>, AdamWState<D>), (Tensor<D>, Tensor<D>, Option<AdamWState<D>>)> {
+/// The flex primitives of a parameter, its gradient and its moments (with their step count),
+/// sharing their buffers; `None` when one of them is not a flex f32 tensor of the parameter's
+/// shape (burn's AdamW takes those), or the state is AMSGrad's.
+type Primitives = (
+    FlexTensor,
+    FlexTensor,
+    Option<(usize, FlexTensor, FlexTensor)>,
+);
+
+fn primitives<const D: usize>(
+    tensor: &Tensor<D>,
+    grad: &Tensor<D>,
+    state: &Option<AdamWState<D>>,
+) -> Option<Primitives> {
     let shape = tensor.shape();
-    let moments = match &state {
-        None => Some(None),
-        Some(s) if s.momentum.max_moment_2.is_some() => None,
+    let moments = match state {
+        None => None,
         Some(s) => {
             let m = &s.momentum;
             let same = m.moment_1.shape() == shape && m.moment_2.shape() == shape;
-            match (flex_f32(&m.moment_1), flex_f32(&m.moment_2)) {
-                (Some(m1), Some(m2)) if same => Some(Some((m.time, m1, m2))),
-                _ => None,
+            if m.max_moment_2.is_some() || !same {
+                return None;
             }
+            Some((m.time, flex_f32(&m.moment_1)?, flex_f32(&m.moment_2)?))
         }
     };
-    let (Some(p), Some(g), Some(moments)) = (
-        flex_f32(&tensor),
-        flex_f32(&grad).filter(|_| grad.shape() == shape),
-        moments,
-    ) else {
-        return Err((tensor, grad, state));
-    };
-    // From here on the primitives above are the only holders of what these held.
-    drop((tensor, grad, state));
+    let g = flex_f32(grad).filter(|_| grad.shape() == shape)?;
+    Some((flex_f32(tensor)?, g, moments))
+}
+
+/// The fused step on [`primitives`]' output: the parameter and its state.
+fn fused<const D: usize>(
+    adamw: &AdamW,
+    lr: LearningRate,
+    (p, g, moments): Primitives,
+) -> (Tensor<D>, AdamWState<D>) {
     let time = moments.as_ref().map_or(0, |(time, _, _)| *time) + 1;
     let scalars = Scalars::new(adamw, lr, time);
     let g = g.to_contiguous();
@@ -257,7 +261,7 @@ fn fused<const D: usize>(
             max_moment_2: None,
         },
     };
-    Ok((Tensor::from_primitive::<Flex>(p), state))
+    (Tensor::from_primitive::<Flex>(p), state)
 }
 
 impl Optimizer for AdamW {
@@ -270,9 +274,14 @@ impl Optimizer for AdamW {
         grad: Tensor<D>,
         state: Option<Self::State<D>>,
     ) -> (Tensor<D>, Option<Self::State<D>>) {
-        match fused(self, lr, tensor, grad, state) {
-            Ok((tensor, state)) => (tensor, Some(state)),
-            Err((tensor, grad, state)) => self.fallback.step(lr, tensor, grad, state),
+        match primitives(&tensor, &grad, &state) {
+            Some(prims) => {
+                // The primitives are then the only holders of these buffers: in place.
+                drop((tensor, grad, state));
+                let (tensor, state) = fused(self, lr, prims);
+                (tensor, Some(state))
+            }
+            None => self.fallback.step(lr, tensor, grad, state),
         }
     }
 
