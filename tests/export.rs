@@ -243,24 +243,30 @@ fn bert_export_has_the_names_transformers_saves_and_round_trips() {
     assert!(common::max_abs_diff(&a, &b) <= 1e-6);
 }
 
+/// The fixture's `pseudo_perplexity.json` (by scripts/make_reference.py) and its lines
+/// written one per line to `dir/lines.txt`.
+fn pseudo_perplexity_lines(name: &str, dir: &Path) -> (serde_json::Value, PathBuf) {
+    let path = common::fixture(name).join("pseudo_perplexity.json");
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let lines: Vec<&str> = reference["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap())
+        .collect();
+    let input = dir.join("lines.txt");
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    (reference, input)
+}
+
 #[test]
 fn pseudo_perplexity_matches_transformers() {
     // tests/fixtures/{roberta,modernbert}-tiny/pseudo_perplexity.json, by
     // scripts/make_reference.py.
     for name in ["roberta-tiny", "modernbert-tiny"] {
-        let reference: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(common::fixture(name).join("pseudo_perplexity.json")).unwrap(),
-        )
-        .unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let input = dir.path().join("lines.txt");
-        let lines: Vec<&str> = reference["lines"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|l| l.as_str().unwrap())
-            .collect();
-        std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+        let (reference, input) = pseudo_perplexity_lines(name, dir.path());
         let model = common::fixture(name);
         let doc = masklm_json(&[
             "eval",
@@ -287,20 +293,9 @@ fn pseudo_perplexity_matches_transformers() {
 fn eval_says_how_much_of_the_text_it_cut_and_did_not_score() {
     // The pseudo-perplexity lines, scored in 8-token examples: most are cut, and eval says so
     // (stderr, and in --json); at the model's full length nothing is cut and nothing is said.
-    let reference: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(common::fixture("roberta-tiny").join("pseudo_perplexity.json"))
-            .unwrap(),
-    )
-    .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let input = dir.path().join("lines.txt");
-    let lines: Vec<&str> = reference["lines"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l.as_str().unwrap())
-        .collect();
-    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let (reference, input) = pseudo_perplexity_lines("roberta-tiny", dir.path());
+    let lines = reference["lines"].as_array().unwrap();
     let model = common::fixture("roberta-tiny");
     let eval = |max: &str| {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_masklm"))

@@ -115,54 +115,36 @@ impl Scalars {
         }
     }
 
-    /// [`Self::update`] in the widest vectors the CPU has (AVX-512 or AVX2, picked at run time).
+    /// [`Self::update`] in the widest vectors the CPU has (AVX-512 or AVX2, picked at run time):
+    /// `update` is inlined into the closure, and the closure into a copy compiled for them.
     fn update_chunk(&self, first: bool, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
+        let mut run = || {
+            if first {
+                self.update::<true>(p, g, m, v)
+            } else {
+                self.update::<false>(p, g, m, v)
+            }
+        };
         #[cfg(target_arch = "x86_64")]
         {
             #[target_feature(enable = "avx512f")]
-            fn avx512(
-                s: &Scalars,
-                first: bool,
-                p: &mut [f32],
-                g: &[f32],
-                m: &mut [f32],
-                v: &mut [f32],
-            ) {
-                if first {
-                    s.update::<true>(p, g, m, v)
-                } else {
-                    s.update::<false>(p, g, m, v)
-                }
+            fn avx512(f: impl FnOnce()) {
+                f()
             }
             #[target_feature(enable = "avx2")]
-            fn avx2(
-                s: &Scalars,
-                first: bool,
-                p: &mut [f32],
-                g: &[f32],
-                m: &mut [f32],
-                v: &mut [f32],
-            ) {
-                if first {
-                    s.update::<true>(p, g, m, v)
-                } else {
-                    s.update::<false>(p, g, m, v)
-                }
+            fn avx2(f: impl FnOnce()) {
+                f()
             }
             if std::is_x86_feature_detected!("avx512f") {
                 // SAFETY: the CPU has the feature `avx512` is compiled for.
-                return unsafe { avx512(self, first, p, g, m, v) };
+                return unsafe { avx512(run) };
             }
             if std::is_x86_feature_detected!("avx2") {
                 // SAFETY: as above.
-                return unsafe { avx2(self, first, p, g, m, v) };
+                return unsafe { avx2(run) };
             }
         }
-        if first {
-            self.update::<true>(p, g, m, v)
-        } else {
-            self.update::<false>(p, g, m, v)
-        }
+        run()
     }
 }
 
