@@ -115,36 +115,44 @@ impl Scalars {
         }
     }
 
-    /// [`Self::update`] in the widest vectors the CPU has (AVX-512 or AVX2, picked at run time):
-    /// `update` is inlined into the closure, and the closure into a copy compiled for them.
+    /// [`Self::update`] on one chunk, the first step or a later one.
+    #[inline(always)]
+    fn update_any(&self, first: bool, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
+        if first {
+            self.update::<true>(p, g, m, v)
+        } else {
+            self.update::<false>(p, g, m, v)
+        }
+    }
+
+    /// [`Self::update`] in the widest vectors the CPU has (AVX-512 or AVX2, picked at run
+    /// time): the `inline(always)` loop is compiled into each feature's copy. (A closure
+    /// handed to a generic feature function was not inlined: the loop stayed 4 wide.)
     fn update_chunk(&self, first: bool, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
-        let mut run = || {
-            if first {
-                self.update::<true>(p, g, m, v)
-            } else {
-                self.update::<false>(p, g, m, v)
-            }
-        };
         #[cfg(target_arch = "x86_64")]
         {
             #[target_feature(enable = "avx512f")]
-            fn avx512(f: impl FnOnce()) {
-                f()
+            fn avx512(
+                s: &Scalars,
+                first: bool,
+                chunk: (&mut [f32], &[f32], &mut [f32], &mut [f32]),
+            ) {
+                s.update_any(first, chunk.0, chunk.1, chunk.2, chunk.3)
             }
             #[target_feature(enable = "avx2")]
-            fn avx2(f: impl FnOnce()) {
-                f()
+            fn avx2(s: &Scalars, first: bool, chunk: (&mut [f32], &[f32], &mut [f32], &mut [f32])) {
+                s.update_any(first, chunk.0, chunk.1, chunk.2, chunk.3)
             }
             if std::is_x86_feature_detected!("avx512f") {
                 // SAFETY: the CPU has the feature `avx512` is compiled for.
-                return unsafe { avx512(run) };
+                return unsafe { avx512(self, first, (p, g, m, v)) };
             }
             if std::is_x86_feature_detected!("avx2") {
                 // SAFETY: as above.
-                return unsafe { avx2(run) };
+                return unsafe { avx2(self, first, (p, g, m, v)) };
             }
         }
-        run()
+        self.update_any(first, p, g, m, v)
     }
 }
 
