@@ -155,15 +155,15 @@ impl SplitInfo {
                 100.0 * self.truncated_tokens as f64 / (kept + self.truncated_tokens).max(1) as f64;
             let (cut, documents) = (self.truncated, self.documents);
             let were = if cut == 1 { "was" } else { "were" };
-            let tokens = match self.truncated_tokens {
-                1 => "token".to_string(),
-                n => format!("{n} tokens"),
+            let (tokens, are) = match self.truncated_tokens {
+                1 => ("token".to_string(), "is"),
+                n => (format!("{n} tokens"), "are"),
             };
             let document_s = if documents == 1 { "" } else { "s" };
             format!(
                 "{cut} of {documents} document{document_s} {were} longer than max_seq_length \
                  {max_seq_length} and cut to it: the last {tokens} ({share:.1}% of the text) \
-                 are {what}; {advice}"
+                 {are} {what}; {advice}"
             )
         })
     }
